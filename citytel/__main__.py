@@ -1,0 +1,5 @@
+import sys
+
+from citytel.cli import main
+
+sys.exit(main())

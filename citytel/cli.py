@@ -1,0 +1,155 @@
+"""The ``citytel`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from config import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    return load_settings(arguments.config)
+
+
+def _stack(arguments: argparse.Namespace) -> int:
+    from citytel import localstack
+
+    settings = _settings(arguments)
+    if arguments.action == "up":
+        localstack.up(settings)
+    elif arguments.action == "down":
+        localstack.down(settings)
+    else:
+        return 0 if localstack.status(settings) else 1
+    return 0
+
+
+def _db(arguments: argparse.Namespace) -> int:
+    import psycopg
+
+    from processors.storage.migrate import applied_migrations, available_migrations, migrate
+
+    settings = _settings(arguments)
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        if arguments.action == "migrate":
+            applied = migrate(connection)
+            for migration in applied:
+                print(f"applied {migration.version:04d}_{migration.name}")
+            if not applied:
+                print("database schema is up to date")
+        else:
+            done = applied_migrations(connection)
+            for migration in available_migrations():
+                state = (
+                    f"applied {done[migration.version][1]:%Y-%m-%d %H:%M:%S}"
+                    if migration.version in done
+                    else "pending"
+                )
+                print(f"{migration.version:04d}_{migration.name:<30} {state}")
+    return 0
+
+
+def _bridge(arguments: argparse.Namespace) -> int:
+    from ingest.bridge import run_bridge
+
+    run_bridge(_settings(arguments))
+    return 0
+
+
+def _process(arguments: argparse.Namespace) -> int:
+    from processors.consumer import run_processor
+
+    run_processor(_settings(arguments))
+    return 0
+
+
+def _simulate(arguments: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
+    from citytel import metrics
+    from citytel.simulate import City, publish
+
+    settings = _settings(arguments)
+    simulator = settings.simulator
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = metrics.serve_metrics(settings.metrics.host, settings.metrics.simulator_port)
+    city = City(simulator.devices_per_kind, simulator.seed, settings.mqtt.topic_prefix, simulator.spike_probability)
+    try:
+        sent = publish(
+            city.messages(time.time(), clock=time.time),
+            settings.mqtt.host,
+            settings.mqtt.port,
+            qos=arguments.qos,
+            rate_per_second=arguments.rate or simulator.rate_per_second,
+            count=arguments.count,
+            duration_s=arguments.duration,
+            max_inflight=simulator.max_inflight,
+            stop=stop,
+        )
+    finally:
+        server.shutdown()
+    print(f"published {sent} messages")
+    return 0
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    from citytel import localstack
+
+    return localstack.run_city(_settings(arguments), arguments.config, arguments.duration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="citytel", description="Smart-city telemetry ingestion.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config (default: $CITYTEL_CONFIG or the shipped config/citytel.toml)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stack = commands.add_parser("stack", help="the local servers: Mosquitto, Kafka, TimescaleDB, Prometheus")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.set_defaults(handler=_stack)
+
+    db = commands.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["migrate", "status"])
+    db.set_defaults(handler=_db)
+
+    commands.add_parser("bridge", help="run an MQTT → Kafka bridge").set_defaults(handler=_bridge)
+    commands.add_parser("process", help="run a processor (Kafka → detectors → TimescaleDB)").set_defaults(
+        handler=_process
+    )
+
+    simulate = commands.add_parser("simulate", help="publish simulated city sensors over MQTT")
+    simulate.add_argument("--rate", type=float, default=None, help="messages per second (default: config)")
+    simulate.add_argument("--count", type=int, default=None)
+    simulate.add_argument("--duration", type=float, default=None, help="seconds")
+    simulate.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    simulate.set_defaults(handler=_simulate)
+
+    run = commands.add_parser("run", help="bring the stack up and run simulated sensors end to end")
+    run.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    run.set_defaults(handler=_run)
+
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiokafka logs every failed connection attempt at ERROR; our own retry lines say it once.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        return int(arguments.handler(arguments))
+    except ConfigError as error:
+        print(f"citytel: configuration error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

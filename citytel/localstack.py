@@ -1,0 +1,205 @@
+"""The local stack for a developer's machine and the ``citytel run`` main job.
+
+``up`` starts whatever is not already running (idempotent), each server under
+``stack.run_dir``; ``down`` stops them by the PIDs recorded there; ``run_city`` brings the stack
+up, migrates the database, starts a bridge, a processor and the simulator as child processes,
+and prints live progress until Ctrl-C or ``--duration``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from citytel import stack
+from config import Settings
+
+__all__ = ["down", "run_city", "scrape", "status", "up"]
+
+_NAMES = ("mosquitto", "kafka", "postgres", "prometheus")
+
+
+def _say(message: str) -> None:
+    print(f"\033[1m[citytel]\033[0m {message}", flush=True)
+
+
+def _kafka_port(settings: Settings) -> int:
+    return int(settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+
+def _ports(settings: Settings) -> dict[str, int]:
+    return {
+        "mosquitto": settings.mqtt.port,
+        "kafka": _kafka_port(settings),
+        "postgres": settings.database.port,
+        "prometheus": settings.stack.prometheus_port,
+    }
+
+
+def _run_dir(settings: Settings) -> Path:
+    run_dir = Path(settings.stack.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o755)
+    return run_dir
+
+
+def up(settings: Settings) -> None:
+    run_dir = _run_dir(settings)
+    ports = _ports(settings)
+    metrics = settings.metrics
+    starters: dict[str, Callable[[], stack.Server]] = {
+        "mosquitto": lambda: stack.start_mosquitto(run_dir, ports["mosquitto"]),
+        "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], settings.stack.kafka_controller_port),
+        "postgres": lambda: stack.start_postgres(
+            run_dir, ports["postgres"], settings.database.dbname, settings.database.user
+        ),
+        "prometheus": lambda: stack.start_prometheus(
+            run_dir,
+            ports["prometheus"],
+            {
+                "citytel-bridge": f"{metrics.host}:{metrics.bridge_port}",
+                "citytel-processor": f"{metrics.host}:{metrics.processor_port}",
+                "citytel-simulator": f"{metrics.host}:{metrics.simulator_port}",
+            },
+            settings.stack.scrape_interval_seconds,
+        ),
+    }
+    for name in _NAMES:
+        running = stack.running_server(name, run_dir / name, ports[name])
+        if running is not None:
+            _say(f"{name:<10} already running (pid {running.pid}, port {ports[name]})")
+            continue
+        if stack.port_open(ports[name]):
+            raise stack.StackError(
+                f"port {ports[name]} for {name} is taken by another process; change it in the config"
+            )
+        started = time.monotonic()
+        server = starters[name]()
+        _say(f"{name:<10} ready on 127.0.0.1:{ports[name]} in {time.monotonic() - started:.1f}s (pid {server.pid})")
+    _say(f"stack is up; data and logs under {run_dir}")
+
+
+def down(settings: Settings) -> None:
+    run_dir = _run_dir(settings)
+    for name in reversed(_NAMES):
+        pid_file = run_dir / name / "server.pid"
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            continue
+        stack.stop_pid(pid)
+        pid_file.unlink(missing_ok=True)
+        _say(f"{name:<10} stopped (pid {pid})")
+
+
+def status(settings: Settings) -> bool:
+    run_dir = _run_dir(settings)
+    all_up = True
+    for name, port in _ports(settings).items():
+        running = stack.running_server(name, run_dir / name, port)
+        all_up &= running is not None
+        print(f"{name:<10} {'up, pid ' + str(running.pid) if running else 'down':<16} port {port}")
+    return all_up
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """Sum each sample name over its labels: enough for a progress line."""
+    try:
+        text = stack.http_get(f"http://{host}:{port}/metrics", timeout=2).decode()
+    except stack.StackError:
+        return {}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            key = sample.name
+            if sample.name == "citytel_rows_written_total":
+                key = f"{sample.name}:{sample.labels.get('table')}"
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _spawn(arguments: list[str], config_path: Path | None, log_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "citytel"]
+    if config_path is not None:
+        command += ["--config", str(config_path)]
+    log = (log_dir / f"{name}.log").open("ab")
+    # Its own session: Ctrl-C reaches only us, and we stop the children in order, by PID.
+    return subprocess.Popen([*command, *arguments], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_city(settings: Settings, config_path: Path | None, duration_s: float | None) -> int:
+    up(settings)
+    from processors.storage.migrate import migrate
+
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        applied = migrate(connection)
+    _say(f"database schema: {len(applied)} migration(s) applied" if applied else "database schema: up to date")
+    log_dir = _run_dir(settings) / "citytel"
+    log_dir.mkdir(exist_ok=True)
+    children = {
+        "processor": _spawn(["process"], config_path, log_dir, "processor"),
+        "bridge": _spawn(["bridge"], config_path, log_dir, "bridge"),
+    }
+    time.sleep(2.0)
+    children["simulator"] = _spawn(["simulate"], config_path, log_dir, "simulator")
+    simulator = settings.simulator
+    _say(
+        f"simulating {3 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"
+        f" logs in {log_dir}; Ctrl-C stops"
+    )
+    started = time.monotonic()
+    previous: dict[str, float] = {}
+    previous_time = started
+    try:
+        while duration_s is None or time.monotonic() - started < duration_s:
+            time.sleep(1.0)
+            for name, child in children.items():
+                if child.poll() is not None:
+                    _say(f"{name} exited with code {child.returncode}; see {log_dir / (name + '.log')}")
+                    return 1
+            now = time.monotonic()
+            current = scrape(settings.metrics.bridge_port) | scrape(settings.metrics.processor_port)
+            elapsed = max(now - previous_time, 1e-9)
+
+            def rate(key: str, now_values: dict[str, float] = current) -> float:
+                return (now_values.get(key, 0.0) - previous.get(key, 0.0)) / elapsed  # noqa: B023
+
+            print(
+                f"{now - started:6.0f}s | MQTT in {rate('citytel_stage_received_total'):7.0f} msg/s"
+                f" | readings written {current.get('citytel_rows_written_total:readings', 0):>10,.0f}"
+                f" ({rate('citytel_rows_written_total:readings'):6.0f}/s)"
+                f" | anomalies {current.get('citytel_rows_written_total:anomalies', 0):>6,.0f}"
+                f" | dead letters {current.get('citytel_stage_deadlettered_total', 0):>5,.0f}"
+                f" | lag {current.get('citytel_consumer_lag_records', 0):>6,.0f}",
+                flush=True,
+            )
+            previous, previous_time = current, now
+    except KeyboardInterrupt:
+        print()
+    finally:
+        for name in ("simulator", "bridge", "processor"):
+            process = children.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        _say("simulator, bridge and processor stopped; the stack keeps running (`make down` stops it)")
+    with psycopg.connect(settings.database.conninfo()) as connection:
+        readings, anomalies = connection.execute(
+            "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM anomalies)"
+        ).fetchone() or (0, 0)
+    _say(f"database now holds {readings:,} readings and {anomalies:,} anomalies")
+    return 0

@@ -1,0 +1,100 @@
+"""Every Prometheus metric citytel exports, in one place.
+
+The contract: names start with ``citytel_``, carry their unit, and labels have bounded
+cardinality (a stage, a table, a detector, a reason code: never a device id). Every stage
+(``bridge``, ``processor``, ``sink``) reports the same counters and histograms, so one dashboard
+row fits all of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+__all__ = [
+    "ANOMALIES",
+    "BATCH_DURATION",
+    "BATCH_SIZE",
+    "BRIDGE_CONNECTED",
+    "BRIDGE_INFLIGHT",
+    "CONSUMER_LAG",
+    "DEADLETTERED",
+    "END_TO_END_LATENCY",
+    "ERRORS",
+    "RECEIVED",
+    "RETRIES",
+    "ROWS_WRITTEN",
+    "SENT",
+    "SIMULATOR_PUBLISHED",
+    "serve_metrics",
+]
+
+# --- the per-stage contract -----------------------------------------------------------------
+RECEIVED = Counter(
+    "citytel_stage_received_total", "Items a stage took in (MQTT messages, readings).", ["stage", "unit"]
+)
+SENT = Counter("citytel_stage_sent_total", "Items a stage handed on durably.", ["stage", "unit"])
+ERRORS = Counter(
+    "citytel_stage_errors_total", "Errors met by a stage, by class (retryable or permanent).", ["stage", "error_type"]
+)
+DEADLETTERED = Counter(
+    "citytel_stage_deadlettered_total", "Items set aside to the dead-letter topic.", ["stage", "reason_code"]
+)
+RETRIES = Counter("citytel_stage_retries_total", "Times a stage backed off and retried the same work.", ["stage"])
+BATCH_SIZE = Histogram(
+    "citytel_stage_batch_size_items",
+    "Items per batch.",
+    ["stage"],
+    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000),
+)
+BATCH_DURATION = Histogram(
+    "citytel_stage_batch_duration_seconds",
+    "Time to handle one batch.",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# --- stage-specific -------------------------------------------------------------------------
+BRIDGE_INFLIGHT = Gauge(
+    "citytel_bridge_inflight_messages", "MQTT messages received but not yet acknowledged (waiting for Kafka)."
+)
+BRIDGE_CONNECTED = Gauge("citytel_bridge_connected", "1 while the bridge is connected, by broker side.", ["broker"])
+CONSUMER_LAG = Gauge("citytel_consumer_lag_records", "Records not yet consumed, per partition.", ["topic", "partition"])
+ROWS_WRITTEN = Counter("citytel_rows_written_total", "Rows newly written to the database, by table.", ["table"])
+ANOMALIES = Counter("citytel_anomalies_total", "Readings flagged as anomalous, by detector.", ["detector"])
+END_TO_END_LATENCY = Histogram(
+    "citytel_end_to_end_latency_seconds",
+    "From the bridge receiving a reading to its row being committed in the database.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SIMULATOR_PUBLISHED = Counter("citytel_simulator_published_total", "Messages the simulator published.", ["kind"])
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log."""
+
+
+def serve_metrics(host: str, port: int, ready: Callable[[], bool] = lambda: True) -> WSGIServer:
+    """Serve /metrics, /healthz (the process is alive) and /readyz (connected and keeping up) on
+    a daemon thread; returns the server so its owner can shut it down."""
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            is_ready = ready()
+            start_response("200 OK" if is_ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if is_ready else b"not ready\n"]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

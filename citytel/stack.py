@@ -1,0 +1,508 @@
+"""Start, check and stop the real servers citytel talks to: Mosquitto, Kafka, PostgreSQL with
+TimescaleDB, and Prometheus.
+
+One module serves both `citytel stack up` (long-lived servers under a run directory) and the
+test fixtures (servers on free ports under a temporary directory). Every server listens on
+127.0.0.1 only, keeps its data and log under its own folder of the run directory, and is only
+reported ready once it really answers: a publish that comes back, a record Kafka acknowledges, a
+query, a ready endpoint. Servers are stopped by the PID we started, never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = os.environ.get("CITYTEL_KAFKA_VERSION", "4.1.1")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class StackError(RuntimeError):
+    """A server could not be started or did not become ready; the message says which and why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CITYTEL_CACHE", Path.home() / ".cache" / "citytel"))
+
+
+def kafka_libs() -> Path:
+    return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished == pid:
+            return False
+    return True
+
+
+@dataclass
+class Server:
+    """A server process we started; `pid_file` lets another process (stack down) stop it."""
+
+    name: str
+    pid: int
+    port: int
+    directory: Path
+    log_file: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "server.pid"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        stop_pid(self.pid, timeout)
+        self.pid_file.unlink(missing_ok=True)
+
+
+def stop_pid(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM, wait, then SIGKILL: only ever the PID we started."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.05)
+
+
+def _spawn(
+    name: str,
+    command: Sequence[str],
+    directory: Path,
+    port: int,
+    *,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    log_file = directory / f"{name}.out"
+    with log_file.open("ab") as log:
+        # A session of its own so Ctrl-C on the terminal that ran `stack up` does not reach it.
+        process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            start_new_session=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
+            env=env,
+        )
+    server = Server(name=name, pid=process.pid, port=port, directory=directory, log_file=log_file)
+    server.pid_file.write_text(str(process.pid))
+    return server
+
+
+def _wait_ready(server: Server, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while time.monotonic() < deadline:
+        if not pid_alive(server.pid):
+            raise StackError(f"{server.name} exited during start-up; last log lines:\n{server.log_tail()}")
+        try:
+            if check():
+                return
+        except Exception as error:
+            last_error = f"{type(error).__name__}: {error}"
+        time.sleep(0.25)
+    server.stop(5)
+    raise StackError(
+        f"{server.name} did not answer on port {server.port} within {timeout:.0f}s ({last_error});"
+        f" last log lines:\n{server.log_tail()}"
+    )
+
+
+def running_server(name: str, directory: Path, port: int) -> Server | None:
+    """A server left running by an earlier `stack up`, if its PID is alive and its port answers."""
+    pid_file = directory / "server.pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if pid_alive(pid) and port_open(port):
+        return Server(name=name, pid=pid, port=port, directory=directory, log_file=directory / f"{name}.out")
+    return None
+
+
+# --- Mosquitto ------------------------------------------------------------------------------
+
+
+def start_mosquitto(run_dir: Path, port: int, timeout: float = 20.0) -> Server:
+    directory = run_dir / "mosquitto"
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    config = directory / "mosquitto.conf"
+    config.write_text(
+        "\n".join(
+            [
+                f"listener {port} 127.0.0.1",
+                "allow_anonymous true",
+                # Mosquitto drops root privileges to 'mosquitto' unless told to keep this user.
+                f"user {user}",
+                "persistence true",
+                f"persistence_location {directory / 'data'}/",
+                "autosave_interval 5",
+                f"log_dest file {directory / 'mosquitto.log'}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                # A bridge that stops acknowledging while Kafka is down must find every message
+                # still queued when it comes back: the default of 1000 queued messages per client
+                # would silently drop the rest.
+                "max_queued_messages 2000000",
+                "max_queued_bytes 0",
+                "max_inflight_messages 0",
+                "persistent_client_expiration 1d",
+                "",
+            ]
+        )
+    )
+    server = _spawn("mosquitto", ["mosquitto", "-c", str(config)], directory, port)
+    _wait_ready(server, lambda: mqtt_roundtrip(port), timeout)
+    return server
+
+
+def mqtt_roundtrip(port: int, timeout: float = 3.0) -> bool:
+    """Publish one message and receive it back: the broker routes, not merely listens."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    topic = f"citytel/ready/{uuid.uuid4().hex}"
+    received: list[bytes] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    client.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
+    client.connect("127.0.0.1", port, keepalive=10)
+    try:
+        client.loop_start()
+        client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + timeout
+        time.sleep(0.05)
+        client.publish(topic, b"ready", qos=1)
+        while time.monotonic() < deadline and not received:
+            time.sleep(0.02)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return received == [b"ready"]
+
+
+# --- Kafka ----------------------------------------------------------------------------------
+
+_KAFKA_LOG4J2 = """\
+Configuration:
+  name: citytel-kafka
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+    Logger:
+      - name: kafka.server.KafkaRaftServer
+        level: INFO
+"""
+
+
+def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float = 90.0) -> Server:
+    libs = kafka_libs()
+    if not libs.is_dir():
+        raise StackError(f"Kafka jars are missing in {libs}: run deploy/local/install.sh")
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("java is not installed: run deploy/local/install.sh")
+    directory = run_dir / "kafka"
+    data = directory / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    properties = directory / "server.properties"
+    properties.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={data}",
+                "num.partitions=6",
+                # Topics are created on purpose by citytel, with the partitions it wants.
+                "auto.create.topics.enable=false",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=6",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "log.retention.hours=24",
+                "",
+            ]
+        )
+    )
+    log4j = directory / "log4j2.yaml"
+    log4j.write_text(_KAFKA_LOG4J2)
+    java_options = [
+        "-Xms256m",
+        "-Xmx1g",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+    ]
+    classpath = f"{libs}/*"
+    if not (data / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        formatted = subprocess.run(
+            [
+                java,
+                *java_options,
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if formatted.returncode != 0:
+            raise StackError(f"formatting Kafka's log dir failed:\n{formatted.stdout}{formatted.stderr}")
+    server = _spawn("kafka", [java, *java_options, "-cp", classpath, "kafka.Kafka", str(properties)], directory, port)
+    _wait_ready(server, lambda: port_open(port) and kafka_roundtrip(f"127.0.0.1:{port}"), timeout)
+    return server
+
+
+def kafka_roundtrip(bootstrap: str) -> bool:
+    """Create a readiness topic and have one record acknowledged by the broker."""
+    return asyncio.run(_kafka_roundtrip(bootstrap))
+
+
+async def _kafka_roundtrip(bootstrap: str) -> bool:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic("citytel.ready", 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000)
+    await producer.start()
+    try:
+        metadata = await producer.send_and_wait("citytel.ready", b"ready")
+        offset: int = metadata.offset
+        return offset >= 0
+    finally:
+        await producer.stop()
+
+
+# --- PostgreSQL with TimescaleDB ------------------------------------------------------------
+
+
+def _postgres_user() -> str | None:
+    """PostgreSQL refuses to run as root; as root we run it as the 'postgres' system user."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def start_postgres(
+    run_dir: Path, port: int, database: str = "citytel", role: str = "citytel", timeout: float = 60.0
+) -> Server:
+    if not (PG_BIN / "postgres").exists():
+        raise StackError(f"PostgreSQL 15 is not installed in {PG_BIN}: run deploy/local/install.sh")
+    user = _postgres_user()
+    directory = run_dir / "postgres"
+    data = directory / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    # The server runs as 'postgres' when we are root: it must be able to reach and own its dirs.
+    for parent in [run_dir, *run_dir.parents]:
+        if parent == Path("/"):
+            break
+        if user and parent.stat().st_mode & 0o005 != 0o005:
+            raise StackError(f"{parent} is not readable by the postgres user; use a run dir under /tmp")
+    if user:
+        shutil.chown(directory, user, user)
+    if not (data / "PG_VERSION").exists():
+        initialized = subprocess.run(
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            capture_output=True,
+            text=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
+            check=False,
+        )
+        if initialized.returncode != 0:
+            raise StackError(f"initdb failed:\n{initialized.stdout}{initialized.stderr}")
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# citytel local stack\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{directory}'\n"
+                "shared_preload_libraries = 'timescaledb'\n"
+                "timescaledb.telemetry_level = off\n"
+                "max_connections = 60\n"
+                "shared_buffers = 256MB\n"
+                "max_wal_size = 2GB\n"
+                "logging_collector = off\n"
+            )
+    server = _spawn(
+        "postgres", [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port)], directory, port, user=user
+    )
+
+    def ready() -> bool:
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2, autocommit=True
+        ) as connection:
+            connection.execute("SELECT 1")
+            if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                # Superuser only in this local stack: migrations create the timescaledb extension.
+                connection.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+            if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
+                connection.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+        return True
+
+    _wait_ready(server, ready, timeout)
+    return server
+
+
+# --- Prometheus -----------------------------------------------------------------------------
+
+
+def prometheus_config(targets: dict[str, str], scrape_interval_seconds: int, rule_files: Sequence[Path] = ()) -> str:
+    lines = [
+        "global:",
+        f"  scrape_interval: {scrape_interval_seconds}s",
+        f"  evaluation_interval: {scrape_interval_seconds}s",
+    ]
+    if rule_files:
+        lines.append("rule_files:")
+        lines.extend(f"  - {path}" for path in rule_files)
+    lines.append("scrape_configs:")
+    for job, target in sorted(targets.items()):
+        lines += [
+            f"  - job_name: {job}",
+            "    static_configs:",
+            f"      - targets: ['{target}']",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_prometheus(
+    run_dir: Path,
+    port: int,
+    targets: dict[str, str],
+    scrape_interval_seconds: int = 2,
+    rule_files: Sequence[Path] = (),
+    timeout: float = 30.0,
+) -> Server:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise StackError("prometheus is not installed: run deploy/local/install.sh")
+    directory = run_dir / "prometheus"
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    config = directory / "prometheus.yml"
+    config.write_text(prometheus_config(targets, scrape_interval_seconds, rule_files))
+    server = _spawn(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=2d",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ],
+        directory,
+        port,
+    )
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as response:
+            status: int = response.status
+            return status == 200
+
+    _wait_ready(server, ready, timeout)
+    return server
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+            return body
+    except urllib.error.URLError as error:
+        raise StackError(f"GET {url} failed: {error.reason}") from None

@@ -1,0 +1,45 @@
+"""citytel's one configuration schema.
+
+Every process (bridge, processor, simulator, stack) reads the same TOML file into the frozen
+``Settings`` tree below. Unknown keys are rejected at start-up, not ignored, so a typo fails
+loudly instead of silently running with a default. Secrets are never stored in the file: the
+file names an environment variable or a file that holds them, and ``repr`` never shows them.
+"""
+
+from config.schema import (
+    ConfigError,
+    DatabaseSettings,
+    DetectorSettings,
+    IngestSettings,
+    KafkaSettings,
+    KindSettings,
+    MetricRange,
+    MetricsSettings,
+    MqttSettings,
+    ProcessorSettings,
+    Settings,
+    SimulatorSettings,
+    StackSettings,
+    default_config_path,
+    load_settings,
+    parse_settings,
+)
+
+__all__ = [
+    "ConfigError",
+    "DatabaseSettings",
+    "DetectorSettings",
+    "IngestSettings",
+    "KafkaSettings",
+    "KindSettings",
+    "MetricRange",
+    "MetricsSettings",
+    "MqttSettings",
+    "ProcessorSettings",
+    "Settings",
+    "SimulatorSettings",
+    "StackSettings",
+    "default_config_path",
+    "load_settings",
+    "parse_settings",
+]

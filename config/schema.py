@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+def _read_secret(env_name: str, file_path: str, what: str) -> str:
+    """Resolve a secret from an environment variable or a file, never from the config itself."""
+    if env_name:
+        value = os.environ.get(env_name)
+        if value is None:
+            raise ConfigError(f"{what}: environment variable {env_name} is not set")
+        return value
+    if file_path:
+        try:
+            return Path(file_path).read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"{what}: cannot read secret file {file_path}: {error.strerror}") from None
+    return ""
+
+
+class MqttSettings(_Strict, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "city"
+    client_id: str = "citytel-bridge"
+    # Empty: a plain subscription. Otherwise bridges subscribe to $share/<group>/... and split
+    # the load between them.
+    share_group: str = ""
+    qos: int = 1
+    # MQTT 5 Receive Maximum: the broker sends at most this many unacknowledged QoS 1 messages.
+    # It is the bridge's bound on in-flight work, since a message is only acknowledged once
+    # Kafka holds it.
+    max_inflight: int = 2000
+    session_expiry_seconds: int = 3600
+    keepalive_seconds: int = 30
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def password(self) -> str:
+        return _read_secret(self.password_env, self.password_file, "mqtt password")
+
+
+class IngestSettings(_Strict, frozen=True):
+    """How the bridge decodes and validates what sensors publish."""
+
+    codec: str = "json"
+    max_payload_bytes: int = 262144
+    # Readings stamped further ahead than this are invalid (a device clock gone wrong).
+    max_future_skew_seconds: float = 300.0
+    # Late readings are accepted up to this age (a device catching up after an outage).
+    max_age_seconds: float = 7 * 86400.0
+
+
+class KafkaSettings(_Strict, frozen=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    readings_topic: str = "citytel.readings"
+    deadletter_topic: str = "citytel.deadletter"
+    partitions: int = 6
+    replication_factor: int = 1
+    consumer_group: str = "citytel-processors"
+    linger_ms: int = 5
+    request_timeout_ms: int = 30000
+
+
+class DatabaseSettings(_Strict, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 5432
+    dbname: str = "citytel"
+    user: str = "citytel"
+    password_env: str = ""
+    password_file: str = ""
+    connect_timeout_seconds: int = 10
+
+    def conninfo(self) -> str:
+        """A libpq connection string; the password comes from the environment or a file."""
+        parts = {
+            "host": self.host,
+            "port": str(self.port),
+            "dbname": self.dbname,
+            "user": self.user,
+            "connect_timeout": str(self.connect_timeout_seconds),
+            "application_name": "citytel",
+        }
+        password = _read_secret(self.password_env, self.password_file, "database password")
+        if password:
+            parts["password"] = password
+        return " ".join(f"{key}='{_libpq_quote(value)}'" for key, value in parts.items())
+
+
+def _libpq_quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+class DetectorSettings(_Strict, frozen=True):
+    """Parameters of one detector; which keys apply depends on the detector."""
+
+    alpha: float = 0.05
+    threshold: float = 6.0
+    warmup: int = 30
+
+
+class ProcessorSettings(_Strict, frozen=True):
+    max_batch_records: int = 20000
+    max_batch_wait_ms: int = 200
+    # Detectors to run, by registered name; each may have a [detectors.<name>] table.
+    detectors: list[str] = msgspec.field(default_factory=lambda: ["ewma_zscore"])
+    max_series: int = 1_000_000
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+
+
+class MetricsSettings(_Strict, frozen=True):
+    host: str = "127.0.0.1"
+    bridge_port: int = 9464
+    processor_port: int = 9465
+    simulator_port: int = 9466
+
+
+class MetricRange(_Strict, frozen=True):
+    unit: str
+    min: float
+    max: float
+
+
+class KindSettings(_Strict, frozen=True):
+    """A kind of sensor: the metrics it may report and their valid physical ranges."""
+
+    metrics: dict[str, MetricRange]
+
+
+class SimulatorSettings(_Strict, frozen=True):
+    seed: int = 42
+    devices_per_kind: int = 20
+    rate_per_second: float = 500.0
+    spike_probability: float = 0.002
+    max_inflight: int = 500
+
+
+class StackSettings(_Strict, frozen=True):
+    """The local development stack started by `citytel stack up` (not used in production)."""
+
+    run_dir: str = ".run/stack"
+    kafka_controller_port: int = 19093
+    prometheus_port: int = 19090
+    scrape_interval_seconds: int = 2
+
+
+class Settings(_Strict, frozen=True):
+    stack: StackSettings = msgspec.field(default_factory=StackSettings)
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    processor: ProcessorSettings = msgspec.field(default_factory=ProcessorSettings)
+    detectors: dict[str, DetectorSettings] = msgspec.field(default_factory=dict)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
+    kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def detector(self, name: str) -> DetectorSettings:
+        return self.detectors.get(name, DetectorSettings())
+
+    def metric_catalog(self) -> list[tuple[str, str]]:
+        """Every (kind, metric) pair in a stable order; its position is the metric's wire code."""
+        return [(kind, metric) for kind in sorted(self.kinds) for metric in sorted(self.kinds[kind].metrics)]
+
+
+def _validate(settings: Settings) -> None:
+    """Cross-field checks msgspec's types cannot express; each error names its key."""
+    problems: list[str] = []
+    for name, port in (
+        ("mqtt.port", settings.mqtt.port),
+        ("database.port", settings.database.port),
+        ("metrics.bridge_port", settings.metrics.bridge_port),
+        ("metrics.processor_port", settings.metrics.processor_port),
+        ("metrics.simulator_port", settings.metrics.simulator_port),
+    ):
+        if not 0 <= port <= 65535:
+            problems.append(f"{name}={port} is not a TCP port")
+    if settings.mqtt.qos not in (0, 1):
+        problems.append(f"mqtt.qos={settings.mqtt.qos}: citytel bridges subscribe with QoS 0 or 1")
+    if not 1 <= settings.mqtt.max_inflight <= 65535:
+        problems.append("mqtt.max_inflight must be within 1..65535 (MQTT 5 Receive Maximum)")
+    if settings.kafka.partitions < 1:
+        problems.append("kafka.partitions must be at least 1")
+    if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:
+        problems.append("processor.max_batch_records and max_batch_wait_ms must be positive")
+    for kind, kind_settings in settings.kinds.items():
+        for metric, bounds in kind_settings.metrics.items():
+            if not bounds.min < bounds.max:
+                problems.append(f"kinds.{kind}.metrics.{metric}: min must be below max")
+    if len(settings.metric_catalog()) > 65535:
+        problems.append("too many metrics for the 16-bit wire code")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def parse_settings(data: dict[str, Any], source: str = "<dict>") -> Settings:
+    try:
+        return msgspec.convert(data, type=Settings, strict=True)
+    except msgspec.ValidationError as error:
+        # msgspec says where ("at `$.mqtt`"); the source says which file.
+        raise ConfigError(f"{source}: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("CITYTEL_CONFIG", Path(__file__).with_name("citytel.toml")))
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    config_path = Path(path) if path is not None else default_config_path()
+    try:
+        with config_path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read config {config_path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
+    return parse_settings(data, str(config_path))

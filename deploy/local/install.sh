@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Installs everything citytel's local stack and tests need on a Debian 12 machine, idempotently:
+# Debian packages, Apache Kafka's jars from Maven Central, TimescaleDB (Apache edition) built
+# from Debian trixie's source package against PostgreSQL 15, and the project's Python venv.
+# Each step checks first and skips what is already there, so a second run takes seconds.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+cache="${CITYTEL_CACHE:-$HOME/.cache/citytel}"
+kafka_version="${CITYTEL_KAFKA_VERSION:-4.1.1}"
+pg_major=15
+pg_bin="/usr/lib/postgresql/$pg_major/bin"
+venv="${CITYTEL_VENV:-$root/.venv}"
+
+step() { printf '\033[1m[citytel install]\033[0m %s\n' "$*"; }
+elapsed() { printf '%ss' "$((SECONDS - $1))"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- Debian packages -------------------------------------------------------------------------
+debian_packages=(
+  mosquitto mosquitto-clients            # MQTT broker and its CLI tools
+  prometheus                             # metrics server (and promtool)
+  "postgresql-$pg_major" "postgresql-client-$pg_major" "postgresql-server-dev-$pg_major"
+  openjdk-17-jre-headless maven          # Kafka broker runtime, and the jar fetcher
+  dpkg-dev cmake gcc make libssl-dev     # to unpack and build TimescaleDB's source package
+  python3-venv
+)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  started=$SECONDS
+  # The packages' own services (mosquitto on 1883, prometheus on 9090, a postgres 'main'
+  # cluster) are not wanted: citytel starts its own on its own ports. policy-rc.d stops
+  # invoke-rc.d from starting them during this install only.
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod 755 /usr/sbin/policy-rc.d
+    created_policy=1
+  fi
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$created_policy" -eq 1 ] && as_root rm -f /usr/sbin/policy-rc.d
+  step "Debian packages installed in $(elapsed $started)"
+else
+  step "Debian packages: already installed"
+fi
+
+# --- Apache Kafka jars -----------------------------------------------------------------------
+kafka_home="$cache/kafka-$kafka_version"
+if [ ! -f "$kafka_home/.complete" ]; then
+  step "fetching Apache Kafka $kafka_version jars from Maven Central into $kafka_home (~100 MB, once)"
+  started=$SECONDS
+  mkdir -p "$kafka_home"
+  sed "s/@KAFKA_VERSION@/$kafka_version/" "$here/kafka-pom.xml" >"$kafka_home/pom.xml"
+  mvn -q -B -f "$kafka_home/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime
+  touch "$kafka_home/.complete"
+  step "Kafka jars ready ($(ls "$kafka_home/libs" | wc -l) jars) in $(elapsed $started)"
+else
+  step "Kafka $kafka_version jars: already in $kafka_home"
+fi
+
+# --- TimescaleDB (Apache edition) ------------------------------------------------------------
+pg_libdir="$("$pg_bin/pg_config" --pkglibdir)"
+pg_sharedir="$("$pg_bin/pg_config" --sharedir)"
+# Trixie's source package is whatever version trixie carries (2.19.x when this was written);
+# any installed timescaledb extension counts as done.
+if ! ls "$pg_libdir"/timescaledb-2.*.so >/dev/null 2>&1 || \
+   [ ! -f "$pg_sharedir/extension/timescaledb.control" ]; then
+  step "building TimescaleDB (Apache edition) from Debian trixie's source for PostgreSQL $pg_major (~1-2 min, once)"
+  started=$SECONDS
+  build="$cache/timescaledb-build"
+  apt_state="$build/apt"
+  mkdir -p "$apt_state/lists/partial" "$build/src"
+  # Trixie serves the source package only; it goes in a private sources file and lists dir so
+  # the system's binary sources never see trixie (its binaries want a newer libc).
+  # The machine's own Debian mirror (first non-security one), from either sources format.
+  mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+            | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
+  mirror="${mirror:-http://deb.debian.org/debian}"
+  printf 'deb-src %s trixie main\n' "$mirror" >"$apt_state/sources.list"
+  apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
+  as_root apt-get "${apt_opts[@]}" update -qq
+  (cd "$build/src" && rm -rf timescaledb-* && apt-get "${apt_opts[@]}" source -qq --download-only timescaledb >/dev/null \
+     && dpkg-source -x --no-check timescaledb_*.dsc >/dev/null)
+  source_dir="$(find "$build/src" -maxdepth 1 -type d -name 'timescaledb-*' | head -n1)"
+  (cd "$source_dir" && rm -rf build && mkdir build && cd build \
+     && cmake .. -DPG_CONFIG="$pg_bin/pg_config" -DAPACHE_ONLY=ON -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+          -DWARNINGS_AS_ERRORS=OFF -DCMAKE_BUILD_TYPE=Release >"$build/cmake.log" 2>&1 \
+     && make -j"$(nproc)" >"$build/make.log" 2>&1 \
+     && as_root make install >"$build/install.log" 2>&1) \
+    || { echo "TimescaleDB build failed; logs in $build/*.log" >&2; exit 1; }
+  step "TimescaleDB $(basename "$source_dir") built and installed in $(elapsed $started)"
+else
+  step "TimescaleDB: already installed ($(basename "$(ls "$pg_libdir"/timescaledb-2.*.so | tail -n1)"))"
+fi
+
+# --- Python environment ----------------------------------------------------------------------
+lock="$root/requirements.lock"
+stamp="$venv/.citytel-lock.sha256"
+want="$(sha256sum "$lock" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  step "creating the Python environment in $venv from requirements.lock"
+  started=$SECONDS
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --require-hashes -r "$lock"
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
+  echo "$want" >"$stamp"
+  step "Python environment ready in $(elapsed $started)"
+else
+  step "Python environment: up to date"
+fi

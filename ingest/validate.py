@@ -1,0 +1,117 @@
+"""Checks every reading against the topic, the clock and the kind's declared metrics.
+
+Valid readings of a message go on even when others in the same message are not; each invalid
+part becomes a ``DeadLetter`` with the message's original bytes, a reason code and a readable
+reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from citytel.errors import PermanentError
+from config import IngestSettings, KindSettings
+from ingest.codecs import Codec
+from ingest.envelope import ENVELOPE_VERSION, Envelope
+from ingest.topics import parse_topic
+
+__all__ = ["DeadLetter", "Validated", "Validator"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason_code: str
+    reason: str
+    payload: bytes
+    source_topic: str
+    received_us: int
+
+
+@dataclass(slots=True)
+class Validated:
+    envelope: Envelope | None = None
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+class Validator:
+    def __init__(
+        self, settings: IngestSettings, kinds: dict[str, KindSettings], topic_prefix: str, codec: Codec
+    ) -> None:
+        self._settings = settings
+        self._kinds = kinds
+        self._prefix = topic_prefix
+        self._codec = codec
+
+    def validate(self, topic: str, payload: bytes, received_us: int) -> Validated:
+        result = Validated()
+
+        def reject(code: str, reason: str) -> None:
+            result.dead_letters.append(DeadLetter(code, reason, payload, topic, received_us))
+
+        if len(payload) > self._settings.max_payload_bytes:
+            reject("too_large", f"payload of {len(payload)} bytes exceeds {self._settings.max_payload_bytes}")
+            return result
+        try:
+            parts = parse_topic(self._prefix, topic)
+            kind = self._kinds.get(parts.kind)
+            if kind is None:
+                raise PermanentError(
+                    "unknown_kind", f"kind {parts.kind!r} is not declared; known: {sorted(self._kinds)}"
+                )
+            readings = self._codec.decode(payload)
+        except PermanentError as error:
+            reject(error.reason_code, error.reason)
+            return result
+
+        earliest = received_us - round(self._settings.max_age_seconds * 1e6)
+        latest = received_us + round(self._settings.max_future_skew_seconds * 1e6)
+        times_us: list[int] = []
+        metrics: list[str] = []
+        values: list[float] = []
+        for reading in readings:
+            if reading.device_id is not None and reading.device_id != parts.device_id:
+                reject(
+                    "device_mismatch",
+                    f"payload device {reading.device_id!r} published under topic device {parts.device_id!r}",
+                )
+                continue
+            if not earliest <= reading.time_us <= latest:
+                reject(
+                    "bad_time",
+                    f"time {reading.time_us / 1e6:.0f}s since epoch is outside the accepted"
+                    f" window [{earliest / 1e6:.0f}, {latest / 1e6:.0f}]",
+                )
+                continue
+            for metric, value in reading.values.items():
+                bounds = kind.metrics.get(metric)
+                if bounds is None:
+                    reject("unknown_metric", f"metric {metric!r} is not declared for kind {parts.kind!r}")
+                elif isinstance(value, bool) or not isinstance(value, int | float):
+                    reject("bad_type", f"metric {metric!r} has a {type(value).__name__} value, not a number")
+                elif not math.isfinite(value):
+                    reject("not_finite", f"metric {metric!r} value {value!r} is not finite")
+                elif not bounds.min <= value <= bounds.max:
+                    reject(
+                        "out_of_range",
+                        f"metric {metric!r} value {value!r} is outside [{bounds.min}, {bounds.max}] {bounds.unit}",
+                    )
+                else:
+                    times_us.append(reading.time_us)
+                    metrics.append(metric)
+                    values.append(float(value))
+        if metrics:
+            # One record per MQTT message: the device's readings stay together and in order.
+            result.envelope = Envelope(
+                ENVELOPE_VERSION,
+                parts.device_id,
+                parts.kind,
+                parts.district,
+                received_us,
+                topic,
+                readings[0].sequence,
+                times_us,
+                metrics,
+                values,
+            )
+        return result

@@ -1,0 +1,52 @@
+"""The one columnar batch type that flows through the processors, and what detectors add to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["DetectorResult", "Offsets", "ReadingBatch"]
+
+# (topic, partition) -> the next offset to commit once the batch is durable.
+Offsets = dict[tuple[str, int], int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingBatch:
+    """Readings as parallel numpy columns, with the Kafka offsets they cover.
+
+    ``series`` is a dense index into the processor's ``SeriesIndex``; rows are in arrival order,
+    not sorted: detectors order them per series themselves.
+    """
+
+    time_us: NDArray[np.int64]
+    series: NDArray[np.int64]
+    value: NDArray[np.float64]
+    received_us: NDArray[np.int64]
+    offsets: Offsets
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @classmethod
+    def empty(cls, offsets: Offsets | None = None) -> ReadingBatch:
+        return cls(
+            np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64), offsets or {}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorResult:
+    """One detector's verdict on every row of a batch (same length and order as the batch).
+
+    ``score`` is in [0, 1]; a row is an anomaly where ``flagged``; ``reason`` indexes
+    ``reasons`` (0 means none).
+    """
+
+    detector: str
+    score: NDArray[np.float32]
+    flagged: NDArray[np.bool_]
+    reason: NDArray[np.uint8]
+    reasons: tuple[str, ...]

@@ -1,0 +1,71 @@
+"""Anomaly detectors: a narrow protocol and a registry by name, so config picks them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from config import DetectorSettings
+from processors.batch import DetectorResult, ReadingBatch
+
+__all__ = ["DETECTORS", "Detector", "build_detector", "register_detector", "rounds_in_time_order"]
+
+
+class Detector(Protocol):
+    """Scores a whole batch at once and learns from it, keeping dense per-series state arrays.
+
+    ``process`` must apply readings in time order per series even when the batch interleaves
+    thousands of series, and must score (without learning from) a reading older than its series'
+    last one, so late data never corrupts the state.
+    """
+
+    name: str
+
+    def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult: ...
+
+
+DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}
+
+
+def register_detector(
+    name: str,
+) -> Callable[[Callable[[DetectorSettings], Detector]], Callable[[DetectorSettings], Detector]]:
+    def add(factory: Callable[[DetectorSettings], Detector]) -> Callable[[DetectorSettings], Detector]:
+        DETECTORS[name] = factory
+        return factory
+
+    return add
+
+
+def build_detector(name: str, settings: DetectorSettings) -> Detector:
+    # Importing the implementations registers them.
+    from processors.detectors import ewma  # noqa: F401
+
+    try:
+        factory = DETECTORS[name]
+    except KeyError:
+        raise ValueError(f"no detector named {name!r}; known: {sorted(DETECTORS)}") from None
+    return factory(settings)
+
+
+def rounds_in_time_order(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> list[NDArray[np.int64]]:
+    """Split a batch's row indices into rounds: round k holds the k-th reading (by time) of every
+    series that has one. Within a round each series appears at most once, so a stateful update can
+    be applied to the whole round with fancy indexing; rounds run in order, so every series sees
+    its readings in time order. The number of rounds is the most readings any one series has in
+    the batch, not the batch size.
+    """
+    count = len(series)
+    if count == 0:
+        return []
+    order = np.lexsort((time_us, series))
+    ordered = series[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    lengths = np.diff(np.r_[starts, count])
+    rank = np.arange(count) - np.repeat(starts, lengths)
+    by_rank = order[np.argsort(rank, kind="stable")]
+    boundaries = np.cumsum(np.bincount(rank))
+    return np.split(by_rank, boundaries[:-1])

@@ -1,0 +1,151 @@
+"""Readings and anomalies into TimescaleDB hypertables, exactly once in effect.
+
+Per batch, in one transaction: binary COPY into session-temporary staging tables, then
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` into the hypertables on their natural keys. A batch
+replayed after a crash (offsets not yet committed) therefore adds no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import psycopg
+from numpy.typing import NDArray
+
+from citytel import metrics
+from citytel.errors import PermanentError, RetryableError
+from config import Settings
+from processors.batch import DetectorResult, ReadingBatch
+from processors.series import SeriesIndex
+from processors.sinks import register_sink
+from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+
+__all__ = ["TimescaleSink"]
+
+log = logging.getLogger("citytel.sink.timescale")
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS readings_stage
+    (time timestamptz, series_id integer, value double precision) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
+    (time timestamptz, series_id integer, detector text, score real, reason text, value double precision)
+    ON COMMIT DELETE ROWS;
+"""
+
+# Errors about the data itself: replaying cannot help. Everything else is about the connection
+# or the server, and a retry may.
+_PERMANENT = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.SyntaxErrorOrAccessRuleViolation)
+
+
+@register_sink("timescaledb")
+class TimescaleSink:
+    name = "timescaledb"
+
+    def __init__(self, settings: Settings, index: SeriesIndex) -> None:
+        self._conninfo = settings.database.conninfo()
+        self._index = index
+        self._connection: psycopg.AsyncConnection | None = None
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(self._conninfo)
+            await self._connection.execute(_STAGING.encode())
+            await self._connection.commit()
+        return self._connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None:
+        try:
+            connection = await self._connect()
+            async with connection.transaction():
+                await self._resolve_series(connection, batch.series)
+                series_id = self._index.db_id.view[batch.series]
+                readings = await self._copy_readings(connection, batch, series_id)
+                anomalies = 0
+                for result in results:
+                    anomalies += await self._copy_anomalies(connection, batch, series_id, result)
+        except _PERMANENT as error:
+            raise PermanentError("database_rejected", str(error)) from error
+        except psycopg.Error as error:
+            await self.close()
+            raise RetryableError(f"database write failed: {error}") from error
+        metrics.ROWS_WRITTEN.labels("readings").inc(readings)
+        metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
+
+    async def _resolve_series(self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]) -> None:
+        """Give every series seen for the first time its database id (rare after warm-up)."""
+        missing = np.unique(series[self._index.db_id.view[series] == 0])
+        if not len(missing):
+            return
+        described = self._index.describe(missing)
+        devices, kinds, districts, names = (list(column) for column in zip(*described, strict=True))
+        await connection.execute(
+            "INSERT INTO series (device_id, kind, district, metric)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+            " ON CONFLICT (device_id, metric) DO NOTHING",
+            (devices, kinds, districts, names),
+        )
+        cursor = await connection.execute(
+            "SELECT k.position, s.series_id FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY"
+            " AS k(device_id, metric, position) JOIN series s USING (device_id, metric)",
+            (devices, names),
+        )
+        rows = await cursor.fetchall()
+        positions = np.array([row[0] for row in rows], np.int64) - 1
+        self._index.db_id.view[missing[positions]] = np.array([row[1] for row in rows], np.int32)
+
+    async def _copy_readings(
+        self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic]
+    ) -> int:
+        body = copy_body(
+            [Column("timestamptz", batch.time_us), Column("int4", series_id), Column("float8", batch.value)], len(batch)
+        )
+        async with connection.cursor() as cursor:
+            async with cursor.copy("COPY readings_stage (time, series_id, value) FROM STDIN (FORMAT BINARY)") as copy:
+                await copy.write(COPY_HEADER + body + COPY_TRAILER)
+            await cursor.execute("INSERT INTO readings SELECT * FROM readings_stage ON CONFLICT DO NOTHING")
+            return cursor.rowcount
+
+    async def _copy_anomalies(
+        self,
+        connection: psycopg.AsyncConnection,
+        batch: ReadingBatch,
+        series_id: NDArray[np.generic],
+        result: DetectorResult,
+    ) -> int:
+        rows = np.flatnonzero(result.flagged)
+        if not len(rows):
+            return 0
+        metrics.ANOMALIES.labels(result.detector).inc(len(rows))
+        parts = [COPY_HEADER]
+        # Text fields vary in width; within one reason code they do not, so each group is one
+        # fixed-width numpy block.
+        for code in np.unique(result.reason[rows]):
+            group = rows[result.reason[rows] == code]
+            parts.append(
+                copy_body(
+                    [
+                        Column("timestamptz", batch.time_us[group]),
+                        Column("int4", series_id[group]),
+                        Column("text", constant=result.detector.encode()),
+                        Column("float4", result.score[group]),
+                        Column("text", constant=result.reasons[int(code)].encode()),
+                        Column("float8", batch.value[group]),
+                    ],
+                    len(group),
+                )
+            )
+        parts.append(COPY_TRAILER)
+        async with connection.cursor() as cursor:
+            async with cursor.copy("COPY anomalies_stage FROM STDIN (FORMAT BINARY)") as copy:
+                await copy.write(b"".join(parts))
+            await cursor.execute(
+                "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
+                " SELECT * FROM anomalies_stage ON CONFLICT DO NOTHING"
+            )
+            return cursor.rowcount

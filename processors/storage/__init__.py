@@ -1,0 +1,1 @@
+"""citytel's database: versioned migrations and the schema they build."""
