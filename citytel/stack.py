@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 KAFKA_VERSION = os.environ.get("CITYTEL_KAFKA_VERSION", "4.1.1")
@@ -80,6 +80,9 @@ class Server:
     port: int
     directory: Path
     log_file: Path
+    # The handle of a server this process started (None when found running from a pid file);
+    # kept so the child is reaped, not leaked as a zombie.
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def pid_file(self) -> Path:
@@ -93,6 +96,8 @@ class Server:
 
     def stop(self, timeout: float = 30.0) -> None:
         stop_pid(self.pid, timeout)
+        if self.process is not None:
+            self.process.wait()
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -137,7 +142,7 @@ def _spawn(
             extra_groups=[] if user else None,
             env=env,
         )
-    server = Server(name=name, pid=process.pid, port=port, directory=directory, log_file=log_file)
+    server = Server(name=name, pid=process.pid, port=port, directory=directory, log_file=log_file, process=process)
     server.pid_file.write_text(str(process.pid))
     return server
 

@@ -21,6 +21,7 @@ from config.schema import (
     SimulatorSettings,
     StackSettings,
     default_config_path,
+    dump_settings,
     load_settings,
     parse_settings,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "SimulatorSettings",
     "StackSettings",
     "default_config_path",
+    "dump_settings",
     "load_settings",
     "parse_settings",
 ]

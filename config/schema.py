@@ -225,6 +225,39 @@ def parse_settings(data: dict[str, Any], source: str = "<dict>") -> Settings:
         raise ConfigError(f"{source}: {error}") from None
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump_settings(settings: Settings) -> str:
+    """The settings as TOML that ``load_settings`` reads back unchanged (secrets are never in
+    settings, only the names of where to find them)."""
+    lines: list[str] = []
+
+    def table(name: str, data: dict[str, Any]) -> None:
+        scalars = {key: value for key, value in data.items() if not isinstance(value, dict)}
+        tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+        if name and (scalars or not tables):
+            lines.append(f"[{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
+            lines.append("")
+        for key, value in tables.items():
+            table(f"{name}.{key}" if name else key, value)
+
+    table("", msgspec.to_builtins(settings))
+    return "\n".join(lines)
+
+
 def default_config_path() -> Path:
     return Path(os.environ.get("CITYTEL_CONFIG", Path(__file__).with_name("citytel.toml")))
 

@@ -91,6 +91,7 @@ class Bridge:
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
 
@@ -107,9 +108,23 @@ class Bridge:
             return
         config = self._settings.mqtt
         client.subscribe(subscription_filter(config.topic_prefix, config.share_group), qos=config.qos)
+        log.info("MQTT connected to %s:%d as %s", config.host, config.port, config.client_id)
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        if any(code.is_failure for code in reason_codes):
+            log.error("MQTT subscription refused: %s", reason_codes)
+            return
+        # Ready only now: a message published before the broker confirmed the subscription of a
+        # brand-new session would not be routed to us.
         self._mqtt_connected.set()
         metrics.BRIDGE_CONNECTED.labels("mqtt").set(1)
-        log.info("MQTT connected to %s:%d as %s", config.host, config.port, config.client_id)
 
     def _on_disconnect(
         self,

@@ -8,6 +8,7 @@ of each envelope, never per reading.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Protocol
@@ -35,14 +36,19 @@ class BadRecord:
 class _RecordLike(Protocol):
     """What we use of aiokafka's ConsumerRecord (lets tests build records without a broker)."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes: ...
 
 
-def _decode_all(values: list[bytes], records: list[_RecordLike]) -> tuple[list[Envelope], list[BadRecord]]:
+def _decode_all(values: list[bytes], records: Sequence[_RecordLike]) -> tuple[list[Envelope], list[BadRecord]]:
     try:
         return decode_envelopes(values), []
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -68,7 +74,7 @@ def _decode_all(values: list[bytes], records: list[_RecordLike]) -> tuple[list[E
 
 
 def decode_batch(
-    records: list[_RecordLike], index: SeriesIndex, offsets: Offsets
+    records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets
 ) -> tuple[ReadingBatch, list[BadRecord]]:
     values = [record.value for record in records]
     envelopes, bad = _decode_all(values, records)

@@ -1,0 +1,121 @@
+"""Real servers for the tests, started once per test session on free loopback ports.
+
+Each server fixture starts lazily, only when a test needs it, and stops at the end of the
+session. With ``CITYTEL_TEST_STACK=reuse`` the fixtures use the servers of an already running
+``citytel stack up`` (ports from the shipped config) instead. A server that cannot start is an
+error, never a skip: under CI a missing Kafka or TimescaleDB must fail the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import psycopg
+import pytest
+
+from citytel import stack
+from config import Settings, load_settings, parse_settings
+
+REUSE = os.environ.get("CITYTEL_TEST_STACK", "") == "reuse"
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: its parent is private to root, and PostgreSQL runs as 'postgres'.
+    directory = Path(tempfile.mkdtemp(prefix="citytel-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _shipped() -> Settings:
+    return load_settings(Path(__file__).resolve().parents[1] / "config" / "citytel.toml")
+
+
+def _reused(name: str, port: int) -> int:
+    if not stack.port_open(port):
+        raise stack.StackError(f"CITYTEL_TEST_STACK=reuse but {name} does not answer on port {port}")
+    return port
+
+
+@pytest.fixture(scope="session")
+def mqtt_port(run_dir: Path) -> Iterator[int]:
+    if REUSE:
+        yield _reused("mosquitto", _shipped().mqtt.port)
+        return
+    server = stack.start_mosquitto(run_dir, stack.free_port())
+    yield server.port
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(run_dir: Path) -> Iterator[str]:
+    if REUSE:
+        yield _shipped().kafka.bootstrap_servers
+        return
+    server = stack.start_kafka(run_dir, stack.free_port(), stack.free_port())
+    yield f"127.0.0.1:{server.port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_port(run_dir: Path) -> Iterator[int]:
+    if REUSE:
+        yield _reused("postgres", _shipped().database.port)
+        return
+    server = stack.start_postgres(run_dir, stack.free_port())
+    yield server.port
+    server.stop()
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    port: int
+    name: str
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="citytel", dbname=self.name, autocommit=True)
+
+
+@pytest.fixture
+def database(postgres_port: int) -> Iterator[ScratchDatabase]:
+    """A fresh, empty database for one test (dropped afterwards)."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(
+        host="127.0.0.1", port=postgres_port, user="citytel", dbname="citytel", autocommit=True
+    ) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield ScratchDatabase(postgres_port, name)
+    with psycopg.connect(
+        host="127.0.0.1", port=postgres_port, user="citytel", dbname="citytel", autocommit=True
+    ) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(mqtt_port: int, kafka_bootstrap: str, database: ScratchDatabase) -> Settings:
+    """Shipped settings pointed at the test servers, with names no other test shares."""
+    unique = uuid.uuid4().hex[:10]
+    data = msgspec.to_builtins(_shipped())
+    data["mqtt"] |= {"port": mqtt_port, "topic_prefix": f"test-{unique}", "client_id": f"bridge-{unique}"}
+    data["kafka"] |= {
+        "bootstrap_servers": kafka_bootstrap,
+        "readings_topic": f"test.{unique}.readings",
+        "deadletter_topic": f"test.{unique}.deadletter",
+        "consumer_group": f"test-{unique}",
+        "partitions": 3,
+    }
+    data["database"] |= {"port": database.port, "dbname": database.name}
+    data["metrics"] |= {
+        "bridge_port": stack.free_port(),
+        "processor_port": stack.free_port(),
+        "simulator_port": stack.free_port(),
+    }
+    return parse_settings(data, "test settings")

@@ -1,0 +1,65 @@
+"""Running citytel's own processes in tests, as production runs them: `python -m citytel`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from config import Settings, dump_settings
+
+
+def write_config(settings: Settings, directory: Path) -> Path:
+    path = directory / f"citytel-{time.monotonic_ns()}.toml"
+    path.write_text(dump_settings(settings))
+    return path
+
+
+@contextmanager
+def citytel_process(settings: Settings, directory: Path, *arguments: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `citytel <arguments>`; on exit stop it with SIGTERM (by PID) and show its log if it
+    failed."""
+    config = write_config(settings, directory)
+    log_path = directory / f"{arguments[0]}-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "citytel", "--config", str(config), *arguments], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.returncode not in (0, -15):
+            print(f"--- citytel {' '.join(arguments)} exited {process.returncode}; log:\n{log_path.read_text()}")
+
+
+def wait_ready(port: int, timeout: float = 60.0) -> None:
+    """Wait for a citytel process's /readyz (connected to its brokers and database)."""
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                status: int = response.status
+                return status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, timeout, f"/readyz on port {port}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from citytel.errors import PermanentError
+from config import IngestSettings, KindSettings, MetricRange
+from ingest.codecs import get_codec, parse_time_us
+from ingest.envelope import Envelope, decode_envelope, decode_envelopes, encode_envelope
+from ingest.topics import parse_topic, reading_topic, subscription_filter
+from ingest.validate import Validator
+
+KINDS = {
+    "air": KindSettings(
+        metrics={
+            "pm2_5": MetricRange(unit="ug/m3", min=0.0, max=1000.0),
+            "noise": MetricRange(unit="dBA", min=20.0, max=140.0),
+        }
+    ),
+}
+NOW_US = int(time.time() * 1e6)
+
+
+def validator() -> Validator:
+    return Validator(IngestSettings(), KINDS, "city", get_codec("json"))
+
+
+def payload(**overrides: object) -> bytes:
+    body: dict[str, object] = {
+        "device_id": "air-1",
+        "time": NOW_US / 1e6,
+        "seq": 3,
+        "values": {"pm2_5": 35.5, "noise": 60},
+    }
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+TOPIC = reading_topic("city", "jinshui", "air", "air-1")
+
+
+def test_topic_scheme_round_trips_and_rejects_other_shapes() -> None:
+    assert parse_topic("city", TOPIC) == ("jinshui", "air", "air-1")
+    assert subscription_filter("city", "bridges") == "$share/bridges/city/+/+/+/up"
+    for bad in ("city/jinshui/air/air-1", "town/jinshui/air/air-1/up", "city/jinshui//air-1/up"):
+        with pytest.raises(PermanentError):
+            parse_topic("city", bad)
+
+
+def test_a_valid_message_becomes_one_envelope_with_all_its_readings() -> None:
+    result = validator().validate(TOPIC, payload(), NOW_US)
+    assert result.dead_letters == []
+    envelope = result.envelope
+    assert envelope is not None
+    assert (envelope.device_id, envelope.kind, envelope.district, envelope.sequence) == ("air-1", "air", "jinshui", 3)
+    assert dict(zip(envelope.metrics, envelope.values, strict=True)) == {"pm2_5": 35.5, "noise": 60.0}
+    assert envelope.times_us == [NOW_US, NOW_US]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason_code"),
+    [
+        (b"", "empty_payload"),
+        (b"{not json", "malformed"),
+        (b'{"device_id": "air-1", "time": 1, "values": {"pm2_5": NaN}}', "malformed"),
+        (json.dumps({"device_id": "air-1", "values": {}}).encode(), "bad_schema"),
+        (payload(device_id="air-2"), "device_mismatch"),
+        (payload(time=0), "bad_time"),
+        (payload(time=4102444800), "bad_time"),
+        (payload(values={"pm2_5": "high"}), "bad_type"),
+        (payload(values={"pm2_5": 1e400}), "malformed"),  # json.dumps writes the non-JSON `Infinity`
+        # Valid JSON whose number overflows a double: msgspec refuses it ("Number out of range").
+        (payload(values={"pm2_5": 1.0}).replace(b"1.0", b"1e400"), "bad_schema"),
+        (payload(values={"pm2_5": -3}), "out_of_range"),
+        (payload(values={"radon": 3}), "unknown_metric"),
+        (b"x" * 300_000, "too_large"),
+    ],
+)
+def test_bad_input_is_dead_lettered_with_its_reason_and_original_bytes(body: bytes, reason_code: str) -> None:
+    result = validator().validate(TOPIC, body, NOW_US)
+    assert result.envelope is None
+    assert [dead.reason_code for dead in result.dead_letters] == [reason_code]
+    assert result.dead_letters[0].payload == body
+    assert result.dead_letters[0].source_topic == TOPIC
+
+
+def test_unknown_kind_is_dead_lettered() -> None:
+    result = validator().validate(reading_topic("city", "jinshui", "radar", "r-1"), payload(), NOW_US)
+    assert [dead.reason_code for dead in result.dead_letters] == ["unknown_kind"]
+
+
+def test_good_readings_go_on_when_others_in_the_same_message_are_bad() -> None:
+    body = payload(values={"pm2_5": 12.0, "noise": 500.0, "radon": 1.0})
+    result = validator().validate(TOPIC, body, NOW_US)
+    assert result.envelope is not None
+    assert result.envelope.metrics == ["pm2_5"]
+    assert sorted(dead.reason_code for dead in result.dead_letters) == ["out_of_range", "unknown_metric"]
+
+
+def test_iso_times_need_a_zone() -> None:
+    assert parse_time_us("2026-11-26T10:00:00+08:00") == parse_time_us("2026-11-26T02:00:00Z")
+    with pytest.raises(PermanentError, match="no time zone"):
+        parse_time_us("2026-11-26T10:00:00")
+
+
+def test_envelopes_decode_one_by_one_and_as_a_whole_batch() -> None:
+    envelopes = [
+        Envelope(1, f"air-{n}", "air", "erqi", NOW_US, TOPIC, n, [NOW_US], ["pm2_5"], [float(n)]) for n in range(70_000)
+    ]
+    encoded = [encode_envelope(envelope) for envelope in envelopes]
+    assert decode_envelope(encoded[5]) == envelopes[5]
+    assert decode_envelopes(encoded[:3]) == envelopes[:3]
+    assert decode_envelopes(encoded) == envelopes  # past the 16-bit array header
+
+
+def test_an_envelope_of_an_unknown_version_is_refused() -> None:
+    import msgspec
+
+    future = encode_envelope(Envelope(2, "a", "air", "erqi", 0, TOPIC, 0, [], [], []))
+    with pytest.raises(msgspec.ValidationError, match="version"):
+        decode_envelope(future)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import itertools
+import struct
+
+import numpy as np
+import pytest
+
+from config import DetectorSettings
+from ingest.envelope import Envelope, encode_envelope
+from processors.batch import ReadingBatch
+from processors.decode import decode_batch
+from processors.detectors import build_detector, rounds_in_time_order
+from processors.series import SeriesIndex
+from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
+
+
+class FakeRecord:
+    def __init__(self, offset: int, value: bytes) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = "readings", 0, offset, b"k", value
+
+
+def batch_of(series: list[int], times: list[int], values: list[float]) -> ReadingBatch:
+    return ReadingBatch(
+        np.array(times, np.int64),
+        np.array(series, np.int64),
+        np.array(values, np.float64),
+        np.zeros(len(series), np.int64),
+        {},
+    )
+
+
+def test_series_index_gives_stable_dense_indices_for_a_whole_batch() -> None:
+    index = SeriesIndex(max_series=100)
+    first = index.lookup(np.array([50, 7, 50, 9], np.int64))
+    assert first.tolist() == [2, 0, 2, 1]  # new keys numbered in key order, repeats share one index
+    second = index.lookup(np.array([9, 8, 50], np.int64))
+    assert second.tolist() == [1, 3, 2]
+    assert len(index) == 4
+    with pytest.raises(OverflowError):
+        SeriesIndex(max_series=2).lookup(np.array([1, 2, 3], np.int64))
+
+
+def test_rounds_put_each_series_in_time_order_and_at_most_once_per_round() -> None:
+    series = np.array([1, 0, 1, 1, 0, 2], np.int64)
+    times = np.array([30, 5, 10, 20, 1, 7], np.int64)
+    rounds = rounds_in_time_order(series, times)
+    assert [sorted(series[r].tolist()) for r in rounds] == [[0, 1, 2], [0, 1], [1]]
+    for previous, current in itertools.pairwise(rounds):
+        for s in series[current]:
+            assert times[previous][series[previous] == s] < times[current][series[current] == s]
+    assert rounds_in_time_order(np.empty(0, np.int64), np.empty(0, np.int64)) == []
+
+
+def test_decode_batch_builds_columns_and_sets_aside_a_bad_record() -> None:
+    index = SeriesIndex(1000)
+    good = [
+        Envelope(1, f"dev-{n % 3}", "air", "erqi", 100 + n, "t", n, [n, n], ["pm2_5", "noise"], [n, -n])
+        for n in range(6)
+    ]
+    records = [FakeRecord(n, encode_envelope(envelope)) for n, envelope in enumerate(good)]
+    records.insert(3, FakeRecord(99, b"\xc1 not msgpack"))
+    batch, bad = decode_batch(records, index, {("readings", 0): 7})
+    assert [record.offset for record in bad] == [99]
+    assert len(batch) == 12
+    assert batch.time_us.tolist() == [n for n in range(6) for _ in range(2)]
+    assert batch.value.tolist() == [v for n in range(6) for v in (n, -n)]
+    assert len(index) == 6  # 3 devices × 2 metrics
+    described = index.describe(batch.series[:2])
+    assert described == [("dev-0", "air", "erqi", "pm2_5"), ("dev-0", "air", "erqi", "noise")]
+    assert batch.offsets == {("readings", 0): 7}
+
+
+def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
+    detector = build_detector("ewma_zscore", DetectorSettings(alpha=0.05, threshold=6.0, warmup=30))
+    rng = np.random.default_rng(1)
+    count = 200
+    values = 50 + rng.standard_normal((count, 3))
+    values[150, 1] += 40  # one spike in series 1
+    series = np.tile(np.arange(3), count)
+    times = np.repeat(np.arange(count), 3) * 1_000_000
+    # Shuffle: the detector must restore per-series time order itself.
+    order = rng.permutation(len(series))
+    result = detector.process(
+        batch_of(series[order].tolist(), times[order].tolist(), values.reshape(-1)[order].tolist()), 3
+    )
+    flagged = np.flatnonzero(result.flagged)
+    assert len(result.score) == len(series)
+    assert [(int(series[order][i]), int(times[order][i])) for i in flagged] == [(1, 150_000_000)]
+    assert result.reasons[result.reason[flagged[0]]] == "zscore_high"
+    assert 0.5 <= result.score[flagged[0]] <= 1.0
+    assert np.all((result.score >= 0) & (result.score <= 1))
+
+
+def test_a_late_reading_is_scored_but_does_not_move_the_state() -> None:
+    detector = build_detector("ewma_zscore", DetectorSettings(alpha=0.1, threshold=6.0, warmup=5))
+    detector.process(batch_of([0] * 50, list(range(100, 150)), [10.0 + (i % 2) * 0.1 for i in range(50)]), 1)
+    state_before = detector.mean.view.copy(), detector.variance.view.copy()  # type: ignore[attr-defined]
+    late = detector.process(batch_of([0], [5], [1000.0]), 1)
+    assert late.flagged.tolist() == [True]
+    assert np.array_equal(detector.mean.view, state_before[0])  # type: ignore[attr-defined]
+    assert np.array_equal(detector.variance.view, state_before[1])  # type: ignore[attr-defined]
+
+
+def test_binary_copy_rows_have_postgres_wire_layout() -> None:
+    body = copy_body(
+        [
+            Column("timestamptz", np.array([946_684_800_000_001], np.int64)),
+            Column("int4", np.array([7], np.int32)),
+            Column("text", constant=b"ewma"),
+            Column("float8", np.array([1.5])),
+        ],
+        1,
+    )
+    expected = struct.pack(">hiqiiI4siD".replace("D", "d"), 4, 8, 1, 4, 7, 4, b"ewma", 8, 1.5)
+    assert body == expected
+    assert COPY_HEADER.startswith(b"PGCOPY\n\xff\r\n\x00")
+    with pytest.raises(ValueError, match="needs 2 values"):
+        copy_body([Column("int4", np.array([1], np.int32))], 2)
