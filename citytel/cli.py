@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from citytel.stack import StackError
 from config import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
@@ -151,5 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"citytel: configuration error: {error}", file=sys.stderr)
         return 2
+    except StackError as error:
+        print(f"citytel: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

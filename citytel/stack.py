@@ -319,8 +319,8 @@ def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float =
                 classpath,
                 "kafka.tools.StorageTool",
                 "format",
-                "-t",
-                cluster_id,
+                # '=' form: a base64 cluster id may start with '-', which argparse reads as an option.
+                f"--cluster-id={cluster_id}",
                 "-c",
                 str(properties),
             ],

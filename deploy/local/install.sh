@@ -60,8 +60,9 @@ if [ ! -f "$kafka_home/.complete" ]; then
   started=$SECONDS
   mkdir -p "$kafka_home"
   sed "s/@KAFKA_VERSION@/$kafka_version/" "$here/kafka-pom.xml" >"$kafka_home/pom.xml"
-  mvn -q -B -f "$kafka_home/pom.xml" dependency:copy-dependencies \
-    -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime
+  mvn -B -Dstyle.color=never -f "$kafka_home/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$kafka_home/libs" -DincludeScope=runtime >"$kafka_home/mvn.log" 2>&1 \
+    || { tail -n 40 "$kafka_home/mvn.log" >&2; echo "fetching Kafka's jars failed; log: $kafka_home/mvn.log" >&2; exit 1; }
   touch "$kafka_home/.complete"
   step "Kafka jars ready ($(ls "$kafka_home/libs" | wc -l) jars) in $(elapsed $started)"
 else
@@ -111,10 +112,13 @@ want="$(sha256sum "$lock" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   step "creating the Python environment in $venv from requirements.lock"
   started=$SECONDS
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q --require-hashes -r "$lock"
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
+  pip_log="$venv.pip.log"
+  {
+    python3 -m venv "$venv" \
+      && "$venv/bin/python" -m pip install --upgrade pip \
+      && "$venv/bin/python" -m pip install --require-hashes -r "$lock" \
+      && "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e "$root"
+  } >"$pip_log" 2>&1 || { tail -n 40 "$pip_log" >&2; echo "Python environment failed; log: $pip_log" >&2; exit 1; }
   echo "$want" >"$stamp"
   step "Python environment ready in $(elapsed $started)"
 else
