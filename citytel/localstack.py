@@ -137,7 +137,15 @@ def _spawn(arguments: list[str], config_path: Path | None, log_dir: Path, name: 
     return subprocess.Popen([*command, *arguments], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_city(settings: Settings, config_path: Path | None, duration_s: float | None) -> int:
+    # Ctrl-C and a supervisor's SIGTERM both mean "stop the children cleanly". SIGINT is set
+    # explicitly because a job started in the background by a script inherits it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     up(settings)
     from processors.storage.migrate import migrate
 
