@@ -60,7 +60,7 @@ class MqttSettings(_Strict, frozen=True):
 class IngestSettings(_Strict, frozen=True):
     """How the bridge decodes and validates what sensors publish."""
 
-    codec: str = "json"
+    codec: str = "auto"
     max_payload_bytes: int = 262144
     # Readings stamped further ahead than this are invalid (a device clock gone wrong).
     max_future_skew_seconds: float = 300.0
@@ -137,6 +137,12 @@ class MetricRange(_Strict, frozen=True):
     unit: str
     min: float
     max: float
+    # Other spellings of the same unit a payload may state (SenML's "Cel" for degC, say); a
+    # reading stating any other unit is refused rather than stored as if it were in ``unit``.
+    aliases: list[str] = msgspec.field(default_factory=list)
+
+    def accepts_unit(self, unit: str) -> bool:
+        return unit == self.unit or unit in self.aliases
 
 
 class KindSettings(_Strict, frozen=True):

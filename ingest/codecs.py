@@ -7,30 +7,59 @@ raises ``PermanentError`` with a reason code for a payload it cannot read at all
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
 from citytel.errors import PermanentError
 
-__all__ = ["CODECS", "Codec", "JsonCodec", "RawReading", "get_codec", "parse_time_us", "register_codec"]
+__all__ = [
+    "CODECS",
+    "AutoCodec",
+    "Codec",
+    "Decoded",
+    "FiwareCodec",
+    "JsonCodec",
+    "RawReading",
+    "SenmlCodec",
+    "get_codec",
+    "parse_time_us",
+    "register_codec",
+]
 
 
 class RawReading(msgspec.Struct, frozen=True):
-    """One device at one instant, with any number of metrics, as the payload stated it."""
+    """One device at one instant, with any number of metrics, as the payload stated it.
+
+    ``units`` holds the unit a payload gave for a metric, where it gave one (SenML does), so
+    validation can refuse a reading in the wrong unit instead of storing it as if it were right.
+    """
 
     device_id: str | None
     time_us: int
     values: dict[str, Any]
     sequence: int = -1
+    units: dict[str, str] | None = None
+    kind: str | None = None  # where the payload states it (FIWARE entity types do)
+
+
+class Decoded(NamedTuple):
+    """What a codec made of a payload: the readings it could read, and a problem for each part it
+    could not (a bad record in a SenML pack), so the good parts still go on."""
+
+    readings: list[RawReading]
+    problems: list[PermanentError]
 
 
 class Codec(Protocol):
     name: str
 
-    def decode(self, payload: bytes) -> list[RawReading]: ...
+    def decode(self, payload: bytes) -> Decoded:
+        """Raises ``PermanentError`` when nothing of the payload can be read."""
+        ...
 
 
 CODECS: dict[str, Callable[[], Codec]] = {}
@@ -91,7 +120,7 @@ class JsonCodec:
     def __init__(self) -> None:
         self._decoder = msgspec.json.Decoder(_JsonReading | list[_JsonReading])
 
-    def decode(self, payload: bytes) -> list[RawReading]:
+    def decode(self, payload: bytes) -> Decoded:
         if not payload:
             raise PermanentError("empty_payload", "the MQTT payload is empty")
         try:
@@ -103,4 +132,236 @@ class JsonCodec:
         items = decoded if isinstance(decoded, list) else [decoded]
         if not items:
             raise PermanentError("empty_payload", "the JSON list holds no readings")
-        return [RawReading(item.device_id, parse_time_us(item.time), item.values, item.seq) for item in items]
+        readings, problems = [], []
+        for item in items:
+            try:
+                readings.append(RawReading(item.device_id, parse_time_us(item.time), item.values, item.seq))
+            except PermanentError as error:
+                problems.append(error)
+        return Decoded(readings, problems)
+
+
+def _decode_json(payload: bytes) -> Any:
+    if not payload:
+        raise PermanentError("empty_payload", "the MQTT payload is empty")
+    try:
+        return msgspec.json.decode(payload)
+    except msgspec.ValidationError as error:
+        raise PermanentError("bad_schema", f"JSON does not fit the reading schema: {error}") from None
+    except msgspec.DecodeError as error:
+        raise PermanentError("malformed", f"not valid JSON: {error}") from None
+
+
+# --- SenML (RFC 8428), JSON representation ---------------------------------------------------
+
+_SENML_RELATIVE_LIMIT = 2**28  # times below this are relative to "now" (RFC 8428 section 4.5.3)
+_SenmlBases = tuple[str, float, str, float]  # base name, time, unit, value
+
+
+def _senml_device_and_metric(name: str) -> tuple[str | None, str]:
+    """``urn:dev:ow:air-0001:pm2_5`` or ``air-0001/pm2_5`` → ("air-0001", "pm2_5")."""
+    cut = max(name.rfind(":"), name.rfind("/"))
+    if cut < 0:
+        return None, name
+    prefix, metric = name[:cut], name[cut + 1 :]
+    device = prefix[max(prefix.rfind(":"), prefix.rfind("/")) + 1 :]
+    return device or None, metric
+
+
+@register_codec("senml")
+class SenmlCodec:
+    """SenML JSON packs: base name, time, unit and value apply to the records that follow;
+    a record's name is base name + name, split at its last ':' or '/' into device and metric.
+    Boolean values (``vb``) become 0/1; string and data values are reported as the wrong type.
+    """
+
+    name = "senml"
+
+    def decode(self, payload: bytes) -> Decoded:
+        pack = _decode_json(payload)
+        if not isinstance(pack, list) or not pack:
+            raise PermanentError("bad_schema", "a SenML pack is a non-empty JSON array of records")
+        now_us = time.time_ns() // 1000
+        bases: _SenmlBases = ("", 0.0, "", 0.0)
+        grouped: dict[tuple[str | None, int], RawReading] = {}
+        problems: list[PermanentError] = []
+        for position, record in enumerate(pack):
+            try:
+                if not isinstance(record, dict):
+                    raise PermanentError("bad_schema", f"SenML record {position} is not an object")
+                # Base fields apply from this record on, even when its own value is bad.
+                bases = self._bases(position, record, bases)
+                self._resolve(position, record, bases, now_us, grouped)
+            except PermanentError as error:
+                problems.append(error)
+        if not grouped and problems:
+            raise problems[0]
+        return Decoded(list(grouped.values()), problems)
+
+    @staticmethod
+    def _bases(position: int, record: dict[str, Any], bases: _SenmlBases) -> _SenmlBases:
+        base_name = record.get("bn", bases[0])
+        base_time = record.get("bt", bases[1])
+        base_unit = record.get("bu", bases[2])
+        base_value = record.get("bv", bases[3])
+        if not isinstance(base_name, str) or not isinstance(base_unit, str):
+            raise PermanentError("bad_schema", f"SenML record {position}: bn and bu must be strings")
+        for name, number in (("bt", base_time), ("bv", base_value)):
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise PermanentError("bad_schema", f"SenML record {position}: {name} must be a number")
+        return base_name, float(base_time), base_unit, float(base_value)
+
+    @staticmethod
+    def _resolve(
+        position: int,
+        record: dict[str, Any],
+        bases: _SenmlBases,
+        now_us: int,
+        grouped: dict[tuple[str | None, int], RawReading],
+    ) -> None:
+        base_name, base_time, base_unit, base_value = bases
+        name = base_name + str(record.get("n", ""))
+        if not name:
+            raise PermanentError("bad_schema", f"SenML record {position} has no name")
+        device, metric = _senml_device_and_metric(name)
+        relative = record.get("t", 0)
+        if isinstance(relative, bool) or not isinstance(relative, int | float):
+            raise PermanentError("bad_schema", f"SenML record {position}: t must be a number")
+        when = base_time + relative
+        time_us = round(when * 1e6) if when >= _SENML_RELATIVE_LIMIT else now_us + round(when * 1e6)
+        value: Any
+        if "v" in record:
+            value = record["v"]
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = value + base_value
+        elif "vb" in record:
+            value = 1.0 if record["vb"] is True else 0.0 if record["vb"] is False else record["vb"]
+        elif "vs" in record or "vd" in record:
+            value = record.get("vs", record.get("vd"))
+        elif "s" in record:
+            value = record["s"]
+        else:
+            raise PermanentError("bad_schema", f"SenML record {position} ({name}) has no value")
+        reading = grouped.get((device, time_us))
+        if reading is None:
+            reading = grouped[(device, time_us)] = RawReading(device, time_us, {}, -1, {})
+        reading.values[metric] = value
+        unit = record.get("u", base_unit)
+        if unit and reading.units is not None:
+            reading.units[metric] = str(unit)
+
+
+# --- FIWARE Smart Data Models (NGSI-v2 normalized or keyValues, NGSI-LD) ---------------------
+
+# Entity type → (citytel kind, {attribute: (metric, scale)}). Fractions (0..1) scale to percent.
+_FIWARE_MODELS: dict[str, tuple[str, dict[str, tuple[str, float]]]] = {
+    "AirQualityObserved": (
+        "air",
+        {
+            "pm25": ("pm2_5", 1.0),
+            "pm10": ("pm10", 1.0),
+            "no2": ("no2", 1.0),
+            "so2": ("so2", 1.0),
+            "o3": ("o3", 1.0),
+            "co": ("co", 1.0),
+            "temperature": ("temperature", 1.0),
+            "relativeHumidity": ("humidity", 100.0),
+            "LAeq": ("noise", 1.0),
+        },
+    ),
+    "NoiseLevelObserved": ("air", {"LAeq": ("noise", 1.0)}),
+    "ParkingSpot": ("parking", {"status": ("occupied", 1.0)}),
+    "OffStreetParking": ("parking", {"availableSpotNumber": ("free_bays", 1.0), "totalSpotNumber": ("capacity", 1.0)}),
+    "TrafficFlowObserved": (
+        "traffic",
+        {
+            "intensity": ("vehicle_count", 1.0),
+            "averageVehicleSpeed": ("mean_speed", 1.0),
+            "occupancy": ("occupancy", 100.0),
+        },
+    ),
+}
+_FIWARE_TIME_ATTRIBUTES = ("dateObserved", "dateObservedTo", "observedAt", "dateModified")
+_PARKING_STATUS = {"occupied": 1.0, "free": 0.0}
+
+
+def _fiware_value(attribute: Any) -> Any:
+    # Normalized NGSI-v2 and NGSI-LD wrap values as {"type": ..., "value": ...}; keyValues do not.
+    if isinstance(attribute, dict):
+        return attribute.get("value", attribute.get("@value"))
+    return attribute
+
+
+@register_codec("fiware")
+class FiwareCodec:
+    """FIWARE Smart Data Models entities (one, or a list): AirQualityObserved,
+    NoiseLevelObserved, ParkingSpot, OffStreetParking, TrafficFlowObserved. The device id is the
+    last ':'-separated part of the entity id; the time comes from dateObserved (or
+    dateObservedTo, observedAt, dateModified). ``kind`` is checked against the topic's kind."""
+
+    name = "fiware"
+
+    def decode(self, payload: bytes) -> Decoded:
+        decoded = _decode_json(payload)
+        entities = decoded if isinstance(decoded, list) else [decoded]
+        readings: list[RawReading] = []
+        problems: list[PermanentError] = []
+        for entity in entities:
+            try:
+                readings.append(self._entity(entity))
+            except PermanentError as error:
+                problems.append(error)
+        if not readings and problems:
+            raise problems[0]
+        return Decoded(readings, problems)
+
+    @staticmethod
+    def _entity(entity: Any) -> RawReading:
+        if not isinstance(entity, dict) or not isinstance(entity.get("id"), str) or "type" not in entity:
+            raise PermanentError("bad_schema", "a FIWARE entity is an object with 'id' and 'type'")
+        model = _FIWARE_MODELS.get(str(entity["type"]))
+        if model is None:
+            raise PermanentError(
+                "unknown_model",
+                f"FIWARE type {entity['type']!r} is not supported; supported: {sorted(_FIWARE_MODELS)}",
+            )
+        kind, attributes = model
+        stamp = next((_fiware_value(entity[name]) for name in _FIWARE_TIME_ATTRIBUTES if name in entity), None)
+        if stamp is None:
+            raise PermanentError("bad_time", f"FIWARE entity {entity['id']} has no dateObserved")
+        values: dict[str, Any] = {}
+        for attribute, (metric, scale) in attributes.items():
+            if attribute not in entity:
+                continue
+            value = _fiware_value(entity[attribute])
+            if metric == "occupied" and isinstance(value, str):
+                value = _PARKING_STATUS.get(value, value)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = value * scale
+            values[metric] = value
+        if not values:
+            raise PermanentError("bad_schema", f"FIWARE entity {entity['id']} carries no known attribute")
+        return RawReading(entity["id"].rsplit(":", 1)[-1], parse_time_us(stamp), values, kind=kind)
+
+
+@register_codec("auto")
+class AutoCodec:
+    """Picks the codec from the payload's shape: a JSON array of SenML records, a FIWARE entity
+    (an object with "id" and "type"), or else citytel's plain JSON. The check looks only at the
+    first bytes, so the chosen codec still decodes strictly."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        self._json, self._senml, self._fiware = JsonCodec(), SenmlCodec(), FiwareCodec()
+
+    def decode(self, payload: bytes) -> Decoded:
+        head = payload[:256].lstrip()
+        if head.startswith(b"["):
+            if b'"n"' in head or b'"bn"' in head:
+                return self._senml.decode(payload)
+            if b'"type"' in head and b'"id"' in head:
+                return self._fiware.decode(payload)
+        elif head.startswith(b"{") and b'"type"' in head and b'"id"' in head and b'"device_id"' not in head:
+            return self._fiware.decode(payload)
+        return self._json.decode(payload)

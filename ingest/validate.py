@@ -59,10 +59,12 @@ class Validator:
                 raise PermanentError(
                     "unknown_kind", f"kind {parts.kind!r} is not declared; known: {sorted(self._kinds)}"
                 )
-            readings = self._codec.decode(payload)
+            readings, problems = self._codec.decode(payload)
         except PermanentError as error:
             reject(error.reason_code, error.reason)
             return result
+        for problem in problems:
+            reject(problem.reason_code, problem.reason)
 
         earliest = received_us - round(self._settings.max_age_seconds * 1e6)
         latest = received_us + round(self._settings.max_future_skew_seconds * 1e6)
@@ -76,6 +78,9 @@ class Validator:
                     f"payload device {reading.device_id!r} published under topic device {parts.device_id!r}",
                 )
                 continue
+            if reading.kind is not None and reading.kind != parts.kind:
+                reject("kind_mismatch", f"payload is a {reading.kind!r} reading published under kind {parts.kind!r}")
+                continue
             if not earliest <= reading.time_us <= latest:
                 reject(
                     "bad_time",
@@ -83,10 +88,15 @@ class Validator:
                     f" window [{earliest / 1e6:.0f}, {latest / 1e6:.0f}]",
                 )
                 continue
+            units = reading.units or {}
             for metric, value in reading.values.items():
                 bounds = kind.metrics.get(metric)
                 if bounds is None:
                     reject("unknown_metric", f"metric {metric!r} is not declared for kind {parts.kind!r}")
+                elif metric in units and not bounds.accepts_unit(units[metric]):
+                    reject(
+                        "unit_mismatch", f"metric {metric!r} is stated in {units[metric]!r}, expected {bounds.unit!r}"
+                    )
                 elif isinstance(value, bool) or not isinstance(value, int | float):
                     reject("bad_type", f"metric {metric!r} has a {type(value).__name__} value, not a number")
                 elif not math.isfinite(value):
