@@ -207,6 +207,8 @@ def _validate(settings: Settings) -> None:
         problems.append(f"mqtt.qos={settings.mqtt.qos}: citytel bridges subscribe with QoS 0 or 1")
     if not 1 <= settings.mqtt.max_inflight <= 65535:
         problems.append("mqtt.max_inflight must be within 1..65535 (MQTT 5 Receive Maximum)")
+    if not 1 <= settings.ingest.max_payload_bytes <= 900_000:
+        problems.append("ingest.max_payload_bytes must be within 1..900000 (Kafka refuses records over ~1 MB)")
     if settings.kafka.partitions < 1:
         problems.append("kafka.partitions must be at least 1")
     if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 import ssl
@@ -188,7 +189,18 @@ class Bridge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
 
-    async def _forward(self, producer: AIOKafkaProducer, batch: list[_Received], stop: asyncio.Event) -> None:
+    async def _replace_producer(self, stop: asyncio.Event) -> None:
+        """After a failed send the idempotent producer may be in a state it cannot leave (for
+        example OutOfOrderSequenceNumber once the broker restarted), so retries go through a new
+        producer with a fresh producer id."""
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), timeout=10)
+        self._producer = await self._start_producer(stop)
+
+    async def _forward(self, batch: list[_Received], stop: asyncio.Event) -> bool:
+        """Produce the batch's records (or dead letters) and, once Kafka holds all of them,
+        acknowledge the MQTT messages. False when stopping before that (nothing acknowledged)."""
         kafka = self._settings.kafka
         records: list[tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]] = []
         for item in batch:
@@ -202,6 +214,8 @@ class Bridge:
                 metrics.DEADLETTERED.labels(STAGE, dead.reason_code).inc()
         delay = self._settings.processor.retry_initial_seconds
         while True:
+            producer = self._producer
+            assert producer is not None
             try:
                 futures = [
                     await producer.send(topic, value, key=key, headers=headers)
@@ -210,27 +224,29 @@ class Bridge:
                 await asyncio.gather(*futures)
                 break
             except KafkaError as error:
-                # The same records are sent again; the idempotent producer and the processors'
-                # natural keys make a repeat harmless, a loss is not.
+                # The same records are sent again; the processors' natural keys make a repeat
+                # harmless, a loss is not.
                 self._kafka_ok = False
                 metrics.BRIDGE_CONNECTED.labels("kafka").set(0)
                 metrics.ERRORS.labels(STAGE, "retryable").inc()
                 metrics.RETRIES.labels(STAGE).inc()
                 log.warning("Kafka produce failed (%s); retrying %d records in %.1fs", error, len(records), delay)
                 if stop.is_set():
-                    return  # not acknowledged: the broker redelivers the batch to our session
+                    return False  # not acknowledged: the broker redelivers the batch to our session
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
+                await self._replace_producer(stop)
         self._kafka_ok = True
         metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
         self._ack(batch)
         metrics.SENT.labels(STAGE, "messages").inc(len(batch))
+        return True
 
     def ready(self) -> bool:
         return self._mqtt_connected.is_set() and self._kafka_ok
 
     async def run(self, stop: asyncio.Event) -> None:
-        producer = await self._start_producer(stop)
+        self._producer = await self._start_producer(stop)
         config = self._settings.mqtt
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = config.session_expiry_seconds
@@ -250,13 +266,15 @@ class Bridge:
                 metrics.RECEIVED.labels(STAGE, "messages").inc(len(batch))
                 metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
                 started = time.perf_counter()
-                await self._forward(producer, batch, stop)
+                if not await self._forward(batch, stop):
+                    break
                 metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
         finally:
             # What is still pending was never acknowledged: the broker keeps it for our session.
             self._client.disconnect()
             self._client.loop_stop()
-            await producer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
 
 
 def run_bridge(settings: Settings) -> None:

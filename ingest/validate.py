@@ -50,7 +50,18 @@ class Validator:
             result.dead_letters.append(DeadLetter(code, reason, payload, topic, received_us))
 
         if len(payload) > self._settings.max_payload_bytes:
-            reject("too_large", f"payload of {len(payload)} bytes exceeds {self._settings.max_payload_bytes}")
+            # Only a prefix is kept: Kafka refuses records over ~1 MB, and retrying one forever
+            # would stall the bridge. The reason states the original size.
+            limit = self._settings.max_payload_bytes
+            result.dead_letters.append(
+                DeadLetter(
+                    "too_large",
+                    f"payload of {len(payload)} bytes exceeds {limit}; its first {limit} bytes are kept",
+                    payload[:limit],
+                    topic,
+                    received_us,
+                )
+            )
             return result
         try:
             parts = parse_topic(self._prefix, topic)

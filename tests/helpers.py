@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from config import Settings, dump_settings
 
@@ -63,3 +67,30 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[ConsumerRecord]:
+    """Every record of a topic from the beginning, until ``expected`` arrived or ``timeout``."""
+    return asyncio.run(_read_topic(bootstrap, topic, expected, timeout))
+
+
+async def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float) -> list[ConsumerRecord]:
+    # A throwaway group reading from the earliest offset: simpler than discovering partitions.
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"reader-{uuid.uuid4().hex}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=50_000)
+            for partition_records in fetched.values():
+                records.extend(partition_records)
+        return records
+    finally:
+        await consumer.stop()

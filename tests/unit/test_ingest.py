@@ -82,7 +82,7 @@ def test_bad_input_is_dead_lettered_with_its_reason_and_original_bytes(body: byt
     result = validator().validate(TOPIC, body, NOW_US)
     assert result.envelope is None
     assert [dead.reason_code for dead in result.dead_letters] == [reason_code]
-    assert result.dead_letters[0].payload == body
+    assert result.dead_letters[0].payload == body[: IngestSettings().max_payload_bytes]
     assert result.dead_letters[0].source_topic == TOPIC
 
 
