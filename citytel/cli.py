@@ -102,6 +102,12 @@ def _simulate(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(arguments: argparse.Namespace) -> int:
+    from citytel import bench
+
+    return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
+
+
 def _run(arguments: argparse.Namespace) -> int:
     from citytel import localstack
 
@@ -138,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--duration", type=float, default=None, help="seconds")
     simulate.add_argument("--qos", type=int, choices=[0, 1], default=1)
     simulate.set_defaults(handler=_simulate)
+
+    bench = commands.add_parser("bench", help="measure citytel against bare references, in one run")
+    bench.add_argument("scenario", choices=["bridge"])
+    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
+    bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    bench.set_defaults(handler=_bench)
 
     run = commands.add_parser("run", help="bring the stack up and run simulated sensors end to end")
     run.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")

@@ -14,9 +14,11 @@ from citytel.errors import PermanentError
 from config import IngestSettings, KindSettings
 from ingest.codecs import Codec
 from ingest.envelope import ENVELOPE_VERSION, Envelope
-from ingest.topics import parse_topic
+from ingest.topics import TopicParts, parse_topic
 
 __all__ = ["DeadLetter", "Validated", "Validator"]
+
+_TOPIC_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,17 @@ class Validator:
         self._kinds = kinds
         self._prefix = topic_prefix
         self._codec = codec
+        self._topics: dict[str, TopicParts] = {}
+
+    def _parse_topic(self, topic: str) -> TopicParts:
+        # A device publishes to the same topic again and again: parse each topic once.
+        parts = self._topics.get(topic)
+        if parts is None:
+            parts = parse_topic(self._prefix, topic)
+            if len(self._topics) >= _TOPIC_CACHE_SIZE:
+                self._topics.clear()
+            self._topics[topic] = parts
+        return parts
 
     def validate(self, topic: str, payload: bytes, received_us: int) -> Validated:
         result = Validated()
@@ -64,7 +77,7 @@ class Validator:
             )
             return result
         try:
-            parts = parse_topic(self._prefix, topic)
+            parts = self._parse_topic(topic)
             kind = self._kinds.get(parts.kind)
             if kind is None:
                 raise PermanentError(

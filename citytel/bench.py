@@ -1,0 +1,193 @@
+"""Benchmarks that measure citytel against bare references in one run, on this machine.
+
+``bridge``: a backlog of N QoS 1 JSON readings is queued in Mosquitto for a persistent session;
+first a bare paho-mqtt subscriber drains it (receive and acknowledge, nothing else), then the
+citytel bridge drains an identical backlog into Kafka (validate, envelope, produce with
+acks=all, acknowledge MQTT only after Kafka). The ratio of the two drain rates is the figure
+the ingest issue sets a floor for. Both run in this process, one after the other, against the
+same Mosquitto and Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import msgspec
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from citytel import stack
+from citytel.simulate import City, publish
+from config import Settings, load_settings
+
+__all__ = ["BridgeResult", "bench_bridge"]
+
+
+@dataclass(frozen=True)
+class BridgeResult:
+    messages: int
+    mqtt_protocol: str
+    bare_paho_drain_per_s: float
+    bridge_drain_per_s: float
+    ratio: float
+
+
+def _persistent_session(port: int, client_id: str, protocol: str, receive_maximum: int) -> mqtt.Client:
+    if protocol == "3.1.1":
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
+        )
+        client.connect("127.0.0.1", port)
+        return client
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 3600
+    properties.ReceiveMaximum = receive_maximum
+    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+    return client
+
+
+def _create_session(port: int, client_id: str, protocol: str, topic_filter: str, receive_maximum: int) -> None:
+    """Connect once and subscribe, so the broker queues messages for this session while away."""
+    subscribed = threading.Event()
+    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.loop_start()
+    client.subscribe(topic_filter, qos=1)
+    if not subscribed.wait(timeout=10):
+        raise RuntimeError("the broker did not confirm the benchmark subscription")
+    client.disconnect()
+    client.loop_stop()
+
+
+def _drop_session(port: int, client_id: str) -> None:
+    """Offline sessions with queued messages cost the broker CPU: remove them when done."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.disconnect()
+
+
+def _backlog(port: int, prefix: str, count: int) -> None:
+    city = City(devices_per_kind=200, seed=11, topic_prefix=prefix, spike_probability=0.0)
+    sent = publish(
+        city.messages(time.time() - 3600, interval_s=0.01), "127.0.0.1", port, qos=1, count=count, max_inflight=1000
+    )
+    if sent != count:
+        raise RuntimeError(f"published only {sent} of {count} messages")
+
+
+def _bare_drain(port: int, client_id: str, protocol: str, count: int, receive_maximum: int) -> float:
+    done = threading.Event()
+    received = 0
+    first: list[float] = []
+
+    def on_message(_client: mqtt.Client, _userdata: object, _message: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        if not first:
+            first.append(time.perf_counter())
+        received += 1
+        if received >= count:
+            done.set()
+
+    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client.on_message = on_message
+    client.loop_start()
+    if not done.wait(timeout=600):
+        raise RuntimeError(f"bare subscriber received only {received} of {count}")
+    elapsed = time.perf_counter() - first[0]
+    client.disconnect()
+    client.loop_stop()
+    return count / elapsed
+
+
+def _bridge_drain(settings: Settings, count: int) -> float:
+    from ingest.bridge import Bridge
+
+    async def run() -> float:
+        stop = asyncio.Event()
+        bridge = Bridge(settings)
+        task = asyncio.create_task(bridge.run(stop))
+        # Watch plain attributes: the metrics registry would read /proc on every look.
+        while not bridge.has_received():
+            await asyncio.sleep(0.001)
+        started = time.perf_counter()
+        while bridge.forwarded < count:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+        return count / elapsed
+
+    return asyncio.run(run())
+
+
+def bench_bridge(
+    count: int, protocol: str = "5", settings: Settings | None = None, run_dir: Path | None = None
+) -> BridgeResult:
+    """Start a private Mosquitto and Kafka (unless ``settings`` points at running ones)."""
+    servers: list[stack.Server] = []
+    own_dir = run_dir or Path(tempfile.mkdtemp(prefix="citytel-bench-"))
+    os.chmod(own_dir, 0o755)
+    try:
+        if settings is None:
+            mosquitto = stack.start_mosquitto(own_dir, stack.free_port())
+            servers.append(mosquitto)
+            kafka = stack.start_kafka(own_dir, stack.free_port(), stack.free_port())
+            servers.append(kafka)
+            base = load_settings()
+            settings = msgspec.structs.replace(
+                base,
+                mqtt=msgspec.structs.replace(base.mqtt, port=mosquitto.port),
+                kafka=msgspec.structs.replace(base.kafka, bootstrap_servers=f"127.0.0.1:{kafka.port}"),
+            )
+        unique = uuid.uuid4().hex[:8]
+        prefix = f"bench-{unique}"
+        settings = msgspec.structs.replace(
+            settings,
+            mqtt=msgspec.structs.replace(
+                settings.mqtt, topic_prefix=prefix, client_id=f"bench-bridge-{unique}", protocol=protocol
+            ),
+            kafka=msgspec.structs.replace(
+                settings.kafka, readings_topic=f"bench.{unique}.readings", deadletter_topic=f"bench.{unique}.deadletter"
+            ),
+        )
+        port, inflight = settings.mqtt.port, settings.mqtt.max_inflight
+        topic_filter = f"{prefix}/+/+/+/up"
+        bare_id = f"bench-bare-{unique}"
+
+        _create_session(port, bare_id, protocol, topic_filter, inflight)
+        _backlog(port, prefix, count)
+        bare = _bare_drain(port, bare_id, protocol, count, inflight)
+        _drop_session(port, bare_id)
+
+        _create_session(port, settings.mqtt.client_id, protocol, topic_filter, inflight)
+        _backlog(port, prefix, count)
+        bridged = _bridge_drain(settings, count)
+        _drop_session(port, settings.mqtt.client_id)
+        return BridgeResult(count, protocol, round(bare), round(bridged), round(bridged / bare, 3))
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+def main_bridge(count: int, protocol: str, output: Path | None) -> int:
+    result = bench_bridge(count, protocol)
+    print(f"QoS 1 backlog of {result.messages:,} JSON readings, MQTT {protocol}, one process each:")
+    print(f"  bare paho subscriber drain : {result.bare_paho_drain_per_s:>10,.0f} msg/s")
+    print(f"  citytel bridge → Kafka     : {result.bridge_drain_per_s:>10,.0f} msg/s")
+    print(f"  ratio                      : {result.ratio:>10.3f}")
+    if output is not None:
+        output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return 0
