@@ -8,6 +8,7 @@ target rate with a capped number of unacknowledged publishes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -150,9 +151,9 @@ def publish(
     sent = 0
     started = time.monotonic()
     try:
-        for message in messages:
-            if count is not None and sent >= count:
-                break
+        # islice, not a count check inside the loop: that would take one message too many from
+        # the generator and drop it.
+        for message in itertools.islice(messages, count):
             elapsed = time.monotonic() - started
             if (duration_s is not None and elapsed >= duration_s) or (stop is not None and stop.is_set()):
                 break

@@ -181,16 +181,62 @@ def running_server(name: str, directory: Path, port: int) -> Server | None:
 # --- Mosquitto ------------------------------------------------------------------------------
 
 
-def start_mosquitto(run_dir: Path, port: int, timeout: float = 20.0) -> Server:
+@dataclass(frozen=True)
+class MqttTls:
+    """PEM files for a TLS listener; with ``require_certificate`` clients must present one too."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class MqttClientAuth:
+    """How a readiness probe logs in to a broker that demands it."""
+
+    username: str = ""
+    password: str = ""
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+def start_mosquitto(
+    run_dir: Path,
+    port: int,
+    timeout: float = 20.0,
+    *,
+    tls: MqttTls | None = None,
+    users: dict[str, str] | None = None,
+    probe: MqttClientAuth | None = None,
+) -> Server:
     directory = run_dir / "mosquitto"
     (directory / "data").mkdir(parents=True, exist_ok=True)
     user = pwd.getpwuid(os.geteuid()).pw_name
     config = directory / "mosquitto.conf"
+    security = ["allow_anonymous true"]
+    if users:
+        password_file = directory / "passwords"
+        password_file.write_text("")
+        password_file.chmod(0o600)
+        for name, password in users.items():
+            subprocess.run(
+                ["mosquitto_passwd", "-b", str(password_file), name, password], check=True, capture_output=True
+            )
+        security = ["allow_anonymous false", f"password_file {password_file}"]
+    if tls:
+        security += [
+            f"cafile {tls.ca_file}",
+            f"certfile {tls.cert_file}",
+            f"keyfile {tls.key_file}",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        ]
     config.write_text(
         "\n".join(
             [
                 f"listener {port} 127.0.0.1",
-                "allow_anonymous true",
+                *security,
                 # Mosquitto drops root privileges to 'mosquitto' unless told to keep this user.
                 f"user {user}",
                 "persistence true",
@@ -212,11 +258,11 @@ def start_mosquitto(run_dir: Path, port: int, timeout: float = 20.0) -> Server:
         )
     )
     server = _spawn("mosquitto", ["mosquitto", "-c", str(config)], directory, port)
-    _wait_ready(server, lambda: mqtt_roundtrip(port), timeout)
+    _wait_ready(server, lambda: mqtt_roundtrip(port, probe=probe), timeout)
     return server
 
 
-def mqtt_roundtrip(port: int, timeout: float = 3.0) -> bool:
+def mqtt_roundtrip(port: int, timeout: float = 3.0, probe: MqttClientAuth | None = None) -> bool:
     """Publish one message and receive it back: the broker routes, not merely listens."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -225,6 +271,15 @@ def mqtt_roundtrip(port: int, timeout: float = 3.0) -> bool:
     received: list[bytes] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
     client.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
+    if probe is not None:
+        if probe.username:
+            client.username_pw_set(probe.username, probe.password)
+        if probe.ca_file:
+            client.tls_set(
+                ca_certs=str(probe.ca_file),
+                certfile=str(probe.cert_file) if probe.cert_file else None,
+                keyfile=str(probe.key_file) if probe.key_file else None,
+            )
     client.connect("127.0.0.1", port, keepalive=10)
     try:
         client.loop_start()

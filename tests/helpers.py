@@ -24,14 +24,18 @@ def write_config(settings: Settings, directory: Path) -> Path:
 
 
 @contextmanager
-def citytel_process(settings: Settings, directory: Path, *arguments: str) -> Iterator[subprocess.Popen[bytes]]:
+def citytel_process(
+    settings: Settings, directory: Path, *arguments: str, log_level: str = "INFO"
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run `citytel <arguments>`; on exit stop it with SIGTERM (by PID) and show its log if it
     failed."""
     config = write_config(settings, directory)
     log_path = directory / f"{arguments[0]}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "citytel", "--config", str(config), *arguments], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "citytel", "--config", str(config), "--log-level", log_level, *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         yield process

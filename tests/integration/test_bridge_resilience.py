@@ -1,0 +1,211 @@
+"""The bridge across a broker restart, over TLS with a password, and on MQTT 3.1.1."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from citytel import stack
+from citytel.simulate import City, publish
+from config import Settings
+from ingest.envelope import decode_envelope
+from tests.helpers import citytel_process, read_topic, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+def forwarded_sequences(settings: Settings, expected: int, timeout: float = 60.0) -> set[tuple[str, int]]:
+    """Distinct (device, sequence) pairs in the readings topic, read until ``expected`` of them
+    are there (redelivered duplicates do not count) or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    seen: set[tuple[str, int]] = set()
+    while len(seen) < expected and time.monotonic() < deadline:
+        records = read_topic(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, expected, 10)
+        seen = {(envelope.device_id, envelope.sequence) for envelope in (decode_envelope(r.value) for r in records)}
+        if len(seen) < expected:
+            time.sleep(1.0)
+    return seen
+
+
+def round_robin(city: City, first: int, count: int) -> set[tuple[str, int]]:
+    devices = len(city.devices)
+    return {(city.devices[i % devices].device_id, i // devices) for i in range(first, first + count)}
+
+
+@pytest.fixture
+def private_mosquitto(run_dir: Path) -> Iterator[stack.Server]:
+    directory = run_dir / f"mqtt-{uuid.uuid4().hex[:8]}"
+    server = stack.start_mosquitto(directory, stack.free_port())
+    yield server
+    if stack.pid_alive(server.pid):
+        server.stop()
+
+
+def test_the_bridge_reconnects_after_the_broker_restarts_and_loses_nothing(
+    settings: Settings, private_mosquitto: stack.Server, tmp_path: Path
+) -> None:
+    port = private_mosquitto.port
+    settings = msgspec.structs.replace(
+        settings, mqtt=msgspec.structs.replace(settings.mqtt, port=port, keepalive_seconds=5)
+    )
+    city = City(devices_per_kind=10, seed=9, topic_prefix=settings.mqtt.topic_prefix, spike_probability=0.0)
+    messages = city.messages(time.time() - 600, interval_s=0.01)
+    with citytel_process(settings, tmp_path, "bridge"):
+        wait_ready(settings.metrics.bridge_port)
+        assert publish(messages, "127.0.0.1", port, qos=1, count=3000) == 3000
+        private_mosquitto.stop()
+        time.sleep(2.0)
+        restarted = stack.start_mosquitto(private_mosquitto.directory.parent, port)
+        private_mosquitto.pid, private_mosquitto.process = restarted.pid, restarted.process
+        # Messages published after the restart reach the bridge through its persisted session,
+        # queued even if they arrive before it has reconnected.
+        assert publish(messages, "127.0.0.1", port, qos=1, count=3000) == 3000
+        seen = forwarded_sequences(settings, 6000)
+    missing = round_robin(city, 0, 6000) - seen
+    assert not missing, f"{len(missing)} messages lost across the broker restart, e.g. {sorted(missing)[:3]}"
+
+
+def _openssl(*arguments: str) -> None:
+    subprocess.run(["openssl", *arguments], check=True, capture_output=True)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    files = {
+        name: tmp_path / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key", "client", "client-key")
+    }
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=citytel test CA",
+        "-keyout",
+        str(files["ca-key"]),
+        "-out",
+        str(files["ca"]),
+    )
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        request = tmp_path / f"{name}.csr"
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN=citytel {name}",
+            "-keyout",
+            str(files[f"{name}-key"]),
+            "-out",
+            str(request),
+        )
+        extensions = tmp_path / f"{name}.ext"
+        extensions.write_text(extension + "\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(request),
+            "-CA",
+            str(files["ca"]),
+            "-CAkey",
+            str(files["ca-key"]),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(extensions),
+            "-out",
+            str(files[name]),
+        )
+    return files
+
+
+def test_the_bridge_connects_over_tls_with_a_client_certificate_and_a_password_it_never_logs(
+    settings: Settings,
+    run_dir: Path,
+    certificates: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    client_auth = stack.MqttClientAuth(
+        "citytel", password, certificates["ca"], certificates["client"], certificates["client-key"]
+    )
+    broker = stack.start_mosquitto(
+        run_dir / f"mqtt-tls-{uuid.uuid4().hex[:8]}",
+        stack.free_port(),
+        tls=stack.MqttTls(certificates["ca"], certificates["server"], certificates["server-key"]),
+        users={"citytel": password},
+        probe=client_auth,
+    )
+    try:
+        monkeypatch.setenv("CITYTEL_TEST_MQTT_PASSWORD", password)
+        secure = msgspec.structs.replace(
+            settings,
+            mqtt=msgspec.structs.replace(
+                settings.mqtt,
+                port=broker.port,
+                username="citytel",
+                password_env="CITYTEL_TEST_MQTT_PASSWORD",
+                tls_ca_file=str(certificates["ca"]),
+                tls_cert_file=str(certificates["client"]),
+                tls_key_file=str(certificates["client-key"]),
+            ),
+        )
+        with citytel_process(secure, tmp_path, "bridge", log_level="DEBUG") as bridge:
+            wait_ready(secure.metrics.bridge_port)
+            assert stack.mqtt_roundtrip(broker.port, probe=client_auth)
+            assert not stack.mqtt_roundtrip(
+                broker.port,
+                probe=stack.MqttClientAuth(
+                    "citytel", "wrong", certificates["ca"], certificates["client"], certificates["client-key"]
+                ),
+            )
+            city = City(devices_per_kind=3, seed=1, topic_prefix=secure.mqtt.topic_prefix, spike_probability=0.0)
+            publish_secure(city, broker.port, client_auth, 90)
+            assert len(forwarded_sequences(secure, 90)) == 90
+        log_text = "".join(path.read_text() for path in tmp_path.glob("bridge-*.log"))
+        config_text = "".join(path.read_text() for path in tmp_path.glob("citytel-*.toml"))
+        assert bridge.returncode == 0
+        assert password not in log_text
+        assert password not in config_text
+    finally:
+        broker.stop()
+
+
+def publish_secure(city: City, port: int, auth: stack.MqttClientAuth, count: int) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    client.username_pw_set(auth.username, auth.password)
+    client.tls_set(ca_certs=str(auth.ca_file), certfile=str(auth.cert_file), keyfile=str(auth.key_file))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for message, _ in zip(city.messages(time.time() - 60), range(count), strict=False):
+            client.publish(message.topic, message.payload, qos=1).wait_for_publish(timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_mqtt_3_1_1_bridges_forward_every_message_too(settings: Settings, tmp_path: Path) -> None:
+    settings = msgspec.structs.replace(settings, mqtt=msgspec.structs.replace(settings.mqtt, protocol="3.1.1"))
+    city = City(devices_per_kind=10, seed=4, topic_prefix=settings.mqtt.topic_prefix, spike_probability=0.0)
+    with citytel_process(settings, tmp_path, "bridge"):
+        wait_ready(settings.metrics.bridge_port)
+        publish(city.messages(time.time() - 600, interval_s=0.01), "127.0.0.1", settings.mqtt.port, qos=1, count=5000)
+        assert len(forwarded_sequences(settings, 5000)) == 5000
