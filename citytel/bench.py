@@ -11,12 +11,15 @@ same Mosquitto and Kafka.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import struct
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,4 +193,117 @@ def main_bridge(count: int, protocol: str, output: Path | None) -> int:
     print(f"  ratio                      : {result.ratio:>10.3f}")
     if output is not None:
         output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return 0
+
+
+# --- payload decoders and envelope formats ----------------------------------------------------
+
+
+def _rate(function: Callable[[], object], items: int, repeats: int = 3) -> float:
+    """Items per second of the best of a few runs (the machine is shared and noisy)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return items / best
+
+
+def bench_codecs(count: int = 100_000) -> dict[str, dict[str, float]]:
+    import orjson
+
+    from ingest.codecs import get_codec
+    from ingest.envelope import ENVELOPE_VERSION, Envelope, decode_envelopes, encode_envelope
+
+    city = City(devices_per_kind=200, seed=2, spike_probability=0.0)
+    messages = list(itertools.islice(city.messages(time.time()), count))
+    payloads = [message.payload for message in messages]
+    typed = get_codec("json")
+    decoders = {
+        "stdlib json.loads": lambda: [json.loads(p) for p in payloads],
+        "orjson.loads": lambda: [orjson.loads(p) for p in payloads],
+        "msgspec.json untyped": lambda: [msgspec.json.decode(p) for p in payloads],
+        "citytel json codec (msgspec, typed)": lambda: [typed.decode(p) for p in payloads],
+    }
+    results: dict[str, dict[str, float]] = {
+        f"decode payload: {name}": {"per_s": round(_rate(run, count))} for name, run in decoders.items()
+    }
+
+    envelopes = [
+        Envelope(
+            ENVELOPE_VERSION,
+            m.device_id,
+            m.topic.split("/")[-3],
+            m.topic.split("/")[-4],
+            0,
+            m.topic,
+            m.sequence,
+            [round(m.time_s * 1e6)] * len(m.values),
+            list(m.values),
+            list(m.values.values()),
+        )
+        for m in messages
+    ]
+    as_json = [msgspec.json.encode(msgspec.structs.asdict(e)) for e in envelopes]
+    as_msgpack = [encode_envelope(e) for e in envelopes]
+    metric_codes = {name: code for code, name in enumerate(sorted({n for e in envelopes for n in e.metrics}))}
+    reading = struct.Struct(">qHd")
+
+    def binary(envelope: Envelope) -> bytes:
+        head = envelope.device_id.encode()
+        topic = envelope.source_topic.encode()
+        parts = [
+            struct.pack(
+                ">BqqBHH", 1, envelope.received_us, envelope.sequence, len(head), len(topic), len(envelope.values)
+            ),
+            head,
+            topic,
+        ]
+        parts += [
+            reading.pack(t, metric_codes[n], v)
+            for t, n, v in zip(envelope.times_us, envelope.metrics, envelope.values, strict=True)
+        ]
+        return b"".join(parts)
+
+    as_binary = [binary(e) for e in envelopes]
+    json_decoder = msgspec.json.Decoder(list[dict[str, object]])
+    formats = {
+        "envelope JSON": (
+            as_json,
+            lambda: [msgspec.json.encode(msgspec.structs.asdict(e)) for e in envelopes],
+            lambda: json_decoder.decode(b"[" + b",".join(as_json) + b"]"),
+        ),
+        "envelope msgpack (array_like, chosen)": (
+            as_msgpack,
+            lambda: [encode_envelope(e) for e in envelopes],
+            lambda: decode_envelopes(as_msgpack),
+        ),
+        "envelope fixed binary (struct)": (
+            as_binary,
+            lambda: [binary(e) for e in envelopes],
+            lambda: [_unpack_binary(b, reading) for b in as_binary],
+        ),
+    }
+    for name, (encoded, encode, decode) in formats.items():
+        results[name] = {
+            "bytes_per_record": round(sum(map(len, encoded)) / count, 1),
+            "encode_per_s": round(_rate(encode, count)),
+            "decode_per_s": round(_rate(decode, count)),
+        }
+    return results
+
+
+def _unpack_binary(data: bytes, reading: struct.Struct) -> tuple[bytes, list[tuple[int, int, float]]]:
+    _version, _received, _sequence, device_length, topic_length, count = struct.unpack_from(">BqqBHH", data)
+    start = 22 + device_length + topic_length
+    return data[22 : 22 + device_length], list(reading.iter_unpack(data[start : start + count * reading.size]))
+
+
+def main_codecs(count: int, output: Path | None) -> int:
+    results = bench_codecs(count)
+    print(f"{count:,} simulated messages (air, parking, traffic), best of 3 runs:")
+    for name, figures in results.items():
+        print(f"  {name:<42} " + "  ".join(f"{key}={value:,}" for key, value in figures.items()))
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2) + "\n")
     return 0

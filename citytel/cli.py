@@ -105,6 +105,8 @@ def _simulate(arguments: argparse.Namespace) -> int:
 def _bench(arguments: argparse.Namespace) -> int:
     from citytel import bench
 
+    if arguments.scenario == "codecs":
+        return bench.main_codecs(arguments.messages, arguments.output)
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
 
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     simulate.set_defaults(handler=_simulate)
 
     bench = commands.add_parser("bench", help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["bridge"])
+    bench.add_argument("scenario", choices=["bridge", "codecs"])
     bench.add_argument("--messages", type=int, default=200_000)
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
