@@ -33,16 +33,36 @@ def _stack(arguments: argparse.Namespace) -> int:
 def _db(arguments: argparse.Namespace) -> int:
     import psycopg
 
-    from processors.storage.migrate import applied_migrations, available_migrations, migrate
+    from processors.storage import prepare_database
+    from processors.storage.maintenance import edition, maintain
+    from processors.storage.migrate import MigrationError, applied_migrations, available_migrations
 
     settings = _settings(arguments)
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
         if arguments.action == "migrate":
-            applied = migrate(connection)
+            try:
+                applied = prepare_database(connection, settings.storage)
+            except MigrationError as error:
+                print(f"citytel: {error}", file=sys.stderr)
+                return 1
             for migration in applied:
                 print(f"applied {migration.version:04d}_{migration.name}")
             if not applied:
                 print("database schema is up to date")
+            name = edition(connection)
+            print(
+                f"TimescaleDB edition: {name}; rollups "
+                + ("are continuous aggregates" if name == "timescale" else "are maintained by citytel")
+            )
+        elif arguments.action == "maintain":
+            report = maintain(connection, settings.storage)
+            if report is None:
+                print("another process is running maintenance; nothing done")
+            else:
+                print(
+                    f"edition {report.edition}: {report.buckets_refreshed} minute bucket(s) rolled up,"
+                    f" {report.chunks_dropped} chunk(s) dropped, compression {report.compression}"
+                )
         else:
             done = applied_migrations(connection)
             for migration in available_migrations():
@@ -52,6 +72,37 @@ def _db(arguments: argparse.Namespace) -> int:
                     else "pending"
                 )
                 print(f"{migration.version:04d}_{migration.name:<30} {state}")
+    return 0
+
+
+def _devices(arguments: argparse.Namespace) -> int:
+    import psycopg
+
+    from processors.storage.devices import DeviceError, import_devices, read_devices
+
+    settings = _settings(arguments)
+    try:
+        devices = read_devices(arguments.file, set(settings.kinds))
+    except DeviceError as error:
+        print(f"citytel: {error}", file=sys.stderr)
+        return 1
+    with psycopg.connect(settings.database.conninfo()) as connection:
+        print(f"imported {import_devices(connection, devices)} devices from {arguments.file}")
+    return 0
+
+
+def _query(arguments: argparse.Namespace) -> int:
+    import psycopg
+
+    from citytel.query import format_json, format_table, run_query
+
+    settings = _settings(arguments)
+    if arguments.name == "device" and not arguments.device:
+        print("citytel: query device needs --device ID", file=sys.stderr)
+        return 2
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        columns, rows = run_query(connection, arguments.name, arguments.device, arguments.since)
+    print(format_json(columns, rows) if arguments.json else format_table(columns, rows))
     return 0
 
 
@@ -132,8 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     stack.set_defaults(handler=_stack)
 
     db = commands.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["migrate", "status"])
+    db.add_argument(
+        "action",
+        choices=["migrate", "status", "maintain"],
+        help="migrate: apply migrations and set up rollups; maintain: one rollup/retention pass",
+    )
     db.set_defaults(handler=_db)
+
+    devices = commands.add_parser("devices", help="the device registry")
+    devices.add_argument("action", choices=["import"])
+    devices.add_argument("file", type=Path, help="a .csv or .toml file of devices")
+    devices.set_defaults(handler=_devices)
+
+    from citytel.query import QUERIES
+
+    query = commands.add_parser("query", help="common questions: " + ", ".join(QUERIES))
+    query.add_argument("name", choices=list(QUERIES))
+    query.add_argument("--device", default="")
+    query.add_argument("--since", default="1 hour", help="a PostgreSQL interval, e.g. '6 hours'")
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(handler=_query)
 
     commands.add_parser("bridge", help="run an MQTT → Kafka bridge").set_defaults(handler=_bridge)
     commands.add_parser("process", help="run a processor (Kafka → detectors → TimescaleDB)").set_defaults(

@@ -147,10 +147,10 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     up(settings)
-    from processors.storage.migrate import migrate
+    from processors.storage import prepare_database
 
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
-        applied = migrate(connection)
+        applied = prepare_database(connection, settings.storage)
     _say(f"database schema: {len(applied)} migration(s) applied" if applied else "database schema: up to date")
     log_dir = _run_dir(settings) / "citytel"
     log_dir.mkdir(exist_ok=True)

@@ -426,7 +426,13 @@ def _postgres_user() -> str | None:
 
 
 def start_postgres(
-    run_dir: Path, port: int, database: str = "citytel", role: str = "citytel", timeout: float = 60.0
+    run_dir: Path,
+    port: int,
+    database: str = "citytel",
+    role: str = "citytel",
+    timeout: float = 60.0,
+    *,
+    timescaledb: bool = True,
 ) -> Server:
     if not (PG_BIN / "postgres").exists():
         raise StackError(f"PostgreSQL 15 is not installed in {PG_BIN}: run deploy/local/install.sh")
@@ -469,8 +475,8 @@ def start_postgres(
                 "\n# citytel local stack\n"
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{directory}'\n"
-                "shared_preload_libraries = 'timescaledb'\n"
-                "timescaledb.telemetry_level = off\n"
+                + ("shared_preload_libraries = 'timescaledb'\n" if timescaledb else "")
+                + "timescaledb.telemetry_level = off\n"
                 "max_connections = 60\n"
                 "shared_buffers = 256MB\n"
                 "max_wal_size = 2GB\n"

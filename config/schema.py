@@ -128,6 +128,20 @@ class ProcessorSettings(_Strict, frozen=True):
     retry_max_seconds: float = 30.0
 
 
+class StorageSettings(_Strict, frozen=True):
+    """Rollups, retention and compression of the TimescaleDB tables."""
+
+    retention_days_readings: int = 30
+    retention_days_anomalies: int = 365
+    retention_days_rollup_1m: int = 90
+    retention_days_rollup_1h: int = 730
+    compress_after_days: int = 7  # full edition only
+    # How far back continuous aggregates re-read for late data (full edition); keep it at least
+    # ingest.max_age_seconds.
+    late_window_days: int = 7
+    maintenance_interval_seconds: float = 60.0
+
+
 class MetricsSettings(_Strict, frozen=True):
     host: str = "127.0.0.1"
     bridge_port: int = 9464
@@ -178,6 +192,7 @@ class Settings(_Strict, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     processor: ProcessorSettings = msgspec.field(default_factory=ProcessorSettings)
     detectors: dict[str, DetectorSettings] = msgspec.field(default_factory=dict)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
@@ -221,6 +236,21 @@ def _validate(settings: Settings) -> None:
         for metric, bounds in kind_settings.metrics.items():
             if not bounds.min < bounds.max:
                 problems.append(f"kinds.{kind}.metrics.{metric}: min must be below max")
+    storage = settings.storage
+    if (
+        min(
+            storage.retention_days_readings,
+            storage.retention_days_anomalies,
+            storage.retention_days_rollup_1m,
+            storage.retention_days_rollup_1h,
+        )
+        < 1
+    ):
+        problems.append("storage.retention_days_* must be at least 1")
+    if storage.late_window_days * 86400 < settings.ingest.max_age_seconds:
+        problems.append(
+            "storage.late_window_days must cover ingest.max_age_seconds, or late readings would miss the rollups"
+        )
     if len(settings.metric_catalog()) > 65535:
         problems.append("too many metrics for the 16-bit wire code")
     if problems:

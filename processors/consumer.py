@@ -9,11 +9,13 @@ with the reason, and processing goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 
 import numpy as np
+import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -26,6 +28,7 @@ from processors.decode import BadRecord, decode_batch
 from processors.detectors import Detector, build_detector
 from processors.series import SeriesIndex
 from processors.sinks import Sink, build_sink
+from processors.storage.maintenance import MaintenanceReport, maintain
 
 __all__ = ["Processor", "run_processor"]
 
@@ -43,7 +46,8 @@ class Processor:
         self.detectors: list[Detector] = [
             build_detector(name, settings.detector(name)) for name in settings.processor.detectors
         ]
-        self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in (sinks or ["timescaledb"])]
+        self._sink_names = sinks or ["timescaledb"]
+        self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in self._sink_names]
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._healthy = False
@@ -127,6 +131,25 @@ class Processor:
             for latency_us in (now_us - sample).tolist():
                 metrics.END_TO_END_LATENCY.observe(max(latency_us, 0) / 1e6)
 
+    async def _maintain(self, stop: asyncio.Event) -> None:
+        """Rollups and retention every few minutes; processors share the work through an
+        advisory lock, so only one runs a pass at a time."""
+        interval = self._settings.storage.maintenance_interval_seconds
+        while not stop.is_set():
+            await asyncio.sleep(interval)
+            try:
+                report = await asyncio.to_thread(self._maintain_once)
+            except psycopg.Error as error:
+                metrics.ERRORS.labels("maintenance", "retryable").inc()
+                log.warning("maintenance pass failed (%s); trying again in %.0fs", error, interval)
+                continue
+            if report is not None and report.buckets_refreshed:
+                log.debug("maintenance: %s", report)
+
+    def _maintain_once(self) -> MaintenanceReport | None:
+        with psycopg.connect(self._settings.database.conninfo(), autocommit=True) as connection:
+            return maintain(connection, self._settings.storage)
+
     async def run(self, stop: asyncio.Event) -> None:
         config = self._settings.kafka
         delay = self._settings.processor.retry_initial_seconds
@@ -156,6 +179,7 @@ class Processor:
         await self._producer.start()
         self._healthy = True
         settings = self._settings.processor
+        maintenance = asyncio.create_task(self._maintain(stop)) if "timescaledb" in self._sink_names else None
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(
@@ -176,6 +200,10 @@ class Processor:
                         position = await self._consumer.position(tp)
                         metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
         finally:
+            if maintenance is not None:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
             for sink in self.sinks:
                 await sink.close()
             await self._consumer.stop()

@@ -20,7 +20,7 @@ COPY_TRAILER = b"\xff\xff"
 # timestamptz is microseconds since 2000-01-01 UTC; citytel keeps microseconds since 1970.
 _POSTGRES_EPOCH_US = 946_684_800_000_000
 
-_WIRE_TYPES = {"timestamptz": ">i8", "int4": ">i4", "int8": ">i8", "float8": ">f8", "float4": ">f4"}
+_WIRE_TYPES = {"timestamptz": ">i8", "int2": ">i2", "int4": ">i4", "int8": ">i8", "float8": ">f8", "float4": ">f4"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,13 @@ __all__ = ["TimescaleSink"]
 
 log = logging.getLogger("citytel.sink.timescale")
 
+# readings.quality bit flags (documented in migration 0002).
+QUALITY_LATE = 1
+LATE_AFTER_US = 5 * 60 * 1_000_000
+
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS readings_stage
-    (time timestamptz, series_id integer, value double precision) ON COMMIT DELETE ROWS;
+    (time timestamptz, series_id integer, value double precision, quality smallint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
     (time timestamptz, series_id integer, detector text, score real, reason text, value double precision)
     ON COMMIT DELETE ROWS;
@@ -102,14 +106,33 @@ class TimescaleSink:
     async def _copy_readings(
         self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic]
     ) -> int:
+        quality = np.where(batch.received_us - batch.time_us > LATE_AFTER_US, QUALITY_LATE, 0).astype(np.int16)
         body = copy_body(
-            [Column("timestamptz", batch.time_us), Column("int4", series_id), Column("float8", batch.value)], len(batch)
+            [
+                Column("timestamptz", batch.time_us),
+                Column("int4", series_id),
+                Column("float8", batch.value),
+                Column("int2", quality),
+            ],
+            len(batch),
         )
         async with connection.cursor() as cursor:
-            async with cursor.copy("COPY readings_stage (time, series_id, value) FROM STDIN (FORMAT BINARY)") as copy:
+            async with cursor.copy(
+                "COPY readings_stage (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
                 await copy.write(COPY_HEADER + body + COPY_TRAILER)
-            await cursor.execute("INSERT INTO readings SELECT * FROM readings_stage ON CONFLICT DO NOTHING")
-            return cursor.rowcount
+            await cursor.execute(
+                "INSERT INTO readings (time, series_id, value, quality) SELECT * FROM readings_stage"
+                " ON CONFLICT DO NOTHING"
+            )
+            written = cursor.rowcount
+            # Mark the minute buckets the rollups must recompute (the Apache-edition path). The
+            # upsert locks each marker row until this transaction commits; see maintenance.py.
+            await cursor.execute(
+                "INSERT INTO rollup_dirty (bucket) SELECT DISTINCT time_bucket('1 minute', time) FROM readings_stage"
+                " ON CONFLICT (bucket) DO UPDATE SET marked_at = now()"
+            )
+            return written
 
     async def _copy_anomalies(
         self,

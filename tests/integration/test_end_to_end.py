@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from citytel.simulate import City, Message, publish
 from config import Settings
-from processors.storage.migrate import migrate
+from processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, wait_for, wait_ready
 
@@ -20,8 +21,11 @@ pytestmark = pytest.mark.integration
 def test_every_reading_arrives_once_with_its_value_and_spikes_become_anomalies(
     settings: Settings, database: ScratchDatabase, tmp_path: Path
 ) -> None:
+    settings = msgspec.structs.replace(
+        settings, storage=msgspec.structs.replace(settings.storage, maintenance_interval_seconds=1.0)
+    )
     with database.connect() as connection:
-        migrate(connection)
+        prepare_database(connection, settings.storage)
     city = City(
         devices_per_kind=10, seed=7, topic_prefix=settings.mqtt.topic_prefix, spike_probability=0.01, warmup_messages=40
     )
@@ -52,6 +56,14 @@ def test_every_reading_arrives_once_with_its_value_and_spikes_become_anomalies(
                 return row is not None and row[0] >= len(expected)
 
         wait_for(all_rows_written, timeout=90, what=f"{len(expected)} readings in the database")
+
+        def rolled_up() -> bool:
+            with database.connect() as connection:
+                row = connection.execute("SELECT sum(count) FROM rollup_1m").fetchone()
+                return row is not None and row[0] == len(expected)
+
+        # The processor's own maintenance task keeps the 1-minute rollups (Apache edition).
+        wait_for(rolled_up, timeout=30, what="the processor to roll up every reading")
 
     with database.connect() as connection:
         rows = connection.execute(

@@ -1,0 +1,285 @@
+"""Schema, rollups, retention, edition handling, registry and views on the real PostgreSQL +
+TimescaleDB (Apache edition, as built on these machines)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from citytel import stack
+from config import Settings, StorageSettings, dump_settings
+from processors.batch import ReadingBatch
+from processors.series import SeriesIndex
+from processors.sinks.timescale import TimescaleSink
+from processors.storage import prepare_database
+from processors.storage.devices import DeviceError, import_devices, read_devices
+from processors.storage.maintenance import ManualRollups, drop_old_chunks, edition, maintain, tsl_statements
+from processors.storage.migrate import MigrationError, migrate
+from tests.conftest import ScratchDatabase
+
+pytestmark = pytest.mark.integration
+
+HOUR_US = 3_600_000_000
+
+
+def write(
+    settings: Settings,
+    index: SeriesIndex,
+    keys: list[tuple[str, str, str, str]],
+    times_us: list[int],
+    values: list[float],
+    received_us: list[int] | None = None,
+) -> None:
+    """Write readings through the real sink (COPY, ON CONFLICT, dirty-bucket marking)."""
+    devices = np.array([index.device_code(d, k, district) for d, k, district, _ in keys], np.int64)
+    index.add_metrics({metric for *_, metric in keys})
+    metrics = np.array([index.metric_codes[metric] for *_, metric in keys], np.int64)
+    batch = ReadingBatch(
+        np.array(times_us, np.int64),
+        index.lookup(SeriesIndex.keys(devices, metrics)),
+        np.array(values, np.float64),
+        np.array(received_us if received_us is not None else times_us, np.int64),
+        {},
+    )
+
+    async def go() -> None:
+        sink = TimescaleSink(settings, index)
+        try:
+            await sink.write(batch, [])
+        finally:
+            await sink.close()
+
+    asyncio.run(go())
+
+
+def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
+    with database.connect() as connection:
+        applied = prepare_database(connection, StorageSettings())
+        assert [m.version for m in applied] == [1, 2]
+        assert prepare_database(connection, StorageSettings()) == []
+        rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
+        assert rows == [(1, "initial"), (2, "registry_rollups_views")]
+        hypertables = {
+            row[0]
+            for row in connection.execute("SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()
+        }
+        assert {"readings", "anomalies", "alerts", "rollup_1m", "rollup_1h"} <= hypertables
+
+
+def test_a_failing_migration_rolls_back_and_names_itself(database: ScratchDatabase, tmp_path: Path) -> None:
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE kept (id int);")
+    (tmp_path / "0002_broken.sql").write_text("CREATE TABLE half_done (id int); SELECT no_such_function();")
+    with database.connect() as connection:
+        with pytest.raises(MigrationError, match=r"0002_broken\.sql failed and was rolled back"):
+            migrate(connection, tmp_path)
+        assert connection.execute("SELECT to_regclass('kept')").fetchone() == ("kept",)
+        assert connection.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
+        versions = connection.execute("SELECT version FROM citytel_migrations").fetchall()
+        assert versions == [(1,)]
+
+
+def test_a_postgres_without_timescaledb_gets_a_clear_error(run_dir: Path) -> None:
+    plain = stack.start_postgres(run_dir / f"plain-{uuid.uuid4().hex[:6]}", stack.free_port(), timescaledb=False)
+    try:
+        with (
+            psycopg.connect(host="127.0.0.1", port=plain.port, user="citytel", dbname="citytel") as connection,
+            pytest.raises(MigrationError, match=r"timescaledb.*shared_preload_libraries"),
+        ):
+            migrate(connection)
+    finally:
+        plain.stop()
+
+
+def rollup_matches_group_by(connection: psycopg.Connection) -> None:
+    for table, width in (("rollup_1m", "1 minute"), ("rollup_1h", "1 hour")):
+        direct = connection.execute(
+            f"SELECT time_bucket('{width}', time) AS bucket, series_id, count(*), avg(value), min(value),"
+            " max(value), last(value, time) FROM readings GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        rolled = connection.execute(
+            f"SELECT bucket, series_id, count, sum / count, min, max, last_value FROM {table} ORDER BY 1, 2"
+        ).fetchall()
+        assert len(rolled) == len(direct), table
+        for got, want in zip(rolled, direct, strict=True):
+            assert got[:3] == want[:3], table
+            assert got[3:] == pytest.approx(want[3:]), table
+
+
+def test_rollups_equal_a_direct_group_by_also_after_late_readings(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    rng = np.random.default_rng(5)
+    start = int(datetime(2026, 11, 20, 8, tzinfo=UTC).timestamp() * 1e6)
+    keys = [(f"air-{n}", "air", "erqi", metric) for n in range(4) for metric in ("pm2_5", "no2")]
+    index = SeriesIndex(1000)
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        # Two hours of readings every 20 s for 8 series.
+        times = [start + step * 20_000_000 for step in range(360)]
+        write(
+            settings,
+            index,
+            [key for _ in times for key in keys],
+            [t for t in times for _ in keys],
+            rng.normal(50, 10, len(times) * len(keys)).tolist(),
+        )
+        assert ManualRollups().refresh(connection) == 120
+        rollup_matches_group_by(connection)
+        # Late readings land in minutes (and hours) already rolled up, and one in a new hour.
+        late_times = [start + 5 * 60_000_000 + 7_000_000, start + 70 * 60_000_000 + 3_000_000, start + 3 * HOUR_US]
+        write(
+            settings,
+            index,
+            keys[:1] * 3,
+            late_times,
+            [500.0, -1.0, 42.0],
+            received_us=[t + 10 * 60_000_000 for t in late_times],
+        )
+        assert ManualRollups().refresh(connection) == 3
+        rollup_matches_group_by(connection)
+        assert ManualRollups().refresh(connection) == 0
+        late_flags = connection.execute("SELECT count(*) FROM readings WHERE quality & 1 = 1").fetchone()
+        assert late_flags == (3,), "readings received 10 minutes after their time are flagged late"
+
+
+def test_retention_drops_only_chunks_past_the_horizon(settings: Settings, database: ScratchDatabase) -> None:
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    index = SeriesIndex(100)
+    key = [("tc-1", "traffic", "huiji", "vehicle_count")]
+    ages_days = [45, 31, 29, 2]
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        stamps = [int((now - timedelta(days=age)).timestamp() * 1e6) for age in ages_days]
+        write(settings, index, key * len(stamps), stamps, [1.0] * len(stamps))
+        chunks_before = connection.execute(
+            "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'readings'"
+        ).fetchone()
+        assert chunks_before == (4,)
+        dropped = drop_old_chunks(connection, StorageSettings(retention_days_readings=30), now=now)
+        assert dropped == 2
+        left = connection.execute(
+            "SELECT round(extract(epoch FROM %s::timestamptz - time) / 86400) FROM readings ORDER BY time", (now,)
+        ).fetchall()
+        assert [int(row[0]) for row in left] == [29, 2]
+
+
+def test_the_apache_edition_is_detected_and_the_full_edition_sql_is_checked(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        assert edition(connection) == "apache"
+        report = maintain(connection, settings.storage)
+        assert report is not None
+        assert (report.edition, report.compression) == ("apache", "unavailable")
+        # Each full-edition statement parses and names real TimescaleDB objects: the Apache
+        # edition refuses it for its license, not for its syntax.
+        statements = tsl_statements(settings.storage)
+        assert len(statements) == 10
+        for statement in statements:
+            with pytest.raises(psycopg.Error) as refused, connection.transaction():
+                connection.execute(statement.encode())
+            message = str(refused.value).lower()
+            assert "apache" in message, statement
+            assert "license" in message, statement
+
+
+def test_devices_import_from_csv_and_toml_and_reject_bad_files_whole(database: ScratchDatabase, tmp_path: Path) -> None:
+    kinds = {"air", "parking", "traffic"}
+    csv_file = tmp_path / "devices.csv"
+    csv_file.write_text(
+        "device_id,kind,district,latitude,longitude,capacity,installed\n"
+        "air-0001,air,jinshui,34.77,113.66,,2025-03-01\n"
+        "lot-0001,parking,zhengdong,34.76,113.73,240,\n"
+    )
+    toml_file = tmp_path / "devices.toml"
+    toml_file.write_text(
+        '[[device]]\ndevice_id = "tc-0001"\nkind = "traffic"\ndistrict = "erqi"\nlatitude = 34.72\nlongitude = 113.64\n'
+    )
+    with database.connect() as connection:
+        migrate(connection)
+        assert import_devices(connection, read_devices(csv_file, kinds)) == 2
+        assert import_devices(connection, read_devices(toml_file, kinds)) == 1
+        rows = connection.execute("SELECT device_id, capacity, installed FROM devices ORDER BY 1").fetchall()
+    assert [row[0] for row in rows] == ["air-0001", "lot-0001", "tc-0001"]
+    assert rows[1][1] == 240
+    assert str(rows[0][2]) == "2025-03-01"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("device_id,kind,district\nx-1,air,erqi\nx-2,submarine,erqi\n")
+    with pytest.raises(DeviceError, match="unknown kind 'submarine'"):
+        read_devices(bad, kinds)
+
+
+def test_views_answer_the_operators_questions(settings: Settings, database: ScratchDatabase, tmp_path: Path) -> None:
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    index = SeriesIndex(100)
+    readings = [
+        # District erqi: PM2.5 mean 115 µg/m³ → IAQI 150; NO2 mean 150 (1-hour) → IAQI 75.
+        (("air-1", "air", "erqi", "pm2_5"), 100.0),
+        (("air-2", "air", "erqi", "pm2_5"), 130.0),
+        (("air-1", "air", "erqi", "no2"), 150.0),
+        # District huiji: clean air, PM2.5 20 → IAQI 28.6.
+        (("air-3", "air", "huiji", "pm2_5"), 20.0),
+        (("lot-1", "parking", "huiji", "free_bays"), 17.0),
+        (("lot-1", "parking", "huiji", "capacity"), 120.0),
+        (("tc-1", "traffic", "erqi", "vehicle_count"), 60.0),
+        (("tc-1", "traffic", "erqi", "mean_speed"), 30.0),
+    ]
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        write(
+            settings,
+            index,
+            [key for key, _ in readings],
+            [now_us - 60_000_000] * len(readings),
+            [value for _, value in readings],
+        )
+        write(
+            settings,
+            index,
+            [("tc-1", "traffic", "erqi", "vehicle_count"), ("tc-1", "traffic", "erqi", "mean_speed")],
+            [now_us - 30_000_000] * 2,
+            [40.0, 50.0],
+        )
+        aqi = {
+            row[0]: row[1:]
+            for row in connection.execute(
+                "SELECT district, aqi, level, primary_pollutant FROM district_aqi_now"
+            ).fetchall()
+        }
+        assert aqi == {"erqi": (150, "轻度污染", "pm2_5"), "huiji": (29, "优", None)}
+        parking = connection.execute("SELECT device_id, free_bays, capacity FROM parking_free_now").fetchall()
+        assert parking == [("lot-1", 17.0, 120.0)]
+        traffic = connection.execute("SELECT device_id, vehicles, mean_speed_kmh FROM traffic_last_hour").fetchall()
+        assert traffic == [("tc-1", 100.0, 40.0)]
+        status = connection.execute(
+            "SELECT value FROM device_status WHERE device_id = 'tc-1' AND metric = 'vehicle_count'"
+        ).fetchone()
+        assert status == (40.0,)
+
+    config = tmp_path / "citytel.toml"
+    config.write_text(dump_settings(settings))
+    shown = subprocess.run(
+        [sys.executable, "-m", "citytel", "--config", str(config), "query", "aqi", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert {row["district"]: row["aqi"] for row in json.loads(shown.stdout)} == {"erqi": 150, "huiji": 29}
+    table = subprocess.run(
+        [sys.executable, "-m", "citytel", "--config", str(config), "query", "parking"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "lot-1" in table
+    assert "(1 row)" in table
