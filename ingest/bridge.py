@@ -86,6 +86,9 @@ class Bridge:
         self._client = self._make_client()
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
+        metrics.declare_stage(STAGE, ["messages"])
+        for broker in ("mqtt", "kafka"):
+            metrics.BRIDGE_CONNECTED.labels(broker).set(0)
         self._partitions: dict[tuple[str, bytes], int] = {}
         # Messages forwarded and acknowledged since start: a plain number for benchmarks.
         self.forwarded = 0

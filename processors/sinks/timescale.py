@@ -8,6 +8,7 @@ replayed after a crash (offsets not yet committed) therefore adds no duplicate r
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import psycopg
@@ -24,6 +25,7 @@ from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
 __all__ = ["TimescaleSink"]
 
 log = logging.getLogger("citytel.sink.timescale")
+STAGE = "sink"
 
 # readings.quality bit flags (documented in migration 0002).
 QUALITY_LATE = 1
@@ -64,6 +66,8 @@ class TimescaleSink:
             self._connection = None
 
     async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None:
+        started = time.perf_counter()
+        metrics.RECEIVED.labels(STAGE, "readings").inc(len(batch))
         try:
             connection = await self._connect()
             async with connection.transaction():
@@ -74,10 +78,15 @@ class TimescaleSink:
                 for result in results:
                     anomalies += await self._copy_anomalies(connection, batch, series_id, result)
         except _PERMANENT as error:
+            metrics.ERRORS.labels(STAGE, "permanent").inc()
             raise PermanentError("database_rejected", str(error)) from error
         except psycopg.Error as error:
+            metrics.ERRORS.labels(STAGE, "retryable").inc()
             await self.close()
             raise RetryableError(f"database write failed: {error}") from error
+        metrics.SENT.labels(STAGE, "readings").inc(len(batch))
+        metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
+        metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
         metrics.ROWS_WRITTEN.labels("readings").inc(readings)
         metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
 
