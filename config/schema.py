@@ -126,6 +126,12 @@ class ProcessorSettings(_Strict, frozen=True):
     max_series: int = 1_000_000
     retry_initial_seconds: float = 0.5
     retry_max_seconds: float = 30.0
+    # Detector state is saved per partition at most this often (and on every rebalance and
+    # clean stop); after a crash the partition is replayed from the last save.
+    checkpoint_interval_seconds: float = 30.0
+    # Rows a batch may set aside as unwritable before the failure counts as systemic (retried,
+    # not dead-lettered): a bad deploy must not send everything to the dead-letter topic.
+    max_deadletter_rows_per_batch: int = 100
 
 
 class StorageSettings(_Strict, frozen=True):

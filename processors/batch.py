@@ -30,6 +30,12 @@ class ReadingBatch:
     def __len__(self) -> int:
         return len(self.value)
 
+    def take(self, rows: NDArray[np.int64]) -> ReadingBatch:
+        """The given rows only (same offsets): for isolating rows that cannot be written."""
+        return ReadingBatch(
+            self.time_us[rows], self.series[rows], self.value[rows], self.received_us[rows], self.offsets
+        )
+
     @classmethod
     def empty(cls, offsets: Offsets | None = None) -> ReadingBatch:
         return cls(
@@ -50,3 +56,6 @@ class DetectorResult:
     flagged: NDArray[np.bool_]
     reason: NDArray[np.uint8]
     reasons: tuple[str, ...]
+
+    def take(self, rows: NDArray[np.int64]) -> DetectorResult:
+        return DetectorResult(self.detector, self.score[rows], self.flagged[rows], self.reason[rows], self.reasons)

@@ -2,21 +2,29 @@
 
 Offsets are committed only after every sink has durably written the batch. A retryable sink
 error pauses the assigned partitions (so the group keeps us, but no more data comes), backs off
-and retries the same batch; a permanent one sends the batch's records to the dead-letter topic
-with the reason, and processing goes on.
+and retries the same batch. A permanent one is narrowed down by splitting the batch until the
+rows that can never be written are found; those go to the dead-letter topic with the reason and
+the rest are written.
+
+Detector state is checkpointed per partition (``processors/checkpoint.py``): periodically, when
+partitions are revoked in a rebalance, and on a clean stop. A processor given a partition loads
+its checkpoint and resumes reading at the checkpoint's offset, so the state is rebuilt exactly;
+the records it reads again were already written and the database's natural keys ignore them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from citytel import metrics
@@ -24,6 +32,7 @@ from citytel.errors import PermanentError, RetryableError
 from citytel.kafka import deadletter_headers, ensure_topics
 from config import Settings
 from processors.batch import DetectorResult, Offsets, ReadingBatch
+from processors.checkpoint import StateStore, export_partition, import_partition
 from processors.decode import BadRecord, decode_batch
 from processors.detectors import Detector, build_detector
 from processors.series import SeriesIndex
@@ -36,6 +45,21 @@ log = logging.getLogger("citytel.processor")
 STAGE = "processor"
 
 
+class _StopRequestedError(Exception):
+    """The processor is stopping with a batch not yet written: leave its offsets uncommitted."""
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, processor: Processor) -> None:
+        self._processor = processor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._processor.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._processor.partitions_assigned(assigned)
+
+
 class Processor:
     def __init__(self, settings: Settings, sinks: list[str] | None = None) -> None:
         self._settings = settings
@@ -45,9 +69,16 @@ class Processor:
         ]
         self._sink_names = sinks or ["timescaledb"]
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in self._sink_names]
+        self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._healthy = False
+        # Batches and rebalances never interleave: a revoked partition is checkpointed only
+        # after the batch in hand is written and committed.
+        self._lock = asyncio.Lock()
+        # (topic, partition) -> first offset not yet reflected in the database and the state.
+        self._positions: dict[tuple[str, int], int] = {}
+        self._last_checkpoint = time.monotonic()
         metrics.declare_stage(STAGE, ["records", "readings"])
         metrics.declare_stage("sink", ["readings"])
         metrics.ERRORS.labels("maintenance", "retryable")
@@ -62,8 +93,11 @@ class Processor:
     def detect(self, batch: ReadingBatch) -> list[DetectorResult]:
         return [detector.process(batch, len(self.index)) for detector in self.detectors]
 
-    async def _write(self, batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event) -> bool:
-        """True once every sink holds the batch; False if we are stopping before that."""
+    # --- writing ------------------------------------------------------------------------------
+
+    async def _write(self, batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event) -> None:
+        """Every sink holds the batch on return. Raises PermanentError for data that can never
+        be written, _StopRequestedError if asked to stop while retrying."""
         assert self._consumer is not None
         delay = self._settings.processor.retry_initial_seconds
         paused = False
@@ -73,7 +107,7 @@ class Processor:
                     for sink in self.sinks:
                         await sink.write(batch, results)
                     self._healthy = True
-                    return True
+                    return
                 except RetryableError as error:
                     self._healthy = False
                     metrics.ERRORS.labels(STAGE, "retryable").inc()
@@ -83,12 +117,72 @@ class Processor:
                         self._consumer.pause(*self._consumer.assignment())
                         paused = True
                     if stop.is_set():
-                        return False
+                        raise _StopRequestedError from error
                     await asyncio.sleep(error.retry_after_seconds or delay)
                     delay = min(delay * 2, self._settings.processor.retry_max_seconds)
         finally:
             if paused:
                 self._consumer.resume(*self._consumer.assignment())
+
+    async def _write_isolating(self, batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event) -> None:
+        """Write the batch; if the database refuses some rows for good, split the batch until
+        those rows are found, dead-letter them with the reason and write the rest."""
+        rejected: list[tuple[ReadingBatch, PermanentError]] = []
+
+        async def attempt(part: ReadingBatch, part_results: list[DetectorResult]) -> None:
+            try:
+                await self._write(part, part_results, stop)
+            except PermanentError as error:
+                if len(part) == 1:
+                    rejected.append((part, error))
+                    if len(rejected) > self._settings.processor.max_deadletter_rows_per_batch:
+                        raise RetryableError(f"more than {len(rejected) - 1} rows refused: systemic") from error
+                    return
+                middle = len(part) // 2
+                for rows in (np.arange(middle), np.arange(middle, len(part))):
+                    await attempt(part.take(rows), [result.take(rows) for result in part_results])
+
+        while True:
+            rejected.clear()
+            try:
+                await attempt(batch, results)
+                break
+            except RetryableError as error:
+                # Too many rows refused: not the data's fault. Hold the batch and try again.
+                metrics.ERRORS.labels(STAGE, "retryable").inc()
+                log.error("%s; retrying the whole batch", error)
+                if stop.is_set():
+                    raise _StopRequestedError from error
+                await asyncio.sleep(self._settings.processor.retry_max_seconds)
+        if rejected:
+            metrics.ERRORS.labels(STAGE, "permanent").inc(len(rejected))
+            await self._dead_letter_rows(rejected)
+
+    async def _dead_letter_rows(self, rejected: list[tuple[ReadingBatch, PermanentError]]) -> None:
+        assert self._producer is not None
+        futures = []
+        for row, error in rejected:
+            device_id, kind, district, metric = self.index.describe(row.series)[0]
+            body = json.dumps(
+                {
+                    "device_id": device_id,
+                    "kind": kind,
+                    "district": district,
+                    "metric": metric,
+                    "time_us": int(row.time_us[0]),
+                    "value": float(row.value[0]),
+                }
+            ).encode()
+            headers = deadletter_headers(
+                STAGE, error.reason_code, error.reason, f"{device_id}/{metric}", int(row.received_us[0])
+            )
+            futures.append(
+                await self._producer.send(
+                    self._settings.kafka.deadletter_topic, body, key=device_id.encode(), headers=headers
+                )
+            )
+            metrics.DEADLETTERED.labels(STAGE, error.reason_code).inc()
+        await asyncio.gather(*futures)
 
     async def _dead_letter(self, bad: list[BadRecord]) -> None:
         assert self._producer is not None
@@ -101,28 +195,75 @@ class Processor:
             metrics.DEADLETTERED.labels(STAGE, "undecodable").inc()
         await asyncio.gather(*futures)
 
-    async def handle(self, records: list, offsets: Offsets, stop: asyncio.Event) -> bool:  # type: ignore[type-arg]
-        started = time.perf_counter()
-        batch, bad = decode_batch(records, self.index, offsets)
-        if bad:
-            await self._dead_letter(bad)
-        results = self.detect(batch)
-        if len(batch):
-            try:
-                if not await self._write(batch, results, stop):
+    async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
+        """Decode, detect, write, commit one fetched batch; False if stopping before it is written."""
+        async with self._lock:
+            started = time.perf_counter()
+            batch, bad = decode_batch(records, self.index, offsets)
+            if bad:
+                await self._dead_letter(bad)
+            results = self.detect(batch)
+            if len(batch):
+                try:
+                    await self._write_isolating(batch, results, stop)
+                except _StopRequestedError:
                     return False
-            except PermanentError as error:
-                metrics.ERRORS.labels(STAGE, "permanent").inc()
-                log.error("batch rejected permanently (%s); dead-lettering its %d records", error, len(records))
-                await self._dead_letter(
-                    [BadRecord(r.topic, r.partition, r.offset, r.key, r.value, str(error)) for r in records]
-                )
+            await self._commit(offsets)
+            self._positions.update(offsets)
+            self._observe(batch, len(records), time.perf_counter() - started)
+            if time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds:
+                await self._checkpoint(list(self._positions))
+            return True
+
+    async def _commit(self, offsets: Offsets) -> None:
         assert self._consumer is not None
-        await self._consumer.commit(
-            {TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()}
-        )
-        self._observe(batch, len(records), time.perf_counter() - started)
-        return True
+        try:
+            await self._consumer.commit(
+                {TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()}
+            )
+        except KafkaError as error:
+            # A rebalance took the partition: its next owner resumes from the state checkpoint or
+            # the last committed offset, and rows written twice are ignored by the database.
+            log.warning("offset commit failed (%s); the rows are written and replays are harmless", error)
+
+    # --- state checkpoints and rebalances ---------------------------------------------------
+
+    async def _checkpoint(self, partitions: list[tuple[str, int]]) -> None:
+        for topic, partition in partitions:
+            position = self._positions.get((topic, partition))
+            if position is None:
+                continue  # nothing read from it since it was assigned
+            blob, series = export_partition(self.index, self.detectors, partition)
+            await self._state.save(topic, partition, position, blob, series)
+        self._last_checkpoint = time.monotonic()
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            await self._checkpoint([(tp.topic, tp.partition) for tp in revoked])
+            for tp in revoked:
+                self._positions.pop((tp.topic, tp.partition), None)
+        if revoked:
+            log.info("partitions revoked, state saved: %s", sorted(tp.partition for tp in revoked))
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self._consumer is not None
+        async with self._lock:
+            for tp in assigned:
+                saved = await self._state.load(tp.topic, tp.partition)
+                if saved is None:
+                    continue
+                next_offset, blob = saved
+                restored = import_partition(self.index, self.detectors, tp.partition, blob)
+                self._consumer.seek(tp, next_offset)
+                self._positions[(tp.topic, tp.partition)] = next_offset
+                log.info(
+                    "partition %d: restored state of %d series, resuming at offset %d",
+                    tp.partition,
+                    restored,
+                    next_offset,
+                )
+
+    # --- the loop -----------------------------------------------------------------------------
 
     def _observe(self, batch: ReadingBatch, record_count: int, seconds: float) -> None:
         metrics.RECEIVED.labels(STAGE, "records").inc(record_count)
@@ -152,7 +293,7 @@ class Processor:
         with psycopg.connect(self._settings.database.conninfo(), autocommit=True) as connection:
             return maintain(connection, self._settings.storage)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def _start(self, stop: asyncio.Event) -> bool:
         config = self._settings.kafka
         delay = self._settings.processor.retry_initial_seconds
         while True:
@@ -162,11 +303,10 @@ class Processor:
             except (KafkaError, OSError) as error:
                 log.warning("Kafka not reachable (%s); retrying in %.1fs", error, delay)
                 if stop.is_set():
-                    return
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
         self._consumer = AIOKafkaConsumer(
-            config.readings_topic,
             bootstrap_servers=config.bootstrap_servers,
             group_id=config.consumer_group,
             enable_auto_commit=False,
@@ -174,12 +314,20 @@ class Processor:
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
         )
+        self._consumer.subscribe([config.readings_topic], listener=_Rebalance(self))
         self._producer = AIOKafkaProducer(
             bootstrap_servers=config.bootstrap_servers, acks="all", enable_idempotence=True
         )
         await self._consumer.start()
         await self._producer.start()
         self._healthy = True
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not await self._start(stop):
+            return
+        assert self._consumer is not None
+        assert self._producer is not None
         settings = self._settings.processor
         maintenance = asyncio.create_task(self._maintain(stop)) if "timescaledb" in self._sink_names else None
         try:
@@ -206,6 +354,10 @@ class Processor:
                 maintenance.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintenance
+            # A clean stop saves the state, so the next owner replays nothing.
+            with contextlib.suppress(psycopg.Error):
+                async with self._lock:
+                    await self._checkpoint(list(self._positions))
             for sink in self.sinks:
                 await sink.close()
             await self._consumer.stop()

@@ -48,17 +48,22 @@ class _RecordLike(Protocol):
     def value(self) -> bytes: ...
 
 
-def _decode_all(values: list[bytes], records: Sequence[_RecordLike]) -> tuple[list[Envelope], list[BadRecord]]:
+def _decode_all(
+    values: list[bytes], records: Sequence[_RecordLike]
+) -> tuple[list[Envelope], list[int], list[BadRecord]]:
+    """Envelopes, the partition each came from, and the records that could not be decoded."""
     try:
-        return decode_envelopes(values), []
+        return decode_envelopes(values), [record.partition for record in records], []
     except (msgspec.DecodeError, msgspec.ValidationError):
         pass
     # Some record is bad: decode one by one to set aside only the bad ones.
     good: list[Envelope] = []
+    partitions: list[int] = []
     bad: list[BadRecord] = []
     for record in records:
         try:
             good.append(decode_envelope(record.value))
+            partitions.append(record.partition)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             bad.append(
                 BadRecord(
@@ -70,14 +75,14 @@ def _decode_all(values: list[bytes], records: Sequence[_RecordLike]) -> tuple[li
                     f"undecodable envelope: {error}",
                 )
             )
-    return good, bad
+    return good, partitions, bad
 
 
 def decode_batch(
     records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets
 ) -> tuple[ReadingBatch, list[BadRecord]]:
     values = [record.value for record in records]
-    envelopes, bad = _decode_all(values, records)
+    envelopes, partitions, bad = _decode_all(values, records)
     if not envelopes:
         return ReadingBatch.empty(offsets), bad
     counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
@@ -91,10 +96,12 @@ def decode_batch(
     metric_names = list(chain.from_iterable(envelope.metrics for envelope in envelopes))
     index.add_metrics(set(metric_names))
     metric_codes = np.fromiter(map(index.metric_codes.__getitem__, metric_names), np.int64, total)
-    keys = SeriesIndex.keys(np.repeat(device_codes, counts), metric_codes)
+    series = index.lookup(SeriesIndex.keys(np.repeat(device_codes, counts), metric_codes))
+    # Which partition each series lives on, so its state can be checkpointed with that partition.
+    index.partition.view[series] = np.repeat(np.array(partitions, np.int32), counts)
     batch = ReadingBatch(
         time_us=np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, total),
-        series=index.lookup(keys),
+        series=series,
         value=np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, total),
         received_us=np.repeat(received, counts),
         offsets=offsets,

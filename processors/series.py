@@ -50,6 +50,7 @@ class SeriesIndex:
         self._sorted_dense = np.empty(0, np.int64)
         self.series_key = GrowableArray(np.int64)
         self.db_id = GrowableArray(np.int32)  # 0 until the database has assigned an id
+        self.partition = GrowableArray(np.int32, fill=-1)  # the Kafka partition the series arrives on
 
     def __len__(self) -> int:
         return len(self.series_key)
@@ -94,6 +95,7 @@ class SeriesIndex:
             dense[~found] = new_dense
             self.series_key.resize(start + len(new_keys))
             self.db_id.resize(start + len(new_keys))
+            self.partition.resize(start + len(new_keys))
             self.series_key.view[start:] = new_keys
             merged_keys = np.concatenate([self._sorted_keys, new_keys])
             merged_dense = np.concatenate([self._sorted_dense, new_dense])

@@ -26,6 +26,14 @@ class Detector(Protocol):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult: ...
 
+    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
+        """The state rows of these series, as named arrays (for a checkpoint)."""
+        ...
+
+    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
+        """Put saved state rows (from ``export_state``) at these dense indices."""
+        ...
+
 
 DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
@@ -35,9 +36,21 @@ class EwmaZScore:
         self.count = GrowableArray(np.int64)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
 
+    def _arrays(self) -> dict[str, GrowableArray]:
+        return {"mean": self.mean, "variance": self.variance, "count": self.count, "last_time_us": self.last_time_us}
+
     def _grow(self, series_count: int) -> None:
-        for array in (self.mean, self.variance, self.count, self.last_time_us):
+        for array in self._arrays().values():
             array.resize(series_count)
+
+    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
+        self._grow(int(dense.max()) + 1 if len(dense) else 0)
+        return {name: array.view[dense].copy() for name, array in self._arrays().items()}
+
+    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
+        self._grow(series_count)
+        for name, array in self._arrays().items():
+            array.view[dense] = arrays[name]
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         self._grow(series_count)
@@ -55,7 +68,8 @@ class EwmaZScore:
             deviation = np.sqrt(variance[series]) + 1e-6 + 1e-3 * np.abs(current_mean)
             z = (value - current_mean) / deviation
             warm = count[series] >= self.warmup
-            absolute = np.abs(z)
+            # A non-finite value (none should pass the bridge) is neither scored nor learned.
+            absolute = np.nan_to_num(np.abs(z), nan=0.0, posinf=0.0)
             score[rows] = np.where(warm, absolute / (absolute + self.threshold), 0.0)
             is_anomaly = warm & (absolute >= self.threshold)
             flagged[rows] = is_anomaly
@@ -63,7 +77,7 @@ class EwmaZScore:
 
             # Learn only from readings newer than the series' last one: late or repeated readings
             # are scored above but leave the state alone.
-            learn = batch.time_us[rows] > last_time[series]
+            learn = (batch.time_us[rows] > last_time[series]) & np.isfinite(value)
             series, value = series[learn], value[learn]
             current_mean, deviation = current_mean[learn], deviation[learn]
             clipped = np.clip(

@@ -1,0 +1,95 @@
+"""Detector state per Kafka partition: export, import, and its store in PostgreSQL.
+
+A device's records all go to one partition (they are keyed by device), so every series belongs
+to exactly one partition and a partition's state can move on its own. The saved form uses
+device ids and metric names, not this process's dense indices, so any processor can load it.
+It is a numpy ``.npz`` archive (no pickle) holding the series identities and each detector's
+state arrays for those series.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import psycopg
+from numpy.typing import NDArray
+
+from processors.detectors import Detector
+from processors.series import SeriesIndex
+
+__all__ = ["StateStore", "export_partition", "import_partition"]
+
+
+def export_partition(index: SeriesIndex, detectors: list[Detector], partition: int) -> tuple[bytes, int]:
+    dense = np.flatnonzero(index.partition.view == partition).astype(np.int64)
+    keys = index.series_key.view[dense].astype(np.int64)
+    device_codes, device_of_series = np.unique(keys >> 16, return_inverse=True)
+    metric_codes, metric_of_series = np.unique(keys & 0xFFFF, return_inverse=True)
+    devices = [index.devices[int(code)] for code in device_codes]
+    arrays: dict[str, NDArray[np.generic]] = {
+        "device_id": np.array([device[0] for device in devices], dtype=str),
+        "kind": np.array([device[1] for device in devices], dtype=str),
+        "district": np.array([device[2] for device in devices], dtype=str),
+        "metric": np.array([index.metrics[int(code)] for code in metric_codes], dtype=str),
+        "series_device": device_of_series.astype(np.int32),
+        "series_metric": metric_of_series.astype(np.int32),
+    }
+    for detector in detectors:
+        for name, values in detector.export_state(dense).items():
+            arrays[f"{detector.name}.{name}"] = values
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue(), len(dense)
+
+
+def import_partition(index: SeriesIndex, detectors: list[Detector], partition: int, blob: bytes) -> int:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    if not len(arrays["series_device"]):
+        return 0
+    device_codes = np.array(
+        [
+            index.device_code(str(d), str(k), str(w))
+            for d, k, w in zip(arrays["device_id"], arrays["kind"], arrays["district"], strict=True)
+        ],
+        np.int64,
+    )
+    index.add_metrics({str(metric) for metric in arrays["metric"]})
+    metric_codes = np.array([index.metric_codes[str(metric)] for metric in arrays["metric"]], np.int64)
+    dense = index.lookup(SeriesIndex.keys(device_codes[arrays["series_device"]], metric_codes[arrays["series_metric"]]))
+    index.partition.view[dense] = partition
+    for detector in detectors:
+        prefix = f"{detector.name}."
+        state = {name[len(prefix) :]: values for name, values in arrays.items() if name.startswith(prefix)}
+        if state:
+            detector.import_state(dense, state, len(index))
+    return len(dense)
+
+
+class StateStore:
+    """Checkpoints in the ``detector_state`` table (migration 0003)."""
+
+    def __init__(self, conninfo: str, consumer_group: str) -> None:
+        self._conninfo = conninfo
+        self._group = consumer_group
+
+    async def save(self, topic: str, partition: int, next_offset: int, blob: bytes, series: int) -> None:
+        async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
+            await connection.execute(
+                "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
+                " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
+                " saved_at = now()",
+                (self._group, topic, partition, next_offset, series, blob),
+            )
+
+    async def load(self, topic: str, partition: int) -> tuple[int, bytes] | None:
+        async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
+            cursor = await connection.execute(
+                "SELECT next_offset, state FROM detector_state"
+                " WHERE consumer_group = %s AND topic = %s AND partition = %s",
+                (self._group, topic, partition),
+            )
+            row = await cursor.fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None

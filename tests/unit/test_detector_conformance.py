@@ -1,0 +1,130 @@
+"""Every registered detector goes through the same checks (generated from the registry)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from config import DetectorSettings
+from processors.batch import ReadingBatch
+from processors.checkpoint import export_partition, import_partition
+from processors.detectors import DETECTORS, Detector, build_detector
+from processors.series import SeriesIndex
+
+build_detector("ewma_zscore", DetectorSettings())  # importing the implementations fills the registry
+NAMES = sorted(DETECTORS)
+
+
+def make(name: str) -> Detector:
+    return build_detector(name, DetectorSettings(warmup=10))
+
+
+def batch(series: list[int], times: list[int], values: list[float]) -> ReadingBatch:
+    return ReadingBatch(
+        np.array(times, np.int64),
+        np.array(series, np.int64),
+        np.array(values, np.float64),
+        np.zeros(len(series), np.int64),
+        {},
+    )
+
+
+def history(series_count: int = 5, steps: int = 60, seed: int = 0) -> ReadingBatch:
+    rng = np.random.default_rng(seed)
+    series = np.tile(np.arange(series_count), steps)
+    times = np.repeat(np.arange(steps) * 1_000_000, series_count)
+    values = 20 + rng.standard_normal(series_count * steps)
+    order = rng.permutation(len(series))
+    return batch(series[order].tolist(), times[order].tolist(), values[order].tolist())
+
+
+def test_the_registry_is_not_empty() -> None:
+    assert NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_batch_gives_an_empty_result(name: str) -> None:
+    result = make(name).process(ReadingBatch.empty(), 0)
+    assert len(result.score) == len(result.flagged) == len(result.reason) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_matches_input_length_and_scores_stay_in_range(name: str) -> None:
+    readings = history()
+    result = make(name).process(readings, 5)
+    assert len(result.score) == len(result.flagged) == len(result.reason) == len(readings)
+    assert np.all((result.score >= 0) & (result.score <= 1))
+    assert np.all(result.reason[result.flagged] > 0)
+    assert np.all(result.reason[~result.flagged] == 0)
+    assert all(0 <= code < len(result.reasons) for code in np.unique(result.reason))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_is_neither_flagged_nor_learned(name: str) -> None:
+    detector = make(name)
+    detector.process(history(), 5)
+    result = detector.process(batch([0], [10**9], [float("nan")]), 5)
+    assert not result.flagged.any()
+    after = detector.process(batch([0], [10**9 + 1], [20.0]), 5)
+    assert np.isfinite(after.score).all()
+    assert not after.flagged.any(), "a NaN must not have corrupted the series' state"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_unseen_series_is_handled(name: str) -> None:
+    detector = make(name)
+    detector.process(history(series_count=3), 3)
+    result = detector.process(batch([7], [10**9], [20.0]), 8)
+    assert len(result.score) == 1
+    assert not result.flagged.any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_out_of_order_rows_do_not_change_later_results(name: str) -> None:
+    late_batch = batch([0, 1], [5_000_000, 7_000_000], [1e6, -1e6])
+    follow_up = batch([0, 1, 2], [10**9] * 3, [21.0, 19.5, 20.2])
+    with_late, without_late = make(name), make(name)
+    for detector in (with_late, without_late):
+        detector.process(history(), 5)
+    with_late.process(late_batch, 5)
+    a, b = with_late.process(follow_up, 5), without_late.process(follow_up, 5)
+    np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(a.flagged, b.flagged)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_results_are_deterministic(name: str) -> None:
+    a, b = make(name).process(history(seed=3), 5), make(name).process(history(seed=3), 5)
+    np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(a.reason, b.reason)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_survives_a_save_and_restore_round_trip(name: str) -> None:
+    index = SeriesIndex(100)
+    codes = np.array([index.device_code(f"dev-{n}", "air", "erqi") for n in range(5)], np.int64)
+    index.add_metrics({"pm2_5"})
+    dense = index.lookup(SeriesIndex.keys(codes, np.zeros(5, np.int64)))
+    index.partition.view[dense] = np.array([0, 0, 1, 1, 1], np.int32)
+    original = make(name)
+    original.process(history(), len(index))
+    follow_up = batch([0, 2, 4], [10**9] * 3, [21.0, 40.0, 19.0])
+
+    restored_index = SeriesIndex(100)
+    restored = make(name)
+    for partition in (1, 0):  # any order, any dense numbering in the new process
+        blob, count = export_partition(index, [original], partition)
+        assert count == (2 if partition == 0 else 3)
+        import_partition(restored_index, [restored], partition, blob)
+    # The same series, numbered as the restoring process numbers them.
+    device_ids = [device_id for device_id, *_ in index.describe(follow_up.series)]
+    moved_series = restored_index.lookup(
+        SeriesIndex.keys(
+            np.array([restored_index.device_codes[device_id] for device_id in device_ids], np.int64),
+            np.full(3, restored_index.metric_codes["pm2_5"], np.int64),
+        )
+    )
+    moved = batch(moved_series.tolist(), follow_up.time_us.tolist(), follow_up.value.tolist())
+    expected, got = original.process(follow_up, len(index)), restored.process(moved, len(restored_index))
+    np.testing.assert_allclose(got.score, expected.score)
+    np.testing.assert_array_equal(got.flagged, expected.flagged)
