@@ -78,6 +78,8 @@ class Processor:
         self._lock = asyncio.Lock()
         # (topic, partition) -> first offset not yet reflected in the database and the state.
         self._positions: dict[tuple[str, int], int] = {}
+        # Partitions whose state changed since their last checkpoint.
+        self._unsaved: set[tuple[str, int]] = set()
         self._last_checkpoint = time.monotonic()
         metrics.declare_stage(STAGE, ["records", "readings"])
         metrics.declare_stage("sink", ["readings"])
@@ -210,10 +212,18 @@ class Processor:
                     return False
             await self._commit(offsets)
             self._positions.update(offsets)
+            self._unsaved.update(offsets)
             self._observe(batch, len(records), time.perf_counter() - started)
-            if time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds:
-                await self._checkpoint(list(self._positions))
+            await self._checkpoint_if_due()
             return True
+
+    async def _checkpoint_if_due(self) -> None:
+        """Save changed partitions once the interval has passed, also when no batch comes: an
+        idle processor must not sit on state it never saved."""
+        if self._unsaved and (
+            time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
+        ):
+            await self._checkpoint(sorted(self._unsaved))
 
     async def _commit(self, offsets: Offsets) -> None:
         assert self._consumer is not None
@@ -235,6 +245,7 @@ class Processor:
                 continue  # nothing read from it since it was assigned
             blob, series = export_partition(self.index, self.detectors, partition)
             await self._state.save(topic, partition, position, blob, series)
+            self._unsaved.discard((topic, partition))
         self._last_checkpoint = time.monotonic()
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -242,6 +253,7 @@ class Processor:
             await self._checkpoint([(tp.topic, tp.partition) for tp in revoked])
             for tp in revoked:
                 self._positions.pop((tp.topic, tp.partition), None)
+                self._unsaved.discard((tp.topic, tp.partition))
         if revoked:
             log.info("partitions revoked, state saved: %s", sorted(tp.partition for tp in revoked))
 
@@ -336,6 +348,8 @@ class Processor:
                     timeout_ms=settings.max_batch_wait_ms, max_records=settings.max_batch_records
                 )
                 if not fetched:
+                    async with self._lock:
+                        await self._checkpoint_if_due()
                     continue
                 records = [record for partition_records in fetched.values() for record in partition_records]
                 offsets = {

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from config import Settings, dump_settings
 
@@ -98,3 +98,18 @@ async def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float)
         return records
     finally:
         await consumer.stop()
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """Send (key, value) records with acks=all and wait until Kafka holds them all."""
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, value, key=key) for key, value in records]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())

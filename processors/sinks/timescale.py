@@ -71,8 +71,14 @@ class TimescaleSink:
         try:
             connection = await self._connect()
             async with connection.transaction():
-                await self._resolve_series(connection, batch.series)
+                new_series, new_ids = await self._resolve_series(connection, batch.series)
+                # Ids of series first seen here live only in this transaction until it commits:
+                # the shared index learns them after the commit, never from a rolled-back one.
                 series_id = self._index.db_id.view[batch.series]
+                if len(new_series):
+                    position = np.minimum(np.searchsorted(new_series, batch.series), len(new_series) - 1)
+                    is_new = new_series[position] == batch.series
+                    series_id[is_new] = new_ids[position[is_new]]
                 readings = await self._copy_readings(connection, batch, series_id)
                 anomalies = 0
                 for result in results:
@@ -84,17 +90,21 @@ class TimescaleSink:
             metrics.ERRORS.labels(STAGE, "retryable").inc()
             await self.close()
             raise RetryableError(f"database write failed: {error}") from error
+        self._index.db_id.view[new_series] = new_ids
         metrics.SENT.labels(STAGE, "readings").inc(len(batch))
         metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
         metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
         metrics.ROWS_WRITTEN.labels("readings").inc(readings)
         metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
 
-    async def _resolve_series(self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]) -> None:
-        """Give every series seen for the first time its database id (rare after warm-up)."""
+    async def _resolve_series(
+        self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
+        """Database ids for the series seen for the first time (rare after warm-up): returns
+        their dense indices and ids, without touching the shared index."""
         missing = np.unique(series[self._index.db_id.view[series] == 0])
         if not len(missing):
-            return
+            return missing, np.empty(0, np.int32)
         described = self._index.describe(missing)
         devices, kinds, districts, names = (list(column) for column in zip(*described, strict=True))
         await connection.execute(
@@ -110,7 +120,9 @@ class TimescaleSink:
         )
         rows = await cursor.fetchall()
         positions = np.array([row[0] for row in rows], np.int64) - 1
-        self._index.db_id.view[missing[positions]] = np.array([row[1] for row in rows], np.int32)
+        ids = np.array([row[1] for row in rows], np.int32)
+        order = np.argsort(missing[positions])  # sorted by dense index, for searchsorted
+        return missing[positions][order], ids[order]
 
     async def _copy_readings(
         self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic]
