@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from prometheus_client import REGISTRY
 
 from citytel import stack
 from citytel.simulate import City, publish
@@ -306,4 +308,127 @@ def main_codecs(count: int, output: Path | None) -> int:
         print(f"  {name:<42} " + "  ".join(f"{key}={value:,}" for key, value in figures.items()))
     if output is not None:
         output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+# --- the processor: Kafka → detectors → TimescaleDB ---------------------------------------------
+
+
+def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, float]:
+    """Fill a topic with air-monitor envelopes (9 metrics each, like the simulator's), then time
+    one in-process Processor from the first record until every reading is committed in the
+    database. Private Kafka and PostgreSQL, started and stopped here."""
+    from aiokafka import AIOKafkaProducer
+
+    from citytel.kafka import ensure_topics
+    from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+    from processors.consumer import Processor
+    from processors.storage import prepare_database
+
+    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-"))
+    os.chmod(run_dir, 0o755)
+    servers = [stack.start_kafka(run_dir, stack.free_port(), stack.free_port())]
+    servers.append(stack.start_postgres(run_dir, stack.free_port()))
+    try:
+        base = load_settings()
+        unique = uuid.uuid4().hex[:8]
+        settings = msgspec.structs.replace(
+            base,
+            kafka=msgspec.structs.replace(
+                base.kafka,
+                bootstrap_servers=f"127.0.0.1:{servers[0].port}",
+                readings_topic=f"bench.{unique}.readings",
+                deadletter_topic=f"bench.{unique}.deadletter",
+                consumer_group=f"bench-{unique}",
+            ),
+            database=msgspec.structs.replace(base.database, port=servers[1].port),
+            storage=msgspec.structs.replace(base.storage, maintenance_interval_seconds=3600.0),
+            processor=msgspec.structs.replace(base.processor, checkpoint_interval_seconds=3600.0),
+        )
+        import psycopg
+
+        with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+            prepare_database(connection, settings.storage)
+        metrics_names = ["pm2_5", "pm10", "no2", "so2", "o3", "co", "temperature", "humidity", "noise"]
+        metrics_names = metrics_names[:readings_per_record]
+        records = readings // readings_per_record
+        devices = 2000
+        start_us = int((time.time() - 86400) * 1e6)
+        rng = np.random.default_rng(0)
+        values = rng.normal(50, 5, (records, readings_per_record))
+
+        async def fill() -> None:
+            await ensure_topics(settings.kafka)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=20, max_batch_size=1 << 20
+            )
+            await producer.start()
+            try:
+                futures = []
+                for number in range(records):
+                    device = f"air-{number % devices:05d}"
+                    stamp = start_us + (number // devices) * 1_000_000
+                    envelope = Envelope(
+                        ENVELOPE_VERSION,
+                        device,
+                        "air",
+                        "erqi",
+                        stamp,
+                        "t",
+                        number // devices,
+                        [stamp] * readings_per_record,
+                        metrics_names,
+                        values[number].tolist(),
+                    )
+                    futures.append(
+                        await producer.send(
+                            settings.kafka.readings_topic, encode_envelope(envelope), key=device.encode()
+                        )
+                    )
+                await asyncio.gather(*futures)
+            finally:
+                await producer.stop()
+
+        asyncio.run(fill())
+
+        async def consume() -> float:
+            stop = asyncio.Event()
+            processor = Processor(settings)
+            task = asyncio.create_task(processor.run(stop))
+            written = 0.0
+            started = None
+            while written < records * readings_per_record:
+                await asyncio.sleep(0.05)
+                if task.done():
+                    task.result()
+                sample = (
+                    REGISTRY.get_sample_value("citytel_stage_sent_total", {"stage": "sink", "unit": "readings"}) or 0.0
+                )
+                if started is None and sample > 0:
+                    started, first = time.perf_counter(), sample
+                written = sample
+            elapsed = time.perf_counter() - (started or time.perf_counter())
+            stop.set()
+            await task
+            return (written - first) / elapsed
+
+        rate = asyncio.run(consume())
+        return {
+            "readings": records * readings_per_record,
+            "readings_per_record": readings_per_record,
+            "processor_readings_per_s": round(rate),
+        }
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+def main_processor(readings: int, output: Path | None) -> int:
+    result = bench_processor(readings)
+    print(
+        f"processor, {result['readings']:,} readings ({result['readings_per_record']} per Kafka record),"
+        f" Kafka → EWMA detector → TimescaleDB: {result['processor_readings_per_s']:,.0f} readings/s"
+    )
+    if output is not None:
+        output.write_text(json.dumps(result, indent=2) + "\n")
     return 0
