@@ -116,6 +116,12 @@ class DetectorSettings(_Strict, frozen=True):
     alpha: float = 0.05
     threshold: float = 6.0
     warmup: int = 30
+    # flatline: readings in a row that may repeat the same value before the series counts as stuck.
+    window: int = 20
+    # flatline: how close two readings must be to count as "the same".
+    tolerance: float = 0.0
+    # Metrics the detector leaves alone (constant or binary by nature, like a lot's capacity).
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
 
 
 class ProcessorSettings(_Strict, frozen=True):

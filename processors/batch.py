@@ -26,14 +26,32 @@ class ReadingBatch:
     value: NDArray[np.float64]
     received_us: NDArray[np.int64]
     offsets: Offsets
+    # Each reading's metric code, and the names those codes stand for (the series index's
+    # table), so a detector can apply to some metrics only. None: unknown, apply to all.
+    metric: NDArray[np.int64] | None = None
+    metric_names: tuple[str, ...] = ()
+
+    def metric_mask(self, names: list[str]) -> NDArray[np.bool_]:
+        """True for the readings whose metric is one of ``names``."""
+        if self.metric is None or not names:
+            return np.zeros(len(self.value), np.bool_)
+        codes = [code for code, name in enumerate(self.metric_names) if name in names]
+        return np.isin(self.metric, codes)
 
     def __len__(self) -> int:
         return len(self.value)
 
     def take(self, rows: NDArray[np.int64]) -> ReadingBatch:
         """The given rows only (same offsets): for isolating rows that cannot be written."""
+        metric = None if self.metric is None else self.metric[rows]
         return ReadingBatch(
-            self.time_us[rows], self.series[rows], self.value[rows], self.received_us[rows], self.offsets
+            self.time_us[rows],
+            self.series[rows],
+            self.value[rows],
+            self.received_us[rows],
+            self.offsets,
+            metric,
+            self.metric_names,
         )
 
     @classmethod

@@ -105,5 +105,7 @@ def decode_batch(
         value=np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, total),
         received_us=np.repeat(received, counts),
         offsets=offsets,
+        metric=metric_codes,
+        metric_names=tuple(index.metrics),
     )
     return batch, bad

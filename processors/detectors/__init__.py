@@ -50,7 +50,7 @@ def register_detector(
 
 def build_detector(name: str, settings: DetectorSettings) -> Detector:
     # Importing the implementations registers them.
-    from processors.detectors import ewma  # noqa: F401
+    from processors.detectors import ewma, flatline, jump  # noqa: F401
 
     try:
         factory = DETECTORS[name]

@@ -117,3 +117,36 @@ def test_binary_copy_rows_have_postgres_wire_layout() -> None:
     assert COPY_HEADER.startswith(b"PGCOPY\n\xff\r\n\x00")
     with pytest.raises(ValueError, match="needs 2 values"):
         copy_body([Column("int4", np.array([1], np.int32))], 2)
+
+
+def test_flatline_flags_a_stuck_series_once_and_leaves_excluded_metrics_alone() -> None:
+    detector = build_detector("flatline", DetectorSettings(window=20, exclude_metrics=["capacity"]))
+    rng = np.random.default_rng(4)
+    noisy = (50 + rng.standard_normal(40)).tolist()
+    stuck = [42.0] * 30
+    values = noisy + stuck
+    times = list(range(len(values)))
+    # Series 0 is a PM2.5 monitor that gets stuck; series 1 is a lot's capacity, constant by nature.
+    readings = ReadingBatch(
+        np.array(times * 2, np.int64),
+        np.array([0] * 70 + [1] * 70, np.int64),
+        np.array(values + [200.0] * 70),
+        np.zeros(140, np.int64),
+        {},
+        np.array([0] * 70 + [1] * 70, np.int64),
+        ("pm2_5", "capacity"),
+    )
+    result = detector.process(readings, 2)
+    flagged = np.flatnonzero(result.flagged)
+    assert flagged.tolist() == [40 + 19], "one anomaly, at the 20th identical reading"
+    assert result.reasons[result.reason[flagged[0]]] == "stuck"
+
+
+def test_jump_flags_a_level_shift_once_at_the_step() -> None:
+    detector = build_detector("jump", DetectorSettings(alpha=0.05, threshold=10.0, warmup=30))
+    rng = np.random.default_rng(5)
+    values = 30 + 0.5 * rng.standard_normal(120)
+    values[80:] += 25  # the sensor's level moves by 50 usual steps and stays there
+    result = detector.process(batch_of([0] * 120, list(range(120)), values.tolist()), 1)
+    assert np.flatnonzero(result.flagged).tolist() == [80]
+    assert result.reasons[result.reason[80]] == "jump_up"

@@ -1,0 +1,68 @@
+"""Stuck sensors: the same value, reading after reading."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from config import DetectorSettings
+from processors.batch import DetectorResult, ReadingBatch
+from processors.detectors import register_detector, rounds_in_time_order
+from processors.series import GrowableArray
+
+__all__ = ["Flatline"]
+
+REASONS = ("", "stuck")
+
+
+@register_detector("flatline")
+class Flatline:
+    """Flags the reading at which a series has repeated one value (within ``tolerance``) for
+    ``window`` readings in a row, once per stuck stretch: a stuck sensor makes one anomaly, not
+    one per reading. Metrics in ``exclude_metrics`` (a lot's capacity, a bay's occupied flag)
+    are left alone. State per series: last value, run length, last time: 24 bytes."""
+
+    name = "flatline"
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        self.window = settings.window
+        self.tolerance = settings.tolerance
+        self.exclude = list(settings.exclude_metrics)
+        self.last_value = GrowableArray(np.float64, fill=np.nan)
+        self.run = GrowableArray(np.int64)
+        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
+
+    def _arrays(self) -> dict[str, GrowableArray]:
+        return {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
+
+    def _grow(self, series_count: int) -> None:
+        for array in self._arrays().values():
+            array.resize(series_count)
+
+    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
+        self._grow(int(dense.max()) + 1 if len(dense) else 0)
+        return {name: array.view[dense].copy() for name, array in self._arrays().items()}
+
+    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
+        self._grow(series_count)
+        for name, array in self._arrays().items():
+            array.view[dense] = arrays[name]
+
+    def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
+        self._grow(series_count)
+        last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
+        size = len(batch)
+        flagged = np.zeros(size, np.bool_)
+        applies = ~batch.metric_mask(self.exclude) & np.isfinite(batch.value)
+        for rows in rounds_in_time_order(batch.series, batch.time_us):
+            # Late or repeated readings neither extend nor break a run.
+            rows = rows[applies[rows] & (batch.time_us[rows] > last_time[batch.series[rows]])]
+            series, value = batch.series[rows], batch.value[rows]
+            same = np.abs(value - last_value[series]) <= self.tolerance
+            run[series] = np.where(same, run[series] + 1, 1)
+            # Only the reading that completes the window: one anomaly per stuck stretch.
+            flagged[rows] = run[series] == self.window
+            last_value[series] = value
+            last_time[series] = batch.time_us[rows]
+        score = flagged.astype(np.float32)
+        return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), REASONS)
