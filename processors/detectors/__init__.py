@@ -10,8 +10,9 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
+from processors.series import GrowableArray
 
-__all__ = ["DETECTORS", "Detector", "build_detector", "register_detector", "rounds_in_time_order"]
+__all__ = ["DETECTORS", "Detector", "SeriesState", "build_detector", "register_detector", "rounds_in_time_order"]
 
 
 class Detector(Protocol):
@@ -33,6 +34,26 @@ class Detector(Protocol):
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         """Put saved state rows (from ``export_state``) at these dense indices."""
         ...
+
+
+class SeriesState:
+    """Per-series state arrays a detector declares once in ``self.state``; growing, checkpoint
+    export and import then come for free."""
+
+    state: dict[str, GrowableArray]
+
+    def _grow(self, series_count: int) -> None:
+        for array in self.state.values():
+            array.resize(series_count)
+
+    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
+        self._grow(int(dense.max()) + 1 if len(dense) else 0)
+        return {name: array.view[dense].copy() for name, array in self.state.items()}
+
+    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
+        self._grow(series_count)
+        for name, array in self.state.items():
+            array.view[dense] = arrays[name]
 
 
 DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector, rounds_in_time_order
 from processors.series import GrowableArray
 
 __all__ = ["Flatline"]
@@ -16,7 +15,7 @@ REASONS = ("", "stuck")
 
 
 @register_detector("flatline")
-class Flatline:
+class Flatline(SeriesState):
     """Flags the reading at which a series has repeated one value (within ``tolerance``) for
     ``window`` readings in a row, once per stuck stretch: a stuck sensor makes one anomaly, not
     one per reading. Metrics in ``exclude_metrics`` (a lot's capacity, a bay's occupied flag)
@@ -31,22 +30,7 @@ class Flatline:
         self.last_value = GrowableArray(np.float64, fill=np.nan)
         self.run = GrowableArray(np.int64)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
-
-    def _arrays(self) -> dict[str, GrowableArray]:
-        return {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
-
-    def _grow(self, series_count: int) -> None:
-        for array in self._arrays().values():
-            array.resize(series_count)
-
-    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
-        self._grow(int(dense.max()) + 1 if len(dense) else 0)
-        return {name: array.view[dense].copy() for name, array in self._arrays().items()}
-
-    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
-        self._grow(series_count)
-        for name, array in self._arrays().items():
-            array.view[dense] = arrays[name]
+        self.state = {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         self._grow(series_count)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector, rounds_in_time_order
 from processors.series import GrowableArray
 
 __all__ = ["Jump"]
@@ -16,7 +15,7 @@ REASONS = ("", "jump_up", "jump_down")
 
 
 @register_detector("jump")
-class Jump:
+class Jump(SeriesState):
     """Rate-of-change spikes: the step from the previous reading, divided by an exponentially
     weighted mean of the series' absolute steps, above ``threshold`` (after ``warmup`` steps).
     Unlike a level z-score it reacts to the step itself, so a sensor that jumps and stays at
@@ -34,27 +33,12 @@ class Jump:
         self.mean_step = GrowableArray(np.float64)
         self.count = GrowableArray(np.int64)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
-
-    def _arrays(self) -> dict[str, GrowableArray]:
-        return {
-            "last_value": self.last_value,
+        self.state = {
             "mean_step": self.mean_step,
+            "last_value": self.last_value,
             "count": self.count,
             "last_time_us": self.last_time_us,
         }
-
-    def _grow(self, series_count: int) -> None:
-        for array in self._arrays().values():
-            array.resize(series_count)
-
-    def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
-        self._grow(int(dense.max()) + 1 if len(dense) else 0)
-        return {name: array.view[dense].copy() for name, array in self._arrays().items()}
-
-    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
-        self._grow(series_count)
-        for name, array in self._arrays().items():
-            array.view[dense] = arrays[name]
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         self._grow(series_count)
