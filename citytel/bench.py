@@ -314,7 +314,7 @@ def main_codecs(count: int, output: Path | None) -> int:
 # --- the processor: Kafka → detectors → TimescaleDB ---------------------------------------------
 
 
-def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, float]:
+def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, float | str]:
     """Fill a topic with air-monitor envelopes (9 metrics each, like the simulator's), then time
     one in-process Processor from the first record until every reading is committed in the
     database. Private Kafka and PostgreSQL, started and stopped here."""
@@ -416,6 +416,7 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
         return {
             "readings": records * readings_per_record,
             "readings_per_record": readings_per_record,
+            "detectors": ",".join(settings.processor.detectors),
             "processor_readings_per_s": round(rate),
         }
     finally:
@@ -427,7 +428,7 @@ def main_processor(readings: int, output: Path | None) -> int:
     result = bench_processor(readings)
     print(
         f"processor, {result['readings']:,} readings ({result['readings_per_record']} per Kafka record),"
-        f" Kafka → EWMA detector → TimescaleDB: {result['processor_readings_per_s']:,.0f} readings/s"
+        f" Kafka → detectors ({result['detectors']}) → TimescaleDB: {result['processor_readings_per_s']:,.0f} readings/s"
     )
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
