@@ -428,7 +428,8 @@ def main_processor(readings: int, output: Path | None) -> int:
     result = bench_processor(readings)
     print(
         f"processor, {result['readings']:,} readings ({result['readings_per_record']} per Kafka record),"
-        f" Kafka → detectors ({result['detectors']}) → TimescaleDB: {result['processor_readings_per_s']:,.0f} readings/s"
+        f" Kafka → detectors ({result['detectors']}) → TimescaleDB:"
+        f" {result['processor_readings_per_s']:,.0f} readings/s"
     )
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
