@@ -1,6 +1,9 @@
 """The processor: Kafka consumer group → columnar batch → detectors → sinks → commit.
 
-Offsets are committed only after every sink has durably written the batch. A retryable sink
+Offsets are committed only after every sink has durably written the batch, and only together
+with a checkpoint of the detector state (below): the committed offset never runs ahead of the
+saved state, so a crash replays from the checkpoint, or from the start when there is none, and
+the state is rebuilt exactly. A retryable sink
 error pauses the assigned partitions (so the group keeps us, but no more data comes), backs off
 and retries the same batch. A permanent one is narrowed down by splitting the batch until the
 rows that can never be written are found; those go to the dead-letter topic with the reason and
@@ -210,7 +213,7 @@ class Processor:
                     await self._write_isolating(batch, results, stop)
                 except _StopRequestedError:
                     return False
-            await self._commit(offsets)
+            # Not committed yet: offsets go to Kafka with the next state checkpoint.
             self._positions.update(offsets)
             self._unsaved.update(offsets)
             self._observe(batch, len(records), time.perf_counter() - started)
@@ -239,6 +242,9 @@ class Processor:
     # --- state checkpoints and rebalances ---------------------------------------------------
 
     async def _checkpoint(self, partitions: list[tuple[str, int]]) -> None:
+        """Save the state of these partitions, then commit their offsets to Kafka: the committed
+        offset is never ahead of saved state."""
+        saved: Offsets = {}
         for topic, partition in partitions:
             position = self._positions.get((topic, partition))
             if position is None:
@@ -246,6 +252,9 @@ class Processor:
             blob, series = export_partition(self.index, self.detectors, partition)
             await self._state.save(topic, partition, position, blob, series)
             self._unsaved.discard((topic, partition))
+            saved[(topic, partition)] = position
+        if saved:
+            await self._commit(saved)
         self._last_checkpoint = time.monotonic()
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,12 +73,26 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[ConsumerRecord]:
-    """Every record of a topic from the beginning, until ``expected`` arrived or ``timeout``."""
-    return asyncio.run(_read_topic(bootstrap, topic, expected, timeout))
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout: float = 60.0,
+    distinct: Callable[[ConsumerRecord], Hashable] | None = None,
+) -> list[ConsumerRecord]:
+    """Every record of a topic from the beginning, until ``expected`` arrived or ``timeout``.
+    With ``distinct``, ``expected`` counts distinct keys: redelivered duplicates must not end
+    the reading before the last original arrived."""
+    return asyncio.run(_read_topic(bootstrap, topic, expected, timeout, distinct))
 
 
-async def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float) -> list[ConsumerRecord]:
+async def _read_topic(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout: float,
+    distinct: Callable[[ConsumerRecord], Hashable] | None,
+) -> list[ConsumerRecord]:
     # A throwaway group reading from the earliest offset: simpler than discovering partitions.
     consumer = AIOKafkaConsumer(
         topic,
@@ -90,11 +104,14 @@ async def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float)
     await consumer.start()
     try:
         records: list[ConsumerRecord] = []
+        keys: set[Hashable] = set()
         deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
+        while (len(keys) if distinct else len(records)) < expected and time.monotonic() < deadline:
             fetched = await consumer.getmany(timeout_ms=500, max_records=50_000)
             for partition_records in fetched.values():
                 records.extend(partition_records)
+                if distinct is not None:
+                    keys.update(map(distinct, partition_records))
         return records
     finally:
         await consumer.stop()

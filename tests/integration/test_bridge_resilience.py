@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -23,14 +24,15 @@ pytestmark = pytest.mark.integration
 def forwarded_sequences(settings: Settings, expected: int, timeout: float = 60.0) -> set[tuple[str, int]]:
     """Distinct (device, sequence) pairs in the readings topic, read until ``expected`` of them
     are there (redelivered duplicates do not count) or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    seen: set[tuple[str, int]] = set()
-    while len(seen) < expected and time.monotonic() < deadline:
-        records = read_topic(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, expected, 10)
-        seen = {(envelope.device_id, envelope.sequence) for envelope in (decode_envelope(r.value) for r in records)}
-        if len(seen) < expected:
-            time.sleep(1.0)
-    return seen
+
+    def identity(record: Any) -> tuple[str, int]:
+        envelope = decode_envelope(record.value)
+        return envelope.device_id, envelope.sequence
+
+    records = read_topic(
+        settings.kafka.bootstrap_servers, settings.kafka.readings_topic, expected, timeout, distinct=identity
+    )
+    return set(map(identity, records))
 
 
 def round_robin(city: City, first: int, count: int) -> set[tuple[str, int]]:
