@@ -106,6 +106,9 @@ class City:
             sequence += 1
 
     def _message(self, device: Device, sequence: int, time_s: float) -> Message:
+        # The payload carries microseconds: keep exactly that time, so whoever compares the
+        # database with the ground truth compares the same number.
+        time_s = round(time_s, 6)
         day_fraction = (time_s % 86400.0) / 86400.0
         cycle = math.sin(2 * math.pi * day_fraction + self._phase[device.device_id])
         values: dict[str, float] = {}
