@@ -15,6 +15,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from config import Settings, dump_settings
+from ingest.envelope import decode_envelope
 
 
 def write_config(settings: Settings, directory: Path) -> Path:
@@ -130,3 +131,9 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
             await producer.stop()
 
     asyncio.run(send())
+
+
+def envelope_identity(record: ConsumerRecord) -> tuple[str, int]:
+    """(device, sequence) of a readings record: what tells an original from a redelivery."""
+    envelope = decode_envelope(record.value)
+    return envelope.device_id, envelope.sequence

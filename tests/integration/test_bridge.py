@@ -20,7 +20,7 @@ from citytel.simulate import City, publish
 from config import Settings
 from ingest.envelope import decode_envelope
 from ingest.topics import reading_topic
-from tests.helpers import citytel_process, read_topic, wait_for, wait_ready
+from tests.helpers import citytel_process, envelope_identity, read_topic, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -166,13 +166,9 @@ def test_no_message_is_lost_when_kafka_stops_for_ten_seconds_mid_stream(
         assert outage["forwarded_late"] == outage["forwarded_early"] < total
         wait_for(lambda: forwarded() >= total, timeout=120, what=f"the bridge to forward {total} messages")
 
-    def identity(record: Any) -> tuple[str, int]:
-        envelope = decode_envelope(record.value)
-        return envelope.device_id, envelope.sequence
-
     # Count distinct messages: redelivered duplicates must not end the reading early.
-    records = read_topic(bootstrap, settings.kafka.readings_topic, total, timeout=120, distinct=identity)
-    seen = set(map(identity, records))
+    records = read_topic(bootstrap, settings.kafka.readings_topic, total, timeout=120, distinct=envelope_identity)
+    seen = set(map(envelope_identity, records))
     # The simulator goes round the devices in order: message i is device i % n's (i // n)-th.
     count = len(city.devices)
     expected = {(city.devices[i % count].device_id, i // count) for i in range(total)}

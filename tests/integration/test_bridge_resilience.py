@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -15,8 +14,7 @@ import pytest
 from citytel import stack
 from citytel.simulate import City, publish
 from config import Settings
-from ingest.envelope import decode_envelope
-from tests.helpers import citytel_process, read_topic, wait_ready
+from tests.helpers import citytel_process, envelope_identity, read_topic, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +23,10 @@ def forwarded_sequences(settings: Settings, expected: int, timeout: float = 60.0
     """Distinct (device, sequence) pairs in the readings topic, read until ``expected`` of them
     are there (redelivered duplicates do not count) or ``timeout``."""
 
-    def identity(record: Any) -> tuple[str, int]:
-        envelope = decode_envelope(record.value)
-        return envelope.device_id, envelope.sequence
-
     records = read_topic(
-        settings.kafka.bootstrap_servers, settings.kafka.readings_topic, expected, timeout, distinct=identity
+        settings.kafka.bootstrap_servers, settings.kafka.readings_topic, expected, timeout, distinct=envelope_identity
     )
-    return set(map(identity, records))
+    return set(map(envelope_identity, records))
 
 
 def round_robin(city: City, first: int, count: int) -> set[tuple[str, int]]:
