@@ -160,6 +160,8 @@ def _bench(arguments: argparse.Namespace) -> int:
         return bench.main_codecs(arguments.messages, arguments.output)
     if arguments.scenario == "processor":
         return bench.main_processor(arguments.messages, arguments.output)
+    if arguments.scenario == "detectors":
+        return bench.main_detectors(arguments.output)
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
 
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     simulate.set_defaults(handler=_simulate)
 
     bench = commands.add_parser("bench", help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["bridge", "codecs", "processor"])
+    bench.add_argument("scenario", choices=["bridge", "codecs", "processor", "detectors"])
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
