@@ -97,26 +97,28 @@ class ManualRollups:
             claimed = [row[0] for row in connection.execute("DELETE FROM rollup_dirty RETURNING bucket").fetchall()]
             if not claimed:
                 return 0
+            # One index range per claimed bucket: a single late reading from days ago must not
+            # make the refresh scan every reading in between.
             connection.execute("DELETE FROM rollup_1m WHERE bucket = ANY(%s)", (claimed,))
             connection.execute(
                 "INSERT INTO rollup_1m (bucket, series_id, count, sum, min, max, last_time, last_value)"
-                " SELECT time_bucket('1 minute', time) AS bucket, series_id, count(*), sum(value), min(value),"
-                " max(value), max(time), last(value, time)"
-                " FROM readings WHERE time >= %s AND time < %s::timestamptz + INTERVAL '1 minute'"
-                " AND time_bucket('1 minute', time) = ANY(%s)"
+                " SELECT b.bucket, r.series_id, count(*), sum(r.value), min(r.value), max(r.value), max(r.time),"
+                " last(r.value, r.time)"
+                " FROM unnest(%s::timestamptz[]) AS b(bucket)"
+                " JOIN readings r ON r.time >= b.bucket AND r.time < b.bucket + INTERVAL '1 minute'"
                 " GROUP BY 1, 2",
-                (min(claimed), max(claimed), claimed),
+                (claimed,),
             )
             hours = sorted({bucket.replace(minute=0, second=0, microsecond=0) for bucket in claimed})
             connection.execute("DELETE FROM rollup_1h WHERE bucket = ANY(%s)", (hours,))
             connection.execute(
                 "INSERT INTO rollup_1h (bucket, series_id, count, sum, min, max, last_time, last_value)"
-                " SELECT time_bucket('1 hour', bucket) AS hour, series_id, sum(count), sum(sum), min(min), max(max),"
-                " max(last_time), last(last_value, last_time)"
-                " FROM rollup_1m WHERE bucket >= %s AND bucket < %s::timestamptz + INTERVAL '1 hour'"
-                " AND time_bucket('1 hour', bucket) = ANY(%s)"
+                " SELECT h.hour, m.series_id, sum(m.count), sum(m.sum), min(m.min), max(m.max), max(m.last_time),"
+                " last(m.last_value, m.last_time)"
+                " FROM unnest(%s::timestamptz[]) AS h(hour)"
+                " JOIN rollup_1m m ON m.bucket >= h.hour AND m.bucket < h.hour + INTERVAL '1 hour'"
                 " GROUP BY 1, 2",
-                (hours[0], hours[-1], hours),
+                (hours,),
             )
             return len(claimed)
 
