@@ -52,7 +52,7 @@ log = logging.getLogger("citytel.bridge")
 STAGE = "bridge"
 MAX_BATCH_MESSAGES = 5000
 _READS_PER_WAKEUP = 256
-# (device, topic) -> partition; bounded because device ids come from the outside world.
+# (topic, device key) -> partition; bounded because device ids come from the outside world.
 _PARTITION_CACHE_SIZE = 100_000
 # topic, key, value, headers
 _Record = tuple[str, bytes, bytes, list[tuple[str, bytes]] | None]

@@ -96,6 +96,9 @@ class TimescaleSink:
         metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
         metrics.ROWS_WRITTEN.labels("readings").inc(readings)
         metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
+        # Counted only once the batch is committed: a retried or refused batch counts nothing.
+        for result in results:
+            metrics.ANOMALIES.labels(result.detector).inc(int(result.flagged.sum()))
 
     async def _resolve_series(
         self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
@@ -165,7 +168,6 @@ class TimescaleSink:
         rows = np.flatnonzero(result.flagged)
         if not len(rows):
             return 0
-        metrics.ANOMALIES.labels(result.detector).inc(len(rows))
         parts = [COPY_HEADER]
         # Text fields vary in width; within one reason code they do not, so each group is one
         # fixed-width numpy block.
