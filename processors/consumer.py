@@ -201,7 +201,8 @@ class Processor:
         await asyncio.gather(*futures)
 
     async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
-        """Decode, detect, write, commit one fetched batch; False if stopping before it is written."""
+        """Decode, detect and write one fetched batch (its offsets are committed with the next
+        state checkpoint); False if stopping before it is written."""
         async with self._lock:
             started = time.perf_counter()
             batch, bad = decode_batch(records, self.index, offsets)
