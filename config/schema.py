@@ -122,6 +122,35 @@ class DetectorSettings(_Strict, frozen=True):
     tolerance: float = 0.0
     # Metrics the detector leaves alone (constant or binary by nature, like a lot's capacity).
     exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    # drift, dropout, traffic_profile: only these metrics (empty: every metric not excluded).
+    metrics: list[str] = msgspec.field(default_factory=list)
+    # drift: CUSUM slack (in noise sigmas) and the cumulative excess that counts as drift.
+    slack: float = 1.0
+    cusum_limit: float = 40.0
+    # dropout: a series is silent once it has sent nothing for timeout_factor times its usual
+    # interval (and at least min_silence_seconds); the sweep runs every sweep_interval_seconds
+    # of stream time.
+    timeout_factor: float = 5.0
+    min_silence_seconds: float = 60.0
+    sweep_interval_seconds: float = 10.0
+    # aqi: "hj633" (China, HJ 633-2012) or "us_epa"; readings whose hourly IAQI reaches aqi_level
+    # are flagged, once per series and hour. aqi, exceedance: an hour (or day) counts once it
+    # holds min_readings readings.
+    standard: str = "hj633"
+    aqi_level: int = 201
+    min_readings: int = 3
+    # aqi, exceedance, traffic_profile: hours and days are local to the city (Zhengzhou: +8).
+    utc_offset_hours: float = 8.0
+    # bay_flapping: max_toggles changes of a bay's flag within window_seconds.
+    max_toggles: int = 8
+    window_seconds: float = 600.0
+    # lot_stuck: a lot full or empty and unchanged this long while its district's lots change.
+    stuck_seconds: float = 3600.0
+    # traffic_zero: a counter whose usual flow is at least min_flow drops to zero.
+    min_flow: float = 10.0
+    # traffic_zero, congestion: occupancy (%) and mean speed (km/h) of stopped traffic.
+    jam_occupancy: float = 40.0
+    jam_speed_kmh: float = 15.0
 
 
 class ProcessorSettings(_Strict, frozen=True):
@@ -244,6 +273,9 @@ def _validate(settings: Settings) -> None:
         problems.append("kafka.partitions must be at least 1")
     if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:
         problems.append("processor.max_batch_records and max_batch_wait_ms must be positive")
+    for name, detector in settings.detectors.items():
+        if detector.standard not in ("hj633", "us_epa"):
+            problems.append(f'detectors.{name}.standard={detector.standard!r}: use "hj633" or "us_epa"')
     for kind, kind_settings in settings.kinds.items():
         for metric, bounds in kind_settings.metrics.items():
             if not bounds.min < bounds.max:

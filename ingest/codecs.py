@@ -271,7 +271,14 @@ _FIWARE_MODELS: dict[str, tuple[str, dict[str, tuple[str, float]]]] = {
     ),
     "NoiseLevelObserved": ("air", {"LAeq": ("noise", 1.0)}),
     "ParkingSpot": ("parking", {"status": ("occupied", 1.0)}),
-    "OffStreetParking": ("parking", {"availableSpotNumber": ("free_bays", 1.0), "totalSpotNumber": ("capacity", 1.0)}),
+    "OffStreetParking": (
+        "parking",
+        {
+            "availableSpotNumber": ("free_bays", 1.0),
+            "occupiedSpotNumber": ("occupied_bays", 1.0),
+            "totalSpotNumber": ("capacity", 1.0),
+        },
+    ),
     "TrafficFlowObserved": (
         "traffic",
         {

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DetectorResult", "Offsets", "ReadingBatch"]
+__all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch"]
 
 # (topic, partition) -> the next offset to commit once the batch is durable.
 Offsets = dict[tuple[str, int], int]
@@ -30,6 +30,18 @@ class ReadingBatch:
     # table), so a detector can apply to some metrics only. None: unknown, apply to all.
     metric: NDArray[np.int64] | None = None
     metric_names: tuple[str, ...] = ()
+    # Each reading's device code and district code (the series index's numbering), for
+    # detectors that look across the metrics of one device or the devices of one district.
+    # None: unknown, every series is its own device in one district.
+    device: NDArray[np.int64] | None = None
+    district: NDArray[np.int64] | None = None
+    district_names: tuple[str, ...] = ()
+
+    def devices(self) -> NDArray[np.int64]:
+        return self.series if self.device is None else self.device
+
+    def districts(self) -> NDArray[np.int64]:
+        return np.zeros(len(self.value), np.int64) if self.district is None else self.district
 
     def metric_mask(self, names: list[str]) -> NDArray[np.bool_]:
         """True for the readings whose metric is one of ``names``."""
@@ -43,15 +55,17 @@ class ReadingBatch:
 
     def take(self, rows: NDArray[np.int64]) -> ReadingBatch:
         """The given rows only (same offsets): for isolating rows that cannot be written."""
-        metric = None if self.metric is None else self.metric[rows]
         return ReadingBatch(
             self.time_us[rows],
             self.series[rows],
             self.value[rows],
             self.received_us[rows],
             self.offsets,
-            metric,
+            None if self.metric is None else self.metric[rows],
             self.metric_names,
+            None if self.device is None else self.device[rows],
+            None if self.district is None else self.district[rows],
+            self.district_names,
         )
 
     @classmethod
@@ -59,6 +73,21 @@ class ReadingBatch:
         return cls(
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64), offsets or {}
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyEvents:
+    """Anomalies that no reading carries, found by a sweep over the state (a silent series)."""
+
+    detector: str
+    series: NDArray[np.int64]
+    time_us: NDArray[np.int64]
+    score: NDArray[np.float32]
+    reason: NDArray[np.uint8]
+    reasons: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.series)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +103,13 @@ class DetectorResult:
     flagged: NDArray[np.bool_]
     reason: NDArray[np.uint8]
     reasons: tuple[str, ...]
+    # Anomalies found by the detector's sweep while it handled this batch, written with it.
+    events: AnomalyEvents | None = None
 
     def take(self, rows: NDArray[np.int64]) -> DetectorResult:
-        return DetectorResult(self.detector, self.score[rows], self.flagged[rows], self.reason[rows], self.reasons)
+        """Some rows only; the sweep's events stay with the part that holds the first row, so
+        a batch split to isolate unwritable rows writes them once."""
+        events = self.events if len(rows) and rows[0] == 0 else None
+        return DetectorResult(
+            self.detector, self.score[rows], self.flagged[rows], self.reason[rows], self.reasons, events
+        )

@@ -37,8 +37,7 @@ from config import Settings
 from processors.batch import DetectorResult, Offsets, ReadingBatch
 from processors.checkpoint import StateStore, export_partition, import_partition
 from processors.decode import BadRecord, decode_batch
-from processors.detectors import Detector, build_detector
-from processors.series import SeriesIndex
+from processors.detection import DetectionStage
 from processors.sinks import Sink, build_sink
 from processors.storage.maintenance import MaintenanceReport, maintain
 
@@ -66,10 +65,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Processor:
     def __init__(self, settings: Settings, sinks: list[str] | None = None) -> None:
         self._settings = settings
-        self.index = SeriesIndex(settings.processor.max_series)
-        self.detectors: list[Detector] = [
-            build_detector(name, settings.detector(name)) for name in settings.processor.detectors
-        ]
+        self.stage = DetectionStage(settings)
+        self.index = self.stage.index
+        self.detectors = self.stage.detectors
         self._sink_names = sinks or ["timescaledb"]
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in self._sink_names]
         self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
@@ -95,8 +93,8 @@ class Processor:
     def ready(self) -> bool:
         return self._healthy
 
-    def detect(self, batch: ReadingBatch) -> list[DetectorResult]:
-        return [detector.process(batch, len(self.index)) for detector in self.detectors]
+    def detect(self, batch: ReadingBatch, partitions: set[int] | None = None) -> list[DetectorResult]:
+        return self.stage.detect(batch, partitions)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -208,7 +206,8 @@ class Processor:
             batch, bad = decode_batch(records, self.index, offsets)
             if bad:
                 await self._dead_letter(bad)
-            results = self.detect(batch)
+            owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
+            results = self.detect(batch, owned)
             if len(batch):
                 try:
                     await self._write_isolating(batch, results, stop)

@@ -96,7 +96,8 @@ def decode_batch(
     metric_names = list(chain.from_iterable(envelope.metrics for envelope in envelopes))
     index.add_metrics(set(metric_names))
     metric_codes = np.fromiter(map(index.metric_codes.__getitem__, metric_names), np.int64, total)
-    series = index.lookup(SeriesIndex.keys(np.repeat(device_codes, counts), metric_codes))
+    devices = np.repeat(device_codes, counts)
+    series = index.lookup(SeriesIndex.keys(devices, metric_codes))
     # Which partition each series lives on, so its state can be checkpointed with that partition.
     index.partition.view[series] = np.repeat(np.array(partitions, np.int32), counts)
     batch = ReadingBatch(
@@ -107,5 +108,8 @@ def decode_batch(
         offsets=offsets,
         metric=metric_codes,
         metric_names=tuple(index.metrics),
+        device=devices,
+        district=index.device_district.view[devices],
+        district_names=tuple(index.district_codes),
     )
     return batch, bad

@@ -44,6 +44,8 @@ class SeriesIndex:
         self.max_series = max_series
         self.device_codes: dict[str, int] = {}
         self.devices: list[tuple[str, str, str]] = []  # (device_id, kind, district) by device code
+        self.district_codes: dict[str, int] = {}
+        self.device_district = GrowableArray(np.int64)  # district code by device code
         self.metric_codes: dict[str, int] = {}
         self.metrics: list[str] = []
         self._sorted_keys = np.empty(0, np.int64)
@@ -61,6 +63,8 @@ class SeriesIndex:
             code = len(self.devices)
             self.device_codes[device_id] = code
             self.devices.append((device_id, kind, district))
+            self.device_district.resize(code + 1)
+            self.device_district.view[code] = self.district_codes.setdefault(district, len(self.district_codes))
         return code
 
     def add_metrics(self, names: set[str]) -> None:

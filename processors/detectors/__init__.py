@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 
 from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from processors.series import GrowableArray
 
-__all__ = ["DETECTORS", "Detector", "SeriesState", "build_detector", "register_detector", "rounds_in_time_order"]
+__all__ = [
+    "DETECTORS",
+    "AnomalyEvents",
+    "Detector",
+    "SeriesState",
+    "Sweeper",
+    "build_detector",
+    "companion",
+    "register_detector",
+    "rounds_in_time_order",
+]
 
 
 class Detector(Protocol):
@@ -24,6 +34,8 @@ class Detector(Protocol):
     """
 
     name: str
+    # The metrics the detector looks at by nature (a pollutant table, a bay's flag); empty: any.
+    applies_to: tuple[str, ...]
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult: ...
 
@@ -33,6 +45,18 @@ class Detector(Protocol):
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         """Put saved state rows (from ``export_state``) at these dense indices."""
+        ...
+
+
+@runtime_checkable
+class Sweeper(Protocol):
+    """A detector that also finds anomalies in the absence of readings."""
+
+    name: str
+
+    def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
+        """Anomalies as of each series' stream time ``now_us`` (the clock of the partition it
+        arrives on; the int64 minimum for series of partitions this processor does not hold)."""
         ...
 
 
@@ -53,7 +77,9 @@ class SeriesState:
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         self._grow(series_count)
         for name, array in self.state.items():
-            array.view[dense] = arrays[name]
+            # A checkpoint from before a state field existed leaves that field at its start value.
+            if name in arrays:
+                array.view[dense] = arrays[name]
 
 
 DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}
@@ -71,7 +97,7 @@ def register_detector(
 
 def build_detector(name: str, settings: DetectorSettings) -> Detector:
     # Importing the implementations registers them.
-    from processors.detectors import ewma, flatline, jump  # noqa: F401
+    from processors.detectors import air, drift, dropout, ewma, flatline, jump, parking, traffic  # noqa: F401
 
     try:
         factory = DETECTORS[name]
@@ -107,3 +133,26 @@ def rounds_in_time_order(series: NDArray[np.int64], time_us: NDArray[np.int64]) 
     by_rank = order[np.argsort(rank.astype(np.uint16) if lengths.max() < 1 << 16 else rank, kind="stable")]
     boundaries = np.cumsum(np.bincount(rank))
     return np.split(by_rank, boundaries[:-1])
+
+
+def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
+    """For every row, the value of ``metric`` that the same device reported at the same time in
+    this batch (NaN if none): how a detector reads a device's other metrics, such as a lot's
+    capacity beside its occupancy. A sensor's metrics travel in one message, so they always
+    share a batch; no state across batches is needed."""
+    found = np.full(len(batch), np.nan)
+    if batch.metric is None or metric not in batch.metric_names or not len(batch):
+        return found
+    source = np.flatnonzero(batch.metric == batch.metric_names.index(metric))
+    if not len(source):
+        return found
+    # Rank the times so (device, time rank) fits one int64 key.
+    _, time_rank = np.unique(batch.time_us, return_inverse=True)
+    keys = (batch.devices() << 32) | time_rank.reshape(-1)
+    source_keys = keys[source]
+    order = np.argsort(source_keys)
+    sorted_keys = source_keys[order]
+    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    match = sorted_keys[position] == keys
+    found[match] = batch.value[source[order[position[match]]]]
+    return found

@@ -12,6 +12,8 @@ from processors.series import GrowableArray
 __all__ = ["EwmaZScore"]
 
 REASONS = ("", "zscore_high", "zscore_low")
+# The deviation never falls below this share of the long-run variance (a quarter: half the sigma).
+_LONG_RUN_SHARE = 0.25
 
 
 @register_detector("ewma_zscore")
@@ -20,21 +22,26 @@ class EwmaZScore(SeriesState):
     standard deviations, once the series has ``warmup`` readings.
 
     Robustness: a flagged reading is learned only as far as the threshold (winsorised), so one
-    spike does not drag the mean and inflate the variance for long. State per series: mean,
-    variance, count, last time: 32 bytes.
+    spike does not drag the mean and inflate the variance for long. Metrics in
+    ``exclude_metrics`` (binary flags, constants) are left alone. State per series: mean,
+    variance, long-run variance, count, last time: 40 bytes.
     """
 
+    applies_to: tuple[str, ...] = ()
     name = "ewma_zscore"
 
     def __init__(self, settings: DetectorSettings) -> None:
         self.alpha = settings.alpha
         self.threshold = settings.threshold
         self.warmup = settings.warmup
+        self.exclude = list(settings.exclude_metrics)
         self.mean = GrowableArray(np.float64)
         self.variance = GrowableArray(np.float64)
         self.count = GrowableArray(np.int64)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
+        self.slow_variance = GrowableArray(np.float64)
         self.state = {
+            "slow_variance": self.slow_variance,
             "mean": self.mean,
             "variance": self.variance,
             "count": self.count,
@@ -45,16 +52,22 @@ class EwmaZScore(SeriesState):
         self._grow(series_count)
         mean, variance = self.mean.view, self.variance.view
         count, last_time = self.count.view, self.last_time_us.view
+        slow_variance = self.slow_variance.view
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
+        applies = ~batch.metric_mask(self.exclude)
         for rows in rounds_in_time_order(batch.series, batch.time_us):
+            rows = rows[applies[rows]]
             series = batch.series[rows]
             value = batch.value[rows]
             current_mean = mean[series]
-            # The floor keeps a perfectly flat series from turning every tiny change into a spike.
-            deviation = np.sqrt(variance[series]) + 1e-6 + 1e-3 * np.abs(current_mean)
+            # Floors: the series' long-run spread keeps a quiet stretch of a quantised or usually
+            # noisy series from turning every small step into a spike; the last ones keep a
+            # perfectly flat series from doing so.
+            spread = np.maximum(variance[series], _LONG_RUN_SHARE * slow_variance[series])
+            deviation = np.sqrt(spread) + 1e-6 + 1e-3 * np.abs(current_mean)
             z = (value - current_mean) / deviation
             warm = count[series] >= self.warmup
             # A non-finite value (none should pass the bridge) is neither scored nor learned.
@@ -80,6 +93,9 @@ class EwmaZScore(SeriesState):
             increment = alpha * difference
             mean[series] += increment
             variance[series] = np.where(seen == 0, 0.0, (1 - alpha) * (variance[series] + difference * increment))
+            # The first reading has nothing to differ from: it sets the mean, not the spread.
+            slow = np.where(seen == 0, 0.0, np.maximum(alpha / 10, 1.0 / np.maximum(seen, 1)))
+            slow_variance[series] += slow * (difference * difference - slow_variance[series])
             count[series] = seen + 1
             last_time[series] = batch.time_us[rows][learn]
         return DetectorResult(self.name, score, flagged, reason, REASONS)

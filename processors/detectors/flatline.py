@@ -21,6 +21,7 @@ class Flatline(SeriesState):
     one per reading. Metrics in ``exclude_metrics`` (a lot's capacity, a bay's occupied flag)
     are left alone. State per series: last value, run length, last time: 24 bytes."""
 
+    applies_to: tuple[str, ...] = ()
     name = "flatline"
 
     def __init__(self, settings: DetectorSettings) -> None:

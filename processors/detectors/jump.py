@@ -22,6 +22,7 @@ class Jump(SeriesState):
     the new level is flagged once, at the jump. State per series: last value, mean step, count,
     last time: 32 bytes."""
 
+    applies_to: tuple[str, ...] = ()
     name = "jump"
 
     def __init__(self, settings: DetectorSettings) -> None:

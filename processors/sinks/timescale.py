@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from citytel import metrics
 from citytel.errors import PermanentError, RetryableError
 from config import Settings
-from processors.batch import DetectorResult, ReadingBatch
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from processors.series import SeriesIndex
 from processors.sinks import register_sink
 from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
@@ -71,18 +71,26 @@ class TimescaleSink:
         try:
             connection = await self._connect()
             async with connection.transaction():
-                new_series, new_ids = await self._resolve_series(connection, batch.series)
+                events = [result.events for result in results if result.events is not None and len(result.events)]
+                # A swept series may be one this process has not seen since it restored its
+                # state: it needs its id too.
+                every_series = np.concatenate([batch.series, *(event.series for event in events)])
+                new_series, new_ids = await self._resolve_series(connection, every_series)
                 # Ids of series first seen here live only in this transaction until it commits:
                 # the shared index learns them after the commit, never from a rolled-back one.
-                series_id = self._index.db_id.view[batch.series]
+                series_id = self._index.db_id.view[every_series]
                 if len(new_series):
-                    position = np.minimum(np.searchsorted(new_series, batch.series), len(new_series) - 1)
-                    is_new = new_series[position] == batch.series
+                    position = np.minimum(np.searchsorted(new_series, every_series), len(new_series) - 1)
+                    is_new = new_series[position] == every_series
                     series_id[is_new] = new_ids[position[is_new]]
-                readings = await self._copy_readings(connection, batch, series_id)
+                readings = await self._copy_readings(connection, batch, series_id[: len(batch)])
                 anomalies = 0
                 for result in results:
-                    anomalies += await self._copy_anomalies(connection, batch, series_id, result)
+                    anomalies += await self._copy_anomalies(connection, batch, series_id[: len(batch)], result)
+                start = len(batch)
+                for event in events:
+                    anomalies += await self._copy_events(connection, event, series_id[start : start + len(event)])
+                    start += len(event)
         except _PERMANENT as error:
             metrics.ERRORS.labels(STAGE, "permanent").inc()
             raise PermanentError("database_rejected", str(error)) from error
@@ -98,7 +106,8 @@ class TimescaleSink:
         metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
         # Counted only once the batch is committed: a retried or refused batch counts nothing.
         for result in results:
-            metrics.ANOMALIES.labels(result.detector).inc(int(result.flagged.sum()))
+            found = int(result.flagged.sum()) + (len(result.events) if result.events is not None else 0)
+            metrics.ANOMALIES.labels(result.detector).inc(found)
 
     async def _resolve_series(
         self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
@@ -182,6 +191,36 @@ class TimescaleSink:
                         Column("float4", result.score[group]),
                         Column("text", constant=result.reasons[int(code)].encode()),
                         Column("float8", batch.value[group]),
+                    ],
+                    len(group),
+                )
+            )
+        parts.append(COPY_TRAILER)
+        async with connection.cursor() as cursor:
+            async with cursor.copy("COPY anomalies_stage FROM STDIN (FORMAT BINARY)") as copy:
+                await copy.write(b"".join(parts))
+            await cursor.execute(
+                "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
+                " SELECT * FROM anomalies_stage ON CONFLICT DO NOTHING"
+            )
+            return cursor.rowcount
+
+    async def _copy_events(
+        self, connection: psycopg.AsyncConnection, events: AnomalyEvents, series_id: NDArray[np.generic]
+    ) -> int:
+        """Anomalies no reading carries (a dropout): no value, so NaN."""
+        parts = [COPY_HEADER]
+        for code in np.unique(events.reason):
+            group = np.flatnonzero(events.reason == code)
+            parts.append(
+                copy_body(
+                    [
+                        Column("timestamptz", events.time_us[group]),
+                        Column("int4", series_id[group]),
+                        Column("text", constant=events.detector.encode()),
+                        Column("float4", events.score[group]),
+                        Column("text", constant=events.reasons[int(code)].encode()),
+                        Column("float8", np.full(len(group), np.nan)),
                     ],
                     len(group),
                 )

@@ -194,3 +194,35 @@ def test_rows_the_database_refuses_for_good_are_dead_lettered_and_the_rest_writt
     assert headers["citytel-reason-code"] == b"database_rejected"
     assert b"plausible" in headers["citytel-reason"]
     assert b'"value": 950.0' in dead[0].value
+
+
+def test_a_silent_device_raises_one_dropout_stamped_when_it_went_quiet(
+    settings: Settings, database: ScratchDatabase, tmp_path: Path
+) -> None:
+    prepare(settings, database)
+    records = envelopes(0, 200, set(), seed=7)
+    # air-000 goes quiet after step 99 while the other 39 go on for 100 more seconds.
+    silent = [(key, value) for key, value in records if key != b"air-000" or decode_step(value) < 100]
+    produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, silent)
+    timeout_us = int(settings.detector("dropout").min_silence_seconds * 1e6)  # 5 one-second intervals are less
+
+    def dropouts() -> list[tuple[str, int, str, float]]:
+        with database.connect() as connection:
+            rows = connection.execute(
+                "SELECT device_id, (extract(epoch FROM time) * 1e6)::bigint, reason, value"
+                " FROM anomalies_named WHERE detector = 'dropout'"
+            ).fetchall()
+        return [(device, int(time_us), reason, value) for device, time_us, reason, value in rows]
+
+    with citytel_process(settings, tmp_path, "process"):
+        wait_for(lambda: len(dropouts()) >= 1, timeout=60, what="a dropout anomaly")
+        time.sleep(1.0)  # nothing more may follow
+    [(device, time_us, reason, value)] = dropouts()
+    assert (device, time_us, reason) == ("air-000", START_US + 99 * 1_000_000 + timeout_us, "dropout")
+    assert value != value, "a dropout carries no reading: its value is NaN"
+
+
+def decode_step(value: bytes) -> int:
+    from ingest.envelope import decode_envelope
+
+    return decode_envelope(value).sequence

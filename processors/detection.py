@@ -1,0 +1,75 @@
+"""The detection stage: the series index and the configured detectors, run over each batch.
+
+Shared by the Kafka processor and the offline evaluation (``citytel eval``), so both score
+exactly the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from config import Settings
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
+from processors.detectors import Detector, Sweeper, build_detector
+from processors.series import SeriesIndex
+
+__all__ = ["DetectionStage"]
+
+_NO_CLOCK = np.iinfo(np.int64).min
+
+
+class DetectionStage:
+    def __init__(self, settings: Settings) -> None:
+        self.index = SeriesIndex(settings.processor.max_series)
+        self.detectors: list[Detector] = [
+            build_detector(name, settings.detector(name)) for name in settings.processor.detectors
+        ]
+        # Per Kafka partition: the stream's clock, as far as this process has read it.
+        self._partition_now_us: dict[int, int] = {}
+
+    def detect(self, batch: ReadingBatch, partitions: set[int] | None = None) -> list[DetectorResult]:
+        """Every detector's verdict on the batch; sweeping detectors also report what they find
+        among the series of ``partitions`` (None: all), each by its own partition's clock."""
+        results = [detector.process(batch, len(self.index)) for detector in self.detectors]
+        if not len(batch) or not any(isinstance(detector, Sweeper) for detector in self.detectors):
+            return results
+        # A partition's clock: the 90th percentile of its newest records' times, never going
+        # back. Per partition, since partitions are read unevenly (one may be far behind in a
+        # backlog); a percentile, so one device with a fast clock does not silence the others,
+        # and a high one, so the last batch of a backlog brings the clock near its end.
+        batch_partitions = self.index.partition.view[batch.series]
+        for partition in np.unique(batch_partitions).tolist():
+            times = batch.time_us[batch_partitions == partition]
+            self._partition_now_us[partition] = max(
+                self._partition_now_us.get(partition, 0), int(np.percentile(times, 90))
+            )
+        # Indexed by partition; the last slot stays clockless and serves series with no
+        # partition yet (-1) and partitions this process does not hold.
+        clock = np.full(max(self._partition_now_us) + 2, _NO_CLOCK, np.int64)
+        for partition, now_us in self._partition_now_us.items():
+            if partitions is None or partition in partitions:
+                clock[partition] = now_us
+        now_us = clock[np.minimum(self.index.partition.view, len(clock) - 1)]
+        for position, detector in enumerate(self.detectors):
+            if isinstance(detector, Sweeper):
+                events = detector.sweep(now_us)
+                if len(events):
+                    results[position] = dataclasses.replace(
+                        results[position], events=merge_events(results[position].events, events)
+                    )
+        return results
+
+
+def merge_events(first: AnomalyEvents | None, second: AnomalyEvents) -> AnomalyEvents:
+    if first is None or not len(first):
+        return second
+    return AnomalyEvents(
+        second.detector,
+        np.concatenate([first.series, second.series]),
+        np.concatenate([first.time_us, second.time_us]),
+        np.concatenate([first.score, second.score]),
+        np.concatenate([first.reason, second.reason]),
+        second.reasons,
+    )

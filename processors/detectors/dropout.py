@@ -1,0 +1,140 @@
+"""Gaps: a series that has gone silent for much longer than its usual reporting interval."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from config import DetectorSettings
+from processors.batch import DetectorResult, ReadingBatch
+from processors.detectors import AnomalyEvents, SeriesState, register_detector, rounds_in_time_order
+from processors.series import GrowableArray
+
+__all__ = ["Dropout"]
+
+REASONS = ("", "dropout")
+_NEVER = np.iinfo(np.int64).min
+
+
+@register_detector("dropout")
+class Dropout(SeriesState):
+    """Learns each series' reporting interval from its readings (an exponentially weighted mean
+    of the gaps); a periodic ``sweep`` then raises one ``dropout`` per silence for every series
+    quiet for ``timeout_factor`` intervals (at least ``min_silence_seconds``). A silence that
+    opens and closes within one batch (a backlog read after an outage) is found when the
+    reading that ends it is processed. The anomaly is
+    stamped at the moment the silence crossed that timeout, so a replay after a crash stamps it
+    the same and the database keeps it once. The clock is the stream's, not the wall's: replayed
+    or simulated history behaves as live data. Readings themselves are never flagged. State per
+    series: last time, interval, count, silent flag: 25 bytes."""
+
+    applies_to: tuple[str, ...] = ()
+    name = "dropout"
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        self.alpha = settings.alpha
+        self.warmup = settings.warmup
+        self.factor = settings.timeout_factor
+        self.min_silence_us = int(settings.min_silence_seconds * 1e6)
+        self.sweep_every_us = int(settings.sweep_interval_seconds * 1e6)
+        self.include = list(settings.metrics)
+        self.exclude = list(settings.exclude_metrics)
+        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
+        self.interval_us = GrowableArray(np.float64)
+        self.count = GrowableArray(np.int64)
+        self.silent = GrowableArray(np.bool_)
+        self.state = {
+            "last_time_us": self.last_time_us,
+            "interval_us": self.interval_us,
+            "count": self.count,
+            "silent": self.silent,
+        }
+        self._last_sweep_us = _NEVER
+
+    def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
+        self._grow(series_count)
+        last_time, interval, count, silent = (
+            self.last_time_us.view,
+            self.interval_us.view,
+            self.count.view,
+            self.silent.view,
+        )
+        applies = np.isfinite(batch.value) & ~batch.metric_mask(self.exclude)
+        if self.include:
+            applies &= batch.metric_mask(self.include)
+        found_series: list[NDArray[np.int64]] = []
+        found_time: list[NDArray[np.int64]] = []
+        found_score: list[NDArray[np.float32]] = []
+        for rows in rounds_in_time_order(batch.series, batch.time_us):
+            rows = rows[applies[rows]]
+            series, time_us = batch.series[rows], batch.time_us[rows]
+            fresh = time_us > last_time[series]
+            series, time_us = series[fresh], time_us[fresh]
+            seen = count[series]
+            gap = (time_us - last_time[series]).astype(np.float64)
+            # A silence that began and ended within this batch: no sweep saw it open.
+            timeout = np.maximum(self.factor * interval[series], self.min_silence_us)
+            closed = (seen > self.warmup) & ~silent[series] & (gap >= timeout)
+            if closed.any():
+                found_series.append(series[closed])
+                found_time.append(last_time[series[closed]] + timeout[closed].astype(np.int64))
+                found_score.append((gap[closed] / (gap[closed] + timeout[closed])).astype(np.float32))
+            weight = np.maximum(self.alpha, 1.0 / np.maximum(seen, 1))
+            # An outage is not the device's rhythm: gaps past the timeout are not learned.
+            learn = (seen > 0) & ((gap < timeout) | (seen <= self.warmup))
+            interval[series] = np.where(
+                learn, interval[series] + weight * (gap - interval[series]), np.where(seen > 0, interval[series], 0.0)
+            )
+            count[series] = seen + 1
+            last_time[series] = time_us
+            silent[series] = False  # it spoke: a later silence is a new dropout
+        size = len(batch)
+        events = None
+        if found_series:
+            found = np.concatenate(found_series)
+            events = AnomalyEvents(
+                self.name,
+                found,
+                np.concatenate(found_time),
+                np.concatenate(found_score),
+                np.ones(len(found), np.uint8),
+                REASONS,
+            )
+        return DetectorResult(
+            self.name, np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8), REASONS, events
+        )
+
+    def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
+        self._grow(len(now_us))
+        nothing = AnomalyEvents(
+            self.name,
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+            np.empty(0, np.float32),
+            np.empty(0, np.uint8),
+            REASONS,
+        )
+        latest = int(now_us.max()) if len(now_us) else _NEVER
+        if latest == _NEVER or latest - self._last_sweep_us < self.sweep_every_us:
+            return nothing
+        self._last_sweep_us = latest
+        size = len(now_us)
+        last_time = self.last_time_us.view[:size]
+        timeout = np.maximum(self.factor * self.interval_us.view[:size], self.min_silence_us).astype(np.int64)
+        owned = now_us > _NEVER
+        quiet = np.where(owned, now_us - last_time, 0)
+        found = np.flatnonzero(
+            owned & (self.count.view[:size] > self.warmup) & ~self.silent.view[:size] & (quiet >= timeout)
+        )
+        if not len(found):
+            return nothing
+        self.silent.view[found] = True
+        score = (quiet[found] / (quiet[found] + timeout[found])).astype(np.float32)
+        return AnomalyEvents(
+            self.name,
+            found.astype(np.int64),
+            last_time[found] + timeout[found],
+            score,
+            np.ones(len(found), np.uint8),
+            REASONS,
+        )
