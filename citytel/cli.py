@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from citytel.stack import StackError
@@ -126,7 +127,7 @@ def _simulate(arguments: argparse.Namespace) -> int:
     import time
 
     from citytel import metrics
-    from citytel.simulate import City, publish
+    from citytel.simulate import City, Message, publish, replay_csv
 
     settings = _settings(arguments)
     simulator = settings.simulator
@@ -134,10 +135,26 @@ def _simulate(arguments: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = metrics.serve_metrics(settings.metrics.host, settings.metrics.simulator_port)
-    city = City(simulator.devices_per_kind, simulator.seed, settings.mqtt.topic_prefix, simulator.spike_probability)
+    city = City(
+        simulator.devices_per_kind,
+        arguments.seed if arguments.seed is not None else simulator.seed,
+        settings.mqtt.topic_prefix,
+        simulator.spike_probability,
+        fault_rate=arguments.fault_rate,
+        codec=arguments.codec,
+    )
+    messages: Iterator[Message] = city.messages(time.time(), clock=time.time)
+    if arguments.replay is not None:
+        messages = replay_csv(
+            arguments.replay,
+            arguments.replay_device,
+            kind=arguments.replay_kind,
+            metric=arguments.replay_metric,
+            topic_prefix=settings.mqtt.topic_prefix,
+        )
     try:
         sent = publish(
-            city.messages(time.time(), clock=time.time),
+            messages,
             settings.mqtt.host,
             settings.mqtt.port,
             qos=arguments.qos,
@@ -149,7 +166,67 @@ def _simulate(arguments: argparse.Namespace) -> int:
         )
     finally:
         server.shutdown()
-    print(f"published {sent} messages")
+        if arguments.labels is not None:
+            city.write_labels(arguments.labels)
+    print(
+        f"published {sent} messages"
+        + (f"; {len(city.labels)} labelled faults in {arguments.labels}" if arguments.labels else "")
+    )
+    return 0
+
+
+def _eval(arguments: argparse.Namespace) -> int:
+    import json
+
+    settings = _settings(arguments)
+    results: dict[str, object] = {}
+    if arguments.corpus in ("simulated", "all"):
+        from citytel.evaluate import simulated_run
+
+        scores, messages, found = simulated_run(
+            settings,
+            devices_per_kind=arguments.devices,
+            hours=arguments.hours,
+            interval_s=arguments.interval,
+            fault_rate=arguments.fault_rate,
+            seed=arguments.seed,
+        )
+        print(f"simulated city: {messages} messages, {found} anomalies; per fault type:")
+        print(
+            f"  {'fault':22} {'labels':>6} {'found':>6} {'precision':>9} {'recall':>7} {'F1':>6} {'median delay':>12}"
+        )
+        for score in scores:
+            print(
+                f"  {score.fault:22} {score.labels:6d} {score.detected:6d} {score.precision:9.3f}"
+                f" {score.recall:7.3f} {score.f1:6.3f} {score.median_delay_s:11.0f}s"
+            )
+        results["simulated"] = [
+            {
+                "fault": score.fault,
+                "labels": score.labels,
+                "detected": score.detected,
+                "precision": score.precision,
+                "recall": score.recall,
+                "f1": score.f1,
+                "median_delay_s": score.median_delay_s,
+            }
+            for score in scores
+        ]
+    if arguments.corpus in ("nab", "all"):
+        from citytel.nab import load_corpus, load_weights, run_detector, score_corpus
+
+        corpus = load_corpus(arguments.nab)
+        weights = load_weights(arguments.nab, arguments.profile)
+        print(f"NAB ({len(corpus)} files, {arguments.profile} profile):")
+        nab: dict[str, object] = {}
+        for name in arguments.detectors:
+            scores_per_file = [run_detector(name, settings.detector(name), file) for file in corpus]
+            normalised, threshold, raw = score_corpus(corpus, scores_per_file, weights)
+            print(f"  {name:18} score {normalised:6.1f}  (threshold {threshold:.3f}, raw {raw:.2f})")
+            nab[name] = {"score": normalised, "threshold": threshold, "raw": raw}
+        results["nab"] = nab
+    if arguments.output is not None:
+        arguments.output.write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -218,7 +295,30 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--count", type=int, default=None)
     simulate.add_argument("--duration", type=float, default=None, help="seconds")
     simulate.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    simulate.add_argument("--seed", type=int, default=None, help="default: config")
+    simulate.add_argument("--codec", choices=["json", "senml", "fiware"], default="json", help="payload format")
+    simulate.add_argument("--fault-rate", type=float, default=0.0, help="chance per device and reading of a fault")
+    simulate.add_argument("--labels", type=Path, default=None, help="write the injected faults here (JSON lines)")
+    simulate.add_argument("--replay", type=Path, default=None, help="publish a timestamp,value CSV instead")
+    simulate.add_argument("--replay-device", default="traffic-replay")
+    simulate.add_argument("--replay-kind", default="traffic")
+    simulate.add_argument("--replay-metric", default="occupancy")
     simulate.set_defaults(handler=_simulate)
+
+    evaluate = commands.add_parser("eval", help="score the detectors against labelled faults and NAB data")
+    evaluate.add_argument("corpus", choices=["simulated", "nab", "all"], nargs="?", default="all")
+    evaluate.add_argument("--devices", type=int, default=24, help="simulated devices of each sort")
+    evaluate.add_argument("--hours", type=float, default=48.0, help="simulated hours")
+    evaluate.add_argument("--interval", type=float, default=60.0, help="seconds between a device's readings")
+    evaluate.add_argument("--fault-rate", type=float, default=0.002)
+    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument("--nab", type=Path, default=Path("../shared/data/nab"), help="NAB-format corpus")
+    evaluate.add_argument(
+        "--profile", default="standard", choices=["standard", "reward_low_FP_rate", "reward_low_FN_rate"]
+    )
+    evaluate.add_argument("--detectors", nargs="+", default=["ewma_zscore", "jump", "traffic_profile"])
+    evaluate.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", help="measure citytel against bare references, in one run")
     bench.add_argument("scenario", choices=["bridge", "codecs", "processor", "detectors"])
