@@ -242,6 +242,31 @@ def _bench(arguments: argparse.Namespace) -> int:
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
 
 
+def _alerts(arguments: argparse.Namespace) -> int:
+    settings = _settings(arguments)
+    if arguments.action == "run":
+        from processors.alerts.engine import run_alerter
+
+        run_alerter(settings)
+        return 0
+    from citytel import alerts
+
+    if arguments.action == "tail":
+        if not arguments.department:
+            print("citytel alerts tail: --department is required", file=sys.stderr)
+            return 2
+        alerts.tail(
+            settings,
+            arguments.department,
+            from_beginning=arguments.from_beginning,
+            count=arguments.count,
+            as_json=arguments.json,
+        )
+        return 0
+    alerts.list_alerts(settings, only_open=arguments.open, as_json=arguments.json)
+    return 0
+
+
 def _run(arguments: argparse.Namespace) -> int:
     from citytel import localstack
 
@@ -304,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--replay-kind", default="traffic")
     simulate.add_argument("--replay-metric", default="occupancy")
     simulate.set_defaults(handler=_simulate)
+
+    alerts = commands.add_parser("alerts", help="alerts for city departments")
+    alerts.add_argument("action", choices=["run", "tail", "list"], help="run: the alerter process")
+    alerts.add_argument("--department", default="", help="tail: whose feed")
+    alerts.add_argument("--from-beginning", action="store_true", help="tail: past alerts first")
+    alerts.add_argument("--count", type=int, default=None, help="tail: stop after this many")
+    alerts.add_argument("--open", action="store_true", help="list: open alerts only")
+    alerts.add_argument("--json", action="store_true")
+    alerts.set_defaults(handler=_alerts)
 
     evaluate = commands.add_parser("eval", help="score the detectors against labelled faults and NAB data")
     evaluate.add_argument("corpus", choices=["simulated", "nab", "all"], nargs="?", default="all")

@@ -68,6 +68,7 @@ def up(settings: Settings) -> None:
                 "citytel-bridge": f"{metrics.host}:{metrics.bridge_port}",
                 "citytel-processor": f"{metrics.host}:{metrics.processor_port}",
                 "citytel-simulator": f"{metrics.host}:{metrics.simulator_port}",
+                "citytel-alerter": f"{metrics.host}:{metrics.alerter_port}",
             },
             settings.stack.scrape_interval_seconds,
         ),
@@ -157,12 +158,14 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
     children = {
         "processor": _spawn(["process"], config_path, log_dir, "processor"),
         "bridge": _spawn(["bridge"], config_path, log_dir, "bridge"),
+        "alerter": _spawn(["alerts", "run"], config_path, log_dir, "alerter"),
     }
     time.sleep(2.0)
-    children["simulator"] = _spawn(["simulate"], config_path, log_dir, "simulator")
+    # A few faults per hour and device: the detectors and alerts have something to find.
+    children["simulator"] = _spawn(["simulate", "--fault-rate", "0.0005"], config_path, log_dir, "simulator")
     simulator = settings.simulator
     _say(
-        f"simulating {3 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"
+        f"simulating {4 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"
         f" logs in {log_dir}; Ctrl-C stops"
     )
     started = time.monotonic()
@@ -176,26 +179,33 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
                     _say(f"{name} exited with code {child.returncode}; see {log_dir / (name + '.log')}")
                     return 1
             now = time.monotonic()
-            current = scrape(settings.metrics.bridge_port) | scrape(settings.metrics.processor_port)
+            bridge = scrape(settings.metrics.bridge_port)
+            current: dict[str, float] = {}
+            for scraped in (bridge, scrape(settings.metrics.processor_port), scrape(settings.metrics.alerter_port)):
+                for key, value in scraped.items():
+                    current[key] = current.get(key, 0.0) + value
+            # MQTT in: the bridge's own count, not summed with the processor's.
+            current["mqtt_in"] = bridge.get("citytel_stage_received_total", 0.0)
             elapsed = max(now - previous_time, 1e-9)
 
             def rate(key: str, now_values: dict[str, float] = current) -> float:
                 return (now_values.get(key, 0.0) - previous.get(key, 0.0)) / elapsed  # noqa: B023
 
             print(
-                f"{now - started:6.0f}s | MQTT in {rate('citytel_stage_received_total'):7.0f} msg/s"
+                f"{now - started:6.0f}s | MQTT in {rate('mqtt_in'):7.0f} msg/s"
                 f" | readings written {current.get('citytel_rows_written_total:readings', 0):>10,.0f}"
                 f" ({rate('citytel_rows_written_total:readings'):6.0f}/s)"
                 f" | anomalies {current.get('citytel_rows_written_total:anomalies', 0):>6,.0f}"
                 f" | dead letters {current.get('citytel_stage_deadlettered_total', 0):>5,.0f}"
-                f" | lag {current.get('citytel_consumer_lag_records', 0):>6,.0f}",
+                f" | lag {current.get('citytel_consumer_lag_records', 0):>6,.0f}"
+                f" | alerts {current.get('citytel_alert_transitions_total', 0):>4,.0f}",
                 flush=True,
             )
             previous, previous_time = current, now
     except KeyboardInterrupt:
         print()
     finally:
-        for name in ("simulator", "bridge", "processor"):
+        for name in ("simulator", "bridge", "processor", "alerter"):
             process = children.get(name)
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -204,7 +214,7 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        _say("simulator, bridge and processor stopped; the stack keeps running (`make down` stops it)")
+        _say("simulator, bridge, processor and alerter stopped; the stack keeps running (`make down` stops it)")
     with psycopg.connect(settings.database.conninfo()) as connection:
         readings, anomalies = connection.execute(
             "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM anomalies)"

@@ -20,6 +20,8 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "ALERTS_PUBLISHED",
+    "ALERT_TRANSITIONS",
     "ANOMALIES",
     "BATCH_DURATION",
     "BATCH_SIZE",
@@ -30,6 +32,7 @@ __all__ = [
     "DEADLETTER_REASONS",
     "END_TO_END_LATENCY",
     "ERRORS",
+    "OPEN_ALERTS",
     "RECEIVED",
     "RETRIES",
     "ROWS_WRITTEN",
@@ -110,6 +113,13 @@ END_TO_END_LATENCY = BulkHistogram(
     "From the bridge receiving a reading to its row being committed in the database.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+ALERT_TRANSITIONS = Counter(
+    "citytel_alert_transitions_total", "Alert transitions decided, by rule and state.", ["rule", "state"]
+)
+ALERTS_PUBLISHED = Counter(
+    "citytel_alerts_published_total", "Alert messages sent, by department and transport.", ["department", "transport"]
+)
+OPEN_ALERTS = Gauge("citytel_alerts_open_items", "Alerts open now, by rule.", ["rule"])
 SIMULATOR_PUBLISHED = Counter("citytel_simulator_published_total", "Messages the simulator published.", ["kind"])
 
 

@@ -7,8 +7,11 @@ file names an environment variable or a file that holds them, and ``repr`` never
 """
 
 from config.schema import (
+    AlertRule,
+    AlertSettings,
     ConfigError,
     DatabaseSettings,
+    Department,
     DetectorSettings,
     IngestSettings,
     KafkaSettings,
@@ -28,8 +31,11 @@ from config.schema import (
 )
 
 __all__ = [
+    "AlertRule",
+    "AlertSettings",
     "ConfigError",
     "DatabaseSettings",
+    "Department",
     "DetectorSettings",
     "IngestSettings",
     "KafkaSettings",

@@ -188,6 +188,7 @@ class MetricsSettings(_Strict, frozen=True):
     bridge_port: int = 9464
     processor_port: int = 9465
     simulator_port: int = 9466
+    alerter_port: int = 9467
 
 
 class MetricRange(_Strict, frozen=True):
@@ -225,6 +226,58 @@ class StackSettings(_Strict, frozen=True):
     scrape_interval_seconds: int = 2
 
 
+class AlertRule(_Strict, frozen=True):
+    """When anomalies become an alert. Anomalies of ``detector`` (optionally only ``reasons``,
+    only devices of ``kinds``) are grouped per ``scope`` ("district" or "device") into windows of
+    ``window_minutes`` of event time. An alert opens when ``consecutive`` windows in a row (the
+    latest ending now or one window ago) hold anomalies, updates when its severity changes, and
+    resolves when no anomaly came for ``clear_minutes``. With ``silent_minutes`` > 0 the rule is
+    about silence instead: it opens once the device has sent nothing for that long (and the
+    detector said so), and resolves when the device reports again. A resolved alert of the same
+    scope does not reopen within ``cooldown_minutes``."""
+
+    detector: str
+    scope: str = "device"
+    kinds: list[str] = msgspec.field(default_factory=list)
+    reasons: list[str] = msgspec.field(default_factory=list)
+    window_minutes: float = 10.0
+    consecutive: int = 1
+    clear_minutes: float = 30.0
+    silent_minutes: float = 0.0
+    cooldown_minutes: float = 0.0
+    # CAP 1.2 fields of the alert's info block.
+    event: str = ""
+    category: str = "Other"  # Geo Met Safety Security Rescue Fire Health Env Transport Infra CBRNE Other
+    urgency: str = "Expected"
+    certainty: str = "Observed"
+    severity: str = "Moderate"  # Extreme Severe Moderate Minor Unknown
+    # Per anomaly reason, a different severity (the highest among the latest window's wins).
+    severities: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Department(_Strict, frozen=True):
+    """Who gets which alerts: by rule, district (empty: all) and a minimum severity."""
+
+    rules: list[str]
+    districts: list[str] = msgspec.field(default_factory=list)
+    min_severity: str = "Minor"
+
+
+class AlertSettings(_Strict, frozen=True):
+    sender: str = "citytel@city.example"  # CAP sender
+    interval_seconds: float = 5.0  # how often the rules are evaluated
+    kafka_topic_prefix: str = "alerts."  # topic per department: alerts.<department>
+    mqtt_topic_prefix: str = "city/alerts"  # <prefix>/<department>/<district>
+    mqtt_retain: bool = True  # the latest state of each department and district stays on the broker
+    mqtt_client_id: str = "citytel-alerter"
+    # Event time the alerter stays behind the newest reading, so that slower partitions have
+    # written their anomalies before a rule looks at that time.
+    lateness_seconds: float = 120.0
+    step_seconds: float = 60.0  # event-time step of the evaluation
+    rules: dict[str, AlertRule] = msgspec.field(default_factory=dict)
+    departments: dict[str, Department] = msgspec.field(default_factory=dict)
+
+
 class Settings(_Strict, frozen=True):
     stack: StackSettings = msgspec.field(default_factory=StackSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
@@ -237,6 +290,7 @@ class Settings(_Strict, frozen=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -258,6 +312,7 @@ def _validate(settings: Settings) -> None:
         ("metrics.bridge_port", settings.metrics.bridge_port),
         ("metrics.processor_port", settings.metrics.processor_port),
         ("metrics.simulator_port", settings.metrics.simulator_port),
+        ("metrics.alerter_port", settings.metrics.alerter_port),
     ):
         if not 0 <= port <= 65535:
             problems.append(f"{name}={port} is not a TCP port")
@@ -273,6 +328,21 @@ def _validate(settings: Settings) -> None:
         problems.append("kafka.partitions must be at least 1")
     if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:
         problems.append("processor.max_batch_records and max_batch_wait_ms must be positive")
+    severities = ("Extreme", "Severe", "Moderate", "Minor", "Unknown")
+    for name, rule in settings.alerts.rules.items():
+        if rule.scope not in ("district", "device"):
+            problems.append(f'alerts.rules.{name}.scope={rule.scope!r}: use "district" or "device"')
+        for severity in (rule.severity, *rule.severities.values()):
+            if severity not in severities:
+                problems.append(f"alerts.rules.{name}: severity {severity!r} is not one of CAP's {severities}")
+        if rule.consecutive < 1 or rule.window_minutes <= 0:
+            problems.append(f"alerts.rules.{name}: consecutive must be >= 1 and window_minutes > 0")
+    for name, department in settings.alerts.departments.items():
+        for rule_name in department.rules:
+            if rule_name not in settings.alerts.rules:
+                problems.append(f"alerts.departments.{name}: no rule named {rule_name!r}")
+        if department.min_severity not in severities:
+            problems.append(f"alerts.departments.{name}.min_severity={department.min_severity!r}")
     for name, detector in settings.detectors.items():
         if detector.standard not in ("hj633", "us_epa"):
             problems.append(f'detectors.{name}.standard={detector.standard!r}: use "hj633" or "us_epa"')

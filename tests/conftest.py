@@ -117,5 +117,11 @@ def settings(mqtt_port: int, kafka_bootstrap: str, database: ScratchDatabase) ->
         "bridge_port": stack.free_port(),
         "processor_port": stack.free_port(),
         "simulator_port": stack.free_port(),
+        "alerter_port": stack.free_port(),
+    }
+    data["alerts"] |= {
+        "kafka_topic_prefix": f"test.{unique}.alerts.",
+        "mqtt_topic_prefix": f"test-{unique}/alerts",
+        "mqtt_client_id": f"alerter-{unique}",
     }
     return parse_settings(data, "test settings")

@@ -64,10 +64,15 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3]
+        assert [m.version for m in applied] == [1, 2, 3, 4]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
-        assert rows == [(1, "initial"), (2, "registry_rollups_views"), (3, "detector_state")]
+        assert rows == [
+            (1, "initial"),
+            (2, "registry_rollups_views"),
+            (3, "detector_state"),
+            (4, "alert_lifecycle"),
+        ]
         hypertables = {
             row[0]
             for row in connection.execute("SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()

@@ -1,0 +1,98 @@
+"""Operators' view of alerts: follow a department's feed live, list open alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from typing import TextIO
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from config import Settings
+
+__all__ = ["list_alerts", "tail"]
+
+
+def _line(message: dict[str, object]) -> str:
+    where = f"{message['district']}" + (f"/{message['device_id']}" if message.get("device_id") else "")
+    return (
+        f"{message['time']}  {str(message['state']).upper():7} {message['severity']:8} {where:28}"
+        f" {message['event']}  [{message['alert_id']} #{message['sequence']}]"
+    )
+
+
+def tail(
+    settings: Settings,
+    department: str,
+    *,
+    from_beginning: bool = False,
+    count: int | None = None,
+    as_json: bool = False,
+    idle_seconds: float | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print a department's alert messages as they come (all past ones too with
+    ``from_beginning``); stop after ``count`` messages, ``idle_seconds`` without one, or Ctrl-C."""
+    topic = f"{settings.alerts.kafka_topic_prefix}{department}"
+
+    async def follow() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        shown = 0
+        try:
+            partition = TopicPartition(topic, 0)
+            consumer.assign([partition])
+            if from_beginning:
+                await consumer.seek_to_beginning(partition)
+            else:
+                await consumer.seek_to_end(partition)
+            idle = 0.0
+            while not stop.is_set() and (count is None or shown < count):
+                batches = await consumer.getmany(timeout_ms=500)
+                if not batches:
+                    idle += 0.5
+                    if idle_seconds is not None and idle >= idle_seconds:
+                        break
+                    continue
+                idle = 0.0
+                for records in batches.values():
+                    for record in records:
+                        message = json.loads(record.value)
+                        print(
+                            json.dumps(message, ensure_ascii=False) if as_json else _line(message), file=out, flush=True
+                        )
+                        shown += 1
+        finally:
+            await consumer.stop()
+        return shown
+
+    return asyncio.run(follow())
+
+
+def list_alerts(settings: Settings, *, only_open: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
+    with psycopg.connect(settings.database.conninfo()) as connection:
+        rows = connection.execute(
+            "SELECT alert_id, rule, state, severity, district, device_id, opened_at, changed_at, sequence, departments"
+            " FROM alert_state WHERE NOT %s OR state = 'open' ORDER BY changed_at DESC",
+            (only_open,),
+        ).fetchall()
+    if as_json:
+        for row in rows:
+            keys = ("alert_id", "rule", "state", "severity", "district", "device_id", "opened_at", "changed_at")
+            record = dict(zip(keys, row[:8], strict=True))
+            record.update(sequence=row[8], departments=row[9])
+            print(json.dumps(record, default=str, ensure_ascii=False), file=out)
+        return len(rows)
+    print(f"{'state':8} {'severity':8} {'rule':24} {'where':28} {'opened (event time)':26} departments", file=out)
+    for alert_id, rule, state, severity, district, device_id, opened, _changed, _sequence, departments in rows:
+        where = district + (f"/{device_id}" if device_id else "")
+        print(f"{state:8} {severity:8} {rule:24} {where:28} {opened!s:26} {','.join(departments)}", file=out)
+        del alert_id
+    return len(rows)
