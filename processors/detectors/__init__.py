@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from config import DetectorSettings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, rounds_in_time_order
 from processors.series import GrowableArray
 
 __all__ = [
@@ -104,35 +104,6 @@ def build_detector(name: str, settings: DetectorSettings) -> Detector:
     except KeyError:
         raise ValueError(f"no detector named {name!r}; known: {sorted(DETECTORS)}") from None
     return factory(settings)
-
-
-def rounds_in_time_order(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> list[NDArray[np.int64]]:
-    """Split a batch's row indices into rounds: round k holds the k-th reading (by time) of every
-    series that has one. Within a round each series appears at most once, so a stateful update can
-    be applied to the whole round with fancy indexing; rounds run in order, so every series sees
-    its readings in time order. The number of rounds is the most readings any one series has in
-    the batch, not the batch size.
-    """
-    count = len(series)
-    if count == 0:
-        return []
-    # Fast path: no series twice in the batch, so one round, in any order.
-    if np.bincount(series).max() == 1:
-        return [np.arange(count, dtype=np.int64)]
-    span = int(time_us.max() - time_us.min())
-    if int(series.max()) < 1 << 22 and span < 1 << 41:
-        # One int64 key (series, then time) sorts about 4x faster than a two-key lexsort.
-        order = np.argsort((series << 41) | (time_us - time_us.min()))
-    else:
-        order = np.lexsort((time_us, series))
-    ordered = series[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    lengths = np.diff(np.r_[starts, count])
-    rank = np.arange(count) - np.repeat(starts, lengths)
-    # A stable sort of 16-bit ranks is a radix sort: linear in the batch size.
-    by_rank = order[np.argsort(rank.astype(np.uint16) if lengths.max() < 1 << 16 else rank, kind="stable")]
-    boundaries = np.cumsum(np.bincount(rank))
-    return np.split(by_rank, boundaries[:-1])
 
 
 def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -139,7 +139,7 @@ class Aqi(SeriesState):
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
         applies = (pollutant >= 0) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
@@ -224,7 +224,7 @@ class Exceedance(SeriesState):
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
         applies = (pollutant >= 0) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]

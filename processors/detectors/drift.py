@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector
 from processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
@@ -95,8 +95,8 @@ class Drift(SeriesState):
     def _join(self, series: NDArray[np.int64]) -> None:
         """Count these series' latest readings in their groups' sums (once per process)."""
         joining = series[~self._member.view[series] & np.isfinite(self.latest.view[series])]
-        joining = np.unique(joining)
         if len(joining):
+            joining = np.unique(joining)
             groups = self._group.view[joining]
             np.add.at(self._group_sum.view, groups, self.latest.view[joining])
             np.add.at(self._group_members.view, groups, 1)
@@ -106,10 +106,10 @@ class Drift(SeriesState):
     def _keys(batch: ReadingBatch) -> NDArray[np.int64]:
         size = len(batch)
         metric = np.zeros(size, np.int64) if batch.metric is None else batch.metric
-        district = batch.districts()
-        pairs, inverse = np.unique(np.stack([district, metric]), axis=1, return_inverse=True)
+        pairs, inverse = np.unique((batch.districts() << 16) | metric, return_inverse=True)
         keys = []
-        for district_code, metric_code in pairs.T.tolist():
+        for pair in pairs.tolist():
+            district_code, metric_code = pair >> 16, pair & 0xFFFF
             district_name = batch.district_names[district_code] if batch.district_names else str(district_code)
             metric_name = batch.metric_names[metric_code] if batch.metric_names else str(metric_code)
             keys.append(zlib.crc32(f"{district_name}/{metric_name}".encode()))
@@ -130,12 +130,14 @@ class Drift(SeriesState):
             applies &= batch.metric_mask(self.include)
         if not applies.any():
             return DetectorResult(self.name, score, flagged, reason, REASONS)
-        rows_applying = np.flatnonzero(applies)
-        keys = self._keys(batch.take(rows_applying))
-        self.group_key.view[batch.series[rows_applying]] = keys
-        self._group.view[batch.series[rows_applying]] = self._group_of(keys)
+        # A series' group never changes: only series new to this process need theirs looked up.
+        unknown = np.flatnonzero(applies & (self._group.view[batch.series] < 0))
+        if len(unknown):
+            keys = self._keys(batch.take(unknown))
+            self.group_key.view[batch.series[unknown]] = keys
+            self._group.view[batch.series[unknown]] = self._group_of(keys)
         group_sum, group_members = self._group_sum.view, self._group_members.view
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             series, time_us, value = batch.series[rows], batch.time_us[rows], batch.value[rows]
             # A late reading gets the score its series has now; it changes nothing.

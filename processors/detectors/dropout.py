@@ -7,7 +7,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import AnomalyEvents, SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import AnomalyEvents, SeriesState, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["Dropout"]
@@ -65,7 +65,7 @@ class Dropout(SeriesState):
         found_series: list[NDArray[np.int64]] = []
         found_time: list[NDArray[np.int64]] = []
         found_score: list[NDArray[np.float32]] = []
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             series, time_us = batch.series[rows], batch.time_us[rows]
             fresh = time_us > last_time[series]

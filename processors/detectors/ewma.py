@@ -6,7 +6,7 @@ import numpy as np
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["EwmaZScore"]
@@ -58,7 +58,7 @@ class EwmaZScore(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         applies = ~batch.metric_mask(self.exclude)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             series = batch.series[rows]
             value = batch.value[rows]

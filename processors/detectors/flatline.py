@@ -6,7 +6,7 @@ import numpy as np
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["Flatline"]
@@ -39,7 +39,7 @@ class Flatline(SeriesState):
         size = len(batch)
         flagged = np.zeros(size, np.bool_)
         applies = ~batch.metric_mask(self.exclude) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             # Late or repeated readings neither extend nor break a run.
             rows = rows[applies[rows] & (batch.time_us[rows] > last_time[batch.series[rows]])]
             series, value = batch.series[rows], batch.value[rows]

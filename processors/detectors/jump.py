@@ -6,7 +6,7 @@ import numpy as np
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["Jump"]
@@ -50,7 +50,7 @@ class Jump(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         applies = ~batch.metric_mask(self.exclude) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             # Steps are only defined between a series' readings in time order; late ones are
             # neither scored nor learned.
             rows = rows[applies[rows] & (batch.time_us[rows] > last_time[batch.series[rows]])]

@@ -11,7 +11,7 @@ import numpy as np
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, companion, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, companion, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
@@ -43,7 +43,7 @@ class OverCapacity(SeriesState):
         capacity = companion(batch, "capacity")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(capacity)
         excess = batch.value - capacity - self.tolerance
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             series = batch.series[rows]
             fresh = batch.time_us[rows] > last_time[series]
@@ -93,7 +93,7 @@ class BayFlapping(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
@@ -151,7 +151,7 @@ class LotStuck(SeriesState):
         # Pass 1, in time order: each row's "unchanged since" as of that row.
         since = np.full(size, _NEVER, np.int64)
         live = np.zeros(size, np.bool_)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, companion, register_detector, rounds_in_time_order
+from processors.detectors import SeriesState, companion, register_detector
 from processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
@@ -93,7 +93,7 @@ class TrafficProfile(SeriesState):
         if not applies.any():
             return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
         slot = week_slot(batch.time_us, self.offset_us)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             series, value = batch.series[rows], batch.value[rows]
             profile = self._rows_for(series)
@@ -182,7 +182,7 @@ class TrafficZero(SeriesState):
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value = batch.series[rows], batch.value[rows]
@@ -226,7 +226,7 @@ class Congestion(SeriesState):
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(occupancy)
-        for rows in rounds_in_time_order(batch.series, batch.time_us):
+        for rows in batch.rounds():
             rows = rows[applies[rows]]
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series = batch.series[rows]
