@@ -233,6 +233,10 @@ def _eval(arguments: argparse.Namespace) -> int:
 def _bench(arguments: argparse.Namespace) -> int:
     from citytel import bench
 
+    if arguments.scenario == "e2e":
+        from citytel import bench_e2e
+
+        return bench_e2e.main_e2e(arguments.messages, arguments.output, arguments.plot, arguments.step_seconds)
     if arguments.scenario == "codecs":
         return bench.main_codecs(arguments.messages, arguments.output)
     if arguments.scenario == "processor":
@@ -355,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["bridge", "codecs", "processor", "detectors"])
+    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors"])
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    bench.add_argument("--plot", type=Path, default=None, help="e2e: write a PNG of throughput and latency here")
+    bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
     bench.set_defaults(handler=_bench)
 
     run = commands.add_parser("run", help="bring the stack up and run simulated sensors end to end")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import threading
@@ -46,6 +47,12 @@ log = logging.getLogger("citytel.alerter")
 _MINUTE_US = 60_000_000
 _MAX_STEPS_PER_PASS = 5000  # a long backlog is replayed over several passes
 _PROGRESS = "alerter"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _at(time_us: int) -> dt.datetime:
+    """µs since the epoch as an exact timestamp (a float of seconds would lose the last µs)."""
+    return _EPOCH + dt.timedelta(microseconds=time_us)
 
 
 def _lookback_us(rule: AlertRule) -> int:
@@ -72,11 +79,11 @@ def _observe(
     rows = connection.execute(
         "SELECT s.district, s.device_id, (extract(epoch FROM a.time) * 1e6)::bigint, a.reason"
         " FROM anomalies a JOIN series s USING (series_id)"
-        " WHERE a.detector = %s AND a.time > to_timestamp(%s / 1e6) AND a.time <= to_timestamp(%s / 1e6)"
+        " WHERE a.detector = %s AND a.time > %s AND a.time <= %s"
         " AND (cardinality(%s::text[]) = 0 OR s.kind = ANY(%s::text[]))"
         " AND (cardinality(%s::text[]) = 0 OR a.reason = ANY(%s::text[]))"
         " ORDER BY a.time",
-        (rule.detector, since_us, until_us, rule.kinds, rule.kinds, rule.reasons, rule.reasons),
+        (rule.detector, _at(since_us), _at(until_us), rule.kinds, rule.kinds, rule.reasons, rule.reasons),
     ).fetchall()
     grouped: dict[str, list[tuple[str, str, int, str]]] = defaultdict(list)
     for district, device_id, time_us, reason in rows:
@@ -98,9 +105,9 @@ def _reading_times(
     rows = connection.execute(
         "SELECT s.device_id, array_agg(DISTINCT (extract(epoch FROM r.time) * 1e6)::bigint)"
         " FROM readings r JOIN series s USING (series_id)"
-        " WHERE s.device_id = ANY(%s) AND r.time > to_timestamp(%s / 1e6) AND r.time <= to_timestamp(%s / 1e6)"
+        " WHERE s.device_id = ANY(%s) AND r.time > %s AND r.time <= %s"
         " GROUP BY s.device_id",
-        (devices, since_us, until_us),
+        (devices, _at(since_us), _at(until_us)),
     ).fetchall()
     return {device: np.sort(np.array(times, np.int64)) for device, times in rows}
 
@@ -175,10 +182,10 @@ def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[T
         for transition, departments in stored:
             connection.execute(
                 "INSERT INTO alerts (time, alert_id, rule, state, severity, district, device_id, details, sequence,"
-                " departments) VALUES (to_timestamp(%s / 1e6), %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " departments) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING",
                 (
-                    transition.time_us,
+                    _at(transition.time_us),
                     transition.alert_id,
                     transition.rule,
                     transition.state,
@@ -192,8 +199,8 @@ def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[T
             )
             connection.execute(
                 "INSERT INTO alert_state (rule, scope_key, alert_id, state, severity, district, device_id, opened_at,"
-                " changed_at, sequence, departments) VALUES (%s, %s, %s, %s, %s, %s, %s, to_timestamp(%s / 1e6),"
-                " to_timestamp(%s / 1e6), %s, %s) ON CONFLICT (rule, scope_key) DO UPDATE SET"
+                " changed_at, sequence, departments) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+                " %s, %s, %s) ON CONFLICT (rule, scope_key) DO UPDATE SET"
                 " alert_id = EXCLUDED.alert_id, state = EXCLUDED.state, severity = EXCLUDED.severity,"
                 " opened_at = EXCLUDED.opened_at, changed_at = EXCLUDED.changed_at, sequence = EXCLUDED.sequence,"
                 " departments = EXCLUDED.departments",
@@ -205,17 +212,17 @@ def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[T
                     transition.severity,
                     transition.district,
                     transition.device_id,
-                    transition.opened_us,
-                    transition.time_us,
+                    _at(transition.opened_us),
+                    _at(transition.time_us),
                     transition.sequence,
                     departments,
                 ),
             )
             metrics.ALERT_TRANSITIONS.labels(transition.rule, transition.state).inc()
         connection.execute(
-            "INSERT INTO alerter_progress (name, evaluated_until) VALUES (%s, to_timestamp(%s / 1e6))"
+            "INSERT INTO alerter_progress (name, evaluated_until) VALUES (%s, %s)"
             " ON CONFLICT (name) DO UPDATE SET evaluated_until = EXCLUDED.evaluated_until",
-            (_PROGRESS, end),
+            (_PROGRESS, _at(end)),
         )
     return stored
 

@@ -1,0 +1,602 @@
+"""``citytel bench e2e``: the real stack end to end, against bare references, in one run.
+
+Private Mosquitto, Kafka and PostgreSQL+TimescaleDB are started for the run; the bridge and
+the processor run as their own processes, as in production. Measured, in order:
+
+references
+    * bare paho: a persistent session's QoS 1 backlog drained by a subscriber that only
+      receives and acknowledges (the ceiling for anything reading this Mosquitto);
+    * raw aiokafka: envelope records produced (acks=all) and consumed, records/s;
+    * raw COPY: readings binary-COPYed into the same hypertable, readings/s;
+    * naive pipeline: paho callback → json.loads → one INSERT per reading (autocommit).
+citytel
+    * QoS 1 drain: the same kind of backlog, through bridge → Kafka → processor → TimescaleDB,
+      timed until every reading is in the database (sustained messages/s and readings/s), with
+      CPU and RSS per process;
+    * QoS 0: publishing as fast as one client can for a few seconds, what arrives and how fast;
+    * rising offered load (QoS 1): steps at fractions of the drain rate; per step the achieved
+      rate and the latency from publish to row visible, measured on a probe device whose
+      readings carry their publish time (the database is polled every 10 ms).
+
+Writes the figures as JSON and, with ``plot``, a PNG of throughput and latency against offered
+load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from citytel import stack
+from citytel.bench import _bare_drain, _create_session, _drop_session
+from citytel.simulate import City, Message, publish
+from config import Settings, dump_settings, load_settings
+from ingest.topics import reading_topic
+
+__all__ = ["bench_e2e"]
+
+_PROBE = "probe-0000"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _city_messages(prefix: str, seed: int, start: float, interval_s: float = 0.01) -> Iterator[Message]:
+    city = City(devices_per_kind=250, seed=seed, topic_prefix=prefix, spike_probability=0.0)
+    return city.messages(start, interval_s=interval_s)
+
+
+def _readings_in(messages: list[Message]) -> int:
+    return sum(len(message.values) for message in messages)
+
+
+def _count(conninfo: str) -> int:
+    with psycopg.connect(conninfo) as connection:
+        row = connection.execute("SELECT count(*) FROM readings").fetchone()
+        return int(row[0]) if row else 0
+
+
+class _ProcessSampler:
+    """CPU seconds and peak RSS of some processes (and their children), from /proc."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self.peak_rss_mb: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self._cpu_start: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def _family(pid: int) -> list[int]:
+        family = [pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    family.append(int(entry.name))
+        return family
+
+    def _cpu_seconds(self, pid: int) -> float:
+        total = 0.0
+        for member in self._family(pid):
+            try:
+                fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / self._ticks
+        return total
+
+    def _rss_mb(self, pid: int) -> float:
+        total = 0.0
+        for member in self._family(pid):
+            try:
+                for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+            except OSError:
+                continue
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            for name, pid in self._pids.items():
+                self.peak_rss_mb[name] = max(self.peak_rss_mb[name], self._rss_mb(pid))
+
+    def start(self) -> None:
+        self._cpu_start = {name: self._cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._started = time.perf_counter()
+        self._thread.start()
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        self._thread.join()
+        elapsed = time.perf_counter() - self._started
+        return {
+            name: {
+                "cpu_cores": round((self._cpu_seconds(pid) - self._cpu_start[name]) / elapsed, 2),
+                "peak_rss_mb": round(self.peak_rss_mb[name], 1),
+            }
+            for name, pid in self._pids.items()
+        }
+
+
+# --- references -----------------------------------------------------------------------------
+
+
+def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> dict[str, float]:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from citytel.kafka import ensure_topics
+
+    topic_settings = msgspec.structs.replace(
+        settings.kafka,
+        readings_topic=f"{settings.kafka.readings_topic}.raw",
+        deadletter_topic=f"{settings.kafka.deadletter_topic}.raw",
+    )
+
+    async def run() -> dict[str, float]:
+        await ensure_topics(topic_settings)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5, enable_idempotence=True
+        )
+        await producer.start()
+        started = time.perf_counter()
+        futures = [await producer.send(topic_settings.readings_topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+        produce = len(records) / (time.perf_counter() - started)
+        await producer.stop()
+        consumer = AIOKafkaConsumer(
+            topic_settings.readings_topic,
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            group_id=f"raw-{uuid.uuid4().hex[:6]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        received = 0
+        started = time.perf_counter()
+        while received < len(records):
+            batches = await consumer.getmany(timeout_ms=500, max_records=20000)
+            received += sum(len(batch) for batch in batches.values())
+        consume = received / (time.perf_counter() - started)
+        await consumer.stop()
+        return {"produce_records_per_s": round(produce), "consume_records_per_s": round(consume)}
+
+    return asyncio.run(run())
+
+
+def _copy_reference(conninfo: str, readings: int) -> float:
+    from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+
+    rng = np.random.default_rng(0)
+    series = 2000
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(
+            "INSERT INTO series (device_id, kind, district, metric)"
+            " SELECT 'raw-' || n, 'air', 'erqi', 'pm2_5' FROM generate_series(1, %s) n",
+            (series,),
+        )
+        first = connection.execute("SELECT min(series_id) FROM series WHERE device_id LIKE 'raw-%%'").fetchone()
+        assert first is not None
+        ids = first[0] + np.arange(readings, dtype=np.int32) % series
+        start_us = int((time.time() - 7200) * 1e6)
+        times = start_us + (np.arange(readings, dtype=np.int64) // series) * 1000
+        body = copy_body(
+            [
+                Column("timestamptz", times),
+                Column("int4", ids),
+                Column("float8", rng.normal(50, 5, readings)),
+                Column("int2", np.zeros(readings, np.int16)),
+            ],
+            readings,
+        )
+        started = time.perf_counter()
+        with (
+            connection.cursor() as cursor,
+            cursor.copy("COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.write(COPY_HEADER + body + COPY_TRAILER)
+        return readings / (time.perf_counter() - started)
+
+
+def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -> float:
+    """paho callback → json.loads → one INSERT per reading, autocommit: the obvious first try."""
+    conninfo = settings.database.conninfo()
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS naive_readings (time timestamptz, device_id text, metric text, value float8)"
+        )
+    readings = _readings_in(messages)
+    client_id = f"naive-{uuid.uuid4().hex[:6]}"
+    topic_filter = f"{prefix}/+/+/+/up"
+    _create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, 1000)
+    publish(iter(messages), "127.0.0.1", settings.mqtt.port, qos=1)
+    connection = psycopg.connect(conninfo, autocommit=True)
+    done = threading.Event()
+    written = 0
+    first: list[float] = []
+
+    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        nonlocal written
+        if not first:
+            first.append(time.perf_counter())
+        reading = json.loads(message.payload)
+        for metric, value in reading["values"].items():
+            connection.execute(
+                "INSERT INTO naive_readings VALUES (to_timestamp(%s), %s, %s, %s)",
+                (reading["time"], reading["device_id"], metric, value),
+            )
+            written += 1
+        if written >= readings:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    client.on_message = on_message
+    client.connect("127.0.0.1", settings.mqtt.port)
+    client.loop_start()
+    if not done.wait(timeout=600):
+        raise RuntimeError(f"naive pipeline wrote only {written} of {readings}")
+    rate = readings / (time.perf_counter() - first[0])
+    client.disconnect()
+    client.loop_stop()
+    connection.close()
+    _drop_session(settings.mqtt.port, client_id)
+    return rate
+
+
+# --- citytel --------------------------------------------------------------------------------
+
+
+def _spawn(config: Path, log_dir: Path, *arguments: str) -> subprocess.Popen[bytes]:
+    # The child keeps its own copy of the file descriptor; ours is closed on return.
+    with (log_dir / f"{arguments[0]}.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "citytel", "--config", str(config), "--log-level", "WARNING", *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_rows(conninfo: str, target: int, timeout: float) -> float:
+    """Seconds from the first new row to ``target`` rows."""
+    deadline = time.monotonic() + timeout
+    started: float | None = None
+    baseline = _count(conninfo)
+    while True:
+        count = _count(conninfo)
+        if started is None and count > baseline:
+            started = time.perf_counter()
+        if count >= target:
+            return time.perf_counter() - (started or time.perf_counter())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {count} of {target} readings arrived")
+        time.sleep(0.05)
+
+
+class _Probe:
+    """Polls the database for the probe device's rows; each row's time is its publish time."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self.latencies_ms: list[float] = []
+        # Only probes published from now on: earlier steps' rows are not this step's.
+        self._last_us = int(time.time() * 1e6)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        with psycopg.connect(self._conninfo, autocommit=True) as connection:
+            while not self._stop.wait(0.01):
+                rows = connection.execute(
+                    "SELECT (extract(epoch FROM r.time) * 1e6)::bigint FROM readings r JOIN series s USING (series_id)"
+                    " WHERE s.device_id = %s AND r.time > %s ORDER BY r.time",
+                    (_PROBE, _EPOCH + dt.timedelta(microseconds=self._last_us)),
+                ).fetchall()
+                seen_us = time.time() * 1e6
+                for (time_us,) in rows:
+                    self.latencies_ms.append((seen_us - time_us) / 1000)
+                    self._last_us = max(self._last_us, int(time_us))
+
+    def __enter__(self) -> _Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        time.sleep(1.0)  # the last probes of the step
+        self._stop.set()
+        self._thread.join()
+
+
+def _offered_step(settings: Settings, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message."""
+    prefix = settings.mqtt.topic_prefix
+    conninfo = settings.database.conninfo()
+    probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE)
+    # Made before the clock starts: the load generator must not be what limits the rate.
+    city = list(itertools.islice(_city_messages(prefix, seed, time.time() - 600), int(rate * seconds) + 1))
+    counter = itertools.count()
+
+    def stream() -> Iterator[Message]:
+        for number, message in enumerate(city):
+            if number % 20 == 0:
+                now = round(time.time(), 6)
+                payload = json.dumps({"device_id": _PROBE, "time": now, "values": {"noise": 50.0}}).encode()
+                yield Message(probe_topic, payload, _PROBE, next(counter), now, {"noise": 50.0}, ())
+            yield message
+
+    sent: list[Message] = []
+    before = _count(conninfo)
+    with _Probe(conninfo) as probe:
+        started = time.perf_counter()
+        published = publish(
+            stream(), "127.0.0.1", settings.mqtt.port, qos=1, rate_per_second=rate, duration_s=seconds,
+            on_sent=sent.append, max_inflight=1000,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        readings = _readings_in(sent)
+        _wait_rows(conninfo, before + readings, timeout=120)
+        drained = time.perf_counter() - started
+    latencies = np.array(probe.latencies_ms)
+    return {
+        "offered_msg_per_s": round(rate),
+        "published_msg_per_s": round(published / elapsed),
+        "written_readings_per_s": round(readings / drained),
+        "probes": len(latencies),
+        "latency_ms": {
+            q: round(float(np.percentile(latencies, p)), 1) if len(latencies) else None
+            for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
+        },
+    }
+
+
+def _qos0(settings: Settings, seconds: float) -> dict[str, Any]:
+    conninfo = settings.database.conninfo()
+    sent: list[Message] = []
+    before = _count(conninfo)
+    prepared = list(itertools.islice(_city_messages(settings.mqtt.topic_prefix, 5, time.time() - 1200), 200_000))
+    started = time.perf_counter()
+    published = publish(
+        iter(prepared), "127.0.0.1", settings.mqtt.port, qos=0, duration_s=seconds, on_sent=sent.append,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    readings = _readings_in(sent)
+    time.sleep(5.0)
+    deadline = time.monotonic() + 60
+    arrived = _count(conninfo) - before
+    while arrived < readings and time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _count(conninfo) - before
+        if now == arrived:
+            break  # nothing more is coming: QoS 0 lost the rest
+        arrived = now
+    total = time.perf_counter() - started
+    return {
+        "published_msg_per_s": round(published / elapsed),
+        "readings_published": readings,
+        "readings_arrived": arrived,
+        "arrived_readings_per_s": round(arrived / total),
+    }
+
+
+def bench_e2e(
+    messages: int = 60_000, steps: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0), step_seconds: float = 10.0
+) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-e2e-"))
+    os.chmod(run_dir, 0o755)
+    servers = [
+        stack.start_mosquitto(run_dir, stack.free_port()),
+        stack.start_kafka(run_dir, stack.free_port(), stack.free_port()),
+        stack.start_postgres(run_dir, stack.free_port()),
+    ]
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        base = load_settings()
+        unique = uuid.uuid4().hex[:8]
+        prefix = f"bench-{unique}"
+        settings = msgspec.structs.replace(
+            base,
+            mqtt=msgspec.structs.replace(
+                base.mqtt, port=servers[0].port, topic_prefix=prefix, client_id=f"bench-bridge-{unique}"
+            ),
+            kafka=msgspec.structs.replace(
+                base.kafka,
+                bootstrap_servers=f"127.0.0.1:{servers[1].port}",
+                readings_topic=f"bench.{unique}.readings",
+                deadletter_topic=f"bench.{unique}.deadletter",
+                consumer_group=f"bench-{unique}",
+            ),
+            database=msgspec.structs.replace(base.database, port=servers[2].port),
+            metrics=msgspec.structs.replace(
+                base.metrics,
+                bridge_port=stack.free_port(),
+                processor_port=stack.free_port(),
+                simulator_port=stack.free_port(),
+                alerter_port=stack.free_port(),
+            ),
+        )
+        conninfo = settings.database.conninfo()
+        from processors.storage import prepare_database
+
+        with psycopg.connect(conninfo, autocommit=True) as connection:
+            prepare_database(connection, settings.storage)
+        config = run_dir / "citytel.toml"
+        config.write_text(dump_settings(settings))
+        port = settings.mqtt.port
+        topic_filter = f"{prefix}/+/+/+/up"
+        backlog = list(itertools.islice(_city_messages(prefix, 11, time.time() - 3600), messages))
+        per_message = _readings_in(backlog) / len(backlog)
+        result: dict[str, Any] = {"messages": messages, "readings_per_message": round(per_message, 2)}
+
+        # References.
+        bare_id = f"bench-bare-{unique}"
+        _create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight)
+        publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
+        bare = _bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
+        _drop_session(port, bare_id)
+        from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+
+        records = [
+            (
+                message.device_id.encode(),
+                encode_envelope(
+                    Envelope(
+                        ENVELOPE_VERSION, message.device_id, "air", "erqi", 0, message.topic, message.sequence,
+                        [round(message.time_s * 1e6)] * len(message.values), list(message.values),
+                        list(message.values.values()),
+                    )
+                ),
+            )
+            for message in backlog
+        ]  # fmt: skip
+        kafka = _kafka_reference(settings, records)
+        copy_rate = _copy_reference(conninfo, min(500_000, 5 * messages))
+        naive_count = min(3000, messages)
+        naive_messages = list(itertools.islice(_city_messages(f"{prefix}-naive", 12, time.time() - 3000), naive_count))
+        naive = _naive_reference(settings, f"{prefix}-naive", naive_messages)
+        result["references"] = {
+            "bare_paho_drain_msg_per_s": round(bare),
+            "bare_paho_drain_readings_per_s": round(bare * per_message),
+            **kafka,
+            "raw_copy_readings_per_s": round(copy_rate),
+            "naive_pipeline_readings_per_s": round(naive),
+        }
+
+        # citytel, QoS 1 backlog drain, processes sampled.
+        _create_session(port, settings.mqtt.client_id, settings.mqtt.protocol, topic_filter, settings.mqtt.max_inflight)
+        drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
+        publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
+        target = _count(conninfo) + _readings_in(drain_backlog)
+        children.append(_spawn(config, run_dir, "process"))
+        time.sleep(3.0)  # the processor joins its group before the flood
+        children.append(_spawn(config, run_dir, "bridge"))
+        sampler = _ProcessSampler(
+            {
+                "bridge": children[1].pid,
+                "processor": children[0].pid,
+                "mosquitto": servers[0].pid,
+                "kafka": servers[1].pid,
+                "postgres": servers[2].pid,
+            }
+        )
+        sampler.start()
+        seconds = _wait_rows(conninfo, target, timeout=600)
+        processes = sampler.stop()
+        drain_readings = _readings_in(drain_backlog)
+        result["citytel_qos1"] = {
+            "msg_per_s": round(len(drain_backlog) / seconds),
+            "readings_per_s": round(drain_readings / seconds),
+            "processes": processes,
+        }
+
+        # QoS 0 at full speed, then rising offered load (QoS 1) for latency.
+        # The bridge subscribes with QoS 1; messages published at QoS 0 are delivered at QoS 0.
+        result["citytel_qos0"] = _qos0(settings, step_seconds)
+        drain_rate = len(drain_backlog) / seconds
+        result["offered_load"] = [
+            _offered_step(settings, fraction * drain_rate, step_seconds, seed=20 + position)
+            for position, fraction in enumerate(steps)
+        ]
+        references = result["references"]
+        half = min(result["offered_load"], key=lambda step: abs(step["offered_msg_per_s"] - drain_rate / 2))
+        result["ratios"] = {
+            "e2e_qos1_vs_bare_paho_drain": round(result["citytel_qos1"]["msg_per_s"] / bare, 3),
+            "e2e_qos1_vs_naive_pipeline": round(
+                result["citytel_qos1"]["readings_per_s"] / references["naive_pipeline_readings_per_s"], 1
+            ),
+            "p99_ms_at_half_load": half["latency_ms"]["p99"],
+        }
+        return result
+    finally:
+        for child in children:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for server in reversed(servers):
+            server.stop()
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["offered_load"]
+    offered = [step["offered_msg_per_s"] * result["readings_per_message"] for step in steps]
+    written = [step["written_readings_per_s"] for step in steps]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(offered, written, "o-", label="citytel, readings written")
+    left.plot(offered, offered, ":", color="grey", label="offered")
+    left.axhline(result["references"]["naive_pipeline_readings_per_s"], color="red", ls="--", label="naive pipeline")
+    left.set_xlabel("offered load (readings/s)")
+    left.set_ylabel("readings/s")
+    left.set_title("throughput")
+    left.legend()
+    for quantile in ("p50", "p95", "p99"):
+        right.plot(offered, [step["latency_ms"][quantile] for step in steps], "o-", label=quantile)
+    right.axhline(250, color="red", ls="--", label="250 ms target (p99)")
+    right.set_xlabel("offered load (readings/s)")
+    right.set_ylabel("publish → row visible (ms)")
+    right.set_title("latency")
+    right.legend()
+    figure.suptitle("citytel end to end, QoS 1, one machine (2 cores)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main_e2e(messages: int, output: Path | None, plot_path: Path | None, step_seconds: float) -> int:
+    result = bench_e2e(messages, step_seconds=step_seconds)
+    references = result["references"]
+    qos1 = result["citytel_qos1"]
+    print(f"end to end, {messages:,} messages of {result['readings_per_message']} readings (simulated city):")
+    print(f"  bare paho drain        {references['bare_paho_drain_msg_per_s']:>10,} msg/s")
+    print(f"  raw aiokafka           {references['produce_records_per_s']:>10,} produce, "
+          f"{references['consume_records_per_s']:,} consume records/s")  # fmt: skip
+    print(f"  raw COPY               {references['raw_copy_readings_per_s']:>10,} readings/s")
+    print(f"  naive pipeline         {references['naive_pipeline_readings_per_s']:>10,} readings/s")
+    print(f"  citytel QoS 1 drain    {qos1['msg_per_s']:>10,} msg/s, {qos1['readings_per_s']:,} readings/s")
+    for name, figures in qos1["processes"].items():
+        print(f"      {name:10} {figures['cpu_cores']:5.2f} cores  {figures['peak_rss_mb']:7.1f} MB peak RSS")
+    qos0 = result["citytel_qos0"]
+    print(f"  citytel QoS 0          {qos0['published_msg_per_s']:>10,} msg/s published, "
+          f"{qos0['readings_arrived']:,} of {qos0['readings_published']:,} readings arrived")  # fmt: skip
+    for step in result["offered_load"]:
+        latency = step["latency_ms"]
+        print(
+            f"  offered {step['offered_msg_per_s']:>7,} msg/s: published {step['published_msg_per_s']:>7,},"
+            f" written {step['written_readings_per_s']:>8,} readings/s,"
+            f" publish→row p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']} ms"
+        )
+    ratios = result["ratios"]
+    print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
+          f"{ratios['e2e_qos1_vs_naive_pipeline']}, p99 at half load {ratios['p99_ms_at_half_load']} ms")  # fmt: skip
+    if output is not None:
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path is not None:
+        plot(result, plot_path)
+        print(f"  plot: {plot_path}")
+    return 0

@@ -1,0 +1,70 @@
+"""`citytel bench e2e` and `citytel eval` and `citytel simulate` on short runs: they run the real
+pieces, produce every figure they promise, and the figures hang together."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from citytel.bench_e2e import bench_e2e, plot
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path: Path) -> None:
+    result = bench_e2e(messages=3000, steps=(0.5,), step_seconds=2.0)
+    references = result["references"]
+    for name in (
+        "bare_paho_drain_msg_per_s",
+        "produce_records_per_s",
+        "consume_records_per_s",
+        "raw_copy_readings_per_s",
+        "naive_pipeline_readings_per_s",
+    ):
+        assert references[name] > 0, name
+    qos1 = result["citytel_qos1"]
+    assert qos1["readings_per_s"] == pytest.approx(qos1["msg_per_s"] * result["readings_per_message"], rel=0.05)
+    assert set(qos1["processes"]) == {"bridge", "processor", "mosquitto", "kafka", "postgres"}
+    assert all(figures["peak_rss_mb"] > 0 for figures in qos1["processes"].values())
+    assert result["citytel_qos0"]["readings_arrived"] > 0
+    [step] = result["offered_load"]
+    assert step["probes"] > 0
+    assert step["latency_ms"]["p50"] <= step["latency_ms"]["p99"]
+    assert result["ratios"]["e2e_qos1_vs_naive_pipeline"] > 1, "citytel must beat one INSERT per reading"
+    path = tmp_path / "bench.png"
+    plot(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_and_simulate_commands_run(tmp_path: Path) -> None:
+    output = tmp_path / "eval.json"
+    subprocess.run(
+        [sys.executable, "-m", "citytel", "eval", "simulated", "--devices", "12", "--hours", "12",
+         "--output", str(output)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    scores = {row["fault"]: row for row in json.loads(output.read_text())["simulated"]}
+    assert scores["dropout"]["labels"] > 0
+    assert scores["dropout"]["recall"] >= 0.9
+    nab = tmp_path / "nab"
+    (nab / "data" / "demo").mkdir(parents=True)
+    rows = ["timestamp,value"] + [
+        f"2015-01-01 {h:02d}:{m:02d}:00,{(h * 60 + m) % 7}" for h in range(24) for m in (0, 30)
+    ]
+    (nab / "data" / "demo" / "a.csv").write_text("\n".join(rows) + "\n")
+    (nab / "combined_windows.json").write_text(
+        json.dumps({"demo/a.csv": [["2015-01-01 20:00:00.000000", "2015-01-01 21:00:00.000000"]]})
+    )
+    (nab / "profiles.json").write_text(
+        json.dumps({"standard": {"CostMatrix": {"tpWeight": 1.0, "fpWeight": 0.11, "fnWeight": 1.0}}})
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "citytel", "eval", "nab", "--nab", str(nab), "--detectors", "ewma_zscore"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "ewma_zscore" in finished.stdout
+    assert "score" in finished.stdout
