@@ -3,7 +3,9 @@
 Offsets are committed only after every sink has durably written the batch, and only together
 with a checkpoint of the detector state (below): the committed offset never runs ahead of the
 saved state, so a crash replays from the checkpoint, or from the start when there is none, and
-the state is rebuilt exactly. A retryable sink
+the state is rebuilt exactly. A batch is written while the next one is fetched and scored (one
+write at a time, in order); checkpoints and rebalances first wait for that write, so saved state
+never runs ahead of written rows either. A retryable sink
 error pauses the assigned partitions (so the group keeps us, but no more data comes), backs off
 and retries the same batch. A permanent one is narrowed down by splitting the batch until the
 rows that can never be written are found; those go to the dead-letter topic with the reason and
@@ -82,6 +84,8 @@ class Processor:
         # Partitions whose state changed since their last checkpoint.
         self._unsaved: set[tuple[str, int]] = set()
         self._last_checkpoint = time.monotonic()
+        # The batch being written while the next one is scored (at most one).
+        self._writing: asyncio.Task[bool] | None = None
         metrics.declare_stage(STAGE, ["records", "readings"])
         metrics.declare_stage("sink", ["readings"])
         metrics.ERRORS.labels("maintenance", "retryable")
@@ -199,26 +203,53 @@ class Processor:
         await asyncio.gather(*futures)
 
     async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
-        """Decode, detect and write one fetched batch (its offsets are committed with the next
-        state checkpoint); False if stopping before it is written."""
+        """Decode and detect one fetched batch, then start writing it; it is written while the
+        next batch is fetched and scored (its offsets are committed with the next state
+        checkpoint). False if stopping before the previous batch was written."""
         async with self._lock:
             started = time.perf_counter()
             batch, bad = decode_batch(records, self.index, offsets)
             if bad:
                 await self._dead_letter(bad)
-            owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
-            results = self.detect(batch, owned)
-            if len(batch):
-                try:
-                    await self._write_isolating(batch, results, stop)
-                except _StopRequestedError:
+            if self._checkpoint_due():
+                # A checkpoint saves state and positions together: nothing may be scored ahead
+                # of what is written when it is taken.
+                if not await self._finish_write():
                     return False
-            # Not committed yet: offsets go to Kafka with the next state checkpoint.
-            self._positions.update(offsets)
-            self._unsaved.update(offsets)
-            self._observe(batch, len(records), time.perf_counter() - started)
-            await self._checkpoint_if_due()
+                await self._checkpoint_if_due()
+            owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
+            # Scoring runs in a worker thread (numpy releases the GIL), so the previous batch's
+            # database round trips go on meanwhile. One batch is written at a time, in order.
+            results = await asyncio.to_thread(self.detect, batch, owned)
+            if not await self._finish_write():
+                return False
+            self._writing = asyncio.create_task(self._write_batch(batch, results, len(records), started, stop))
             return True
+
+    async def _write_batch(
+        self, batch: ReadingBatch, results: list[DetectorResult], record_count: int, started: float, stop: asyncio.Event
+    ) -> bool:
+        if len(batch):
+            try:
+                await self._write_isolating(batch, results, stop)
+            except _StopRequestedError:
+                return False
+        # Not committed yet: offsets go to Kafka with the next state checkpoint.
+        self._positions.update(batch.offsets)
+        self._unsaved.update(batch.offsets)
+        self._observe(batch, record_count, time.perf_counter() - started)
+        return True
+
+    async def _finish_write(self) -> bool:
+        """Wait until the batch being written is in the database (and its offsets recorded);
+        False if it was given up because the processor is stopping."""
+        task, self._writing = self._writing, None
+        return True if task is None else await task
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self._unsaved or self._writing is not None) and (
+            time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
+        )
 
     async def _checkpoint_if_due(self) -> None:
         """Save changed partitions once the interval has passed, also when no batch comes: an
@@ -259,6 +290,8 @@ class Processor:
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
+            # The batch in flight belongs to these partitions' state: written first, then saved.
+            await self._finish_write()
             await self._checkpoint([(tp.topic, tp.partition) for tp in revoked])
             for tp in revoked:
                 self._positions.pop((tp.topic, tp.partition), None)
@@ -358,6 +391,9 @@ class Processor:
                 )
                 if not fetched:
                     async with self._lock:
+                        # Nothing new: let the last batch land, and save state if it is time.
+                        if not await self._finish_write():
+                            break
                         await self._checkpoint_if_due()
                     continue
                 records = [record for partition_records in fetched.values() for record in partition_records]
@@ -380,6 +416,7 @@ class Processor:
             # A clean stop saves the state, so the next owner replays nothing.
             with contextlib.suppress(psycopg.Error):
                 async with self._lock:
+                    await self._finish_write()
                     await self._checkpoint(list(self._positions))
             for sink in self.sinks:
                 await sink.close()

@@ -1,8 +1,11 @@
 """Readings and anomalies into TimescaleDB hypertables, exactly once in effect.
 
-Per batch, in one transaction: binary COPY into session-temporary staging tables, then
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` into the hypertables on their natural keys. A batch
-replayed after a crash (offsets not yet committed) therefore adds no duplicate rows.
+Per batch, in one transaction: readings are binary-COPYed straight into the hypertable; if any
+of them is already there (a batch replayed after a crash, a message redelivered), that COPY is
+rolled back to a savepoint and the batch goes through a session-temporary staging table and
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` on the natural key instead. Anomalies always take
+the staging path (they are few). A replayed batch therefore adds no duplicate rows, and a new
+one costs a single COPY.
 """
 
 from __future__ import annotations
@@ -149,21 +152,36 @@ class TimescaleSink:
             ],
             len(batch),
         )
+        data = COPY_HEADER + body + COPY_TRAILER
         async with connection.cursor() as cursor:
-            async with cursor.copy(
-                "COPY readings_stage (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                await copy.write(COPY_HEADER + body + COPY_TRAILER)
-            await cursor.execute(
-                "INSERT INTO readings (time, series_id, value, quality) SELECT * FROM readings_stage"
-                " ON CONFLICT DO NOTHING"
-            )
-            written = cursor.rowcount
+            try:
+                # Straight into the hypertable: the usual case, a batch never seen before. A
+                # savepoint keeps the transaction usable if some row is already there.
+                async with (
+                    connection.transaction(),
+                    cursor.copy("COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)") as copy,
+                ):
+                    await copy.write(data)
+                written = len(batch)
+            except psycopg.errors.UniqueViolation:
+                # A replay (after a crash, or a redelivered message): through the staging table,
+                # and rows already stored are skipped.
+                async with cursor.copy(
+                    "COPY readings_stage (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    await copy.write(data)
+                await cursor.execute(
+                    "INSERT INTO readings (time, series_id, value, quality) SELECT * FROM readings_stage"
+                    " ON CONFLICT DO NOTHING"
+                )
+                written = cursor.rowcount
             # Mark the minute buckets the rollups must recompute (the Apache-edition path). The
             # upsert locks each marker row until this transaction commits; see maintenance.py.
+            minutes = np.unique(batch.time_us // 60_000_000)
             await cursor.execute(
-                "INSERT INTO rollup_dirty (bucket) SELECT DISTINCT time_bucket('1 minute', time) FROM readings_stage"
-                " ON CONFLICT (bucket) DO UPDATE SET marked_at = now()"
+                "INSERT INTO rollup_dirty (bucket) SELECT to_timestamp(minute * 60) FROM unnest(%s::bigint[]) minute"
+                " ON CONFLICT (bucket) DO UPDATE SET marked_at = now()",
+                (minutes.tolist(),),
             )
             return written
 

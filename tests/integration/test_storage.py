@@ -288,3 +288,27 @@ def test_views_answer_the_operators_questions(settings: Settings, database: Scra
     ).stdout
     assert "lot-1" in table
     assert "(1 row)" in table
+
+
+def test_a_replayed_or_overlapping_batch_adds_only_the_new_rows(settings: Settings, database: ScratchDatabase) -> None:
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+    index = SeriesIndex(1000)
+    now_us = 1_795_000_000_000_000
+    keys = [("air-1", "air", "erqi", "pm2_5")] * 4
+    first = [now_us - n * 60_000_000 for n in range(4)]
+    write(settings, index, keys, first, [1.0, 2.0, 3.0, 4.0])  # new: the straight COPY
+    # The same four again (a replay) plus two new ones: the COPY meets existing rows, so the
+    # batch takes the staging path and only the two new rows are added, the old values kept.
+    later = [now_us + n * 60_000_000 for n in (1, 2)]
+    write(settings, index, [*keys, *keys[:2]], first + later, [9.0, 9.0, 9.0, 9.0, 5.0, 6.0])
+    with database.connect() as connection:
+        rows = connection.execute(
+            "SELECT (extract(epoch FROM time) * 1e6)::bigint, value FROM readings ORDER BY time"
+        ).fetchall()
+        dirty = connection.execute("SELECT count(*) FROM rollup_dirty").fetchone()
+    assert [(int(t), v) for t, v in rows] == sorted(
+        [*zip(first, [1.0, 2.0, 3.0, 4.0], strict=True), *zip(later, [5.0, 6.0], strict=True)]
+    )
+    assert dirty is not None
+    assert dirty[0] >= 1, "the rollups learn which minutes changed"
