@@ -37,14 +37,23 @@ class ReadingBatch:
     district: NDArray[np.int64] | None = None
     district_names: tuple[str, ...] = ()
     # Work several detectors would repeat on the same batch (the time-order rounds), done once.
-    _memo: dict[str, list[NDArray[np.int64]]] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def rounds(self) -> list[NDArray[np.int64]]:
         """``rounds_in_time_order`` of this batch, computed once for all detectors."""
         found = self._memo.get("rounds")
         if found is None:
             found = self._memo["rounds"] = rounds_in_time_order(self.series, self.time_us)
-        return found
+        return found  # type: ignore[return-value]
+
+    def time_order(self) -> NDArray[np.int64]:
+        """Row indices with each series' rows in time order (for the compiled kernels), once."""
+        found = self._memo.get("time_order")
+        if found is None:
+            from processors.kernels import time_order
+
+            found = self._memo["time_order"] = time_order(self.series, self.time_us)
+        return found  # type: ignore[return-value]
 
     def devices(self) -> NDArray[np.int64]:
         return self.series if self.device is None else self.device

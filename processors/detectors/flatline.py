@@ -7,6 +7,7 @@ import numpy as np
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
+from processors.kernels import flatline_kernel
 from processors.series import GrowableArray
 
 __all__ = ["Flatline"]
@@ -39,15 +40,18 @@ class Flatline(SeriesState):
         size = len(batch)
         flagged = np.zeros(size, np.bool_)
         applies = ~batch.metric_mask(self.exclude) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            # Late or repeated readings neither extend nor break a run.
-            rows = rows[applies[rows] & (batch.time_us[rows] > last_time[batch.series[rows]])]
-            series, value = batch.series[rows], batch.value[rows]
-            same = np.abs(value - last_value[series]) <= self.tolerance
-            run[series] = np.where(same, run[series] + 1, 1)
-            # Only the reading that completes the window: one anomaly per stuck stretch.
-            flagged[rows] = run[series] == self.window
-            last_value[series] = value
-            last_time[series] = batch.time_us[rows]
+        flatline_kernel(
+            batch.time_order(),
+            applies,
+            batch.series,
+            batch.time_us,
+            batch.value,
+            last_value,
+            run,
+            last_time,
+            self.window,
+            self.tolerance,
+            flagged,
+        )
         score = flagged.astype(np.float32)
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), REASONS)

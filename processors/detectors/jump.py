@@ -7,6 +7,7 @@ import numpy as np
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
+from processors.kernels import jump_kernel
 from processors.series import GrowableArray
 
 __all__ = ["Jump"]
@@ -49,30 +50,21 @@ class Jump(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        applies = ~batch.metric_mask(self.exclude) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            # Steps are only defined between a series' readings in time order; late ones are
-            # neither scored nor learned.
-            rows = rows[applies[rows] & (batch.time_us[rows] > last_time[batch.series[rows]])]
-            series, value = batch.series[rows], batch.value[rows]
-            step = value - last_value[series]
-            has_step = np.isfinite(step)
-            # The floor keeps a series that never moved from flagging its first tiny change.
-            usual = mean_step[series] + 1e-6 + 1e-3 * np.abs(value)
-            ratio = np.where(has_step, np.abs(step) / usual, 0.0)
-            warm = count[series] >= self.warmup
-            score[rows] = np.where(warm, ratio / (ratio + self.threshold), 0.0)
-            is_jump = warm & (ratio >= self.threshold)
-            flagged[rows] = is_jump
-            reason[rows] = np.where(is_jump, np.where(step > 0, 1, 2), 0)
-            # A jump is learned only up to the threshold, so one spike does not make the next
-            # ordinary step look small.
-            learned = np.minimum(np.abs(np.nan_to_num(step)), self.threshold * usual)
-            alpha = np.maximum(self.alpha, 1.0 / (count[series] + 1))
-            mean_step[series] = np.where(
-                has_step, mean_step[series] + alpha * (learned - mean_step[series]), mean_step[series]
-            )
-            count[series] = count[series] + has_step
-            last_value[series] = value
-            last_time[series] = batch.time_us[rows]
+        jump_kernel(
+            batch.time_order(),
+            ~batch.metric_mask(self.exclude) & np.isfinite(batch.value),
+            batch.series,
+            batch.time_us,
+            batch.value,
+            last_value,
+            mean_step,
+            count,
+            last_time,
+            self.alpha,
+            self.threshold,
+            self.warmup,
+            score,
+            flagged,
+            reason,
+        )
         return DetectorResult(self.name, score, flagged, reason, REASONS)
