@@ -91,10 +91,17 @@ class ManualRollups:
 
     def refresh(self, connection: psycopg.Connection) -> int:
         with connection.transaction():
-            # Claim first: the DELETE waits for sinks still writing into a claimed bucket (they
-            # hold its marker row), so the recomputation below sees their rows. A bucket written
-            # after the claim is marked again and handled next time.
-            claimed = [row[0] for row in connection.execute("DELETE FROM rollup_dirty RETURNING bucket").fetchall()]
+            # Claim, in a short transaction of its own: the DELETE waits for sinks still writing
+            # into a claimed bucket (they hold its marker row), so the recomputation sees their
+            # rows; sinks wait at most for this claim, never for the recomputation. A bucket
+            # written after the claim is marked again and handled next time.
+            connection.execute(
+                "WITH moved AS (DELETE FROM rollup_dirty RETURNING bucket)"
+                " INSERT INTO rollup_claimed (bucket) SELECT bucket FROM moved ON CONFLICT (bucket) DO NOTHING"
+            )
+        with connection.transaction():
+            # Claims left by a pass that died are taken up here too.
+            claimed = [row[0] for row in connection.execute("DELETE FROM rollup_claimed RETURNING bucket").fetchall()]
             if not claimed:
                 return 0
             # One index range per claimed bucket: a single late reading from days ago must not

@@ -64,7 +64,7 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3, 4]
+        assert [m.version for m in applied] == [1, 2, 3, 4, 5]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
         assert rows == [
@@ -72,6 +72,7 @@ def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDataba
             (2, "registry_rollups_views"),
             (3, "detector_state"),
             (4, "alert_lifecycle"),
+            (5, "rollup_claims"),
         ]
         hypertables = {
             row[0]
