@@ -166,17 +166,7 @@ def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[T
                     previous = alerts.get(key)
                     told = previous.departments if previous is not None and transition.state != "open" else []
                     departments = departments_for(settings, transition, told)
-                    alerts[key] = Alert(
-                        transition.alert_id,
-                        "resolved" if transition.state == "resolve" else "open",
-                        transition.severity,
-                        transition.district,
-                        transition.device_id,
-                        transition.opened_us,
-                        transition.time_us,
-                        transition.sequence,
-                        departments,
-                    )
+                    alerts[key] = Alert.after(transition, departments)
                     stored.append((transition, departments))
             metrics.OPEN_ALERTS.labels(name).set(sum(alert.state == "open" for alert in alerts.values()))
         for transition, departments in stored:

@@ -46,6 +46,21 @@ class Alert:
     sequence: int
     departments: list[str]
 
+    @classmethod
+    def after(cls, transition: Transition, departments: list[str]) -> Alert:
+        """The alert as a transition leaves it."""
+        return cls(
+            transition.alert_id,
+            "resolved" if transition.state == "resolve" else "open",
+            transition.severity,
+            transition.district,
+            transition.device_id,
+            transition.opened_us,
+            transition.time_us,
+            transition.sequence,
+            departments,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Transition:

@@ -195,50 +195,57 @@ class TimescaleSink:
         rows = np.flatnonzero(result.flagged)
         if not len(rows):
             return 0
-        parts = [COPY_HEADER]
-        # Text fields vary in width; within one reason code they do not, so each group is one
-        # fixed-width numpy block.
-        for code in np.unique(result.reason[rows]):
-            group = rows[result.reason[rows] == code]
-            parts.append(
-                copy_body(
-                    [
-                        Column("timestamptz", batch.time_us[group]),
-                        Column("int4", series_id[group]),
-                        Column("text", constant=result.detector.encode()),
-                        Column("float4", result.score[group]),
-                        Column("text", constant=result.reasons[int(code)].encode()),
-                        Column("float8", batch.value[group]),
-                    ],
-                    len(group),
-                )
-            )
-        parts.append(COPY_TRAILER)
-        async with connection.cursor() as cursor:
-            async with cursor.copy("COPY anomalies_stage FROM STDIN (FORMAT BINARY)") as copy:
-                await copy.write(b"".join(parts))
-            await cursor.execute(
-                "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
-                " SELECT * FROM anomalies_stage ON CONFLICT DO NOTHING"
-            )
-            return cursor.rowcount
+        return await self._insert_anomalies(
+            connection,
+            result.detector,
+            result.reasons,
+            batch.time_us[rows],
+            series_id[rows],
+            result.score[rows],
+            result.reason[rows],
+            batch.value[rows],
+        )
 
     async def _copy_events(
         self, connection: psycopg.AsyncConnection, events: AnomalyEvents, series_id: NDArray[np.generic]
     ) -> int:
         """Anomalies no reading carries (a dropout): no value, so NaN."""
+        return await self._insert_anomalies(
+            connection,
+            events.detector,
+            events.reasons,
+            events.time_us,
+            series_id,
+            events.score,
+            events.reason,
+            np.full(len(events), np.nan),
+        )
+
+    @staticmethod
+    async def _insert_anomalies(
+        connection: psycopg.AsyncConnection,
+        detector: str,
+        reasons: tuple[str, ...],
+        time_us: NDArray[np.int64],
+        series_id: NDArray[np.generic],
+        score: NDArray[np.float32],
+        reason: NDArray[np.uint8],
+        value: NDArray[np.float64],
+    ) -> int:
         parts = [COPY_HEADER]
-        for code in np.unique(events.reason):
-            group = np.flatnonzero(events.reason == code)
+        # Text fields vary in width; within one reason code they do not, so each group is one
+        # fixed-width numpy block.
+        for code in np.unique(reason):
+            group = np.flatnonzero(reason == code)
             parts.append(
                 copy_body(
                     [
-                        Column("timestamptz", events.time_us[group]),
+                        Column("timestamptz", time_us[group]),
                         Column("int4", series_id[group]),
-                        Column("text", constant=events.detector.encode()),
-                        Column("float4", events.score[group]),
-                        Column("text", constant=events.reasons[int(code)].encode()),
-                        Column("float8", np.full(len(group), np.nan)),
+                        Column("text", constant=detector.encode()),
+                        Column("float4", score[group]),
+                        Column("text", constant=reasons[int(code)].encode()),
+                        Column("float8", value[group]),
                     ],
                     len(group),
                 )

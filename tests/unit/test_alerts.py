@@ -36,17 +36,7 @@ def replay(
         if transition is None:
             continue
         found.append(transition)
-        alert = Alert(
-            transition.alert_id,
-            "resolved" if transition.state == "resolve" else "open",
-            transition.severity,
-            transition.district,
-            transition.device_id,
-            transition.opened_us,
-            transition.time_us,
-            transition.sequence,
-            [],
-        )
+        alert = Alert.after(transition, [])
     return found
 
 
