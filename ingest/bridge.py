@@ -51,8 +51,6 @@ __all__ = ["Bridge", "run_bridge"]
 log = logging.getLogger("citytel.bridge")
 STAGE = "bridge"
 MAX_BATCH_MESSAGES = 5000
-# Batches on their way to Kafka at once: validation of one overlaps the wait for another.
-_BATCHES_IN_FLIGHT = 4
 _READS_PER_WAKEUP = 256
 # (topic, device key) -> partition; bounded because device ids come from the outside world.
 _PARTITION_CACHE_SIZE = 100_000
@@ -94,14 +92,6 @@ class Bridge:
         self._partitions: dict[tuple[str, bytes], int] = {}
         # Messages forwarded and acknowledged since start: a plain number for benchmarks.
         self.forwarded = 0
-        # Messages in batches on their way to Kafka (received, not yet acknowledged).
-        self._forwarding = 0
-        # Batches are handed to the producer one at a time, in order, so a device's records
-        # keep their order in Kafka; waiting for Kafka's acknowledgements overlaps.
-        self._enqueue_lock = asyncio.Lock()
-        # A failed send replaces the producer once, whichever batch noticed first.
-        self._producer_generation = 0
-        self._replace_lock = asyncio.Lock()
 
     # --- MQTT side, driven by the asyncio loop -----------------------------------------------
 
@@ -219,16 +209,13 @@ class Bridge:
             self._client.loop_read()
             if self._received == before:
                 break
-        if self._unacknowledged() >= self._settings.mqtt.max_inflight:
+        if len(self._pending) >= self._settings.mqtt.max_inflight:
             self._pause_reading()
             return
         # TLS: bytes already decrypted into the SSL buffer are invisible to epoll.
         sock = self._client.socket()
         if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
             self._loop.call_soon(self._on_readable)
-
-    def _unacknowledged(self) -> int:
-        return len(self._pending) + self._forwarding
 
     def _pause_reading(self) -> None:
         """Holding max_inflight messages: stop reading, so TCP pushes back on the broker."""
@@ -312,19 +299,14 @@ class Bridge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
 
-    async def _replace_producer(self, stop: asyncio.Event, failed_generation: int) -> None:
+    async def _replace_producer(self, stop: asyncio.Event) -> None:
         """After a failed send the idempotent producer may be in a state it cannot leave (for
         example OutOfOrderSequenceNumber once the broker restarted), so retries go through a new
-        producer with a fresh producer id. Several batches may fail on the same producer: only
-        the first replaces it."""
-        async with self._replace_lock:
-            if self._producer_generation != failed_generation:
-                return
-            if self._producer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._producer.stop(), timeout=10)
-            self._producer = await self._start_producer(stop)
-            self._producer_generation += 1
+        producer with a fresh producer id."""
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), timeout=10)
+        self._producer = await self._start_producer(stop)
 
     async def _forward(self, batch: list[_Received], stop: asyncio.Event) -> bool:
         """Produce the batch's records (or dead letters) and, once Kafka holds all of them,
@@ -342,7 +324,6 @@ class Bridge:
                 metrics.DEADLETTERED.labels(STAGE, dead.reason_code).inc()
         delay = self._settings.processor.retry_initial_seconds
         while True:
-            generation = self._producer_generation
             try:
                 await self._produce(records)
                 break
@@ -358,7 +339,7 @@ class Bridge:
                     return False  # not acknowledged: the broker redelivers the batch to our session
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
-                await self._replace_producer(stop, generation)
+                await self._replace_producer(stop)
         self._kafka_ok = True
         metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
         self._ack(batch)
@@ -374,13 +355,6 @@ class Bridge:
         Kafka's default partitioner (murmur2 of the key, as the Java client), so a device keeps
         its partition whichever producer wrote it.
         """
-        async with self._enqueue_lock:
-            futures = await self._enqueue(records)
-        await asyncio.gather(*futures)
-
-    async def _enqueue(self, records: list[_Record]) -> list[asyncio.Future[Any]]:
-        """Hand the records to the producer (one Kafka batch per partition); the futures
-        resolve when Kafka holds them."""
         producer = self._producer
         assert producer is not None
         by_partition: dict[tuple[str, int], list[_Record]] = {}
@@ -403,22 +377,10 @@ class Bridge:
                     builder = producer.create_batch()
                     builder.append(key=key, value=value, timestamp=None, headers=headers or [])
             futures.append(await producer.send_batch(builder, topic, partition=partition))
-        return futures
-
-    async def _forward_counted(self, batch: list[_Received], stop: asyncio.Event) -> bool:
-        started = time.perf_counter()
-        try:
-            forwarded = await self._forward(batch, stop)
-        finally:
-            self._forwarding -= len(batch)
-        if forwarded:
-            metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
-        if self._unacknowledged() < self._settings.mqtt.max_inflight:
-            self._resume_reading()
-        return forwarded
+        await asyncio.gather(*futures)
 
     def has_received(self) -> bool:
-        return self.forwarded > 0 or bool(self._pending) or self._forwarding > 0
+        return self.forwarded > 0 or bool(self._pending)
 
     def ready(self) -> bool:
         return self._mqtt_connected and self._kafka_ok
@@ -427,32 +389,22 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         self._producer = await self._start_producer(stop)
         keeper = asyncio.create_task(self._keep_connected(stop))
-        forwarding: set[asyncio.Task[bool]] = set()
         try:
             while not stop.is_set():
-                finished = {task for task in forwarding if task.done()}
-                forwarding -= finished
-                if any(not task.result() for task in finished):
-                    break
-                if not self._pending or len(forwarding) >= _BATCHES_IN_FLIGHT:
-                    metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
-                    if forwarding:
-                        await asyncio.wait(forwarding, timeout=0.002, return_when=asyncio.FIRST_COMPLETED)
-                    else:
-                        await asyncio.sleep(0.002)
+                if not self._pending:
+                    metrics.BRIDGE_INFLIGHT.set(0)
+                    await asyncio.sleep(0.002)
                     continue
-                # Up to a share of the window per batch, so that several batches can be on
-                # their way to Kafka while the broker keeps sending.
-                limit = min(MAX_BATCH_MESSAGES, max(self._settings.mqtt.max_inflight // _BATCHES_IN_FLIGHT, 1))
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), limit))]
-                self._forwarding += len(batch)
-                metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_BATCH_MESSAGES))]
+                metrics.BRIDGE_INFLIGHT.set(len(batch) + len(self._pending))
                 metrics.RECEIVED.labels(STAGE, "messages").inc(len(batch))
                 metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
-                forwarding.add(asyncio.create_task(self._forward_counted(batch, stop)))
-            # Stopping: batches already on their way finish (acknowledged) or give up (not).
-            if forwarding:
-                await asyncio.wait(forwarding)
+                started = time.perf_counter()
+                if not await self._forward(batch, stop):
+                    break
+                metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
+                if len(self._pending) < self._settings.mqtt.max_inflight:
+                    self._resume_reading()
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
