@@ -81,6 +81,7 @@ DURATION = {
     "pollution_episode": 240,
 }
 _DRIFT_SIGMAS_PER_READING = 0.05
+_BAY_DWELL_S = 1800.0  # mean time between a bay's changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,7 @@ class City:
         self._phase = {device.device_id: float(self._random.uniform(-0.05, 0.05)) for device in self.devices}
         self._business = {device.device_id: number % 2 == 0 for number, device in enumerate(self.devices)}
         self._bay = {device.device_id: 0.0 for device in self.devices if device.sort == "bay"}
+        self._bay_seen: dict[str, float] = {}
         self._faults: dict[str, _Fault] = {}
         self._episodes: dict[str, tuple[int, int]] = {}  # district -> (readings done, label start)
         self._episode_labels: dict[str, list[int]] = {}
@@ -317,7 +319,11 @@ class City:
         elif device.sort == "lot":
             values = self._lot(device, hour)
         else:
-            if self._random.random() < 0.03:
+            # A car comes or goes about every half hour, however often the sensor reports: at a
+            # report a minute that is a 3% chance per report; at several a second, far less.
+            since = time_s - self._bay_seen.get(device.device_id, time_s - 60.0)
+            self._bay_seen[device.device_id] = time_s
+            if self._random.random() < 1.0 - math.exp(-max(since, 0.0) / _BAY_DWELL_S):
                 self._bay[device.device_id] = 1.0 - self._bay[device.device_id]
             values = {"occupied": self._bay[device.device_id]}
 
