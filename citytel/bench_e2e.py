@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel import stack
 from citytel.bench import _bare_drain, _create_session, _drop_session
+from citytel.localstack import spawn_citytel
 from citytel.simulate import City, Message, publish
 from config import Settings, dump_settings, load_settings
 from ingest.topics import reading_topic
@@ -267,16 +267,6 @@ def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -
 # --- citytel --------------------------------------------------------------------------------
 
 
-def _spawn(config: Path, log_dir: Path, *arguments: str) -> subprocess.Popen[bytes]:
-    # The child keeps its own copy of the file descriptor; ours is closed on return.
-    with (log_dir / f"{arguments[0]}.log").open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "citytel", "--config", str(config), "--log-level", "WARNING", *arguments],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _wait_rows(conninfo: str, target: int, timeout: float) -> float:
     """Seconds from the first new row to ``target`` rows."""
     deadline = time.monotonic() + timeout
@@ -486,9 +476,9 @@ def bench_e2e(
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
         target = _count(conninfo) + _readings_in(drain_backlog)
-        children.append(_spawn(config, run_dir, "process"))
+        children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
         time.sleep(3.0)  # the processor joins its group before the flood
-        children.append(_spawn(config, run_dir, "bridge"))
+        children.append(spawn_citytel(["bridge"], config, run_dir, "bridge", "WARNING"))
         sampler = _ProcessSampler(
             {
                 "bridge": children[1].pid,

@@ -129,13 +129,19 @@ def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
     return totals
 
 
-def _spawn(arguments: list[str], config_path: Path | None, log_dir: Path, name: str) -> subprocess.Popen[bytes]:
+def spawn_citytel(
+    arguments: list[str], config_path: Path | None, log_dir: Path, name: str, log_level: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``citytel <arguments>`` as a child process logging to ``log_dir/<name>.log``."""
     command = [sys.executable, "-m", "citytel"]
     if config_path is not None:
         command += ["--config", str(config_path)]
-    log = (log_dir / f"{name}.log").open("ab")
-    # Its own session: Ctrl-C reaches only us, and we stop the children in order, by PID.
-    return subprocess.Popen([*command, *arguments], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if log_level is not None:
+        command += ["--log-level", log_level]
+    # The child keeps its own copy of the file descriptor; ours is closed on return. Its own
+    # session: Ctrl-C reaches only us, and we stop the children in order, by PID.
+    with (log_dir / f"{name}.log").open("ab") as log:
+        return subprocess.Popen([*command, *arguments], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -156,13 +162,13 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
     log_dir = _run_dir(settings) / "citytel"
     log_dir.mkdir(exist_ok=True)
     children = {
-        "processor": _spawn(["process"], config_path, log_dir, "processor"),
-        "bridge": _spawn(["bridge"], config_path, log_dir, "bridge"),
-        "alerter": _spawn(["alerts", "run"], config_path, log_dir, "alerter"),
+        "processor": spawn_citytel(["process"], config_path, log_dir, "processor"),
+        "bridge": spawn_citytel(["bridge"], config_path, log_dir, "bridge"),
+        "alerter": spawn_citytel(["alerts", "run"], config_path, log_dir, "alerter"),
     }
     time.sleep(2.0)
     # A few faults per hour and device: the detectors and alerts have something to find.
-    children["simulator"] = _spawn(["simulate", "--fault-rate", "0.0005"], config_path, log_dir, "simulator")
+    children["simulator"] = spawn_citytel(["simulate", "--fault-rate", "0.0005"], config_path, log_dir, "simulator")
     simulator = settings.simulator
     _say(
         f"simulating {4 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"

@@ -55,6 +55,16 @@ class ReadingBatch:
             found = self._memo["time_order"] = time_order(self.series, self.time_us)
         return found  # type: ignore[return-value]
 
+    def device_time_keys(self) -> NDArray[np.int64]:
+        """One int64 per row naming (device, time): equal for the metrics of one message. Once
+        per batch, for every detector that reads a device's other metrics."""
+        found = self._memo.get("device_time_keys")
+        if found is None:
+            # Rank the times so (device, time rank) fits one int64 key.
+            _, time_rank = np.unique(self.time_us, return_inverse=True)
+            found = self._memo["device_time_keys"] = (self.devices() << 32) | time_rank.reshape(-1)
+        return found  # type: ignore[return-value]
+
     def devices(self) -> NDArray[np.int64]:
         return self.series if self.device is None else self.device
 

@@ -51,8 +51,17 @@ class DetectionStage:
         for partition, now_us in self._partition_now_us.items():
             if partitions is None or partition in partitions:
                 clock[partition] = now_us
+        due = [
+            position
+            for position, detector in enumerate(self.detectors)
+            if isinstance(detector, Sweeper) and detector.due(int(clock.max()))
+        ]
+        if not due:
+            return results
+        # Each series' clock: a pass over every series, so only when some sweep is due.
         now_us = clock[np.minimum(self.index.partition.view, len(clock) - 1)]
-        for position, detector in enumerate(self.detectors):
+        for position in due:
+            detector = self.detectors[position]
             if isinstance(detector, Sweeper):
                 events = detector.sweep(now_us)
                 if len(events):

@@ -295,15 +295,26 @@ class Alerter:
         if not info.is_published():
             raise RetryableError(f"MQTT did not acknowledge {topic}")
 
-    def _unpublished(self) -> list[tuple[Transition, list[str]]]:
-        with psycopg.connect(self._settings.database.conninfo()) as connection:
-            rows = connection.execute(
-                "SELECT alert_id, rule, state, sequence, (extract(epoch FROM time) * 1e6)::bigint, severity, district,"
-                " device_id, details, departments FROM alerts WHERE published_at IS NULL"
-                " ORDER BY time, alert_id, sequence LIMIT 1000"
-            ).fetchall()
+    @staticmethod
+    async def _unpublished(connection: psycopg.AsyncConnection) -> list[tuple[Transition, list[str]]]:
+        cursor = await connection.execute(
+            "SELECT alert_id, rule, state, sequence, (extract(epoch FROM time) * 1e6)::bigint, severity, district,"
+            " device_id, details, departments FROM alerts WHERE published_at IS NULL"
+            " ORDER BY time, alert_id, sequence LIMIT 1000"
+        )
         result = []
-        for alert_id, rule, state, sequence, time_us, severity, district, device_id, details, departments in rows:
+        for (
+            alert_id,
+            rule,
+            state,
+            sequence,
+            time_us,
+            severity,
+            district,
+            device_id,
+            details,
+            departments,
+        ) in await cursor.fetchall():
             scope_key = district if device_id is None else device_id
             # The alert id ends with the event time it opened at.
             opened_us = int(alert_id.rsplit(":", 1)[1])
@@ -323,34 +334,34 @@ class Alerter:
             result.append((transition, list(departments)))
         return result
 
-    def _mark_published(self, transition: Transition) -> None:
-        with psycopg.connect(self._settings.database.conninfo(), autocommit=True) as connection:
-            connection.execute(
-                "UPDATE alerts SET published_at = now() WHERE alert_id = %s AND sequence = %s",
-                (transition.alert_id, transition.sequence),
-            )
-
     async def publish_pending(self) -> int:
         assert self._producer is not None
         settings = self._settings.alerts
         sent = 0
-        for transition, departments in await asyncio.to_thread(self._unpublished):
-            rule = settings.rules.get(transition.rule, AlertRule(detector=""))
-            key = (transition.alert_id, transition.sequence)
-            if key not in self._already_on_kafka:
-                payload = message_json(transition, rule, settings.sender, departments)
-                for department in departments:
-                    await self._publish_mqtt(
-                        f"{settings.mqtt_topic_prefix}/{department}/{transition.district}", payload
-                    )
-                    metrics.ALERTS_PUBLISHED.labels(department, "mqtt").inc()
-                for department in departments:
-                    await self._producer.send_and_wait(
-                        self.topic(department), payload, key=transition.alert_id.encode()
-                    )
-                    metrics.ALERTS_PUBLISHED.labels(department, "kafka").inc()
-                sent += 1
-            await asyncio.to_thread(self._mark_published, transition)
+        # One connection per pass: to find the outbox's rows, and to mark each one as it goes out.
+        async with await psycopg.AsyncConnection.connect(
+            self._settings.database.conninfo(), autocommit=True
+        ) as connection:
+            for transition, departments in await self._unpublished(connection):
+                rule = settings.rules.get(transition.rule, AlertRule(detector=""))
+                key = (transition.alert_id, transition.sequence)
+                if key not in self._already_on_kafka:
+                    payload = message_json(transition, rule, settings.sender, departments)
+                    for department in departments:
+                        await self._publish_mqtt(
+                            f"{settings.mqtt_topic_prefix}/{department}/{transition.district}", payload
+                        )
+                        metrics.ALERTS_PUBLISHED.labels(department, "mqtt").inc()
+                    for department in departments:
+                        await self._producer.send_and_wait(
+                            self.topic(department), payload, key=transition.alert_id.encode()
+                        )
+                        metrics.ALERTS_PUBLISHED.labels(department, "kafka").inc()
+                    sent += 1
+                await connection.execute(
+                    "UPDATE alerts SET published_at = now() WHERE alert_id = %s AND sequence = %s",
+                    (transition.alert_id, transition.sequence),
+                )
         return sent
 
     def _evaluate(self) -> int:

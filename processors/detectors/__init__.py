@@ -54,6 +54,10 @@ class Sweeper(Protocol):
 
     name: str
 
+    def due(self, latest_us: int) -> bool:
+        """Whether a sweep is wanted now that the stream has reached ``latest_us``."""
+        ...
+
     def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
         """Anomalies as of each series' stream time ``now_us`` (the clock of the partition it
         arrives on; the int64 minimum for series of partitions this processor does not hold)."""
@@ -117,9 +121,7 @@ def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     source = np.flatnonzero(batch.metric == batch.metric_names.index(metric))
     if not len(source):
         return found
-    # Rank the times so (device, time rank) fits one int64 key.
-    _, time_rank = np.unique(batch.time_us, return_inverse=True)
-    keys = (batch.devices() << 32) | time_rank.reshape(-1)
+    keys = batch.device_time_keys()
     source_keys = keys[source]
     order = np.argsort(source_keys)
     sorted_keys = source_keys[order]

@@ -92,6 +92,22 @@ def level(aqi: NDArray[np.float64]) -> NDArray[np.uint8]:
     return (np.searchsorted(_LEVEL_BOUNDS, aqi, side="left") + 1).astype(np.uint8)
 
 
+def _add_to_bucket(
+    bucket: NDArray[np.int64],
+    total: NDArray[np.float64],
+    count: NDArray[np.int64],
+    series: NDArray[np.int64],
+    this_bucket: NDArray[np.int64],
+    value: NDArray[np.float64],
+) -> None:
+    """Add each row's value to its series' running sum and count for the bucket (hour or day)
+    the row falls in; a row in a new bucket starts it afresh."""
+    new_bucket = this_bucket != bucket[series]
+    total[series] = np.where(new_bucket, 0.0, total[series]) + value
+    count[series] = np.where(new_bucket, 0, count[series]) + 1
+    bucket[series] = this_bucket
+
+
 def _pollutant_of_rows(batch: ReadingBatch) -> NDArray[np.int64]:
     """Each row's position in POLLUTANTS, or -1."""
     if batch.metric is None:
@@ -144,10 +160,7 @@ class Aqi(SeriesState):
             rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
             series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
             this_hour = (time_us + self.offset_us) // _HOUR_US
-            new_hour = this_hour != hour[series]
-            total[series] = np.where(new_hour, 0.0, total[series]) + value
-            count[series] = np.where(new_hour, 0, count[series]) + 1
-            hour[series] = this_hour
+            _add_to_bucket(hour, total, count, series, this_hour, value)
             last_time[series] = time_us
             mean = total[series] / count[series]
             index = np.zeros(len(rows))
@@ -209,10 +222,7 @@ class Exceedance(SeriesState):
         then start each series' bucket afresh with the row's value."""
         leaving = (this_bucket != bucket[series]) & (bucket[series] >= 0) & (count[series] >= self.min_readings)
         ratio = np.where(leaving, total[series] / np.maximum(count[series], 1) / limit, 0.0)
-        new_bucket = this_bucket != bucket[series]
-        total[series] = np.where(new_bucket, 0.0, total[series]) + value
-        count[series] = np.where(new_bucket, 0, count[series]) + 1
-        bucket[series] = this_bucket
+        _add_to_bucket(bucket, total, count, series, this_bucket, value)
         return np.nan_to_num(ratio, nan=0.0)
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:

@@ -104,6 +104,9 @@ class Dropout(SeriesState):
             self.name, np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8), REASONS, events
         )
 
+    def due(self, latest_us: int) -> bool:
+        return latest_us != _NEVER and latest_us - self._last_sweep_us >= self.sweep_every_us
+
     def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
         self._grow(len(now_us))
         nothing = AnomalyEvents(
@@ -114,10 +117,9 @@ class Dropout(SeriesState):
             np.empty(0, np.uint8),
             REASONS,
         )
-        latest = int(now_us.max()) if len(now_us) else _NEVER
-        if latest == _NEVER or latest - self._last_sweep_us < self.sweep_every_us:
+        if not len(now_us):
             return nothing
-        self._last_sweep_us = latest
+        self._last_sweep_us = max(self._last_sweep_us, int(now_us.max()))
         size = len(now_us)
         last_time = self.last_time_us.view[:size]
         timeout = np.maximum(self.factor * self.interval_us.view[:size], self.min_silence_us).astype(np.int64)

@@ -134,6 +134,8 @@ class LotStuck(SeriesState):
             "last_time_us": self.last_time_us,
         }
         self.district = GrowableArray(np.int64, fill=-1)
+        # Not saved either: the latest change of any lot, per district code of this process.
+        self.district_latest = GrowableArray(np.int64, fill=_NEVER)
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         self._grow(series_count)
@@ -162,11 +164,14 @@ class LotStuck(SeriesState):
             last_time[series] = time_us
             since[rows] = changed[series]
             live[rows] = True
-        # Pass 2, over the whole batch: the latest change of any lot in each district.
-        tracked = np.flatnonzero((self.district.view >= 0) & (changed > _NEVER))
-        districts = self.district.view[tracked]
-        latest = np.full(int(districts.max()) + 1 if len(districts) else 1, _NEVER, np.int64)
-        np.maximum.at(latest, districts, changed[tracked])
+        # Pass 2, over the whole batch: the latest change of any lot in each district. A lot's
+        # last change only moves forward, so a running maximum per district, fed by the lots of
+        # this batch, equals the maximum over every lot seen: no pass over all series.
+        reporting = batch.series[applies]
+        districts = self.district.view[reporting]
+        self.district_latest.resize(int(districts.max()) + 1 if len(districts) else 0)
+        latest = self.district_latest.view
+        np.maximum.at(latest, districts, changed[reporting])
         rows = np.flatnonzero(live)
         series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
         full_or_empty = (value <= 0) | (np.isfinite(capacity[rows]) & (value >= capacity[rows]))
