@@ -8,6 +8,8 @@ Lots report ``free_bays``, ``occupied_bays`` and ``capacity`` in one message; ba
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
+from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
@@ -42,17 +44,10 @@ class OverCapacity(SeriesState):
         flagged = np.zeros(size, np.bool_)
         capacity = companion(batch, "capacity")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(capacity)
-        excess = batch.value - capacity - self.tolerance
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            series = batch.series[rows]
-            fresh = batch.time_us[rows] > last_time[series]
-            is_over = excess[rows] > 0
-            score[rows] = np.where(is_over, 0.5 + 0.5 * np.minimum(excess[rows] / np.maximum(capacity[rows], 1), 1), 0)
-            hit = fresh & is_over & ~over[series]
-            flagged[rows] = hit
-            over[series[fresh]] = is_over[fresh]
-            last_time[series[fresh]] = batch.time_us[rows][fresh]
+        _over_capacity_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
+            over, last_time, score, flagged,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "over_capacity"))
 
 
@@ -93,20 +88,10 @@ class BayFlapping(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
-            toggled = np.isfinite(last_value[series]) & (value != last_value[series])
-            expired = time_us - start[series] > self.window_us
-            # A toggle after the window ran out opens a new window; the first toggle counts 1.
-            count = np.where(toggled, np.where(expired, 1, toggles[series] + 1), toggles[series])
-            start[series] = np.where(toggled & expired, time_us, start[series])
-            toggles[series] = count
-            score[rows] = np.minimum(count / self.max_toggles, 1.0)
-            flagged[rows] = toggled & (count == self.max_toggles)
-            last_value[series] = value
-            last_time[series] = time_us
+        _flapping_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
 
 
@@ -153,17 +138,10 @@ class LotStuck(SeriesState):
         # Pass 1, in time order: each row's "unchanged since" as of that row.
         since = np.full(size, _NEVER, np.int64)
         live = np.zeros(size, np.bool_)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
-            moved = value != last_value[series]
-            changed[series] = np.where(moved, time_us, changed[series])
-            reported[series] &= ~moved
-            last_value[series] = value
-            last_time[series] = time_us
-            since[rows] = changed[series]
-            live[rows] = True
+        _stuck_pass(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            last_value, changed, reported, last_time, since, live,
+        )  # fmt: skip
         # Pass 2, over the whole batch: the latest change of any lot in each district. A lot's
         # last change only moves forward, so a running maximum per district, fed by the lots of
         # this batch, equals the maximum over every lot seen: no pass over all series.
@@ -190,3 +168,107 @@ class LotStuck(SeriesState):
         flagged[hit_rows] = True
         reason = np.where(flagged, np.where(batch.value <= 0, 1, 2), 0).astype(np.uint8)
         return DetectorResult(self.name, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
+
+
+# Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
+# time order per series, skipping rows that do not apply.
+
+
+@njit(cache=True, nogil=True)
+def _over_capacity_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    capacity: NDArray[np.float64],
+    tolerance: float,
+    over: NDArray[np.bool_],
+    last_time: NDArray[np.int64],
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        if not applies[i]:
+            continue
+        s = series[i]
+        excess = value[i] - capacity[i] - tolerance
+        is_over = excess > 0
+        # A late reading is scored too; only a fresh one moves the episode.
+        if is_over:
+            score[i] = 0.5 + 0.5 * min(excess / max(capacity[i], 1.0), 1.0)
+        if time_us[i] <= last_time[s]:
+            continue
+        flagged[i] = is_over and not over[s]
+        over[s] = is_over
+        last_time[s] = time_us[i]
+
+
+@njit(cache=True, nogil=True)
+def _flapping_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    last_value: NDArray[np.float64],
+    start: NDArray[np.int64],
+    toggles: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    max_toggles: int,
+    window_us: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        t = time_us[i]
+        if not applies[i] or t <= last_time[s]:
+            continue
+        v = value[i]
+        toggled = np.isfinite(last_value[s]) and v != last_value[s]
+        count = toggles[s]
+        if toggled:
+            # A toggle after the window ran out opens a new window; the first toggle counts 1.
+            if t - start[s] > window_us:
+                count = 1
+                start[s] = t
+            else:
+                count += 1
+        toggles[s] = count
+        score[i] = min(count / max_toggles, 1.0)
+        flagged[i] = toggled and count == max_toggles
+        last_value[s] = v
+        last_time[s] = t
+
+
+@njit(cache=True, nogil=True)
+def _stuck_pass(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    last_value: NDArray[np.float64],
+    changed: NDArray[np.int64],
+    reported: NDArray[np.bool_],
+    last_time: NDArray[np.int64],
+    since: NDArray[np.int64],
+    live: NDArray[np.bool_],
+) -> None:
+    """Each fresh row's "unchanged since", as of that row."""
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        t = time_us[i]
+        if not applies[i] or t <= last_time[s]:
+            continue
+        if value[i] != last_value[s]:
+            changed[s] = t
+            reported[s] = False
+        last_value[s] = value[i]
+        last_time[s] = t
+        since[i] = changed[s]
+        live[i] = True

@@ -8,6 +8,7 @@ time a vehicle is over the loop) in one message.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -22,15 +23,6 @@ _HOUR_US = 3_600_000_000
 _SLOTS = 48  # 24 hours of a working day, then 24 of a weekend day
 # Mean absolute deviation to standard deviation, for normal noise.
 _MAD_TO_SIGMA = 1.25
-
-
-def week_slot(time_us: NDArray[np.int64], offset_us: int) -> NDArray[np.int64]:
-    """0..23: the local hour of a working day; 24..47: of a Saturday or Sunday."""
-    local_hours = (time_us + offset_us) // _HOUR_US
-    # 1970-01-01 was a Thursday: day 0 is weekday 3 counting Monday as 0.
-    weekday = (local_hours // 24 + 3) % 7
-    result: NDArray[np.int64] = np.where(weekday >= 5, 24, 0) + local_hours % 24
-    return result
 
 
 @register_detector("traffic_profile")
@@ -92,36 +84,13 @@ class TrafficProfile(SeriesState):
         applies = batch.metric_mask(self.metrics) & np.isfinite(batch.value)
         if not applies.any():
             return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
-        slot = week_slot(batch.time_us, self.offset_us)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            series, value = batch.series[rows], batch.value[rows]
-            profile = self._rows_for(series)
-            slots = slot[rows]
-            mean = self.means[profile, slots].astype(np.float64)
-            seen = self.counts[profile, slots]
-            sigma = scale[series] * _MAD_TO_SIGMA + 0.05 * np.abs(mean) + 1.0
-            z = (value - mean) / sigma
-            warm = seen >= self.warmup
-            absolute = np.abs(z)
-            score[rows] = np.where(warm, absolute / (absolute + self.threshold), 0.0)
-            hit = warm & (absolute >= self.threshold)
-            flagged[rows] = hit
-            reason[rows] = np.where(hit, np.where(z > 0, 1, 2), 0)
-
-            fresh = batch.time_us[rows] > last_time[series]
-            series, value, mean, sigma = series[fresh], value[fresh], mean[fresh], sigma[fresh]
-            profile, slots, seen = profile[fresh], slots[fresh], seen[fresh]
-            learned = np.where(
-                seen >= self.warmup, np.clip(value, mean - self.threshold * sigma, mean + self.threshold * sigma), value
-            )
-            weight = np.maximum(self.alpha, 1.0 / (seen.astype(np.float64) + 1))
-            self.means[profile, slots] = (mean + weight * (learned - mean)).astype(np.float32)
-            self.counts[profile, slots] = np.minimum(seen.astype(np.int64) + 1, 255).astype(np.uint8)
-            # The noise scale learns only from warm slots: a slot's first readings say nothing.
-            deviation = np.where(seen >= self.warmup, np.abs(learned - mean), scale[series])
-            scale[series] += 0.02 * (deviation - scale[series])
-            last_time[series] = batch.time_us[rows][fresh]
+        # Profiles are handed out before the loop: the kernel only indexes them.
+        self._rows_for(batch.series[applies])
+        _profile_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            self.row.view, self.means, self.counts, scale, last_time,
+            self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
@@ -182,21 +151,11 @@ class TrafficZero(SeriesState):
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series, value = batch.series[rows], batch.value[rows]
-            zero = value <= 0
-            usual = (count[series] >= self.warmup) & (flow[series] >= self.min_flow)
-            zeros = np.where(zero, zeros_in_row[series] + 1, 0)
-            score[rows] = np.where(zero & usual, np.minimum(zeros / self.min_readings, 1.0), 0.0)
-            flagged[rows] = usual & (zeros == self.min_readings)
-            zeros_in_row[series] = zeros
-            # The usual flow learns from non-zero counts only: a dead counter keeps its history.
-            weight = np.maximum(self.alpha, 1.0 / (count[series] + 1))
-            flow[series] = np.where(zero, flow[series], flow[series] + weight * (value - flow[series]))
-            count[series] += ~zero
-            last_time[series] = batch.time_us[rows]
+        _zero_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            flow, count, zeros_in_row, last_time,
+            self.alpha, self.warmup, self.min_flow, self.min_readings, score, flagged,
+        )  # fmt: skip
         reason = np.where(flagged, np.where(occupancy >= self.jam_occupancy, 1, 2), 0).astype(np.uint8)
         return DetectorResult(self.name, score, flagged, reason, ("", "zero_incident", "zero_sensor_failure"))
 
@@ -226,13 +185,135 @@ class Congestion(SeriesState):
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
         applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(occupancy)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series = batch.series[rows]
-            jam = (batch.value[rows] <= self.jam_speed) & (occupancy[rows] >= self.jam_occupancy)
-            score[rows] = np.where(jam, 1.0, 0.5 * np.minimum(occupancy[rows] / self.jam_occupancy, 1.0) * 0.99)
-            flagged[rows] = jam & ~jammed[series]
-            jammed[series] = jam
-            last_time[series] = batch.time_us[rows]
+        _congestion_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value, occupancy,
+            self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
+
+
+# Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
+# time order per series, skipping rows that do not apply.
+
+
+@njit(cache=True, nogil=True)
+def _profile_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    profile_row: NDArray[np.int64],
+    means: NDArray[np.float32],
+    counts: NDArray[np.uint8],
+    scale: NDArray[np.float64],
+    last_time: NDArray[np.int64],
+    offset_us: int,
+    alpha: float,
+    threshold: float,
+    warmup: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        if not applies[i]:
+            continue
+        s = series[i]
+        row = profile_row[s]
+        # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
+        # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
+        local_hours = (time_us[i] + offset_us) // _HOUR_US
+        slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
+        mean = np.float64(means[row, slot])
+        seen = np.int64(counts[row, slot])
+        sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
+        z = (value[i] - mean) / sigma
+        warm = seen >= warmup
+        absolute = abs(z)
+        # A late reading is scored against the profile as it is; it teaches nothing.
+        if warm:
+            score[i] = absolute / (absolute + threshold)
+            if absolute >= threshold:
+                flagged[i] = True
+                reason[i] = 1 if z > 0 else 2
+        if time_us[i] <= last_time[s]:
+            continue
+        learned = value[i]
+        if warm:
+            learned = min(max(learned, mean - threshold * sigma), mean + threshold * sigma)
+        weight = max(alpha, 1.0 / (seen + 1.0))
+        means[row, slot] = np.float32(mean + weight * (learned - mean))
+        if seen < 255:
+            counts[row, slot] = seen + 1
+        # The noise scale learns only from warm slots: a slot's first readings say nothing.
+        deviation = abs(learned - mean) if warm else scale[s]
+        scale[s] += 0.02 * (deviation - scale[s])
+        last_time[s] = time_us[i]
+
+
+@njit(cache=True, nogil=True)
+def _zero_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    flow: NDArray[np.float64],
+    count: NDArray[np.int64],
+    zeros_in_row: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    alpha: float,
+    warmup: int,
+    min_flow: float,
+    min_readings: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        if not applies[i] or time_us[i] <= last_time[s]:
+            continue
+        v = value[i]
+        zero = v <= 0
+        usual = count[s] >= warmup and flow[s] >= min_flow
+        zeros = zeros_in_row[s] + 1 if zero else 0
+        if zero and usual:
+            score[i] = min(zeros / min_readings, 1.0)
+        flagged[i] = usual and zeros == min_readings
+        zeros_in_row[s] = zeros
+        # The usual flow learns from non-zero counts only: a dead counter keeps its history.
+        if not zero:
+            weight = max(alpha, 1.0 / (count[s] + 1))
+            flow[s] += weight * (v - flow[s])
+            count[s] += 1
+        last_time[s] = time_us[i]
+
+
+@njit(cache=True, nogil=True)
+def _congestion_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    speed: NDArray[np.float64],
+    occupancy: NDArray[np.float64],
+    jam_speed: float,
+    jam_occupancy: float,
+    jammed: NDArray[np.bool_],
+    last_time: NDArray[np.int64],
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        if not applies[i] or time_us[i] <= last_time[s]:
+            continue
+        jam = speed[i] <= jam_speed and occupancy[i] >= jam_occupancy
+        score[i] = 1.0 if jam else 0.5 * min(occupancy[i] / jam_occupancy, 1.0) * 0.99
+        flagged[i] = jam and not jammed[s]
+        jammed[s] = jam
+        last_time[s] = time_us[i]
