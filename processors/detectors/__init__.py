@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from config import DetectorSettings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, rounds_in_time_order
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from processors.series import GrowableArray
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "build_detector",
     "companion",
     "register_detector",
-    "rounds_in_time_order",
 ]
 
 

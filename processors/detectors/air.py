@@ -8,6 +8,7 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -68,7 +69,6 @@ _LEVELS = {
         "aqi_hazardous",
     ),
 }
-_LEVEL_BOUNDS = np.array([50.0, 100.0, 150.0, 200.0, 300.0])
 
 # GB 3095-2012 grade II limits, µg/m³ (CO mg/m³); NaN: no limit for that averaging time.
 _LIMIT_1H = {"pm2_5": np.nan, "pm10": np.nan, "so2": 500.0, "no2": 200.0, "co": 10.0, "o3": 200.0}
@@ -80,32 +80,10 @@ _DAY_US = 24 * _HOUR_US
 
 def iaqi(standard: str, pollutant: str, concentration: NDArray[np.float64]) -> NDArray[np.float64]:
     """Individual AQI of a pollutant's concentrations (linear within each breakpoint range,
-    500 at and above the top)."""
+    500 at and above the top): the detector's own interpolation, for tools and tests."""
     table = _HJ633 if standard == "hj633" else _US_EPA
-    indices = _IAQI if standard == "hj633" else _EPA_AQI
-    result: NDArray[np.float64] = np.interp(concentration, table[pollutant], indices)
-    return result
-
-
-def level(aqi: NDArray[np.float64]) -> NDArray[np.uint8]:
-    """1..6: the category of each AQI (1 is the cleanest)."""
-    return (np.searchsorted(_LEVEL_BOUNDS, aqi, side="left") + 1).astype(np.uint8)
-
-
-def _add_to_bucket(
-    bucket: NDArray[np.int64],
-    total: NDArray[np.float64],
-    count: NDArray[np.int64],
-    series: NDArray[np.int64],
-    this_bucket: NDArray[np.int64],
-    value: NDArray[np.float64],
-) -> None:
-    """Add each row's value to its series' running sum and count for the bucket (hour or day)
-    the row falls in; a row in a new bucket starts it afresh."""
-    new_bucket = this_bucket != bucket[series]
-    total[series] = np.where(new_bucket, 0.0, total[series]) + value
-    count[series] = np.where(new_bucket, 0, count[series]) + 1
-    bucket[series] = this_bucket
+    indices = np.array(_IAQI if standard == "hj633" else _EPA_AQI)
+    return _iaqi_all(np.asarray(concentration, np.float64), np.array([table[pollutant]], np.float64), indices)
 
 
 def _pollutant_of_rows(batch: ReadingBatch) -> NDArray[np.int64]:
@@ -132,6 +110,10 @@ class Aqi(SeriesState):
         self.level = settings.aqi_level
         self.min_readings = settings.min_readings
         self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
+        # The standard's tables as arrays, one row per pollutant, for the compiled loop.
+        table = _HJ633 if self.standard == "hj633" else _US_EPA
+        self._breakpoints = np.array([table[name] for name in POLLUTANTS], np.float64)
+        self._indices = np.array(_IAQI if self.standard == "hj633" else _EPA_AQI, np.float64)
         self.hour = GrowableArray(np.int64, fill=-1)
         self.total = GrowableArray(np.float64)
         self.count = GrowableArray(np.int64)
@@ -155,23 +137,11 @@ class Aqi(SeriesState):
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
         applies = (pollutant >= 0) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
-            this_hour = (time_us + self.offset_us) // _HOUR_US
-            _add_to_bucket(hour, total, count, series, this_hour, value)
-            last_time[series] = time_us
-            mean = total[series] / count[series]
-            index = np.zeros(len(rows))
-            for code, name in enumerate(POLLUTANTS):
-                of_pollutant = pollutant[rows] == code
-                index[of_pollutant] = iaqi(self.standard, name, mean[of_pollutant])
-            score[rows] = index / 500.0
-            hit = (count[series] >= self.min_readings) & (index >= self.level) & (flagged_hour[series] != this_hour)
-            flagged[rows] = hit
-            reason[rows] = np.where(hit, level(index), 0)
-            flagged_hour[series] = np.where(hit, this_hour, flagged_hour[series])
+        _aqi_kernel(
+            batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
+            hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
+            self.offset_us, self.min_readings, self.level, score, flagged, reason,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, _LEVELS[self.standard])
 
 
@@ -208,23 +178,6 @@ class Exceedance(SeriesState):
             "last_time_us": self.last_time_us,
         }
 
-    def _close(
-        self,
-        bucket: NDArray[np.int64],
-        total: NDArray[np.float64],
-        count: NDArray[np.int64],
-        series: NDArray[np.int64],
-        this_bucket: NDArray[np.int64],
-        limit: NDArray[np.float64],
-        value: NDArray[np.float64],
-    ) -> NDArray[np.float64]:
-        """Close the buckets the rows have left: the closed mean / limit where it counts (else 0),
-        then start each series' bucket afresh with the row's value."""
-        leaving = (this_bucket != bucket[series]) & (bucket[series] >= 0) & (count[series] >= self.min_readings)
-        ratio = np.where(leaving, total[series] / np.maximum(count[series], 1) / limit, 0.0)
-        _add_to_bucket(bucket, total, count, series, this_bucket, value)
-        return np.nan_to_num(ratio, nan=0.0)
-
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         self._grow(series_count)
         last_time = self.last_time_us.view
@@ -234,33 +187,153 @@ class Exceedance(SeriesState):
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
         applies = (pollutant >= 0) & np.isfinite(batch.value)
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            rows = rows[batch.time_us[rows] > last_time[batch.series[rows]]]
-            series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
-            local = time_us + self.offset_us
-            code = pollutant[rows]
-            hourly = self._close(
-                self.hour.view,
-                self.hour_total.view,
-                self.hour_count.view,
-                series,
-                local // _HOUR_US,
-                self.limit_1h[code],
-                value,
-            )
-            daily = self._close(
-                self.day.view,
-                self.day_total.view,
-                self.day_count.view,
-                series,
-                local // _DAY_US,
-                self.limit_24h[code],
-                value,
-            )
-            last_time[series] = time_us
-            worst = np.maximum(hourly, daily)
-            score[rows] = np.minimum(worst / 2.0, 1.0)
-            flagged[rows] = worst > 1.0
-            reason[rows] = np.where(daily > 1.0, 2, np.where(hourly > 1.0, 1, 0))
+        _exceedance_kernel(
+            batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
+            self.hour.view, self.hour_total.view, self.hour_count.view,
+            self.day.view, self.day_total.view, self.day_count.view, last_time,
+            self.limit_1h, self.limit_24h, self.offset_us, self.min_readings, score, flagged, reason,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "exceed_1h", "exceed_24h"))
+
+
+# Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
+# time order per series; late readings are skipped.
+
+
+@njit(cache=True, nogil=True)
+def _interp(x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArray[np.float64]) -> float:
+    """np.interp for one value over ``breakpoints[row]``: linear between breakpoints, clamped
+    at both ends."""
+    top = breakpoints.shape[1] - 1
+    if x <= breakpoints[row, 0]:
+        return float(indices[0])
+    if x >= breakpoints[row, top]:
+        return float(indices[top])
+    j = 0
+    while breakpoints[row, j + 1] <= x:
+        j += 1
+    slope = (indices[j + 1] - indices[j]) / (breakpoints[row, j + 1] - breakpoints[row, j])
+    return float(slope * (x - breakpoints[row, j]) + indices[j])
+
+
+@njit(cache=True, nogil=True)
+def _iaqi_all(
+    concentration: NDArray[np.float64], breakpoints: NDArray[np.float64], indices: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    result = np.empty(concentration.shape[0])
+    for i in range(concentration.shape[0]):
+        result[i] = _interp(concentration[i], breakpoints, 0, indices)
+    return result
+
+
+@njit(cache=True, nogil=True)
+def _aqi_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    pollutant: NDArray[np.int64],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    hour: NDArray[np.int64],
+    total: NDArray[np.float64],
+    count: NDArray[np.int64],
+    flagged_hour: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    breakpoints: NDArray[np.float64],
+    indices: NDArray[np.float64],
+    offset_us: int,
+    min_readings: int,
+    aqi_level: float,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        t = time_us[i]
+        if not applies[i] or t <= last_time[s]:
+            continue
+        this_hour = (t + offset_us) // _HOUR_US
+        if this_hour != hour[s]:
+            total[s] = 0.0
+            count[s] = 0
+            hour[s] = this_hour
+        total[s] += value[i]
+        count[s] += 1
+        last_time[s] = t
+        index = _interp(total[s] / count[s], breakpoints, pollutant[i], indices)
+        score[i] = index / 500.0
+        if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
+            flagged[i] = True
+            # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
+            category = 1
+            for bound in (50.0, 100.0, 150.0, 200.0, 300.0):
+                if index > bound:
+                    category += 1
+            reason[i] = category
+            flagged_hour[s] = this_hour
+
+
+@njit(cache=True, nogil=True)
+def _exceedance_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    pollutant: NDArray[np.int64],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    hour: NDArray[np.int64],
+    hour_total: NDArray[np.float64],
+    hour_count: NDArray[np.int64],
+    day: NDArray[np.int64],
+    day_total: NDArray[np.float64],
+    day_count: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    limit_1h: NDArray[np.float64],
+    limit_24h: NDArray[np.float64],
+    offset_us: int,
+    min_readings: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
+) -> None:
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        t = time_us[i]
+        if not applies[i] or t <= last_time[s]:
+            continue
+        local = t + offset_us
+        p = pollutant[i]
+        v = value[i]
+        # The hour and the day the reading leaves, if it does, are closed: their mean / limit
+        # where that counts (else 0); then the reading goes into its own hour and day. (Written
+        # out twice rather than as a helper: numba counts references to the state arrays on
+        # every call of a helper, which made this loop ten times slower.)
+        hourly = 0.0
+        this_hour = local // _HOUR_US
+        if this_hour != hour[s]:
+            if hour[s] >= 0 and hour_count[s] >= min_readings and np.isfinite(limit_1h[p]):
+                hourly = hour_total[s] / hour_count[s] / limit_1h[p]
+            hour_total[s] = 0.0
+            hour_count[s] = 0
+            hour[s] = this_hour
+        hour_total[s] += v
+        hour_count[s] += 1
+        daily = 0.0
+        this_day = local // _DAY_US
+        if this_day != day[s]:
+            if day[s] >= 0 and day_count[s] >= min_readings and np.isfinite(limit_24h[p]):
+                daily = day_total[s] / day_count[s] / limit_24h[p]
+            day_total[s] = 0.0
+            day_count[s] = 0
+            day[s] = this_day
+        day_total[s] += v
+        day_count[s] += 1
+        last_time[s] = t
+        worst = max(hourly, daily)
+        score[i] = min(worst / 2.0, 1.0)
+        flagged[i] = worst > 1.0
+        # A day's exceedance wins over the hour's on the same reading.
+        reason[i] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)

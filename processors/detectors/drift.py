@@ -6,6 +6,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -80,11 +81,14 @@ class Drift(SeriesState):
         self._group_members = GrowableArray(np.int64)
         self._member = GrowableArray(np.bool_)
         self._group = GrowableArray(np.int64, fill=-1)
+        # Scratch for the kernel's round numbering: zero between batches.
+        self._rank = GrowableArray(np.int64)
 
     def _grow(self, series_count: int) -> None:
         super()._grow(series_count)
         self._member.resize(series_count)
         self._group.resize(series_count)
+        self._rank.resize(series_count)
 
     def _group_of(self, keys: NDArray[np.int64]) -> NDArray[np.int64]:
         dense = self._groups.lookup(keys)
@@ -136,63 +140,12 @@ class Drift(SeriesState):
             keys = self._keys(batch.take(unknown))
             self.group_key.view[batch.series[unknown]] = keys
             self._group.view[batch.series[unknown]] = self._group_of(keys)
-        group_sum, group_members = self._group_sum.view, self._group_members.view
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            series, time_us, value = batch.series[rows], batch.time_us[rows], batch.value[rows]
-            # A late reading gets the score its series has now; it changes nothing.
-            fresh = time_us > last_time[series]
-            # A drifting sensor is no one's peer until it is back.
-            drifting = np.maximum(upper[series], lower[series]) >= self.limit
-            leaving = series[drifting & member[series]]
-            np.add.at(group_sum, self._group.view[leaving], -latest[leaving])
-            np.add.at(group_members, self._group.view[leaving], -1)
-            member[leaving] = False
-            self._join(series[fresh & ~drifting])
-            # The round's fresh readings replace their series' latest in the groups' sums.
-            updating = series[fresh & ~drifting]
-            change = value[fresh & ~drifting] - np.where(member[updating], latest[updating], 0.0)
-            np.add.at(group_sum, self._group.view[updating], change)
-            np.add.at(group_members, self._group.view[updating], (~member[updating]).astype(np.int64))
-            member[updating] = True
-            latest[series[fresh]] = value[fresh]
-
-            group = self._group.view[series]
-            peers = group_members[group] - member[series]
-            own = np.where(member[series], latest[series], 0.0)
-            has_peers = peers >= 1
-            offset = value - np.where(has_peers, (group_sum[group] - own) / np.maximum(peers, 1), value)
-            fresh &= has_peers
-            seen = count[series]
-            warm = seen >= self.warmup
-            sigma = step[series] / _STEP_TO_SIGMA + 1e-9 + 1e-4 * np.abs(baseline[series])
-            z = np.clip((offset - baseline[series]) / sigma, -_MAX_STEP_Z, _MAX_STEP_Z)
-            new_upper = np.where(warm, np.maximum(upper[series] + z - self.slack, 0.0), 0.0)
-            new_lower = np.where(warm, np.maximum(lower[series] - z - self.slack, 0.0), 0.0)
-            worst = np.maximum(new_upper, new_lower)
-            score[rows] = np.where(has_peers, np.minimum(worst / (2 * self.limit), 1.0), 0.0)
-            # Flagged when a sum first reaches the limit: one anomaly per drift.
-            hit = warm & fresh & (worst >= self.limit) & ~drifting
-            flagged[rows] = hit
-            reason[rows] = np.where(hit, np.where(new_upper >= new_lower, 1, 2), 0)
-
-            series, offset, seen = series[fresh], offset[fresh], seen[fresh]
-            new_upper, new_lower, worst = new_upper[fresh], new_lower[fresh], worst[fresh]
-            previous = last_offset[series]
-            has_previous = np.isfinite(previous)
-            # The step scale: a running mean while warming up, then exponential forgetting.
-            weight = np.maximum(_STEP_WEIGHT, 1.0 / np.maximum(seen, 1))
-            step_size = np.abs(offset - np.where(has_previous, previous, offset))
-            step[series] = np.where(has_previous, step[series] + weight * (step_size - step[series]), 0.0)
-            level_weight = np.where(
-                seen < self.warmup, 1.0 / (seen + 1), np.where(worst >= self.limit, 0.0, self.alpha / 10)
-            )
-            baseline[series] += level_weight * (offset - baseline[series])
-            upper[series] = np.minimum(new_upper, 2 * self.limit)
-            lower[series] = np.minimum(new_lower, 2 * self.limit)
-            last_offset[series] = offset
-            count[series] = seen + 1
-            last_time[series] = batch.time_us[rows][fresh]
+        _drift_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value, self._group.view,
+            self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
+            baseline, step, last_offset, upper, lower, count, last_time,
+            self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, REASONS)
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
@@ -204,3 +157,130 @@ class Drift(SeriesState):
         self._member.view[known] = False
         self._group.view[known] = self._group_of(self.group_key.view[known])
         self._join(known)
+
+
+@njit(cache=True, nogil=True)
+def _drift_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    group: NDArray[np.int64],
+    group_sum: NDArray[np.float64],
+    group_members: NDArray[np.int64],
+    member: NDArray[np.bool_],
+    latest: NDArray[np.float64],
+    rank: NDArray[np.int64],
+    baseline: NDArray[np.float64],
+    step: NDArray[np.float64],
+    last_offset: NDArray[np.float64],
+    upper: NDArray[np.float64],
+    lower: NDArray[np.float64],
+    count: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    alpha: float,
+    slack: float,
+    limit: float,
+    warmup: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
+) -> None:
+    """The detector, compiled (see processors/kernels.py). Readings go in rounds: round k holds
+    the k-th reading (by time) of every series that has one, so a sensor is compared with its
+    peers' readings of about the same moment, not with ones from later in the batch. Within a
+    round, the groups' sums take in every reading first, then each reading is scored."""
+    size = order.shape[0]
+    # Number the readings of each series (rank) and sort the rows by it: the rounds.
+    row_rank = np.empty(size, np.int64)
+    rounds = 0
+    for k in range(size):
+        i = order[k]
+        if applies[i]:
+            s = series[i]
+            row_rank[i] = rank[s]
+            rank[s] += 1
+            rounds = max(rounds, rank[s])
+    starts = np.zeros(rounds + 1, np.int64)
+    for k in range(size):
+        i = order[k]
+        if applies[i]:
+            rank[series[i]] = 0  # the scratch is left as found
+            starts[row_rank[i] + 1] += 1
+    for r in range(rounds):
+        starts[r + 1] += starts[r]
+    rows = np.empty(starts[rounds], np.int64)
+    if rounds == 1:  # the usual case: no series twice in the batch
+        rows[:] = order[applies[order]]
+    else:
+        fill = starts[:-1].copy()
+        for k in range(size):
+            i = order[k]
+            if applies[i]:
+                rows[fill[row_rank[i]]] = i
+                fill[row_rank[i]] += 1
+    fresh = np.zeros(size, np.bool_)
+    drifting = np.zeros(size, np.bool_)
+    for r in range(rounds):
+        # Pass 1: the groups' sums of latest readings.
+        for k in range(starts[r], starts[r + 1]):
+            i = rows[k]
+            s = series[i]
+            g = group[s]
+            # A late reading gets the score its series has now; it changes nothing.
+            fresh[i] = time_us[i] > last_time[s]
+            drifting[i] = max(upper[s], lower[s]) >= limit
+            # A drifting sensor is no one's peer until it is back.
+            if drifting[i] and member[s]:
+                group_sum[g] -= latest[s]
+                group_members[g] -= 1
+                member[s] = False
+            if fresh[i] and not drifting[i]:
+                if member[s]:
+                    group_sum[g] += value[i] - latest[s]
+                else:
+                    group_sum[g] += value[i]
+                    group_members[g] += 1
+                    member[s] = True
+            if fresh[i]:
+                latest[s] = value[i]
+        # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
+        for k in range(starts[r], starts[r + 1]):
+            i = rows[k]
+            s = series[i]
+            g = group[s]
+            peers = group_members[g] - (1 if member[s] else 0)
+            if peers < 1:
+                continue  # no peer reporting: not scored, not learned
+            own = latest[s] if member[s] else 0.0
+            offset = value[i] - (group_sum[g] - own) / peers
+            seen = count[s]
+            warm = seen >= warmup
+            sigma = step[s] / _STEP_TO_SIGMA + 1e-9 + 1e-4 * abs(baseline[s])
+            z = min(max((offset - baseline[s]) / sigma, -_MAX_STEP_Z), _MAX_STEP_Z)
+            new_upper = max(upper[s] + z - slack, 0.0) if warm else 0.0
+            new_lower = max(lower[s] - z - slack, 0.0) if warm else 0.0
+            worst = max(new_upper, new_lower)
+            score[i] = min(worst / (2 * limit), 1.0)
+            if not fresh[i]:
+                continue
+            # Flagged when a sum first reaches the limit: one anomaly per drift.
+            if warm and worst >= limit and not drifting[i]:
+                flagged[i] = True
+                reason[i] = 1 if new_upper >= new_lower else 2
+            # The step scale: a running mean while warming up, then exponential forgetting.
+            previous = last_offset[s]
+            if np.isfinite(previous):
+                weight = max(_STEP_WEIGHT, 1.0 / max(seen, 1))
+                step[s] += weight * (abs(offset - previous) - step[s])
+            else:
+                step[s] = 0.0
+            # The usual offset: a mean while warming up, then slow; still while drifting.
+            level_weight = 1.0 / (seen + 1) if seen < warmup else (0.0 if worst >= limit else alpha / 10)
+            baseline[s] += level_weight * (offset - baseline[s])
+            upper[s] = min(new_upper, 2 * limit)
+            lower[s] = min(new_lower, 2 * limit)
+            last_offset[s] = offset
+            count[s] = seen + 1
+            last_time[s] = time_us[i]

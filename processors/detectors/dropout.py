@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -62,42 +63,24 @@ class Dropout(SeriesState):
         applies = np.isfinite(batch.value) & ~batch.metric_mask(self.exclude)
         if self.include:
             applies &= batch.metric_mask(self.include)
-        found_series: list[NDArray[np.int64]] = []
-        found_time: list[NDArray[np.int64]] = []
-        found_score: list[NDArray[np.float32]] = []
-        for rows in batch.rounds():
-            rows = rows[applies[rows]]
-            series, time_us = batch.series[rows], batch.time_us[rows]
-            fresh = time_us > last_time[series]
-            series, time_us = series[fresh], time_us[fresh]
-            seen = count[series]
-            gap = (time_us - last_time[series]).astype(np.float64)
-            # A silence that began and ended within this batch: no sweep saw it open.
-            timeout = np.maximum(self.factor * interval[series], self.min_silence_us)
-            closed = (seen > self.warmup) & ~silent[series] & (gap >= timeout)
-            if closed.any():
-                found_series.append(series[closed])
-                found_time.append(last_time[series[closed]] + timeout[closed].astype(np.int64))
-                found_score.append((gap[closed] / (gap[closed] + timeout[closed])).astype(np.float32))
-            weight = np.maximum(self.alpha, 1.0 / np.maximum(seen, 1))
-            # An outage is not the device's rhythm: gaps past the timeout are not learned.
-            learn = (seen > 0) & ((gap < timeout) | (seen <= self.warmup))
-            interval[series] = np.where(
-                learn, interval[series] + weight * (gap - interval[series]), np.where(seen > 0, interval[series], 0.0)
-            )
-            count[series] = seen + 1
-            last_time[series] = time_us
-            silent[series] = False  # it spoke: a later silence is a new dropout
         size = len(batch)
+        found_series = np.empty(size, np.int64)
+        found_time = np.empty(size, np.int64)
+        found_score = np.empty(size, np.float32)
+        found = _learn_kernel(
+            batch.time_order(), applies, batch.series, batch.time_us,
+            last_time, interval, count, silent,
+            self.alpha, self.warmup, self.factor, self.min_silence_us,
+            found_series, found_time, found_score,
+        )  # fmt: skip
         events = None
-        if found_series:
-            found = np.concatenate(found_series)
+        if found:
             events = AnomalyEvents(
                 self.name,
-                found,
-                np.concatenate(found_time),
-                np.concatenate(found_score),
-                np.ones(len(found), np.uint8),
+                found_series[:found],
+                found_time[:found],
+                found_score[:found],
+                np.ones(found, np.uint8),
                 REASONS,
             )
         return DetectorResult(
@@ -140,3 +123,52 @@ class Dropout(SeriesState):
             np.ones(len(found), np.uint8),
             REASONS,
         )
+
+
+@njit(cache=True, nogil=True)
+def _learn_kernel(
+    order: NDArray[np.int64],
+    applies: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    interval: NDArray[np.float64],
+    count: NDArray[np.int64],
+    silent: NDArray[np.bool_],
+    alpha: float,
+    warmup: int,
+    factor: float,
+    min_silence_us: int,
+    found_series: NDArray[np.int64],
+    found_time: NDArray[np.int64],
+    found_score: NDArray[np.float32],
+) -> int:
+    """Learns the intervals, per reading in time order per series (compiled: see
+    processors/kernels.py); writes the silences closed within the batch to ``found_*`` and
+    returns how many."""
+    found = 0
+    for k in range(order.shape[0]):
+        i = order[k]
+        s = series[i]
+        t = time_us[i]
+        if not applies[i] or t <= last_time[s]:
+            continue
+        seen = count[s]
+        if seen == 0:
+            interval[s] = 0.0
+        else:
+            gap = float(t - last_time[s])
+            timeout = max(factor * interval[s], float(min_silence_us))
+            # A silence that began and ended within this batch: no sweep saw it open.
+            if seen > warmup and not silent[s] and gap >= timeout:
+                found_series[found] = s
+                found_time[found] = last_time[s] + np.int64(timeout)
+                found_score[found] = gap / (gap + timeout)
+                found += 1
+            # An outage is not the device's rhythm: gaps past the timeout are not learned.
+            if gap < timeout or seen <= warmup:
+                interval[s] += max(alpha, 1.0 / seen) * (gap - interval[s])
+        count[s] = seen + 1
+        last_time[s] = t
+        silent[s] = False  # it spoke: a later silence is a new dropout
+    return found

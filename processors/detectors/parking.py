@@ -142,31 +142,18 @@ class LotStuck(SeriesState):
             batch.time_order(), applies, batch.series, batch.time_us, batch.value,
             last_value, changed, reported, last_time, since, live,
         )  # fmt: skip
-        # Pass 2, over the whole batch: the latest change of any lot in each district. A lot's
-        # last change only moves forward, so a running maximum per district, fed by the lots of
-        # this batch, equals the maximum over every lot seen: no pass over all series.
-        reporting = batch.series[applies]
-        districts = self.district.view[reporting]
-        self.district_latest.resize(int(districts.max()) + 1 if len(districts) else 0)
-        latest = self.district_latest.view
-        np.maximum.at(latest, districts, changed[reporting])
-        rows = np.flatnonzero(live)
-        series, value, time_us = batch.series[rows], batch.value[rows], batch.time_us[rows]
-        full_or_empty = (value <= 0) | (np.isfinite(capacity[rows]) & (value >= capacity[rows]))
-        quiet_for = time_us - since[rows]
-        neighbours_moved = latest[self.district.view[series]] >= time_us - self.stuck_us // 2
-        # A lot is its own latest change only if no neighbour moved since: that is not "others".
-        others = latest[self.district.view[series]] > since[rows]
-        hit = full_or_empty & (quiet_for >= self.stuck_us) & neighbours_moved & others & ~reported[series]
-        # One flag per lot, even if the batch holds several of its stuck readings.
-        _, first = np.unique(series[hit], return_index=True)
-        hit_rows = rows[hit][first]
-        reported[batch.series[hit_rows]] = True
+        # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
+        # each district. A lot's last change only moves forward, so a running maximum per
+        # district, fed by the lots of this batch, equals the maximum over every lot seen.
+        self.district_latest.resize(int(batch.districts().max()) + 1 if size else 0)
         score = np.zeros(size, np.float32)
-        score[rows] = np.where(full_or_empty, np.minimum(quiet_for / (2.0 * self.stuck_us), 1.0), 0.0)
         flagged = np.zeros(size, np.bool_)
-        flagged[hit_rows] = True
-        reason = np.where(flagged, np.where(batch.value <= 0, 1, 2), 0).astype(np.uint8)
+        reason = np.zeros(size, np.uint8)
+        _stuck_flag(
+            applies, live, batch.series, batch.time_us, batch.value, capacity, since,
+            self.district.view, self.district_latest.view, changed, reported, self.stuck_us,
+            score, flagged, reason,
+        )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
 
 
@@ -272,3 +259,45 @@ def _stuck_pass(
         last_time[s] = t
         since[i] = changed[s]
         live[i] = True
+
+
+@njit(cache=True, nogil=True)
+def _stuck_flag(
+    applies: NDArray[np.bool_],
+    live: NDArray[np.bool_],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    capacity: NDArray[np.float64],
+    since: NDArray[np.int64],
+    district: NDArray[np.int64],
+    district_latest: NDArray[np.int64],
+    changed: NDArray[np.int64],
+    reported: NDArray[np.bool_],
+    stuck_us: int,
+    score: NDArray[np.float32],
+    flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
+) -> None:
+    for i in range(series.shape[0]):
+        if applies[i]:
+            d = district[series[i]]
+            district_latest[d] = max(district_latest[d], changed[series[i]])
+    for i in range(series.shape[0]):
+        if not live[i]:
+            continue
+        s = series[i]
+        v = value[i]
+        full_or_empty = v <= 0 or (np.isfinite(capacity[i]) and v >= capacity[i])
+        if not full_or_empty:
+            continue
+        quiet_for = time_us[i] - since[i]
+        score[i] = min(quiet_for / (2.0 * stuck_us), 1.0)
+        latest = district_latest[district[s]]
+        # A lot is its own latest change only if no neighbour moved since: that is not "others".
+        neighbours_moved = latest >= time_us[i] - stuck_us // 2 and latest > since[i]
+        # One flag per lot, even if the batch holds several of its stuck readings.
+        if quiet_for >= stuck_us and neighbours_moved and not reported[s]:
+            flagged[i] = True
+            reason[i] = 1 if v <= 0 else 2
+            reported[s] = True

@@ -50,8 +50,11 @@ class TrafficProfile(SeriesState):
         # traffic counts cost no profile.
         self.row = GrowableArray(np.int64, fill=-1)
         self.state = {"scale": self.scale, "last_time_us": self.last_time_us}
-        self.means = np.zeros((0, _SLOTS), np.float32)
-        self.counts = np.zeros((0, _SLOTS), np.uint8)
+        # Slot-major (one row per slot, one column per profile): a batch's readings nearly all
+        # fall in the same hour, so they touch one contiguous row that stays in cache, rather
+        # than a cache line in every counter's profile.
+        self.means = np.zeros((_SLOTS, 0), np.float32)
+        self.counts = np.zeros((_SLOTS, 0), np.uint8)
         self._used = 0
 
     def _rows_for(self, series: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -61,11 +64,11 @@ class TrafficProfile(SeriesState):
             start = self._used
             self._used += len(new)
             rows[new] = np.arange(start, self._used)
-            if self._used > len(self.means):
-                grown = max(self._used, 2 * len(self.means), 64)
-                means = np.zeros((grown, _SLOTS), np.float32)
-                counts = np.zeros((grown, _SLOTS), np.uint8)
-                means[:start], counts[:start] = self.means[:start], self.counts[:start]
+            if self._used > self.means.shape[1]:
+                grown = max(self._used, 2 * self.means.shape[1], 64)
+                means = np.zeros((_SLOTS, grown), np.float32)
+                counts = np.zeros((_SLOTS, grown), np.uint8)
+                means[:, :start], counts[:, :start] = self.means[:, :start], self.counts[:, :start]
                 self.means, self.counts = means, counts
         result: NDArray[np.int64] = rows[series]
         return result
@@ -100,7 +103,7 @@ class TrafficProfile(SeriesState):
         has = rows >= 0
         means = np.full((len(dense), _SLOTS), np.nan, np.float32)
         counts = np.zeros((len(dense), _SLOTS), np.uint8)
-        means[has], counts[has] = self.means[rows[has]], self.counts[rows[has]]
+        means[has], counts[has] = self.means[:, rows[has]].T, self.counts[:, rows[has]].T
         arrays["profile_means"], arrays["profile_counts"] = means, counts
         return arrays
 
@@ -109,8 +112,8 @@ class TrafficProfile(SeriesState):
         self._grow(series_count)
         has = ~np.isnan(np.asarray(arrays["profile_means"], np.float32)).all(axis=1)
         rows = self._rows_for(dense[has])
-        self.means[rows] = arrays["profile_means"][has]
-        self.counts[rows] = arrays["profile_counts"][has]
+        self.means[:, rows] = np.asarray(arrays["profile_means"])[has].T
+        self.counts[:, rows] = np.asarray(arrays["profile_counts"])[has].T
 
 
 @register_detector("traffic_zero")
@@ -226,8 +229,8 @@ def _profile_kernel(
         # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
         local_hours = (time_us[i] + offset_us) // _HOUR_US
         slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
-        mean = np.float64(means[row, slot])
-        seen = np.int64(counts[row, slot])
+        mean = np.float64(means[slot, row])
+        seen = np.int64(counts[slot, row])
         sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
         z = (value[i] - mean) / sigma
         warm = seen >= warmup
@@ -244,9 +247,9 @@ def _profile_kernel(
         if warm:
             learned = min(max(learned, mean - threshold * sigma), mean + threshold * sigma)
         weight = max(alpha, 1.0 / (seen + 1.0))
-        means[row, slot] = np.float32(mean + weight * (learned - mean))
+        means[slot, row] = np.float32(mean + weight * (learned - mean))
         if seen < 255:
-            counts[row, slot] = seen + 1
+            counts[slot, row] = seen + 1
         # The noise scale learns only from warm slots: a slot's first readings say nothing.
         deviation = abs(learned - mean) if warm else scale[s]
         scale[s] += 0.02 * (deviation - scale[s])

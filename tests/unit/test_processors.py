@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import itertools
 import struct
 
 import numpy as np
@@ -10,7 +9,8 @@ from config import DetectorSettings
 from ingest.envelope import Envelope, encode_envelope
 from processors.batch import ReadingBatch
 from processors.decode import decode_batch
-from processors.detectors import build_detector, rounds_in_time_order
+from processors.detectors import build_detector
+from processors.kernels import time_order
 from processors.series import SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
@@ -41,15 +41,20 @@ def test_series_index_gives_stable_dense_indices_for_a_whole_batch() -> None:
         SeriesIndex(max_series=2).lookup(np.array([1, 2, 3], np.int64))
 
 
-def test_rounds_put_each_series_in_time_order_and_at_most_once_per_round() -> None:
-    series = np.array([1, 0, 1, 1, 0, 2], np.int64)
-    times = np.array([30, 5, 10, 20, 1, 7], np.int64)
-    rounds = rounds_in_time_order(series, times)
-    assert [sorted(series[r].tolist()) for r in rounds] == [[0, 1, 2], [0, 1], [1]]
-    for previous, current in itertools.pairwise(rounds):
-        for s in series[current]:
-            assert times[previous][series[previous] == s] < times[current][series[current] == s]
-    assert rounds_in_time_order(np.empty(0, np.int64), np.empty(0, np.int64)) == []
+@pytest.mark.parametrize("spread", [1, 1000])  # dense series (counting sort), sparse (argsort)
+def test_time_order_puts_each_series_in_time_order_keeping_ties_in_arrival_order(spread: int) -> None:
+    series = np.array([1, 0, 1, 1, 0, 2, 1], np.int64) * spread
+    times = np.array([30, 5, 10, 20, 1, 7, 20], np.int64)
+    order = time_order(series, times)
+    assert sorted(order.tolist()) == list(range(len(series)))
+    for s in np.unique(series):
+        rows = [row for row in order.tolist() if series[row] == s]
+        assert [int(times[row]) for row in rows] == sorted(int(times[row]) for row in rows)
+    assert [row for row in order.tolist() if series[row] == spread and times[row] == 20] == [3, 6]
+    if spread == 1:  # arrival order already in time order per series: nothing is sorted
+        in_order = np.array([1, 2, 3, 4, 5, 6, 7], np.int64)
+        assert time_order(series, in_order).tolist() == list(range(len(series)))
+    assert time_order(np.empty(0, np.int64), np.empty(0, np.int64)).tolist() == []
 
 
 def test_decode_batch_builds_columns_and_sets_aside_a_bad_record() -> None:
