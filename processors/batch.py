@@ -36,6 +36,9 @@ class ReadingBatch:
     device: NDArray[np.int64] | None = None
     district: NDArray[np.int64] | None = None
     district_names: tuple[str, ...] = ()
+    # Each reading's message (Kafka record) number in the batch; a message's rows are adjacent.
+    # None: unknown, a device's readings of one time are matched across the batch instead.
+    message: NDArray[np.int64] | None = None
     # Work several detectors would repeat on the same batch (the time order), done once.
     _memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
@@ -89,6 +92,7 @@ class ReadingBatch:
             None if self.device is None else self.device[rows],
             None if self.district is None else self.district[rows],
             self.district_names,
+            None if self.message is None else self.message[rows],
         )
 
     @classmethod

@@ -111,5 +111,6 @@ def decode_batch(
         device=devices,
         district=index.device_district.view[devices],
         district_names=tuple(index.district_codes),
+        message=np.repeat(np.arange(len(envelopes), dtype=np.int64), counts),
     )
     return batch, bad

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -117,7 +118,12 @@ def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     found = np.full(len(batch), np.nan)
     if batch.metric is None or metric not in batch.metric_names or not len(batch):
         return found
-    source = np.flatnonzero(batch.metric == batch.metric_names.index(metric))
+    code = batch.metric_names.index(metric)
+    if batch.message is not None:
+        # Decoded batches: look within each message only, a linear pass.
+        _companion_in_messages(batch.message, batch.metric, batch.time_us, batch.value, code, found)
+        return found
+    source = np.flatnonzero(batch.metric == code)
     if not len(source):
         return found
     keys = batch.device_time_keys()
@@ -128,3 +134,27 @@ def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     match = sorted_keys[position] == keys
     found[match] = batch.value[source[order[position[match]]]]
     return found
+
+
+@njit(cache=True, nogil=True)
+def _companion_in_messages(
+    message: NDArray[np.int64],
+    metric: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    value: NDArray[np.float64],
+    code: int,
+    found: NDArray[np.float64],
+) -> None:
+    size = message.shape[0]
+    start = 0
+    while start < size:
+        end = start + 1
+        while end < size and message[end] == message[start]:
+            end += 1
+        # A message holds a few readings: compare them pairwise.
+        for source in range(start, end):
+            if metric[source] == code:
+                for row in range(start, end):
+                    if time_us[row] == time_us[source]:
+                        found[row] = value[source]
+        start = end

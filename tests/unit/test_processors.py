@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -9,7 +10,7 @@ from config import DetectorSettings
 from ingest.envelope import Envelope, encode_envelope
 from processors.batch import ReadingBatch
 from processors.decode import decode_batch
-from processors.detectors import build_detector
+from processors.detectors import build_detector, companion
 from processors.kernels import time_order
 from processors.series import SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
@@ -74,6 +75,24 @@ def test_decode_batch_builds_columns_and_sets_aside_a_bad_record() -> None:
     described = index.describe(batch.series[:2])
     assert described == [("dev-0", "air", "erqi", "pm2_5"), ("dev-0", "air", "erqi", "noise")]
     assert batch.offsets == {("readings", 0): 7}
+
+
+def test_companion_reads_a_devices_other_metric_of_the_same_message_and_time() -> None:
+    index = SeriesIndex(1000)
+    envelopes = [
+        Envelope(1, "lot-1", "parking", "erqi", 5, "t", 1, [5, 5], ["free_bays", "capacity"], [10.0, 100.0]),
+        Envelope(1, "lot-2", "parking", "erqi", 5, "t", 1, [5, 5], ["capacity", "free_bays"], [50.0, 60.0]),
+        # Two times in one message: each free_bays reading gets the capacity of its own time.
+        Envelope(1, "lot-1", "parking", "erqi", 7, "t", 2, [6, 7, 7], ["free_bays"] * 2 + ["capacity"], [1, 2, 90]),
+        Envelope(1, "lot-3", "parking", "erqi", 7, "t", 1, [7], ["free_bays"], [3.0]),
+    ]  # fmt: skip
+    batch, _ = decode_batch([FakeRecord(n, encode_envelope(e)) for n, e in enumerate(envelopes)], index, {})
+    expected = [100.0, 100.0, 50.0, 50.0, np.nan, 90.0, 90.0, np.nan]
+    np.testing.assert_array_equal(companion(batch, "capacity"), expected)
+    # Without message numbers (a batch built by hand) the same answer comes from matching
+    # device and time across the batch.
+    np.testing.assert_array_equal(companion(dataclasses.replace(batch, message=None), "capacity"), expected)
+    assert np.isnan(companion(batch, "occupancy")).all()
 
 
 def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
