@@ -25,14 +25,17 @@ load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,20 +270,73 @@ def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -
 # --- citytel --------------------------------------------------------------------------------
 
 
-def _wait_rows(conninfo: str, target: int, timeout: float) -> float:
-    """Seconds from the first new row to ``target`` rows."""
+def _metric(port: int, sample: str) -> float:
+    """One sample from a citytel process's /metrics. Polled every 50 ms, a ``count(*)`` over the
+    growing hypertable took a good part of a core from the pipeline being measured; this costs
+    the process a millisecond or so."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _written(processor_port: int) -> float:
+    """Readings the processor has committed to the database so far."""
+    return _metric(processor_port, 'citytel_stage_sent_total{stage="sink",unit="readings"}')
+
+
+def _bridge_started(bridge_port: int) -> bool:
+    try:
+        return _metric(bridge_port, 'citytel_stage_received_total{stage="bridge",unit="messages"}') > 0
+    except OSError:  # not listening yet
+        return False
+
+
+def _progress(conninfo: str, processor_port: int) -> tuple[int, float]:
+    return _count(conninfo), _written(processor_port)
+
+
+def _wait_rows(
+    conninfo: str,
+    processor_port: int,
+    readings: int,
+    timeout: float,
+    since: tuple[int, float] | None = None,
+    bridge_port: int | None = None,
+) -> float:
+    """Seconds until the processor has committed ``readings`` more readings, which the database
+    must then hold: more than it had written (and the database held) when called, or at
+    ``since`` ((rows, readings written) from ``_progress``). Counted from the processor's first
+    new commit, or, given ``bridge_port``, from the moment the bridge took its first message
+    (a backlog drain: the pipeline's start-up inside the window, as the bare drain's is)."""
     deadline = time.monotonic() + timeout
+    before_rows = _count(conninfo) if since is None else since[0]
+    baseline: float | None = None if since is None else since[1]
     started: float | None = None
-    baseline = _count(conninfo)
     while True:
-        count = _count(conninfo)
-        if started is None and count > baseline:
+        try:
+            total = _written(processor_port)
+        except OSError:  # the processor is still starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        baseline = total if baseline is None else baseline
+        written = total - baseline
+        if started is None and (written > 0 or (bridge_port is not None and _bridge_started(bridge_port))):
             started = time.perf_counter()
-        if count >= target:
-            return time.perf_counter() - (started or time.perf_counter())
+        if written >= readings:
+            seconds = time.perf_counter() - (started or time.perf_counter())
+            break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {count} of {target} readings arrived")
+            raise RuntimeError(f"only {written:.0f} of {readings} readings were written")
         time.sleep(0.05)
+    rows = _count(conninfo) - before_rows
+    if rows < readings:
+        raise RuntimeError(f"the processor reports {written:.0f} readings written, the database holds {rows}")
+    return seconds
 
 
 class _Probe:
@@ -317,35 +373,106 @@ class _Probe:
         self._thread.join()
 
 
+def _publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH packet at QoS 1."""
+    body = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + payload
+    length = len(body)
+    encoded = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (128 if length else 0))
+        if not length:
+            break
+    return b"\x32" + bytes(encoded) + body
+
+
+class _BulkPublisher:
+    """The load generator of the offered-load steps: a QoS 1 MQTT publisher that writes its
+    PUBLISH packets to the socket in bulk and counts the broker's PUBACKs on a thread. paho
+    spends tens of microseconds of Python per message; on two cores shared with the whole
+    pipeline it could not offer more than about 6,000 msg/s, well short of half the drain
+    rate, and took a core from what it was measuring."""
+
+    def __init__(self, port: int) -> None:
+        self._socket = socket.create_connection(("127.0.0.1", port))
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_id = f"bench-load-{uuid.uuid4().hex[:8]}".encode()
+        # CONNECT: protocol "MQTT" level 4, clean session, keepalive 60 s.
+        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+        self._socket.sendall(b"\x10" + bytes([len(body)]) + body)
+        connack = self._socket.recv(4)
+        if len(connack) != 4 or connack[0] != 0x20 or connack[3] != 0:
+            raise RuntimeError(f"the broker refused the load generator: {connack!r}")
+        self.sent = 0
+        self.acknowledged = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        # Nothing but PUBACKs (4 bytes each) comes back to a client that subscribes to nothing.
+        received = 0
+        while chunk := self._socket.recv(1 << 16):
+            received += len(chunk)
+            self.acknowledged = received // 4
+
+    def run(self, packets: Iterator[tuple[bytes, bytes]], rate: float, seconds: float) -> int:
+        """Publish (topic, payload) pairs at ``rate`` per second for ``seconds``, in slices of
+        5 ms; wait until the broker has acknowledged every one. Returns how many were sent."""
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds:
+            due = int(rate * elapsed) - self.sent
+            # Packet ids cycle; a window far below 65,535 keeps them unique while in flight.
+            due = min(due, 30_000 - (self.sent - self.acknowledged))
+            chunk = []
+            for topic, payload in itertools.islice(packets, max(due, 0)):
+                self.sent += 1
+                chunk.append(_publish_packet(topic, self.sent % 65535 + 1, payload))
+            if chunk:
+                self._socket.sendall(b"".join(chunk))
+            time.sleep(0.005)
+        deadline = time.monotonic() + 60
+        while self.acknowledged < self.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.sent
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._socket.sendall(b"\xe0\x00")  # DISCONNECT
+        self._socket.close()
+        self._reader.join(timeout=5)
+
+
 def _offered_step(settings: Settings, rate: float, seconds: float, seed: int) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message."""
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
-    probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE)
+    probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE).encode()
     # Made before the clock starts: the load generator must not be what limits the rate.
     city = list(itertools.islice(_city_messages(prefix, seed, time.time() - 600), int(rate * seconds) + 1))
-    counter = itertools.count()
+    encoded = [(message.topic.encode(), message.payload) for message in city]
+    readings = 0
 
-    def stream() -> Iterator[Message]:
-        for number, message in enumerate(city):
+    def stream() -> Iterator[tuple[bytes, bytes]]:
+        nonlocal readings
+        for number, (topic, payload) in enumerate(encoded):
             if number % 20 == 0:
                 now = round(time.time(), 6)
-                payload = json.dumps({"device_id": _PROBE, "time": now, "values": {"noise": 50.0}}).encode()
-                yield Message(probe_topic, payload, _PROBE, next(counter), now, {"noise": 50.0}, ())
-            yield message
+                readings += 1
+                yield probe_topic, json.dumps({"device_id": _PROBE, "time": now, "values": {"noise": 50.0}}).encode()
+            readings += len(city[number].values)
+            yield topic, payload
 
-    sent: list[Message] = []
-    before = _count(conninfo)
-    with _Probe(conninfo) as probe:
-        started = time.perf_counter()
-        published = publish(
-            stream(), "127.0.0.1", settings.mqtt.port, qos=1, rate_per_second=rate, duration_s=seconds,
-            on_sent=sent.append, max_inflight=1000,
-        )  # fmt: skip
-        elapsed = time.perf_counter() - started
-        readings = _readings_in(sent)
-        _wait_rows(conninfo, before + readings, timeout=120)
-        drained = time.perf_counter() - started
+    before = _progress(conninfo, settings.metrics.processor_port)
+    publisher = _BulkPublisher(settings.mqtt.port)
+    try:
+        with _Probe(conninfo) as probe:
+            started = time.perf_counter()
+            published = publisher.run(stream(), rate, seconds)
+            elapsed = time.perf_counter() - started
+            _wait_rows(conninfo, settings.metrics.processor_port, readings, timeout=120, since=before)
+            drained = time.perf_counter() - started
+    finally:
+        publisher.close()
     latencies = np.array(probe.latencies_ms)
     return {
         "offered_msg_per_s": round(rate),
@@ -475,7 +602,6 @@ def bench_e2e(
         _create_session(port, settings.mqtt.client_id, settings.mqtt.protocol, topic_filter, settings.mqtt.max_inflight)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
-        target = _count(conninfo) + _readings_in(drain_backlog)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
         time.sleep(3.0)  # the processor joins its group before the flood
         children.append(spawn_citytel(["bridge"], config, run_dir, "bridge", "WARNING"))
@@ -489,7 +615,13 @@ def bench_e2e(
             }
         )
         sampler.start()
-        seconds = _wait_rows(conninfo, target, timeout=600)
+        seconds = _wait_rows(
+            conninfo,
+            settings.metrics.processor_port,
+            _readings_in(drain_backlog),
+            timeout=600,
+            bridge_port=settings.metrics.bridge_port,
+        )
         processes = sampler.stop()
         drain_readings = _readings_in(drain_backlog)
         result["citytel_qos1"] = {
