@@ -503,7 +503,7 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 3) -> dict[st
     devices of each sort, 100,000 series. Each batch holds one message of every device (a
     minute of the city); batches are decoded untimed, then only ``DetectionStage.detect`` is
     timed, after two warm-up batches."""
-    from citytel.evaluate import _records
+    from citytel.evaluate import kafka_records
     from processors.decode import decode_batch
     from processors.detection import DetectionStage
 
@@ -511,7 +511,7 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 3) -> dict[st
     city = City(devices_per_kind, seed=3, spike_probability=0.0005)
     stage = DetectionStage(settings)
     messages = city.messages(1_795_000_000.0, interval_s=60.0)
-    records = _records(messages, 6)
+    records = kafka_records(messages, 6)
     readings = 0
     seconds = 0.0
     for number in range(2 + timed_batches):
@@ -531,13 +531,11 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 3) -> dict[st
 
 
 def main_detectors(output: Path | None) -> int:
-    results: list[dict[str, float | str]] = []
-    for result in bench_detectors():
-        results.append(result)
+    results = bench_detectors()
+    for result in results:
         print(
             f"{result['detector']:<15} {result['series']:,} series, {result['readings_per_series']:>2} reading(s)"
-            f" per series per batch: {result['readings_per_s']:>12,} readings/s",
-            flush=True,
+            f" per series per batch: {result['readings_per_s']:>12,} readings/s"
         )
     stage = bench_stage()
     print(

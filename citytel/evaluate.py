@@ -85,7 +85,8 @@ class _Record:
         self.topic, self.partition, self.offset, self.key, self.value = "offline", partition, offset, key, value
 
 
-def _records(messages: Iterable[Message], partitions: int) -> Iterator[_Record]:
+def kafka_records(messages: Iterable[Message], partitions: int) -> Iterator[_Record]:
+    """Simulated messages as the Kafka records the bridge would have produced for them."""
     for offset, message in enumerate(messages):
         _, district, kind, device_id, _ = message.topic.rsplit("/", 4)
         time_us = round(message.time_s * 1e6)
@@ -112,7 +113,7 @@ def detect_offline(
     would see them."""
     stage = DetectionStage(settings)
     found: list[Found] = []
-    records = _records(messages, partitions)
+    records = kafka_records(messages, partitions)
     while chunk := list(itertools.islice(records, batch_records)):
         batch, bad = decode_batch(chunk, stage.index, {})
         if bad:
