@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,27 +41,37 @@ class ReadingBatch:
     # Each reading's message (Kafka record) number in the batch; a message's rows are adjacent.
     # None: unknown, a device's readings of one time are matched across the batch instead.
     message: NDArray[np.int64] | None = None
-    # Work several detectors would repeat on the same batch (the time order), done once.
-    _memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # Work several detectors would repeat on the same batch, done once (``memoized``).
+    # Not an init field: a copy made with dataclasses.replace must not inherit work done on
+    # other columns.
+    _memo: dict[str, NDArray[Any]] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def memoized(self, key: str, compute: Callable[[], NDArray[Any]]) -> NDArray[Any]:
+        """``compute()``, done once per batch whichever detector asks first; read-only, since
+        every later caller gets the same array."""
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = compute()
+            found.flags.writeable = False
+        return found
 
     def time_order(self) -> NDArray[np.int64]:
-        """Row indices with each series' rows in time order (for the compiled kernels), once."""
-        found = self._memo.get("time_order")
-        if found is None:
-            from processors.kernels import time_order
+        """Row indices with each series' rows in time order (for the compiled kernels)."""
+        from processors.kernels import time_order
 
-            found = self._memo["time_order"] = time_order(self.series, self.time_us)
-        return found  # type: ignore[return-value]
+        return self.memoized("time_order", lambda: time_order(self.series, self.time_us))
 
     def device_time_keys(self) -> NDArray[np.int64]:
-        """One int64 per row naming (device, time): equal for the metrics of one message. Once
-        per batch, for every detector that reads a device's other metrics."""
-        found = self._memo.get("device_time_keys")
-        if found is None:
+        """One int64 per row naming (device, time): equal for the metrics of one message, for
+        every detector that reads a device's other metrics."""
+
+        def keys() -> NDArray[np.int64]:
             # Rank the times so (device, time rank) fits one int64 key.
             _, time_rank = np.unique(self.time_us, return_inverse=True)
-            found = self._memo["device_time_keys"] = (self.devices() << 32) | time_rank.reshape(-1)
-        return found  # type: ignore[return-value]
+            result: NDArray[np.int64] = (self.devices() << 32) | time_rank.reshape(-1)
+            return result
+
+        return self.memoized("device_time_keys", keys)
 
     def devices(self) -> NDArray[np.int64]:
         return self.series if self.device is None else self.device

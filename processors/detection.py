@@ -13,6 +13,7 @@ import numpy as np
 from config import Settings
 from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from processors.detectors import Detector, Sweeper, build_detector
+from processors.kernels import group_percentile
 from processors.series import SeriesIndex
 
 __all__ = ["DetectionStage"]
@@ -26,6 +27,10 @@ class DetectionStage:
         self.detectors: list[Detector] = [
             build_detector(name, settings.detector(name)) for name in settings.processor.detectors
         ]
+        # Positions of the detectors that also sweep (a protocol check costs microseconds).
+        self._sweepers: list[tuple[int, Sweeper]] = [
+            (position, detector) for position, detector in enumerate(self.detectors) if isinstance(detector, Sweeper)
+        ]
         # Per Kafka partition: the stream's clock, as far as this process has read it.
         self._partition_now_us: dict[int, int] = {}
 
@@ -33,41 +38,32 @@ class DetectionStage:
         """Every detector's verdict on the batch; sweeping detectors also report what they find
         among the series of ``partitions`` (None: all), each by its own partition's clock."""
         results = [detector.process(batch, len(self.index)) for detector in self.detectors]
-        if not len(batch) or not any(isinstance(detector, Sweeper) for detector in self.detectors):
+        if not len(batch) or not self._sweepers:
             return results
         # A partition's clock: the 90th percentile of its newest records' times, never going
         # back. Per partition, since partitions are read unevenly (one may be far behind in a
         # backlog); a percentile, so one device with a fast clock does not silence the others,
         # and a high one, so the last batch of a backlog brings the clock near its end.
-        batch_partitions = self.index.partition.view[batch.series]
-        for partition in np.unique(batch_partitions).tolist():
-            times = batch.time_us[batch_partitions == partition]
-            self._partition_now_us[partition] = max(
-                self._partition_now_us.get(partition, 0), int(np.percentile(times, 90))
-            )
+        present, percentile = group_percentile(self.index.partition.view[batch.series], batch.time_us, 90.0)
+        for partition, now_us in zip(present.tolist(), percentile.tolist(), strict=True):
+            self._partition_now_us[partition] = max(self._partition_now_us.get(partition, 0), int(now_us))
         # Indexed by partition; the last slot stays clockless and serves series with no
         # partition yet (-1) and partitions this process does not hold.
         clock = np.full(max(self._partition_now_us) + 2, _NO_CLOCK, np.int64)
         for partition, now_us in self._partition_now_us.items():
             if partitions is None or partition in partitions:
                 clock[partition] = now_us
-        due = [
-            position
-            for position, detector in enumerate(self.detectors)
-            if isinstance(detector, Sweeper) and detector.due(int(clock.max()))
-        ]
+        due = [(position, sweeper) for position, sweeper in self._sweepers if sweeper.due(int(clock.max()))]
         if not due:
             return results
         # Each series' clock: a pass over every series, so only when some sweep is due.
         now_us = clock[np.minimum(self.index.partition.view, len(clock) - 1)]
-        for position in due:
-            detector = self.detectors[position]
-            if isinstance(detector, Sweeper):
-                events = detector.sweep(now_us)
-                if len(events):
-                    results[position] = dataclasses.replace(
-                        results[position], events=merge_events(results[position].events, events)
-                    )
+        for position, sweeper in due:
+            events = sweeper.sweep(now_us)
+            if len(events):
+                results[position] = dataclasses.replace(
+                    results[position], events=merge_events(results[position].events, events)
+                )
         return results
 
 

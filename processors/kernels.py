@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["ewma_kernel", "flatline_kernel", "jump_kernel", "time_order"]
+__all__ = ["ewma_kernel", "flatline_kernel", "group_percentile", "jump_kernel", "time_order"]
 
 _NEVER = np.iinfo(np.int64).min
 
@@ -211,3 +211,28 @@ def jump_kernel(
             count[s] += 1
         last_value[s] = v
         last_time[s] = time_us[i]
+
+
+@njit(cache=True, nogil=True)
+def group_percentile(
+    group: NDArray[np.int32], value: NDArray[np.int64], percent: float
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """For each group (small integers, -1 allowed) present: the ``percent`` percentile of its
+    values, as ``np.percentile`` gives it. One counting pass instead of a mask per group."""
+    lowest, highest = group.min(), group.max()
+    counts = np.zeros(highest - lowest + 2, np.int64)
+    for i in range(group.shape[0]):
+        counts[group[i] - lowest + 1] += 1
+    starts = np.cumsum(counts)
+    grouped = np.empty(group.shape[0], np.int64)
+    fill = starts[:-1].copy()
+    for i in range(group.shape[0]):
+        g = group[i] - lowest
+        grouped[fill[g]] = value[i]
+        fill[g] += 1
+    present = np.flatnonzero(counts[1:])
+    result = np.empty(present.shape[0])
+    for k in range(present.shape[0]):
+        g = present[k]
+        result[k] = np.percentile(grouped[starts[g] : starts[g + 1]], percent)
+    return present + lowest, result

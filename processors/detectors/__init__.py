@@ -114,7 +114,12 @@ def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     """For every row, the value of ``metric`` that the same device reported at the same time in
     this batch (NaN if none): how a detector reads a device's other metrics, such as a lot's
     capacity beside its occupancy. A sensor's metrics travel in one message, so they always
-    share a batch; no state across batches is needed."""
+    share a batch; no state across batches is needed. Once per batch and metric (several
+    detectors read a lot's capacity or a loop's occupancy); the array is read-only."""
+    return batch.memoized(f"companion:{metric}", lambda: _companion(batch, metric))
+
+
+def _companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     found = np.full(len(batch), np.nan)
     if batch.metric is None or metric not in batch.metric_names or not len(batch):
         return found

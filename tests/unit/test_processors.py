@@ -11,7 +11,7 @@ from ingest.envelope import Envelope, encode_envelope
 from processors.batch import ReadingBatch
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
-from processors.kernels import time_order
+from processors.kernels import group_percentile, time_order
 from processors.series import SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
@@ -174,3 +174,23 @@ def test_jump_flags_a_level_shift_once_at_the_step() -> None:
     result = detector.process(batch_of([0] * 120, list(range(120)), values.tolist()), 1)
     assert np.flatnonzero(result.flagged).tolist() == [80]
     assert result.reasons[result.reason[80]] == "jump_up"
+
+
+def test_group_percentile_matches_numpy_per_group() -> None:
+    rng = np.random.default_rng(1)
+    groups = rng.integers(-1, 5, 1000).astype(np.int32)  # -1: a series with no partition yet
+    values = rng.integers(0, 10**12, 1000)
+    present, percentile = group_percentile(groups, values, 90.0)
+    assert present.tolist() == np.unique(groups).tolist()
+    np.testing.assert_allclose(percentile, [np.percentile(values[groups == g], 90) for g in present])
+
+
+def test_a_batch_computes_shared_work_once_and_a_changed_copy_does_not_inherit_it() -> None:
+    batch = batch_of([1, 0, 1], [20, 5, 10], [1.0, 2.0, 3.0])
+    order = batch.time_order()
+    assert batch.time_order() is order
+    assert order.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="read-only"):
+        order[0] = 2  # every detector sees the same array: no one may change it
+    changed = dataclasses.replace(batch, time_us=np.array([10, 5, 30], np.int64))
+    assert changed.time_order().tolist() == [0, 1, 2]  # already in time order per series
