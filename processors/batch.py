@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,21 @@ class ReadingBatch:
 
     def districts(self) -> NDArray[np.int64]:
         return np.zeros(len(self.value), np.int64) if self.district is None else self.district
+
+    def rows_of(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.bool_]:
+        """True for the rows a detector applies to: a finite value, and a metric among
+        ``include`` (any, if empty) and not among ``exclude``. Once per batch for each pair
+        of lists (detectors often share one)."""
+
+        def rows() -> NDArray[np.bool_]:
+            found = np.isfinite(self.value)
+            if exclude:
+                found &= ~self.metric_mask(list(exclude))
+            if include:
+                found &= self.metric_mask(list(include))
+            return found
+
+        return self.memoized(f"rows_of:{','.join(sorted(include))}:{','.join(sorted(exclude))}", rows)
 
     def metric_mask(self, names: list[str]) -> NDArray[np.bool_]:
         """True for the readings whose metric is one of ``names``."""

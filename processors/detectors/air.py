@@ -136,7 +136,7 @@ class Aqi(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
-        applies = (pollutant >= 0) & np.isfinite(batch.value)
+        applies = batch.rows_of(POLLUTANTS)
         _aqi_kernel(
             batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
             hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
@@ -186,7 +186,7 @@ class Exceedance(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         pollutant = _pollutant_of_rows(batch)
-        applies = (pollutant >= 0) & np.isfinite(batch.value)
+        applies = batch.rows_of(POLLUTANTS)
         _exceedance_kernel(
             batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
             self.hour.view, self.hour_total.view, self.hour_count.view,

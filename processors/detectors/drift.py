@@ -129,9 +129,7 @@ class Drift(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        applies = np.isfinite(batch.value) & ~batch.metric_mask(self.exclude)
-        if self.include:
-            applies &= batch.metric_mask(self.include)
+        applies = batch.rows_of(self.include, self.exclude)
         if not applies.any():
             return DetectorResult(self.name, score, flagged, reason, REASONS)
         # A series' group never changes: only series new to this process need theirs looked up.

@@ -60,9 +60,7 @@ class Dropout(SeriesState):
             self.count.view,
             self.silent.view,
         )
-        applies = np.isfinite(batch.value) & ~batch.metric_mask(self.exclude)
-        if self.include:
-            applies &= batch.metric_mask(self.include)
+        applies = batch.rows_of(self.include, self.exclude)
         size = len(batch)
         found_series = np.empty(size, np.int64)
         found_time = np.empty(size, np.int64)
@@ -92,36 +90,17 @@ class Dropout(SeriesState):
 
     def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
         self._grow(len(now_us))
-        nothing = AnomalyEvents(
-            self.name,
-            np.empty(0, np.int64),
-            np.empty(0, np.int64),
-            np.empty(0, np.float32),
-            np.empty(0, np.uint8),
-            REASONS,
-        )
-        if not len(now_us):
-            return nothing
-        self._last_sweep_us = max(self._last_sweep_us, int(now_us.max()))
-        size = len(now_us)
-        last_time = self.last_time_us.view[:size]
-        timeout = np.maximum(self.factor * self.interval_us.view[:size], self.min_silence_us).astype(np.int64)
-        owned = now_us > _NEVER
-        quiet = np.where(owned, now_us - last_time, 0)
-        found = np.flatnonzero(
-            owned & (self.count.view[:size] > self.warmup) & ~self.silent.view[:size] & (quiet >= timeout)
-        )
-        if not len(found):
-            return nothing
-        self.silent.view[found] = True
-        score = (quiet[found] / (quiet[found] + timeout[found])).astype(np.float32)
+        if len(now_us):
+            self._last_sweep_us = max(self._last_sweep_us, int(now_us.max()))
+        found_series = np.empty(len(now_us), np.int64)
+        found_time = np.empty(len(now_us), np.int64)
+        found_score = np.empty(len(now_us), np.float32)
+        found = _sweep_kernel(
+            now_us, self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
+            self.warmup, self.factor, self.min_silence_us, found_series, found_time, found_score,
+        )  # fmt: skip
         return AnomalyEvents(
-            self.name,
-            found.astype(np.int64),
-            last_time[found] + timeout[found],
-            score,
-            np.ones(len(found), np.uint8),
-            REASONS,
+            self.name, found_series[:found], found_time[:found], found_score[:found], np.ones(found, np.uint8), REASONS
         )
 
 
@@ -171,4 +150,36 @@ def _learn_kernel(
         count[s] = seen + 1
         last_time[s] = t
         silent[s] = False  # it spoke: a later silence is a new dropout
+    return found
+
+
+@njit(cache=True, nogil=True)
+def _sweep_kernel(
+    now_us: NDArray[np.int64],
+    last_time: NDArray[np.int64],
+    interval: NDArray[np.float64],
+    count: NDArray[np.int64],
+    silent: NDArray[np.bool_],
+    warmup: int,
+    factor: float,
+    min_silence_us: int,
+    found_series: NDArray[np.int64],
+    found_time: NDArray[np.int64],
+    found_score: NDArray[np.float32],
+) -> int:
+    """One pass over every series: those quiet past their timeout, by their partition's clock
+    (series of partitions this process does not hold have no clock), are marked silent and
+    written to ``found_*``; returns how many."""
+    found = 0
+    for s in range(now_us.shape[0]):
+        if now_us[s] == _NEVER or count[s] <= warmup or silent[s]:
+            continue
+        timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
+        quiet = now_us[s] - last_time[s]
+        if quiet >= timeout:
+            silent[s] = True
+            found_series[found] = s
+            found_time[found] = last_time[s] + timeout
+            found_score[found] = quiet / (quiet + timeout)
+            found += 1
     return found

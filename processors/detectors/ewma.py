@@ -60,7 +60,7 @@ class EwmaZScore(SeriesState):
         reason = np.zeros(size, np.uint8)
         ewma_kernel(
             batch.time_order(),
-            ~batch.metric_mask(self.exclude),
+            batch.rows_of(exclude=self.exclude),
             batch.series,
             batch.time_us,
             batch.value,

@@ -52,7 +52,7 @@ class Jump(SeriesState):
         reason = np.zeros(size, np.uint8)
         jump_kernel(
             batch.time_order(),
-            ~batch.metric_mask(self.exclude) & np.isfinite(batch.value),
+            batch.rows_of(exclude=self.exclude),
             batch.series,
             batch.time_us,
             batch.value,

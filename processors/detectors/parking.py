@@ -43,7 +43,7 @@ class OverCapacity(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         capacity = companion(batch, "capacity")
-        applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(capacity)
+        applies = batch.rows_of(self.applies_to) & np.isfinite(capacity)
         _over_capacity_kernel(
             batch.time_order(), applies, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
             over, last_time, score, flagged,
@@ -87,7 +87,7 @@ class BayFlapping(SeriesState):
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
+        applies = batch.rows_of(self.applies_to)
         _flapping_kernel(
             batch.time_order(), applies, batch.series, batch.time_us, batch.value,
             last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
@@ -133,7 +133,7 @@ class LotStuck(SeriesState):
         )
         size = len(batch)
         capacity = companion(batch, "capacity")
-        applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
+        applies = batch.rows_of(self.applies_to)
         self.district.view[batch.series[applies]] = batch.districts()[applies]
         # Pass 1, in time order: each row's "unchanged since" as of that row.
         since = np.full(size, _NEVER, np.int64)

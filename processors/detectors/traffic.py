@@ -84,7 +84,7 @@ class TrafficProfile(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        applies = batch.metric_mask(self.metrics) & np.isfinite(batch.value)
+        applies = batch.rows_of(self.metrics)
         if not applies.any():
             return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
         # Profiles are handed out before the loop: the kernel only indexes them.
@@ -153,7 +153,7 @@ class TrafficZero(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
-        applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value)
+        applies = batch.rows_of(self.applies_to)
         _zero_kernel(
             batch.time_order(), applies, batch.series, batch.time_us, batch.value,
             flow, count, zeros_in_row, last_time,
@@ -187,7 +187,7 @@ class Congestion(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
-        applies = batch.metric_mask(list(self.applies_to)) & np.isfinite(batch.value) & np.isfinite(occupancy)
+        applies = batch.rows_of(self.applies_to) & np.isfinite(occupancy)
         _congestion_kernel(
             batch.time_order(), applies, batch.series, batch.time_us, batch.value, occupancy,
             self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
