@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["ewma_kernel", "flatline_kernel", "group_percentile", "jump_kernel", "time_order"]
+__all__ = ["ewma_kernel", "finite_rows_of", "flatline_kernel", "group_percentile", "jump_kernel", "time_order"]
 
 _NEVER = np.iinfo(np.int64).min
 
@@ -236,3 +236,14 @@ def group_percentile(
         g = present[k]
         result[k] = np.percentile(grouped[starts[g] : starts[g + 1]], percent)
     return present + lowest, result
+
+
+@njit(cache=True, nogil=True)
+def finite_rows_of(
+    value: NDArray[np.float64], metric: NDArray[np.int64], wanted: NDArray[np.bool_]
+) -> NDArray[np.bool_]:
+    """Rows with a finite value and a metric code that is ``wanted``."""
+    rows = np.empty(value.shape[0], np.bool_)
+    for i in range(value.shape[0]):
+        rows[i] = wanted[metric[i]] and np.isfinite(value[i])
+    return rows

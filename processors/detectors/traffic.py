@@ -154,12 +154,12 @@ class TrafficZero(SeriesState):
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
         applies = batch.rows_of(self.applies_to)
+        reason = np.zeros(size, np.uint8)
         _zero_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
-            flow, count, zeros_in_row, last_time,
-            self.alpha, self.warmup, self.min_flow, self.min_readings, score, flagged,
+            batch.time_order(), applies, batch.series, batch.time_us, batch.value, occupancy,
+            flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
+            self.min_readings, self.jam_occupancy, score, flagged, reason,
         )  # fmt: skip
-        reason = np.where(flagged, np.where(occupancy >= self.jam_occupancy, 1, 2), 0).astype(np.uint8)
         return DetectorResult(self.name, score, flagged, reason, ("", "zero_incident", "zero_sensor_failure"))
 
 
@@ -263,6 +263,7 @@ def _zero_kernel(
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
+    occupancy: NDArray[np.float64],
     flow: NDArray[np.float64],
     count: NDArray[np.int64],
     zeros_in_row: NDArray[np.int64],
@@ -271,8 +272,10 @@ def _zero_kernel(
     warmup: int,
     min_flow: float,
     min_readings: int,
+    jam_occupancy: float,
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
 ) -> None:
     for k in range(order.shape[0]):
         i = order[k]
@@ -285,7 +288,10 @@ def _zero_kernel(
         zeros = zeros_in_row[s] + 1 if zero else 0
         if zero and usual:
             score[i] = min(zeros / min_readings, 1.0)
-        flagged[i] = usual and zeros == min_readings
+        if usual and zeros == min_readings:
+            flagged[i] = True
+            # A covered loop means standing vehicles: an incident; an empty one, a dead sensor.
+            reason[i] = 1 if occupancy[i] >= jam_occupancy else 2
         zeros_in_row[s] = zeros
         # The usual flow learns from non-zero counts only: a dead counter keeps its history.
         if not zero:
