@@ -1,9 +1,11 @@
 """The MQTT → Kafka bridge.
 
 One asyncio loop does everything: paho-mqtt is driven by it (paho's external-loop callbacks:
-the loop watches paho's socket), received messages go to a deque, and a forwarding task takes
+the loop watches paho's socket), received messages go to a deque, and the forwarding loop takes
 them in batches, validates them, produces records (or dead letters) to Kafka and, only once
 Kafka has acknowledged every record of the batch, acknowledges the MQTT messages to the broker.
+Up to four batches are on their way at once (one is validated while others wait for Kafka);
+they reach the producer in the order received and are acknowledged to MQTT in that order too.
 Nothing is acknowledged that Kafka does not hold, so a crash at any point loses nothing: the
 broker redelivers what was not acknowledged.
 
@@ -14,7 +16,10 @@ measured, that halved the forwarding rate.
 Bounds: at most ``mqtt.max_inflight`` messages are held unacknowledged. The bridge stops
 reading its MQTT socket when it holds that many (TCP pushes back on the broker), whatever the
 broker's own in-flight settings; with MQTT 5 the same number is also sent as Receive Maximum.
-When Kafka is slow or down the batch is retried with backoff and nothing more is acknowledged.
+When Kafka is slow or down the batch is retried with backoff and nothing more is acknowledged;
+every wait on the producer is bounded, so a batch caught in a producer being replaced retries
+on the new one. A retried batch may reach Kafka after a later one (the processors take late
+readings in their stride, and the natural keys absorb repeats).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -51,6 +56,8 @@ __all__ = ["Bridge", "run_bridge"]
 log = logging.getLogger("citytel.bridge")
 STAGE = "bridge"
 MAX_BATCH_MESSAGES = 5000
+# Batches on their way to Kafka at once: validating one overlaps the wait for another's acks.
+_BATCHES_IN_FLIGHT = 4
 _READS_PER_WAKEUP = 256
 # (topic, device key) -> partition; bounded because device ids come from the outside world.
 _PARTITION_CACHE_SIZE = 100_000
@@ -92,6 +99,17 @@ class Bridge:
         self._partitions: dict[tuple[str, bytes], int] = {}
         # Messages forwarded and acknowledged since start: a plain number for benchmarks.
         self.forwarded = 0
+        # Messages in batches on their way to Kafka (received, not yet acknowledged).
+        self._forwarding = 0
+        # Batches are handed to the producer one at a time, in the order they were received,
+        # so a device's records keep their order in Kafka; only the waits for acks overlap.
+        self._enqueue_lock = asyncio.Lock()
+        # Done when the latest batch is through with its MQTT acknowledgements: each batch
+        # acknowledges after the one before it, as MQTT wants PUBACKs in the order received.
+        self._previous_acked: asyncio.Future[None] | None = None
+        # A failed send replaces the producer once, whichever batch notices first.
+        self._producer_generation = 0
+        self._replace_lock = asyncio.Lock()
 
     # --- MQTT side, driven by the asyncio loop -----------------------------------------------
 
@@ -209,13 +227,16 @@ class Bridge:
             self._client.loop_read()
             if self._received == before:
                 break
-        if len(self._pending) >= self._settings.mqtt.max_inflight:
+        if self._unacknowledged() >= self._settings.mqtt.max_inflight:
             self._pause_reading()
             return
         # TLS: bytes already decrypted into the SSL buffer are invisible to epoll.
         sock = self._client.socket()
         if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
             self._loop.call_soon(self._on_readable)
+
+    def _unacknowledged(self) -> int:
+        return len(self._pending) + self._forwarding
 
     def _pause_reading(self) -> None:
         """Holding max_inflight messages: stop reading, so TCP pushes back on the broker."""
@@ -299,18 +320,26 @@ class Bridge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
 
-    async def _replace_producer(self, stop: asyncio.Event) -> None:
+    async def _replace_producer(self, stop: asyncio.Event, failed_generation: int) -> None:
         """After a failed send the idempotent producer may be in a state it cannot leave (for
         example OutOfOrderSequenceNumber once the broker restarted), so retries go through a new
-        producer with a fresh producer id."""
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), timeout=10)
-        self._producer = await self._start_producer(stop)
+        producer with a fresh producer id. Several batches may fail on the same producer: only
+        the first replaces it."""
+        async with self._replace_lock:
+            if self._producer_generation != failed_generation:
+                return
+            if self._producer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._producer.stop(), timeout=10)
+            self._producer = await self._start_producer(stop)
+            self._producer_generation += 1
 
-    async def _forward(self, batch: list[_Received], stop: asyncio.Event) -> bool:
-        """Produce the batch's records (or dead letters) and, once Kafka holds all of them,
-        acknowledge the MQTT messages. False when stopping before that (nothing acknowledged)."""
+    async def _forward(
+        self, batch: list[_Received], stop: asyncio.Event, previous_acked: asyncio.Future[None] | None
+    ) -> bool:
+        """Produce the batch's records (or dead letters) and, once Kafka holds all of them and
+        the batch before it is acknowledged, acknowledge the MQTT messages. False when stopping
+        before that (nothing acknowledged)."""
         kafka = self._settings.kafka
         records: list[_Record] = []
         for item in batch:
@@ -324,6 +353,7 @@ class Bridge:
                 metrics.DEADLETTERED.labels(STAGE, dead.reason_code).inc()
         delay = self._settings.processor.retry_initial_seconds
         while True:
+            generation = self._producer_generation
             try:
                 await self._produce(records)
                 break
@@ -339,9 +369,11 @@ class Bridge:
                     return False  # not acknowledged: the broker redelivers the batch to our session
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
-                await self._replace_producer(stop)
+                await self._replace_producer(stop, generation)
         self._kafka_ok = True
         metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
+        if previous_acked is not None:
+            await previous_acked
         self._ack(batch)
         metrics.SENT.labels(STAGE, "messages").inc(len(batch))
         self.forwarded += len(batch)
@@ -355,6 +387,27 @@ class Bridge:
         Kafka's default partitioner (murmur2 of the key, as the Java client), so a device keeps
         its partition whichever producer wrote it.
         """
+        # Every wait is bounded: a batch stuck in a producer that another batch has just replaced
+        # must give up (and retry on the new one) rather than hold the others up for good.
+        timeout = 2 * self._settings.kafka.request_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._enqueue_lock:
+                    futures = await self._enqueue(records)
+        except TimeoutError as error:
+            raise KafkaTimeoutError(
+                f"handing {len(records)} records to the producer took over {timeout:.0f}s"
+            ) from error
+        # asyncio.wait, not a timeout around gather: the producer's futures must not be cancelled.
+        done, waiting = await asyncio.wait(futures, timeout=timeout)
+        if waiting:
+            raise KafkaTimeoutError(f"Kafka did not acknowledge {len(waiting)} batches within {timeout:.0f}s")
+        for future in done:
+            future.result()
+
+    async def _enqueue(self, records: list[_Record]) -> list[asyncio.Future[Any]]:
+        """Hand the records to the producer, one Kafka batch per partition; the futures resolve
+        when Kafka holds them."""
         producer = self._producer
         assert producer is not None
         by_partition: dict[tuple[str, int], list[_Record]] = {}
@@ -377,10 +430,29 @@ class Bridge:
                     builder = producer.create_batch()
                     builder.append(key=key, value=value, timestamp=None, headers=headers or [])
             futures.append(await producer.send_batch(builder, topic, partition=partition))
-        await asyncio.gather(*futures)
+        return futures
+
+    async def _forward_counted(
+        self,
+        batch: list[_Received],
+        stop: asyncio.Event,
+        previous_acked: asyncio.Future[None] | None,
+        acked: asyncio.Future[None],
+    ) -> bool:
+        started = time.perf_counter()
+        try:
+            forwarded = await self._forward(batch, stop, previous_acked)
+        finally:
+            self._forwarding -= len(batch)
+            acked.set_result(None)  # the next batch may acknowledge now, whatever became of this one
+        if forwarded:
+            metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
+        if self._unacknowledged() < self._settings.mqtt.max_inflight:
+            self._resume_reading()
+        return forwarded
 
     def has_received(self) -> bool:
-        return self.forwarded > 0 or bool(self._pending)
+        return self.forwarded > 0 or bool(self._pending) or self._forwarding > 0
 
     def ready(self) -> bool:
         return self._mqtt_connected and self._kafka_ok
@@ -389,22 +461,35 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         self._producer = await self._start_producer(stop)
         keeper = asyncio.create_task(self._keep_connected(stop))
+        forwarding: set[asyncio.Task[bool]] = set()
+        # A share of the window per batch, so several batches can be on their way to Kafka
+        # while the broker keeps sending.
+        limit = min(MAX_BATCH_MESSAGES, max(self._settings.mqtt.max_inflight // _BATCHES_IN_FLIGHT, 1))
         try:
             while not stop.is_set():
-                if not self._pending:
-                    metrics.BRIDGE_INFLIGHT.set(0)
-                    await asyncio.sleep(0.002)
+                finished = {task for task in forwarding if task.done()}
+                forwarding -= finished
+                if any(not task.result() for task in finished):
+                    break
+                if not self._pending or len(forwarding) >= _BATCHES_IN_FLIGHT:
+                    metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
+                    if forwarding:
+                        await asyncio.wait(forwarding, timeout=0.002, return_when=asyncio.FIRST_COMPLETED)
+                    else:
+                        await asyncio.sleep(0.002)
                     continue
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_BATCH_MESSAGES))]
-                metrics.BRIDGE_INFLIGHT.set(len(batch) + len(self._pending))
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), limit))]
+                self._forwarding += len(batch)
+                metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
                 metrics.RECEIVED.labels(STAGE, "messages").inc(len(batch))
                 metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
-                started = time.perf_counter()
-                if not await self._forward(batch, stop):
-                    break
-                metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
-                if len(self._pending) < self._settings.mqtt.max_inflight:
-                    self._resume_reading()
+                # The next batch's acknowledgements wait for this one's (created here, in order).
+                acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                forwarding.add(asyncio.create_task(self._forward_counted(batch, stop, self._previous_acked, acked)))
+                self._previous_acked = acked
+            # Stopping: batches already on their way finish (acknowledged) or give up (not).
+            if forwarding:
+                await asyncio.wait(forwarding)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -121,3 +121,44 @@ def test_an_envelope_of_an_unknown_version_is_refused() -> None:
     future = encode_envelope(Envelope(2, "a", "air", "erqi", 0, TOPIC, 0, [], [], []))
     with pytest.raises(msgspec.ValidationError, match="version"):
         decode_envelope(future)
+
+
+def test_the_bridge_acknowledges_batches_in_the_order_received_whichever_kafka_holds_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MQTT wants PUBACKs in the order the messages came; with batches on their way to Kafka
+    at once, a later batch may be held first. Kafka is faked here: only the ordering is tested."""
+    import asyncio
+
+    from config import load_settings
+    from ingest.bridge import Bridge, _Received
+
+    bridge = Bridge(load_settings())
+    acks: list[int] = []
+    monkeypatch.setattr(bridge._client, "ack", lambda mid, _qos: acks.append(mid))
+    held: dict[int, asyncio.Event] = {}
+
+    async def produce(records: list[object]) -> None:
+        await held[len(records)].wait()  # batches are told apart by size
+
+    monkeypatch.setattr(bridge, "_produce", produce)
+
+    async def scenario() -> None:
+        held.update({1: asyncio.Event(), 2: asyncio.Event()})
+        first = [_Received(0, 1, 1, "city/erqi/air/air-1/up", payload(), 0)]
+        second = [_Received(0, mid, 1, "city/erqi/air/air-1/up", payload(), 0) for mid in (2, 3)]
+        first_acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        second_acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(bridge._forward_counted(first, stop, None, first_acked)),
+            asyncio.create_task(bridge._forward_counted(second, stop, first_acked, second_acked)),
+        ]
+        held[2].set()  # Kafka holds the second batch first
+        await asyncio.sleep(0.05)
+        assert acks == [], "the second batch must not be acknowledged before the first"
+        held[1].set()
+        assert await asyncio.gather(*tasks) == [True, True]
+
+    asyncio.run(scenario())
+    assert acks == [1, 2, 3]
