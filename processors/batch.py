@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch"]
+__all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch", "Selection"]
 
 # (topic, partition) -> the next offset to commit once the batch is durable.
 Offsets = dict[tuple[str, int], int]
+# Which metrics a detector applies to: (include, exclude), each sorted; an empty include: any.
+Selection = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class ReadingBatch:
     # Not an init field: a copy made with dataclasses.replace must not inherit work done on
     # other columns.
     _memo: dict[str, NDArray[Any]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # The rows of each metric selection asked for (``rows``), also worked out once per batch.
+    _rows: dict[Selection, NDArray[np.int64]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def memoized(self, key: str, compute: Callable[[], NDArray[Any]]) -> NDArray[Any]:
         """``compute()``, done once per batch whichever detector asks first; read-only, since
@@ -79,23 +83,46 @@ class ReadingBatch:
     def districts(self) -> NDArray[np.int64]:
         return np.zeros(len(self.value), np.int64) if self.district is None else self.district
 
-    def rows_of(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.bool_]:
-        """True for the rows a detector applies to: a finite value, and a metric among
-        ``include`` (any, if empty) and not among ``exclude``. Once per batch for each pair
-        of lists (detectors often share one). With no metric codes, ``include`` matches nothing
-        and ``exclude`` nothing either."""
+    def rows(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.int64]:
+        """The rows a detector applies to, each series' in time order: a finite value, and a
+        metric among ``include`` (any, if empty) and not among ``exclude``. A detector walks
+        only these, so one that watches a single metric costs in proportion to that metric's
+        rows, not the batch's. Once per batch for each selection (detectors often share one);
+        read-only. With no metric codes, ``include`` matches nothing and ``exclude`` nothing."""
+        selection = (tuple(sorted(include)), tuple(sorted(exclude)))
+        if selection not in self._rows:
+            self.select_rows([selection])
+        return self._rows[selection]
 
-        def rows() -> NDArray[np.bool_]:
-            from processors.kernels import finite_rows_of
+    def selections(self) -> list[Selection]:
+        """The selections ``rows`` has been asked for so far."""
+        return list(self._rows)
 
-            if self.metric is None:
-                return np.zeros(len(self.value), np.bool_) if include else np.isfinite(self.value)
-            # Which metric codes qualify; then one pass over the rows.
-            wanted = [(not include or name in include) and name not in exclude for name in self.metric_names]
-            result: NDArray[np.bool_] = finite_rows_of(self.value, self.metric, np.array(wanted or [False]))
-            return result
+    def select_rows(self, selections: Sequence[Selection]) -> None:
+        """Work out the rows of several selections in one pass over the batch: the detection
+        stage asks for all its detectors' selections at once, rather than a pass each."""
+        from processors.kernels import select_rows
 
-        return self.memoized(f"rows_of:{','.join(sorted(include))}:{','.join(sorted(exclude))}", rows)
+        new = [selection for selection in dict.fromkeys(selections) if selection not in self._rows]
+        if not new:
+            return
+        order = self.time_order()
+        if self.metric is None:
+            finite = order[np.isfinite(self.value[order])]
+            for selection in new:
+                self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
+        else:
+            codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
+            wanted = np.zeros((len(new), codes), np.bool_)
+            for number, (include, exclude) in enumerate(new):
+                for code, name in enumerate(self.metric_names):
+                    wanted[number, code] = (not include or name in include) and name not in exclude
+            found, starts, ends = select_rows(order, self.metric, self.value, wanted)
+            found.flags.writeable = False
+            for number, selection in enumerate(new):
+                self._rows[selection] = found[starts[number] : ends[number]]
+        for rows in self._rows.values():
+            rows.flags.writeable = False
 
     def __len__(self) -> int:
         return len(self.value)

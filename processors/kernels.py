@@ -17,7 +17,14 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["ewma_kernel", "finite_rows_of", "flatline_kernel", "group_percentile", "jump_kernel", "time_order"]
+__all__ = [
+    "ewma_kernel",
+    "flatline_kernel",
+    "group_percentile",
+    "jump_kernel",
+    "select_rows",
+    "time_order",
+]
 
 _NEVER = np.iinfo(np.int64).min
 
@@ -84,8 +91,7 @@ def time_order(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> NDArray
 
 @njit(cache=True, nogil=True)
 def ewma_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -102,10 +108,8 @@ def ewma_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
-        if not applies[i]:
-            continue
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         v = value[i]
         m = mean[s]
@@ -141,8 +145,7 @@ def ewma_kernel(
 
 @njit(cache=True, nogil=True)
 def flatline_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -153,11 +156,11 @@ def flatline_kernel(
     tolerance: float,
     flagged: NDArray[np.bool_],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         # Late or repeated readings neither extend nor break a run.
-        if not applies[i] or time_us[i] <= last_time[s]:
+        if time_us[i] <= last_time[s]:
             continue
         v = value[i]
         run[s] = run[s] + 1 if abs(v - last_value[s]) <= tolerance else 1
@@ -169,8 +172,7 @@ def flatline_kernel(
 
 @njit(cache=True, nogil=True)
 def jump_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -185,12 +187,12 @@ def jump_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         # Steps are only defined between a series' readings in time order; late ones are
         # neither scored nor learned.
-        if not applies[i] or time_us[i] <= last_time[s]:
+        if time_us[i] <= last_time[s]:
             continue
         v = value[i]
         step = v - last_value[s]
@@ -239,11 +241,44 @@ def group_percentile(
 
 
 @njit(cache=True, nogil=True)
-def finite_rows_of(
-    value: NDArray[np.float64], metric: NDArray[np.int64], wanted: NDArray[np.bool_]
-) -> NDArray[np.bool_]:
-    """Rows with a finite value and a metric code that is ``wanted``."""
-    rows = np.empty(value.shape[0], np.bool_)
-    for i in range(value.shape[0]):
-        rows[i] = wanted[metric[i]] and np.isfinite(value[i])
-    return rows
+def select_rows(
+    order: NDArray[np.int64], metric: NDArray[np.int64], value: NDArray[np.float64], wanted: NDArray[np.bool_]
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """For each selection (a row of ``wanted``, by metric code): the rows of ``order`` with a
+    wanted code and a finite value, in that order, as ``rows[starts[n]:ends[n]]``. One pass for
+    all selections: each row is read once, however many detectors look at its metric."""
+    selections, codes = wanted.shape
+    counts = np.zeros(codes, np.int64)
+    for k in range(order.shape[0]):
+        counts[metric[order[k]]] += 1
+    # The selections that want each code (a code's list in taking[taking_start[c]:...]).
+    taking_start = np.zeros(codes + 1, np.int64)
+    for code in range(codes):
+        taking_start[code + 1] = taking_start[code] + wanted[:, code].sum()
+    taking = np.empty(taking_start[codes], np.int64)
+    # Room for every row of a wanted code; non-finite ones leave a little unused.
+    starts = np.zeros(selections, np.int64)
+    total = 0
+    filled = 0
+    for number in range(selections):
+        starts[number] = total
+        for code in range(codes):
+            if wanted[number, code]:
+                total += counts[code]
+    for code in range(codes):
+        for number in range(selections):
+            if wanted[number, code]:
+                taking[filled] = number
+                filled += 1
+    rows = np.empty(total, np.int64)
+    ends = starts.copy()
+    for k in range(order.shape[0]):
+        i = order[k]
+        if not np.isfinite(value[i]):
+            continue
+        code = metric[i]
+        for t in range(taking_start[code], taking_start[code + 1]):
+            number = taking[t]
+            rows[ends[number]] = i
+            ends[number] += 1
+    return rows, starts, ends

@@ -125,8 +125,8 @@ def _companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
         return found
     code = batch.metric_names.index(metric)
     if batch.message is not None:
-        # Decoded batches: look within each message only, a linear pass.
-        _companion_in_messages(batch.message, batch.metric, batch.time_us, batch.value, code, found)
+        # Decoded batches: from each reading of the metric, to the rows of its own message.
+        _companion_in_messages(batch.rows((metric,)), batch.message, batch.time_us, batch.value, found)
         return found
     source = np.flatnonzero(batch.metric == code)
     if not len(source):
@@ -143,23 +143,23 @@ def _companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
 
 @njit(cache=True, nogil=True)
 def _companion_in_messages(
+    sources: NDArray[np.int64],
     message: NDArray[np.int64],
-    metric: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
-    code: int,
     found: NDArray[np.float64],
 ) -> None:
     size = message.shape[0]
-    start = 0
-    while start < size:
-        end = start + 1
-        while end < size and message[end] == message[start]:
-            end += 1
-        # A message holds a few readings: compare them pairwise.
-        for source in range(start, end):
-            if metric[source] == code:
-                for row in range(start, end):
-                    if time_us[row] == time_us[source]:
-                        found[row] = value[source]
-        start = end
+    for k in range(sources.shape[0]):
+        source = sources[k]
+        # A message's rows are adjacent and few: walk out from the source to both ends.
+        row = source
+        while row >= 0 and message[row] == message[source]:
+            if time_us[row] == time_us[source]:
+                found[row] = value[source]
+            row -= 1
+        row = source + 1
+        while row < size and message[row] == message[source]:
+            if time_us[row] == time_us[source]:
+                found[row] = value[source]
+            row += 1

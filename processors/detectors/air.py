@@ -86,12 +86,12 @@ def iaqi(standard: str, pollutant: str, concentration: NDArray[np.float64]) -> N
     return _iaqi_all(np.asarray(concentration, np.float64), np.array([table[pollutant]], np.float64), indices)
 
 
-def _pollutant_of_rows(batch: ReadingBatch) -> NDArray[np.int64]:
-    """Each row's position in POLLUTANTS, or -1."""
-    if batch.metric is None:
-        return np.full(len(batch), -1, np.int64)
+def _pollutant_codes(batch: ReadingBatch) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Each row's metric code, and each code's position in POLLUTANTS (or -1): the kernels look
+    a row's pollutant up through both, only for the rows they walk."""
     table = np.array([POLLUTANTS.index(name) if name in POLLUTANTS else -1 for name in batch.metric_names] or [-1])
-    return np.asarray(table[batch.metric], np.int64)
+    metric = np.zeros(len(batch), np.int64) if batch.metric is None else batch.metric
+    return metric, table
 
 
 @register_detector("aqi")
@@ -135,10 +135,9 @@ class Aqi(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        pollutant = _pollutant_of_rows(batch)
-        applies = batch.rows_of(POLLUTANTS)
+        metric, pollutant_of = _pollutant_codes(batch)
         _aqi_kernel(
-            batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
+            batch.rows(POLLUTANTS), metric, pollutant_of, batch.series, batch.time_us, batch.value,
             hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
             self.offset_us, self.min_readings, self.level, score, flagged, reason,
         )  # fmt: skip
@@ -185,10 +184,9 @@ class Exceedance(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        pollutant = _pollutant_of_rows(batch)
-        applies = batch.rows_of(POLLUTANTS)
+        metric, pollutant_of = _pollutant_codes(batch)
         _exceedance_kernel(
-            batch.time_order(), applies, pollutant, batch.series, batch.time_us, batch.value,
+            batch.rows(POLLUTANTS), metric, pollutant_of, batch.series, batch.time_us, batch.value,
             self.hour.view, self.hour_total.view, self.hour_count.view,
             self.day.view, self.day_total.view, self.day_count.view, last_time,
             self.limit_1h, self.limit_24h, self.offset_us, self.min_readings, score, flagged, reason,
@@ -228,9 +226,9 @@ def _iaqi_all(
 
 @njit(cache=True, nogil=True)
 def _aqi_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
-    pollutant: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    metric: NDArray[np.int64],
+    pollutant_of: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -248,11 +246,11 @@ def _aqi_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         t = time_us[i]
-        if not applies[i] or t <= last_time[s]:
+        if t <= last_time[s]:
             continue
         this_hour = (t + offset_us) // _HOUR_US
         if this_hour != hour[s]:
@@ -262,7 +260,7 @@ def _aqi_kernel(
         total[s] += value[i]
         count[s] += 1
         last_time[s] = t
-        index = _interp(total[s] / count[s], breakpoints, pollutant[i], indices)
+        index = _interp(total[s] / count[s], breakpoints, pollutant_of[metric[i]], indices)
         score[i] = index / 500.0
         if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
             flagged[i] = True
@@ -277,9 +275,9 @@ def _aqi_kernel(
 
 @njit(cache=True, nogil=True)
 def _exceedance_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
-    pollutant: NDArray[np.int64],
+    rows: NDArray[np.int64],
+    metric: NDArray[np.int64],
+    pollutant_of: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -298,14 +296,14 @@ def _exceedance_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         t = time_us[i]
-        if not applies[i] or t <= last_time[s]:
+        if t <= last_time[s]:
             continue
         local = t + offset_us
-        p = pollutant[i]
+        p = pollutant_of[metric[i]]
         v = value[i]
         # The hour and the day the reading leaves, if it does, are closed: their mean / limit
         # where that counts (else 0); then the reading goes into its own hour and day. (Written

@@ -129,17 +129,17 @@ class Drift(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        applies = batch.rows_of(self.include, self.exclude)
-        if not applies.any():
+        rows = batch.rows(self.include, self.exclude)
+        if not len(rows):
             return DetectorResult(self.name, score, flagged, reason, REASONS)
         # A series' group never changes: only series new to this process need theirs looked up.
-        unknown = np.flatnonzero(applies & (self._group.view[batch.series] < 0))
+        unknown = rows[self._group.view[batch.series[rows]] < 0]
         if len(unknown):
             keys = self._keys(batch.take(unknown))
             self.group_key.view[batch.series[unknown]] = keys
             self._group.view[batch.series[unknown]] = self._group_of(keys)
         _drift_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value, self._group.view,
+            rows, batch.series, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
             baseline, step, last_offset, upper, lower, count, last_time,
             self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
@@ -159,8 +159,7 @@ class Drift(SeriesState):
 
 @njit(cache=True, nogil=True)
 def _drift_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -189,41 +188,37 @@ def _drift_kernel(
     the k-th reading (by time) of every series that has one, so a sensor is compared with its
     peers' readings of about the same moment, not with ones from later in the batch. Within a
     round, the groups' sums take in every reading first, then each reading is scored."""
-    size = order.shape[0]
+    size = series.shape[0]
     # Number the readings of each series (rank) and sort the rows by it: the rounds.
     row_rank = np.empty(size, np.int64)
     rounds = 0
-    for k in range(size):
-        i = order[k]
-        if applies[i]:
-            s = series[i]
-            row_rank[i] = rank[s]
-            rank[s] += 1
-            rounds = max(rounds, rank[s])
+    for k in range(rows.shape[0]):
+        i = rows[k]
+        s = series[i]
+        row_rank[i] = rank[s]
+        rank[s] += 1
+        rounds = max(rounds, rank[s])
     starts = np.zeros(rounds + 1, np.int64)
-    for k in range(size):
-        i = order[k]
-        if applies[i]:
-            rank[series[i]] = 0  # the scratch is left as found
-            starts[row_rank[i] + 1] += 1
+    for k in range(rows.shape[0]):
+        i = rows[k]
+        rank[series[i]] = 0  # the scratch is left as found
+        starts[row_rank[i] + 1] += 1
     for r in range(rounds):
         starts[r + 1] += starts[r]
-    rows = np.empty(starts[rounds], np.int64)
-    if rounds == 1:  # the usual case: no series twice in the batch
-        rows[:] = order[applies[order]]
-    else:
+    by_round = rows  # the usual case, one round: no series twice in the batch
+    if rounds > 1:
+        by_round = np.empty(starts[rounds], np.int64)
         fill = starts[:-1].copy()
-        for k in range(size):
-            i = order[k]
-            if applies[i]:
-                rows[fill[row_rank[i]]] = i
-                fill[row_rank[i]] += 1
+        for k in range(rows.shape[0]):
+            i = rows[k]
+            by_round[fill[row_rank[i]]] = i
+            fill[row_rank[i]] += 1
     fresh = np.zeros(size, np.bool_)
     drifting = np.zeros(size, np.bool_)
     for r in range(rounds):
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
-            i = rows[k]
+            i = by_round[k]
             s = series[i]
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing.
@@ -245,7 +240,7 @@ def _drift_kernel(
                 latest[s] = value[i]
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
-            i = rows[k]
+            i = by_round[k]
             s = series[i]
             g = group[s]
             peers = group_members[g] - (1 if member[s] else 0)

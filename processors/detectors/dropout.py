@@ -60,13 +60,12 @@ class Dropout(SeriesState):
             self.count.view,
             self.silent.view,
         )
-        applies = batch.rows_of(self.include, self.exclude)
         size = len(batch)
         found_series = np.empty(size, np.int64)
         found_time = np.empty(size, np.int64)
         found_score = np.empty(size, np.float32)
         found = _learn_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us,
+            batch.rows(self.include, self.exclude), batch.series, batch.time_us,
             last_time, interval, count, silent,
             self.alpha, self.warmup, self.factor, self.min_silence_us,
             found_series, found_time, found_score,
@@ -106,8 +105,7 @@ class Dropout(SeriesState):
 
 @njit(cache=True, nogil=True)
 def _learn_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     last_time: NDArray[np.int64],
@@ -126,11 +124,11 @@ def _learn_kernel(
     processors/kernels.py); writes the silences closed within the batch to ``found_*`` and
     returns how many."""
     found = 0
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         t = time_us[i]
-        if not applies[i] or t <= last_time[s]:
+        if t <= last_time[s]:
             continue
         seen = count[s]
         if seen == 0:

@@ -59,8 +59,7 @@ class EwmaZScore(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         ewma_kernel(
-            batch.time_order(),
-            batch.rows_of(exclude=self.exclude),
+            batch.rows(exclude=self.exclude),
             batch.series,
             batch.time_us,
             batch.value,

@@ -39,10 +39,8 @@ class Flatline(SeriesState):
         last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
         size = len(batch)
         flagged = np.zeros(size, np.bool_)
-        applies = batch.rows_of(exclude=self.exclude)
         flatline_kernel(
-            batch.time_order(),
-            applies,
+            batch.rows(exclude=self.exclude),
             batch.series,
             batch.time_us,
             batch.value,

@@ -51,8 +51,7 @@ class Jump(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         jump_kernel(
-            batch.time_order(),
-            batch.rows_of(exclude=self.exclude),
+            batch.rows(exclude=self.exclude),
             batch.series,
             batch.time_us,
             batch.value,

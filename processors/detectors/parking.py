@@ -43,9 +43,10 @@ class OverCapacity(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         capacity = companion(batch, "capacity")
-        applies = batch.rows_of(self.applies_to) & np.isfinite(capacity)
+        rows = batch.rows(self.applies_to)
+        rows = rows[np.isfinite(capacity[rows])]
         _over_capacity_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
+            rows, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
             over, last_time, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "over_capacity"))
@@ -87,9 +88,8 @@ class BayFlapping(SeriesState):
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        applies = batch.rows_of(self.applies_to)
         _flapping_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            batch.rows(self.applies_to), batch.series, batch.time_us, batch.value,
             last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
@@ -133,13 +133,13 @@ class LotStuck(SeriesState):
         )
         size = len(batch)
         capacity = companion(batch, "capacity")
-        applies = batch.rows_of(self.applies_to)
-        self.district.view[batch.series[applies]] = batch.districts()[applies]
+        rows = batch.rows(self.applies_to)
+        self.district.view[batch.series[rows]] = batch.districts()[rows]
         # Pass 1, in time order: each row's "unchanged since" as of that row.
         since = np.full(size, _NEVER, np.int64)
         live = np.zeros(size, np.bool_)
         _stuck_pass(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            rows, batch.series, batch.time_us, batch.value,
             last_value, changed, reported, last_time, since, live,
         )  # fmt: skip
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
@@ -150,7 +150,7 @@ class LotStuck(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         _stuck_flag(
-            applies, live, batch.series, batch.time_us, batch.value, capacity, since,
+            rows, live, batch.series, batch.time_us, batch.value, capacity, since,
             self.district.view, self.district_latest.view, changed, reported, self.stuck_us,
             score, flagged, reason,
         )  # fmt: skip
@@ -158,13 +158,12 @@ class LotStuck(SeriesState):
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
-# time order per series, skipping rows that do not apply.
+# time order per series, over the rows it applies to only.
 
 
 @njit(cache=True, nogil=True)
 def _over_capacity_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -175,10 +174,8 @@ def _over_capacity_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
-        if not applies[i]:
-            continue
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         excess = value[i] - capacity[i] - tolerance
         is_over = excess > 0
@@ -194,8 +191,7 @@ def _over_capacity_kernel(
 
 @njit(cache=True, nogil=True)
 def _flapping_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -208,11 +204,11 @@ def _flapping_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         t = time_us[i]
-        if not applies[i] or t <= last_time[s]:
+        if t <= last_time[s]:
             continue
         v = value[i]
         toggled = np.isfinite(last_value[s]) and v != last_value[s]
@@ -233,8 +229,7 @@ def _flapping_kernel(
 
 @njit(cache=True, nogil=True)
 def _stuck_pass(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -246,11 +241,11 @@ def _stuck_pass(
     live: NDArray[np.bool_],
 ) -> None:
     """Each fresh row's "unchanged since", as of that row."""
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         t = time_us[i]
-        if not applies[i] or t <= last_time[s]:
+        if t <= last_time[s]:
             continue
         if value[i] != last_value[s]:
             changed[s] = t
@@ -263,7 +258,7 @@ def _stuck_pass(
 
 @njit(cache=True, nogil=True)
 def _stuck_flag(
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     live: NDArray[np.bool_],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
@@ -279,11 +274,11 @@ def _stuck_flag(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for i in range(series.shape[0]):
-        if applies[i]:
-            d = district[series[i]]
-            district_latest[d] = max(district_latest[d], changed[series[i]])
-    for i in range(series.shape[0]):
+    for k in range(rows.shape[0]):
+        d = district[series[rows[k]]]
+        district_latest[d] = max(district_latest[d], changed[series[rows[k]]])
+    for k in range(rows.shape[0]):
+        i = rows[k]
         if not live[i]:
             continue
         s = series[i]

@@ -84,13 +84,13 @@ class TrafficProfile(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        applies = batch.rows_of(self.metrics)
-        if not applies.any():
+        rows = batch.rows(self.metrics)
+        if not len(rows):
             return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
         # Profiles are handed out before the loop: the kernel only indexes them.
-        self._rows_for(batch.series[applies])
+        self._rows_for(batch.series[rows])
         _profile_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value,
+            rows, batch.series, batch.time_us, batch.value,
             self.row.view, self.means, self.counts, scale, last_time,
             self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
         )  # fmt: skip
@@ -153,10 +153,10 @@ class TrafficZero(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
-        applies = batch.rows_of(self.applies_to)
+        rows = batch.rows(self.applies_to)
         reason = np.zeros(size, np.uint8)
         _zero_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value, occupancy,
+            rows, batch.series, batch.time_us, batch.value, occupancy,
             flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
             self.min_readings, self.jam_occupancy, score, flagged, reason,
         )  # fmt: skip
@@ -187,22 +187,22 @@ class Congestion(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         occupancy = companion(batch, "occupancy")
-        applies = batch.rows_of(self.applies_to) & np.isfinite(occupancy)
+        rows = batch.rows(self.applies_to)
+        rows = rows[np.isfinite(occupancy[rows])]
         _congestion_kernel(
-            batch.time_order(), applies, batch.series, batch.time_us, batch.value, occupancy,
+            rows, batch.series, batch.time_us, batch.value, occupancy,
             self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
-# time order per series, skipping rows that do not apply.
+# time order per series, over the rows it applies to only.
 
 
 @njit(cache=True, nogil=True)
 def _profile_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -219,10 +219,8 @@ def _profile_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
-        if not applies[i]:
-            continue
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
         row = profile_row[s]
         # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
@@ -258,8 +256,7 @@ def _profile_kernel(
 
 @njit(cache=True, nogil=True)
 def _zero_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -277,10 +274,10 @@ def _zero_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
-        if not applies[i] or time_us[i] <= last_time[s]:
+        if time_us[i] <= last_time[s]:
             continue
         v = value[i]
         zero = v <= 0
@@ -303,8 +300,7 @@ def _zero_kernel(
 
 @njit(cache=True, nogil=True)
 def _congestion_kernel(
-    order: NDArray[np.int64],
-    applies: NDArray[np.bool_],
+    rows: NDArray[np.int64],
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     speed: NDArray[np.float64],
@@ -316,10 +312,10 @@ def _congestion_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
 ) -> None:
-    for k in range(order.shape[0]):
-        i = order[k]
+    for k in range(rows.shape[0]):
+        i = rows[k]
         s = series[i]
-        if not applies[i] or time_us[i] <= last_time[s]:
+        if time_us[i] <= last_time[s]:
             continue
         jam = speed[i] <= jam_speed and occupancy[i] >= jam_occupancy
         score[i] = 1.0 if jam else 0.5 * min(occupancy[i] / jam_occupancy, 1.0) * 0.99

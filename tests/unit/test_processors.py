@@ -194,3 +194,26 @@ def test_a_batch_computes_shared_work_once_and_a_changed_copy_does_not_inherit_i
         order[0] = 2  # every detector sees the same array: no one may change it
     changed = dataclasses.replace(batch, time_us=np.array([10, 5, 30], np.int64))
     assert changed.time_order().tolist() == [0, 1, 2]  # already in time order per series
+
+
+def test_rows_are_the_finite_rows_of_the_selected_metrics_in_time_order_per_series() -> None:
+    # Series 0 and 1 report "a", series 2 "b", series 3 "c"; row 4 is NaN.
+    batch = dataclasses.replace(
+        batch_of([1, 0, 2, 1, 3, 0, 2], [30, 5, 7, 10, 8, 6, 1], [1, 2, 3, 4, np.nan, 6, 7]),
+        metric=np.array([0, 0, 1, 0, 2, 0, 1], np.int64),
+        metric_names=("a", "b", "c"),
+    )
+    assert batch.rows(["a"]).tolist() == [1, 5, 3, 0]  # batch.time_order() is [1, 5, 3, 0, 6, 2, 4]
+    assert batch.rows(exclude=["a"]).tolist() == [6, 2]  # the NaN of "c" is left out
+    assert batch.rows(["a", "b"], ["a"]).tolist() == [6, 2]
+    assert batch.rows().tolist() == [1, 5, 3, 0, 6, 2]
+    assert batch.rows(["a"]) is batch.rows(("a",))  # once per batch
+    # Several selections at once give what each gives alone.
+    together = dataclasses.replace(batch)
+    together.select_rows([(("a",), ()), ((), ("a",)), ((), ())])
+    for include, exclude in [(["a"], []), ([], ["a"]), ([], [])]:
+        assert together.rows(include, exclude).tolist() == batch.rows(include, exclude).tolist()
+    # No metric codes: an include selects nothing, anything else every finite row.
+    bare = batch_of([0, 0], [2, 1], [1.0, np.nan])
+    assert bare.rows(["a"]).tolist() == []
+    assert bare.rows().tolist() == [0]
