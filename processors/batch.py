@@ -61,9 +61,23 @@ class ReadingBatch:
 
     def time_order(self) -> NDArray[np.int64]:
         """Row indices with each series' rows in time order (for the compiled kernels)."""
-        from processors.kernels import time_order
+        if "time_order" not in self._memo:
+            self._order()
+        return self._memo["time_order"]
 
-        return self.memoized("time_order", lambda: time_order(self.series, self.time_us))
+    def repeats(self) -> bool:
+        """Whether some series has more than one reading in the batch (when none has, a
+        detector that works in rounds of one reading per series needs a single round)."""
+        if "repeats" not in self._memo:
+            self._order()
+        return bool(self._memo["repeats"])
+
+    def _order(self) -> None:
+        from processors.kernels import ordered
+
+        order, repeats = ordered(self.series, self.time_us)
+        self.memoized("time_order", lambda: order)
+        self.memoized("repeats", lambda: np.array(repeats))
 
     def device_time_keys(self) -> NDArray[np.int64]:
         """One int64 per row naming (device, time): equal for the metrics of one message, for

@@ -22,6 +22,7 @@ __all__ = [
     "flatline_kernel",
     "group_percentile",
     "jump_kernel",
+    "ordered",
     "select_rows",
     "time_order",
 ]
@@ -57,36 +58,46 @@ def _counting_order(series: NDArray[np.int64], time_us: NDArray[np.int64], serie
 
 
 @njit(cache=True, nogil=True)
-def _in_order(series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int) -> bool:
-    """True when arrival order is already time order within every series (the usual case:
-    Kafka keeps each device's records in order)."""
+def _in_order(series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int) -> int:
+    """0 unless arrival order is already time order within every series (the usual case:
+    Kafka keeps each device's records in order); then 1 if no series has two rows, else 2."""
     last = np.full(series_count, _NEVER, np.int64)
+    repeats = False
     for i in range(series.shape[0]):
         s = series[i]
         if time_us[i] < last[s]:
-            return False
+            return 0
+        repeats |= last[s] != _NEVER
         last[s] = time_us[i]
-    return True
+    return 2 if repeats else 1
 
 
 def time_order(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> NDArray[np.int64]:
     """Row indices such that each series' rows come in time order (ties: arrival order)."""
+    return ordered(series, time_us)[0]
+
+
+def ordered(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> tuple[NDArray[np.int64], bool]:
+    """``time_order``, and whether some series has more than one row."""
     size = len(series)
     if size == 0:
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int64), False
     series_count = int(series.max()) + 1
+    order: NDArray[np.int64]
     if series_count > 16 * size:
         # Few rows over many series: sorting the rows beats a pass over every series.
         span = int(time_us.max() - time_us.min())
         if series_count < 1 << 22 and span < 1 << 41:
-            key = (series << 41) | (time_us - time_us.min())
-            order: NDArray[np.int64] = np.argsort(key, kind="stable")
-            return order
-        return np.lexsort((time_us, series))
-    if _in_order(series, time_us, series_count):
-        return np.arange(size, dtype=np.int64)
-    result: NDArray[np.int64] = _counting_order(series, time_us, series_count)
-    return result
+            order = np.argsort((series << 41) | (time_us - time_us.min()), kind="stable")
+        else:
+            order = np.lexsort((time_us, series))
+    else:
+        state = _in_order(series, time_us, series_count)
+        if state:
+            return np.arange(size, dtype=np.int64), state == 2
+        order = _counting_order(series, time_us, series_count)
+    grouped = series[order]
+    return order, bool((grouped[1:] == grouped[:-1]).any())
 
 
 @njit(cache=True, nogil=True)

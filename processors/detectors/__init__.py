@@ -110,23 +110,18 @@ def build_detector(name: str, settings: DetectorSettings) -> Detector:
     return factory(settings)
 
 
-def companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
-    """For every row, the value of ``metric`` that the same device reported at the same time in
-    this batch (NaN if none): how a detector reads a device's other metrics, such as a lot's
-    capacity beside its occupancy. A sensor's metrics travel in one message, so they always
-    share a batch; no state across batches is needed. Once per batch and metric (several
-    detectors read a lot's capacity or a loop's occupancy); the array is read-only."""
-    return batch.memoized(f"companion:{metric}", lambda: _companion(batch, metric))
-
-
-def _companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
-    found = np.full(len(batch), np.nan)
-    if batch.metric is None or metric not in batch.metric_names or not len(batch):
+def companion(batch: ReadingBatch, metric: str, rows: NDArray[np.int64]) -> NDArray[np.float64]:
+    """For each of ``rows``, the value of ``metric`` that the same device reported at the same
+    time in this batch (NaN if none): how a detector reads a device's other metrics, such as a
+    lot's capacity beside its occupancy. A sensor's metrics travel in one message, so they
+    always share a batch; no state across batches is needed."""
+    found = np.full(len(rows), np.nan)
+    if batch.metric is None or metric not in batch.metric_names or not len(rows):
         return found
     code = batch.metric_names.index(metric)
     if batch.message is not None:
-        # Decoded batches: from each reading of the metric, to the rows of its own message.
-        _companion_in_messages(batch.rows((metric,)), batch.message, batch.time_us, batch.value, found)
+        # Decoded batches: look only within each row's own message (a few rows).
+        _companion_in_messages(rows, batch.message, batch.metric, code, batch.time_us, batch.value, found)
         return found
     source = np.flatnonzero(batch.metric == code)
     if not len(source):
@@ -135,31 +130,33 @@ def _companion(batch: ReadingBatch, metric: str) -> NDArray[np.float64]:
     source_keys = keys[source]
     order = np.argsort(source_keys)
     sorted_keys = source_keys[order]
-    position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    match = sorted_keys[position] == keys
+    position = np.minimum(np.searchsorted(sorted_keys, keys[rows]), len(sorted_keys) - 1)
+    match = sorted_keys[position] == keys[rows]
     found[match] = batch.value[source[order[position[match]]]]
     return found
 
 
 @njit(cache=True, nogil=True)
 def _companion_in_messages(
-    sources: NDArray[np.int64],
+    rows: NDArray[np.int64],
     message: NDArray[np.int64],
+    metric: NDArray[np.int64],
+    code: int,
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     found: NDArray[np.float64],
 ) -> None:
     size = message.shape[0]
-    for k in range(sources.shape[0]):
-        source = sources[k]
-        # A message's rows are adjacent and few: walk out from the source to both ends.
-        row = source
-        while row >= 0 and message[row] == message[source]:
-            if time_us[row] == time_us[source]:
-                found[row] = value[source]
-            row -= 1
-        row = source + 1
-        while row < size and message[row] == message[source]:
-            if time_us[row] == time_us[source]:
-                found[row] = value[source]
-            row += 1
+    for k in range(rows.shape[0]):
+        i = rows[k]
+        # A message's rows are adjacent and few: walk out from the row to both ends.
+        other = i
+        while other >= 0 and message[other] == message[i]:
+            if metric[other] == code and time_us[other] == time_us[i]:
+                found[k] = value[other]
+            other -= 1
+        other = i + 1
+        while other < size and message[other] == message[i]:
+            if metric[other] == code and time_us[other] == time_us[i]:
+                found[k] = value[other]
+            other += 1

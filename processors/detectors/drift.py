@@ -139,7 +139,7 @@ class Drift(SeriesState):
             self.group_key.view[batch.series[unknown]] = keys
             self._group.view[batch.series[unknown]] = self._group_of(keys)
         _drift_kernel(
-            rows, batch.series, batch.time_us, batch.value, self._group.view,
+            rows, batch.repeats(), batch.series, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
             baseline, step, last_offset, upper, lower, count, last_time,
             self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
@@ -160,6 +160,7 @@ class Drift(SeriesState):
 @njit(cache=True, nogil=True)
 def _drift_kernel(
     rows: NDArray[np.int64],
+    repeats: bool,
     series: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
@@ -188,31 +189,31 @@ def _drift_kernel(
     the k-th reading (by time) of every series that has one, so a sensor is compared with its
     peers' readings of about the same moment, not with ones from later in the batch. Within a
     round, the groups' sums take in every reading first, then each reading is scored."""
-    size = series.shape[0]
-    # Number the readings of each series (rank) and sort the rows by it: the rounds.
-    row_rank = np.empty(size, np.int64)
-    rounds = 0
-    for k in range(rows.shape[0]):
-        i = rows[k]
-        s = series[i]
-        row_rank[i] = rank[s]
-        rank[s] += 1
-        rounds = max(rounds, rank[s])
-    starts = np.zeros(rounds + 1, np.int64)
-    for k in range(rows.shape[0]):
-        i = rows[k]
-        rank[series[i]] = 0  # the scratch is left as found
-        starts[row_rank[i] + 1] += 1
-    for r in range(rounds):
-        starts[r + 1] += starts[r]
-    by_round = rows  # the usual case, one round: no series twice in the batch
-    if rounds > 1:
-        by_round = np.empty(starts[rounds], np.int64)
+    size = rows.shape[0]
+    # The usual case, no series twice in the batch: one round.
+    rounds = 1
+    starts = np.array([0, size], np.int64)
+    by_round = rows
+    if repeats:
+        # Number the readings of each series (rank) and sort the rows by it: the rounds.
+        row_rank = np.empty(size, np.int64)
+        for k in range(size):
+            s = series[rows[k]]
+            row_rank[k] = rank[s]
+            rank[s] += 1
+            rounds = max(rounds, rank[s])
+        starts = np.zeros(rounds + 1, np.int64)
+        for k in range(size):
+            rank[series[rows[k]]] = 0  # the scratch is left as found
+            starts[row_rank[k] + 1] += 1
+        for r in range(rounds):
+            starts[r + 1] += starts[r]
+        by_round = np.empty(size, np.int64)
         fill = starts[:-1].copy()
-        for k in range(rows.shape[0]):
-            i = rows[k]
-            by_round[fill[row_rank[i]]] = i
-            fill[row_rank[i]] += 1
+        for k in range(size):
+            by_round[fill[row_rank[k]]] = rows[k]
+            fill[row_rank[k]] += 1
+    # Per position in by_round.
     fresh = np.zeros(size, np.bool_)
     drifting = np.zeros(size, np.bool_)
     for r in range(rounds):
@@ -222,21 +223,21 @@ def _drift_kernel(
             s = series[i]
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing.
-            fresh[i] = time_us[i] > last_time[s]
-            drifting[i] = max(upper[s], lower[s]) >= limit
+            fresh[k] = time_us[i] > last_time[s]
+            drifting[k] = max(upper[s], lower[s]) >= limit
             # A drifting sensor is no one's peer until it is back.
-            if drifting[i] and member[s]:
+            if drifting[k] and member[s]:
                 group_sum[g] -= latest[s]
                 group_members[g] -= 1
                 member[s] = False
-            if fresh[i] and not drifting[i]:
+            if fresh[k] and not drifting[k]:
                 if member[s]:
                     group_sum[g] += value[i] - latest[s]
                 else:
                     group_sum[g] += value[i]
                     group_members[g] += 1
                     member[s] = True
-            if fresh[i]:
+            if fresh[k]:
                 latest[s] = value[i]
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
@@ -256,10 +257,10 @@ def _drift_kernel(
             new_lower = max(lower[s] - z - slack, 0.0) if warm else 0.0
             worst = max(new_upper, new_lower)
             score[i] = min(worst / (2 * limit), 1.0)
-            if not fresh[i]:
+            if not fresh[k]:
                 continue
             # Flagged when a sum first reaches the limit: one anomaly per drift.
-            if warm and worst >= limit and not drifting[i]:
+            if warm and worst >= limit and not drifting[k]:
                 flagged[i] = True
                 reason[i] = 1 if new_upper >= new_lower else 2
             # The step scale: a running mean while warming up, then exponential forgetting.

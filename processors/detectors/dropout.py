@@ -61,11 +61,13 @@ class Dropout(SeriesState):
             self.silent.view,
         )
         size = len(batch)
-        found_series = np.empty(size, np.int64)
-        found_time = np.empty(size, np.int64)
-        found_score = np.empty(size, np.float32)
+        rows = batch.rows(self.include, self.exclude)
+        # At most one closed silence per reading.
+        found_series = np.empty(len(rows), np.int64)
+        found_time = np.empty(len(rows), np.int64)
+        found_score = np.empty(len(rows), np.float32)
         found = _learn_kernel(
-            batch.rows(self.include, self.exclude), batch.series, batch.time_us,
+            rows, batch.series, batch.time_us,
             last_time, interval, count, silent,
             self.alpha, self.warmup, self.factor, self.min_silence_us,
             found_series, found_time, found_score,

@@ -42,9 +42,10 @@ class OverCapacity(SeriesState):
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        capacity = companion(batch, "capacity")
         rows = batch.rows(self.applies_to)
-        rows = rows[np.isfinite(capacity[rows])]
+        capacity = companion(batch, "capacity", rows)
+        known = np.isfinite(capacity)
+        rows, capacity = rows[known], capacity[known]
         _over_capacity_kernel(
             rows, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
             over, last_time, score, flagged,
@@ -132,12 +133,12 @@ class LotStuck(SeriesState):
             self.last_time_us.view,
         )
         size = len(batch)
-        capacity = companion(batch, "capacity")
         rows = batch.rows(self.applies_to)
+        capacity = companion(batch, "capacity", rows)
         self.district.view[batch.series[rows]] = batch.districts()[rows]
-        # Pass 1, in time order: each row's "unchanged since" as of that row.
-        since = np.full(size, _NEVER, np.int64)
-        live = np.zeros(size, np.bool_)
+        # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
+        since = np.full(len(rows), _NEVER, np.int64)
+        live = np.zeros(len(rows), np.bool_)
         _stuck_pass(
             rows, batch.series, batch.time_us, batch.value,
             last_value, changed, reported, last_time, since, live,
@@ -177,11 +178,11 @@ def _over_capacity_kernel(
     for k in range(rows.shape[0]):
         i = rows[k]
         s = series[i]
-        excess = value[i] - capacity[i] - tolerance
+        excess = value[i] - capacity[k] - tolerance
         is_over = excess > 0
         # A late reading is scored too; only a fresh one moves the episode.
         if is_over:
-            score[i] = 0.5 + 0.5 * min(excess / max(capacity[i], 1.0), 1.0)
+            score[i] = 0.5 + 0.5 * min(excess / max(capacity[k], 1.0), 1.0)
         if time_us[i] <= last_time[s]:
             continue
         flagged[i] = is_over and not over[s]
@@ -252,8 +253,8 @@ def _stuck_pass(
             reported[s] = False
         last_value[s] = value[i]
         last_time[s] = t
-        since[i] = changed[s]
-        live[i] = True
+        since[k] = changed[s]
+        live[k] = True
 
 
 @njit(cache=True, nogil=True)
@@ -279,18 +280,18 @@ def _stuck_flag(
         district_latest[d] = max(district_latest[d], changed[series[rows[k]]])
     for k in range(rows.shape[0]):
         i = rows[k]
-        if not live[i]:
+        if not live[k]:
             continue
         s = series[i]
         v = value[i]
-        full_or_empty = v <= 0 or (np.isfinite(capacity[i]) and v >= capacity[i])
+        full_or_empty = v <= 0 or (np.isfinite(capacity[k]) and v >= capacity[k])
         if not full_or_empty:
             continue
-        quiet_for = time_us[i] - since[i]
+        quiet_for = time_us[i] - since[k]
         score[i] = min(quiet_for / (2.0 * stuck_us), 1.0)
         latest = district_latest[district[s]]
         # A lot is its own latest change only if no neighbour moved since: that is not "others".
-        neighbours_moved = latest >= time_us[i] - stuck_us // 2 and latest > since[i]
+        neighbours_moved = latest >= time_us[i] - stuck_us // 2 and latest > since[k]
         # One flag per lot, even if the batch holds several of its stuck readings.
         if quiet_for >= stuck_us and neighbours_moved and not reported[s]:
             flagged[i] = True

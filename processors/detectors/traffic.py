@@ -152,8 +152,8 @@ class TrafficZero(SeriesState):
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        occupancy = companion(batch, "occupancy")
         rows = batch.rows(self.applies_to)
+        occupancy = companion(batch, "occupancy", rows)
         reason = np.zeros(size, np.uint8)
         _zero_kernel(
             rows, batch.series, batch.time_us, batch.value, occupancy,
@@ -186,9 +186,10 @@ class Congestion(SeriesState):
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        occupancy = companion(batch, "occupancy")
         rows = batch.rows(self.applies_to)
-        rows = rows[np.isfinite(occupancy[rows])]
+        occupancy = companion(batch, "occupancy", rows)
+        known = np.isfinite(occupancy)
+        rows, occupancy = rows[known], occupancy[known]
         _congestion_kernel(
             rows, batch.series, batch.time_us, batch.value, occupancy,
             self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
@@ -288,7 +289,7 @@ def _zero_kernel(
         if usual and zeros == min_readings:
             flagged[i] = True
             # A covered loop means standing vehicles: an incident; an empty one, a dead sensor.
-            reason[i] = 1 if occupancy[i] >= jam_occupancy else 2
+            reason[i] = 1 if occupancy[k] >= jam_occupancy else 2
         zeros_in_row[s] = zeros
         # The usual flow learns from non-zero counts only: a dead counter keeps its history.
         if not zero:
@@ -317,8 +318,8 @@ def _congestion_kernel(
         s = series[i]
         if time_us[i] <= last_time[s]:
             continue
-        jam = speed[i] <= jam_speed and occupancy[i] >= jam_occupancy
-        score[i] = 1.0 if jam else 0.5 * min(occupancy[i] / jam_occupancy, 1.0) * 0.99
+        jam = speed[i] <= jam_speed and occupancy[k] >= jam_occupancy
+        score[i] = 1.0 if jam else 0.5 * min(occupancy[k] / jam_occupancy, 1.0) * 0.99
         flagged[i] = jam and not jammed[s]
         jammed[s] = jam
         last_time[s] = time_us[i]

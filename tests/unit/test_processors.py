@@ -88,11 +88,16 @@ def test_companion_reads_a_devices_other_metric_of_the_same_message_and_time() -
     ]  # fmt: skip
     batch, _ = decode_batch([FakeRecord(n, encode_envelope(e)) for n, e in enumerate(envelopes)], index, {})
     expected = [100.0, 100.0, 50.0, 50.0, np.nan, 90.0, 90.0, np.nan]
-    np.testing.assert_array_equal(companion(batch, "capacity"), expected)
+    every = np.arange(len(batch))
+    np.testing.assert_array_equal(companion(batch, "capacity", every), expected)
+    # Some rows only, in any order: one value per row asked for.
+    np.testing.assert_array_equal(companion(batch, "capacity", np.array([4, 0, 6])), [np.nan, 100.0, 90.0])
     # Without message numbers (a batch built by hand) the same answer comes from matching
     # device and time across the batch.
-    np.testing.assert_array_equal(companion(dataclasses.replace(batch, message=None), "capacity"), expected)
-    assert np.isnan(companion(batch, "occupancy")).all()
+    hand_built = dataclasses.replace(batch, message=None)
+    np.testing.assert_array_equal(companion(hand_built, "capacity", every), expected)
+    np.testing.assert_array_equal(companion(hand_built, "capacity", np.array([4, 0, 6])), [np.nan, 100.0, 90.0])
+    assert np.isnan(companion(batch, "occupancy", every)).all()
 
 
 def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
