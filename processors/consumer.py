@@ -40,6 +40,7 @@ from processors.batch import DetectorResult, Offsets, ReadingBatch
 from processors.checkpoint import StateStore, export_partition, import_partition
 from processors.decode import BadRecord, decode_batch
 from processors.detection import DetectionStage
+from processors.memory import retain_freed_memory
 from processors.sinks import Sink, build_sink
 from processors.storage.maintenance import MaintenanceReport, maintain
 
@@ -425,6 +426,8 @@ class Processor:
 
 
 def run_processor(settings: Settings) -> None:
+    retain_freed_memory()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -222,3 +222,11 @@ def test_rows_are_the_finite_rows_of_the_selected_metrics_in_time_order_per_seri
     bare = batch_of([0, 0], [2, 1], [1.0, np.nan])
     assert bare.rows(["a"]).tolist() == []
     assert bare.rows().tolist() == [0]
+
+
+def test_retain_freed_memory_takes_effect_with_glibc() -> None:
+    import ctypes.util
+
+    from processors.memory import retain_freed_memory
+
+    assert retain_freed_memory() is (ctypes.util.find_library("c") is not None)
