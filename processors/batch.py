@@ -122,7 +122,8 @@ class ReadingBatch:
             return
         order = self.time_order()
         if self.metric is None:
-            finite = order[np.isfinite(self.value[order])]
+            is_finite = np.isfinite(self.value)
+            finite = order if is_finite.all() else order[is_finite[order]]
             for selection in new:
                 self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
         else:

@@ -31,11 +31,16 @@ _NEVER = np.iinfo(np.int64).min
 
 
 @njit(cache=True, nogil=True)
-def _counting_order(series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int) -> NDArray[np.int64]:
+def _counting_order(
+    series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int
+) -> tuple[NDArray[np.int64], bool]:
+    """The time order by a counting sort on series, and whether some series has two rows."""
     size = series.shape[0]
     starts = np.zeros(series_count + 1, np.int64)
+    repeats = False
     for i in range(size):
         starts[series[i] + 1] += 1
+        repeats |= starts[series[i] + 1] > 1
     for s in range(series_count):
         starts[s + 1] += starts[s]
     order = np.empty(size, np.int64)
@@ -54,7 +59,7 @@ def _counting_order(series: NDArray[np.int64], time_us: NDArray[np.int64], serie
                 order[j + 1] = order[j]
                 j -= 1
             order[j + 1] = row
-    return order
+    return order, repeats
 
 
 @njit(cache=True, nogil=True)
@@ -95,7 +100,8 @@ def ordered(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> tuple[NDAr
         state = _in_order(series, time_us, series_count)
         if state:
             return np.arange(size, dtype=np.int64), state == 2
-        order = _counting_order(series, time_us, series_count)
+        counted: tuple[NDArray[np.int64], bool] = _counting_order(series, time_us, series_count)
+        return counted
     grouped = series[order]
     return order, bool((grouped[1:] == grouped[:-1]).any())
 

@@ -11,7 +11,7 @@ from ingest.envelope import Envelope, encode_envelope
 from processors.batch import ReadingBatch
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
-from processors.kernels import group_percentile, time_order
+from processors.kernels import group_percentile, ordered, time_order
 from processors.series import SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
@@ -230,3 +230,13 @@ def test_retain_freed_memory_takes_effect_with_glibc() -> None:
     from processors.memory import retain_freed_memory
 
     assert retain_freed_memory() is (ctypes.util.find_library("c") is not None)
+
+
+@pytest.mark.parametrize("spread", [1, 1000])  # dense series (a pass over them), sparse (argsort)
+def test_ordered_tells_whether_some_series_has_two_rows(spread: int) -> None:
+    once = np.array([2, 0, 1], np.int64) * spread
+    twice = np.array([2, 0, 2], np.int64) * spread
+    for times in (np.array([1, 2, 3], np.int64), np.array([3, 2, 1], np.int64)):  # in order, and not
+        assert ordered(once, times)[1] is False
+        assert ordered(twice, times)[1] is True
+        np.testing.assert_array_equal(ordered(twice, times)[0], time_order(twice, times))
