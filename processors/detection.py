@@ -50,26 +50,24 @@ class DetectionStage:
         # backlog); a percentile, so one device with a fast clock does not silence the others,
         # and a high one, so the last batch of a backlog brings the clock near its end.
         # From an even sample of at most about 8,192 rows: a clock needs no more, and sorting
-        # the whole batch's times costs as much as a detector.
+        # the whole batch's times costs as much as a detector. (A partition with only a few rows
+        # in a large batch may keep its clock until a later batch; it never goes back.)
         step = max(1, len(batch) // _CLOCK_SAMPLE)
         present, percentile = group_percentile(
             self.index.partition.view[batch.series[::step]], batch.time_us[::step], 90.0
         )
         for partition, now_us in zip(present.tolist(), percentile.tolist(), strict=True):
             self._partition_now_us[partition] = max(self._partition_now_us.get(partition, 0), int(now_us))
-        # Indexed by partition; the last slot stays clockless and serves series with no
-        # partition yet (-1) and partitions this process does not hold.
-        clock = np.full(max(self._partition_now_us) + 2, _NO_CLOCK, np.int64)
+        # Indexed by partition; partitions this process does not hold have no clock.
+        clock = np.full(max(self._partition_now_us) + 1, _NO_CLOCK, np.int64)
         for partition, now_us in self._partition_now_us.items():
             if partitions is None or partition in partitions:
                 clock[partition] = now_us
         due = [(position, sweeper) for position, sweeper in self._sweepers if sweeper.due(int(clock.max()))]
         if not due:
             return results
-        # Each series' clock: a pass over every series, so only when some sweep is due.
-        now_us = clock[np.minimum(self.index.partition.view, len(clock) - 1)]
         for position, sweeper in due:
-            events = sweeper.sweep(now_us)
+            events = sweeper.sweep(self.index.partition.view, clock)
             if len(events):
                 results[position] = dataclasses.replace(
                     results[position], events=merge_events(results[position].events, events)

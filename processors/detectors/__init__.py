@@ -58,9 +58,11 @@ class Sweeper(Protocol):
         """Whether a sweep is wanted now that the stream has reached ``latest_us``."""
         ...
 
-    def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
-        """Anomalies as of each series' stream time ``now_us`` (the clock of the partition it
-        arrives on; the int64 minimum for series of partitions this processor does not hold)."""
+    def sweep(self, partition: NDArray[np.int32], clock: NDArray[np.int64]) -> AnomalyEvents:
+        """Anomalies as of each series' stream time: ``clock[partition[s]]`` for series s, the
+        clock of the partition it arrives on. A series has no clock when its partition is -1
+        (not known yet), beyond ``clock``, or has the int64 minimum there (a partition this
+        processor does not hold)."""
         ...
 
 

@@ -89,15 +89,15 @@ class Dropout(SeriesState):
     def due(self, latest_us: int) -> bool:
         return latest_us != _NEVER and latest_us - self._last_sweep_us >= self.sweep_every_us
 
-    def sweep(self, now_us: NDArray[np.int64]) -> AnomalyEvents:
-        self._grow(len(now_us))
-        if len(now_us):
-            self._last_sweep_us = max(self._last_sweep_us, int(now_us.max()))
-        found_series = np.empty(len(now_us), np.int64)
-        found_time = np.empty(len(now_us), np.int64)
-        found_score = np.empty(len(now_us), np.float32)
+    def sweep(self, partition: NDArray[np.int32], clock: NDArray[np.int64]) -> AnomalyEvents:
+        self._grow(len(partition))
+        if len(clock):
+            self._last_sweep_us = max(self._last_sweep_us, int(clock.max()))
+        found_series = np.empty(len(partition), np.int64)
+        found_time = np.empty(len(partition), np.int64)
+        found_score = np.empty(len(partition), np.float32)
         found = _sweep_kernel(
-            now_us, self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
+            partition, clock, self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
             self.warmup, self.factor, self.min_silence_us, found_series, found_time, found_score,
         )  # fmt: skip
         return AnomalyEvents(
@@ -155,7 +155,8 @@ def _learn_kernel(
 
 @njit(cache=True, nogil=True)
 def _sweep_kernel(
-    now_us: NDArray[np.int64],
+    partition: NDArray[np.int32],
+    clock: NDArray[np.int64],
     last_time: NDArray[np.int64],
     interval: NDArray[np.float64],
     count: NDArray[np.int64],
@@ -168,14 +169,17 @@ def _sweep_kernel(
     found_score: NDArray[np.float32],
 ) -> int:
     """One pass over every series: those quiet past their timeout, by their partition's clock
-    (series of partitions this process does not hold have no clock), are marked silent and
-    written to ``found_*``; returns how many."""
+    (see ``Sweeper.sweep``), are marked silent and written to ``found_*``; returns how many."""
     found = 0
-    for s in range(now_us.shape[0]):
-        if now_us[s] == _NEVER or count[s] <= warmup or silent[s]:
+    for s in range(partition.shape[0]):
+        # Most series are not watched (other metrics) or not warm: decided on one array.
+        if count[s] <= warmup or silent[s]:
+            continue
+        p = partition[s]
+        if p < 0 or p >= clock.shape[0] or clock[p] == _NEVER:
             continue
         timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
-        quiet = now_us[s] - last_time[s]
+        quiet = clock[p] - last_time[s]
         if quiet >= timeout:
             silent[s] = True
             found_series[found] = s

@@ -150,12 +150,16 @@ def test_dropout_finds_a_silence_by_sweep_and_within_one_batch() -> None:
     times = [T0 + i * MINUTE for i in range(20)]
     detector.process(readings(times, [1.0] * 20, ["pm2_5"] * 20), 1)
     sweeper = detector  # the protocol's sweep: the series' partition clock has moved on
-    quiet = sweeper.sweep(np.array([times[-1] + 4 * MINUTE], np.int64))  # type: ignore[attr-defined]
+    partition = np.zeros(1, np.int32)  # the series arrives on partition 0
+    quiet = sweeper.sweep(partition, np.array([times[-1] + 4 * MINUTE], np.int64))  # type: ignore[attr-defined]
     assert len(quiet) == 0, "four minutes is within five usual intervals"
-    later = sweeper.sweep(np.array([times[-1] + 10 * MINUTE], np.int64))  # type: ignore[attr-defined]
+    # No clock for its partition (not held here, or unknown): nothing is found.
+    assert len(sweeper.sweep(partition, np.array([np.iinfo(np.int64).min], np.int64))) == 0  # type: ignore[attr-defined]
+    assert len(sweeper.sweep(partition - 1, np.array([times[-1] + 10 * MINUTE], np.int64))) == 0  # type: ignore[attr-defined]
+    later = sweeper.sweep(partition, np.array([times[-1] + 10 * MINUTE], np.int64))  # type: ignore[attr-defined]
     assert later.series.tolist() == [0]
     assert later.time_us.tolist() == [times[-1] + 5 * MINUTE], "stamped when the silence crossed the timeout"
-    assert len(sweeper.sweep(np.array([times[-1] + 20 * MINUTE], np.int64))) == 0, "once per silence"  # type: ignore[attr-defined]
+    assert len(sweeper.sweep(partition, np.array([times[-1] + 20 * MINUTE], np.int64))) == 0, "once per silence"  # type: ignore[attr-defined]
 
     # A gap that opened and closed inside one batch (read after an outage).
     other = build_detector("dropout", DetectorSettings(warmup=5))
