@@ -246,19 +246,13 @@ def _aqi_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    # The last hour worked out: a batch's readings nearly all share one, and an integer
-    # division per reading costs more than the rest of the arithmetic.
-    known_hour = -1
     for k in range(rows.shape[0]):
         i = rows[k]
         s = series[i]
         t = time_us[i]
         if t <= last_time[s]:
             continue
-        local = t + offset_us
-        if not (known_hour >= 0 and known_hour * _HOUR_US <= local < (known_hour + 1) * _HOUR_US):
-            known_hour = local // _HOUR_US
-        this_hour = known_hour
+        this_hour = (t + offset_us) // _HOUR_US
         if this_hour != hour[s]:
             total[s] = 0.0
             count[s] = 0
@@ -302,9 +296,6 @@ def _exceedance_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    # The last hour and day worked out (see _aqi_kernel).
-    known_hour = -1
-    known_day = -1
     for k in range(rows.shape[0]):
         i = rows[k]
         s = series[i]
@@ -312,9 +303,6 @@ def _exceedance_kernel(
         if t <= last_time[s]:
             continue
         local = t + offset_us
-        if not (known_hour >= 0 and known_hour * _HOUR_US <= local < (known_hour + 1) * _HOUR_US):
-            known_hour = local // _HOUR_US
-            known_day = local // _DAY_US
         p = pollutant_of[metric[i]]
         v = value[i]
         # The hour and the day the reading leaves, if it does, are closed: their mean / limit
@@ -322,7 +310,7 @@ def _exceedance_kernel(
         # out twice rather than as a helper: numba counts references to the state arrays on
         # every call of a helper, which made this loop ten times slower.)
         hourly = 0.0
-        this_hour = known_hour
+        this_hour = local // _HOUR_US
         if this_hour != hour[s]:
             if hour[s] >= 0 and hour_count[s] >= min_readings and np.isfinite(limit_1h[p]):
                 hourly = hour_total[s] / hour_count[s] / limit_1h[p]
@@ -332,7 +320,7 @@ def _exceedance_kernel(
         hour_total[s] += v
         hour_count[s] += 1
         daily = 0.0
-        this_day = known_day
+        this_day = local // _DAY_US
         if this_day != day[s]:
             if day[s] >= 0 and day_count[s] >= min_readings and np.isfinite(limit_24h[p]):
                 daily = day_total[s] / day_count[s] / limit_24h[p]

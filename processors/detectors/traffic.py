@@ -220,20 +220,14 @@ def _profile_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    # The last hour worked out, and its slot: a batch's readings nearly all share one, and
-    # integer divisions per reading cost more than the rest of the arithmetic.
-    known_hour = -1
-    slot = 0
     for k in range(rows.shape[0]):
         i = rows[k]
         s = series[i]
         row = profile_row[s]
-        local = time_us[i] + offset_us
-        if not (known_hour >= 0 and known_hour * _HOUR_US <= local < (known_hour + 1) * _HOUR_US):
-            known_hour = local // _HOUR_US
-            # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
-            # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
-            slot = known_hour % 24 + (24 if (known_hour // 24 + 3) % 7 >= 5 else 0)
+        # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
+        # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
+        local_hours = (time_us[i] + offset_us) // _HOUR_US
+        slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
         mean = np.float64(means[slot, row])
         seen = np.int64(counts[slot, row])
         sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
