@@ -91,8 +91,7 @@ def list_alerts(settings: Settings, *, only_open: bool, as_json: bool, out: Text
             print(json.dumps(record, default=str, ensure_ascii=False), file=out)
         return len(rows)
     print(f"{'state':8} {'severity':8} {'rule':24} {'where':28} {'opened (event time)':26} departments", file=out)
-    for alert_id, rule, state, severity, district, device_id, opened, _changed, _sequence, departments in rows:
+    for _alert_id, rule, state, severity, district, device_id, opened, _changed, _sequence, departments in rows:
         where = district + (f"/{device_id}" if device_id else "")
         print(f"{state:8} {severity:8} {rule:24} {where:28} {opened!s:26} {','.join(departments)}", file=out)
-        del alert_id
     return len(rows)

@@ -49,6 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel import stack
 from citytel.bench import _bare_drain, _create_session, _drop_session
+from citytel.evaluate import kafka_records
 from citytel.localstack import spawn_citytel
 from citytel.simulate import City, Message, publish
 from config import Settings, dump_settings, load_settings
@@ -570,21 +571,8 @@ def bench_e2e(
         publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
         bare = _bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
         _drop_session(port, bare_id)
-        from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-
-        records = [
-            (
-                message.device_id.encode(),
-                encode_envelope(
-                    Envelope(
-                        ENVELOPE_VERSION, message.device_id, "air", "erqi", 0, message.topic, message.sequence,
-                        [round(message.time_s * 1e6)] * len(message.values), list(message.values),
-                        list(message.values.values()),
-                    )
-                ),
-            )
-            for message in backlog
-        ]  # fmt: skip
+        # The records the bridge would have produced for the same backlog.
+        records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
         kafka = _kafka_reference(settings, records)
         copy_rate = _copy_reference(conninfo, min(500_000, 5 * messages))
         naive_count = min(3000, messages)

@@ -64,8 +64,6 @@ class DetectionStage:
             if partitions is None or partition in partitions:
                 clock[partition] = now_us
         due = [(position, sweeper) for position, sweeper in self._sweepers if sweeper.due(int(clock.max()))]
-        if not due:
-            return results
         for position, sweeper in due:
             events = sweeper.sweep(self.index.partition.view, clock)
             if len(events):

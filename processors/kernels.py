@@ -266,8 +266,8 @@ def select_rows(
     all selections: each row is read once, however many detectors look at its metric."""
     selections, codes = wanted.shape
     counts = np.zeros(codes, np.int64)
-    for k in range(order.shape[0]):
-        counts[metric[order[k]]] += 1
+    for i in range(metric.shape[0]):
+        counts[metric[i]] += 1
     # The selections that want each code (a code's list in taking[taking_start[c]:...]).
     taking_start = np.zeros(codes + 1, np.int64)
     for code in range(codes):
