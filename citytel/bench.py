@@ -524,9 +524,13 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 10) -> dict[s
             seconds.append(time.perf_counter() - started)
             sizes.append(len(batch))
     rates = np.array(sizes) / np.array(seconds)
+    used, allocated = stage.state_bytes(), stage.state_bytes(allocated=True)
     return {
         "detectors": len(stage.detectors),
         "series": len(stage.index),
+        "state_bytes_per_series": round(sum(used.values()) / len(stage.index), 1),
+        "allocated_bytes_per_series": round(sum(allocated.values()) / len(stage.index), 1),
+        **{f"state_bytes_per_series.{name}": round(size / len(stage.index), 1) for name, size in used.items()},
         "readings_per_batch": round(float(np.median(sizes))),
         "timed_batches": timed_batches,
         "readings_per_s": round(float(np.median(rates))),
@@ -550,6 +554,15 @@ def main_detectors(output: Path | None) -> int:
         f"whole stage ({stage['detectors']} detectors and the dropout sweep), {stage['series']:,} series of the"
         f" simulated city, {stage['readings_per_batch']:,} readings per batch: {stage['readings_per_s']:,} readings/s"
         f" (median of {stage['timed_batches']} batches; slowest {stage['slowest_batch_readings_per_s']:,})"
+    )
+    print(
+        f"state per series: {stage['state_bytes_per_series']} bytes in use, {stage['allocated_bytes_per_series']}"
+        " allocated (arrays grow by doubling); by part: "
+        + ", ".join(
+            f"{key.split('.', 1)[1]} {value}"
+            for key, value in stage.items()
+            if key.startswith("state_bytes_per_series.")
+        )
     )
     if output is not None:
         output.write_text(json.dumps({"detectors": results, "stage": stage}, indent=2) + "\n")

@@ -43,6 +43,9 @@ class ReadingBatch:
     # Each reading's message (Kafka record) number in the batch; a message's rows are adjacent.
     # None: unknown, a device's readings of one time are matched across the batch instead.
     message: NDArray[np.int64] | None = None
+    # The metric code of each block of series indices when the index hands them out in blocks of
+    # one metric (``SeriesIndex(metric_blocks=True)``). None: blocks may mix metrics.
+    block_metric: NDArray[np.int64] | None = None
     # Work several detectors would repeat on the same batch, done once (``memoized``).
     # Not an init field: a copy made with dataclasses.replace must not inherit work done on
     # other columns.
@@ -108,6 +111,12 @@ class ReadingBatch:
             self.select_rows([selection])
         return self._rows[selection]
 
+    def wanted_codes(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.bool_]:
+        """For each metric code, whether a selection (as in ``rows``) takes it."""
+        return np.array(
+            [(not include or name in include) and name not in exclude for name in self.metric_names], np.bool_
+        )
+
     def selections(self) -> list[Selection]:
         """The selections ``rows`` has been asked for so far."""
         return list(self._rows)
@@ -130,8 +139,7 @@ class ReadingBatch:
             codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
             wanted = np.zeros((len(new), codes), np.bool_)
             for number, (include, exclude) in enumerate(new):
-                for code, name in enumerate(self.metric_names):
-                    wanted[number, code] = (not include or name in include) and name not in exclude
+                wanted[number, : len(self.metric_names)] = self.wanted_codes(include, exclude)
             found, starts, ends = select_rows(order, self.metric, self.value, wanted)
             found.flags.writeable = False
             for number, selection in enumerate(new):
@@ -156,6 +164,7 @@ class ReadingBatch:
             None if self.district is None else self.district[rows],
             self.district_names,
             None if self.message is None else self.message[rows],
+            self.block_metric,
         )
 
     @classmethod

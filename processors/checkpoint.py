@@ -63,7 +63,7 @@ def import_partition(index: SeriesIndex, detectors: list[Detector], partition: i
         prefix = f"{detector.name}."
         state = {name[len(prefix) :]: values for name, values in arrays.items() if name.startswith(prefix)}
         if state:
-            detector.import_state(dense, state, len(index))
+            detector.import_state(dense, state, index.extent)
     return len(dense)
 
 

@@ -112,5 +112,6 @@ def decode_batch(
         district=index.device_district.view[devices],
         district_names=tuple(index.district_codes),
         message=np.repeat(np.arange(len(envelopes), dtype=np.int64), counts),
+        block_metric=index.block_metric.view if index.block > 1 else None,
     )
     return batch, bad

@@ -14,7 +14,7 @@ from config import Settings
 from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
 from processors.detectors import Detector, Sweeper, build_detector
 from processors.kernels import group_percentile
-from processors.series import SeriesIndex
+from processors.series import SeriesIndex, held_bytes
 
 __all__ = ["DetectionStage"]
 
@@ -24,7 +24,7 @@ _CLOCK_SAMPLE = 8192
 
 class DetectionStage:
     def __init__(self, settings: Settings) -> None:
-        self.index = SeriesIndex(settings.processor.max_series)
+        self.index = SeriesIndex(settings.processor.max_series, metric_blocks=True)
         self.detectors: list[Detector] = [
             build_detector(name, settings.detector(name)) for name in settings.processor.detectors
         ]
@@ -41,7 +41,7 @@ class DetectionStage:
         among the series of ``partitions`` (None: all), each by its own partition's clock."""
         # Every selection of rows the detectors asked for last time, in one pass.
         batch.select_rows(self._selections)
-        results = [detector.process(batch, len(self.index)) for detector in self.detectors]
+        results = [detector.process(batch, self.index.extent) for detector in self.detectors]
         self._selections = batch.selections()
         if not len(batch) or not self._sweepers:
             return results
@@ -71,6 +71,12 @@ class DetectionStage:
                     results[position], events=merge_events(results[position].events, events)
                 )
         return results
+
+    def state_bytes(self, allocated: bool = False) -> dict[str, int]:
+        """Bytes of state each detector keeps, and the series index's (``held_bytes``)."""
+        sizes = {detector.name: held_bytes(detector, allocated) for detector in self.detectors}
+        sizes["series index"] = held_bytes(self.index, allocated)
+        return sizes
 
 
 def merge_events(first: AnomalyEvents | None, second: AnomalyEvents) -> AnomalyEvents:

@@ -17,17 +17,49 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
+from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
+
 __all__ = [
+    "assign_slots",
     "ewma_kernel",
     "flatline_kernel",
     "group_percentile",
     "jump_kernel",
     "ordered",
     "select_rows",
+    "slot_of",
     "time_order",
 ]
 
 _NEVER = np.iinfo(np.int64).min
+_BLOCK_MASK = SERIES_BLOCK - 1
+
+
+@njit(inline="always")
+def slot_of(block_slot: NDArray[np.int64], series: int) -> int:
+    """A dense series index's state slot in a detector (see ``SeriesState``): its block's first
+    slot plus its place in the block. Inlined into each kernel: a shift, a load from a small
+    table and a mask per reading."""
+    return block_slot[series >> SERIES_BLOCK_BITS] | (series & _BLOCK_MASK)  # type: ignore[no-any-return]
+
+
+@njit(cache=True, nogil=True)
+def assign_slots(
+    rows: NDArray[np.int64],
+    series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
+    block_series: NDArray[np.int64],
+    blocks: int,
+) -> int:
+    """Hands the next block of slots to each block of ``series[rows]`` that has none (in order of
+    first sight, recording each slot block's series block); returns how many are in use."""
+    for k in range(rows.shape[0]):
+        b = series[rows[k]] >> SERIES_BLOCK_BITS
+        if block_slot[b] < 0:
+            block_slot[b] = blocks << SERIES_BLOCK_BITS
+            block_series[blocks] = b << SERIES_BLOCK_BITS
+            blocks += 1
+    return blocks
 
 
 @njit(cache=True, nogil=True)
@@ -110,6 +142,7 @@ def ordered(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> tuple[NDAr
 def ewma_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     mean: NDArray[np.float64],
@@ -127,7 +160,7 @@ def ewma_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         v = value[i]
         m = mean[s]
         spread = max(variance[s], long_run_share * slow_variance[s])
@@ -164,6 +197,7 @@ def ewma_kernel(
 def flatline_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     last_value: NDArray[np.float64],
@@ -175,7 +209,7 @@ def flatline_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         # Late or repeated readings neither extend nor break a run.
         if time_us[i] <= last_time[s]:
             continue
@@ -191,6 +225,7 @@ def flatline_kernel(
 def jump_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     last_value: NDArray[np.float64],
@@ -206,7 +241,7 @@ def jump_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         # Steps are only defined between a series' readings in time order; late ones are
         # neither scored nor learned.
         if time_us[i] <= last_time[s]:
@@ -262,33 +297,39 @@ def select_rows(
     order: NDArray[np.int64], metric: NDArray[np.int64], value: NDArray[np.float64], wanted: NDArray[np.bool_]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """For each selection (a row of ``wanted``, by metric code): the rows of ``order`` with a
-    wanted code and a finite value, in that order, as ``rows[starts[n]:ends[n]]``. One pass for
+    wanted code and a finite value, as ``rows[starts[n]:ends[n]]``, grouped by metric code and
+    in ``order`` within a code (so each series' rows keep their order). Grouped, a detector
+    walks one metric's series after another: in the detection stage's index a metric's series
+    sit in blocks of their own, so the state is read in long runs, not scattered. One pass for
     all selections: each row is read once, however many detectors look at its metric."""
     selections, codes = wanted.shape
     counts = np.zeros(codes, np.int64)
     for i in range(metric.shape[0]):
-        counts[metric[i]] += 1
-    # The selections that want each code (a code's list in taking[taking_start[c]:...]).
-    taking_start = np.zeros(codes + 1, np.int64)
-    for code in range(codes):
-        taking_start[code + 1] = taking_start[code] + wanted[:, code].sum()
-    taking = np.empty(taking_start[codes], np.int64)
-    # Room for every row of a wanted code; non-finite ones leave a little unused.
+        if np.isfinite(value[i]):
+            counts[metric[i]] += 1
+    # Where each (selection, code) segment starts; a code's selections in taking[...].
+    position = np.zeros((selections, codes), np.int64)
     starts = np.zeros(selections, np.int64)
+    ends = np.zeros(selections, np.int64)
     total = 0
-    filled = 0
     for number in range(selections):
         starts[number] = total
         for code in range(codes):
             if wanted[number, code]:
+                position[number, code] = total
                 total += counts[code]
+        ends[number] = total
+    taking_start = np.zeros(codes + 1, np.int64)
+    for code in range(codes):
+        taking_start[code + 1] = taking_start[code] + wanted[:, code].sum()
+    taking = np.empty(taking_start[codes], np.int64)
+    filled = 0
     for code in range(codes):
         for number in range(selections):
             if wanted[number, code]:
                 taking[filled] = number
                 filled += 1
     rows = np.empty(total, np.int64)
-    ends = starts.copy()
     for k in range(order.shape[0]):
         i = order[k]
         if not np.isfinite(value[i]):
@@ -296,6 +337,6 @@ def select_rows(
         code = metric[i]
         for t in range(taking_start[code], taking_start[code + 1]):
             number = taking[t]
-            rows[ends[number]] = i
-            ends[number] += 1
+            rows[position[number, code]] = i
+            position[number, code] += 1
     return rows, starts, ends

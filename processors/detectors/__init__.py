@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -11,7 +11,8 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from processors.series import GrowableArray
+from processors.kernels import assign_slots
+from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = [
     "DETECTORS",
@@ -68,24 +69,105 @@ class Sweeper(Protocol):
 
 class SeriesState:
     """Per-series state arrays a detector declares once in ``self.state``; growing, checkpoint
-    export and import then come for free."""
+    export and import then come for free.
+
+    A detector keeps state rows ("slots") only for the series of the metrics it walks, handed
+    out a block at a time: the slots of dense series indices ``[b * SERIES_BLOCK, (b + 1) *
+    SERIES_BLOCK)`` start at ``block_slot[b]`` once block b has some. The detection stage's
+    series index puts one metric in each block (``SeriesIndex(metric_blocks=True)``), so a
+    detector that watches pollutants keeps no rows for parking bays, at the cost of a small
+    table per block rather than a map per series. Kernels find a reading's slot with
+    ``kernels.slot_of``. ``_walk`` gives the rows to walk, with their slots in place.
+    Subclasses call ``super().__init__()`` first."""
 
     state: dict[str, GrowableArray]
 
-    def _grow(self, series_count: int) -> None:
+    def __init__(self) -> None:
+        self.state = {}
+        # Per block of series: its first slot (-1: none). Per block of slots, in the order
+        # handed out: the first series of its block.
+        self._block_slot = GrowableArray(np.int64, fill=-1)
+        self._block_series = GrowableArray(np.int64)
+        self._blocks = 0
+        # Blocks of the series index (``ReadingBatch.block_metric``) already decided on.
+        self._decided = 0
+
+    @property
+    def slot_count(self) -> int:
+        return self._blocks * SERIES_BLOCK
+
+    @property
+    def block_slot(self) -> NDArray[np.int64]:
+        """The table kernels pass to ``slot_of``."""
+        return self._block_slot.view
+
+    def _grow(self, slots: int) -> None:
+        """Make the state arrays ``slots`` long (subclasses with more per-slot arrays extend it)."""
         for array in self.state.values():
-            array.resize(series_count)
+            array.resize(slots)
+
+    def _walk(
+        self, batch: ReadingBatch, series_count: int, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> NDArray[np.int64]:
+        """``batch.rows(include, exclude)``, with a slot for every series among them."""
+        rows = batch.rows(include, exclude)
+        self._tables(series_count)
+        if batch.block_metric is not None and batch.metric is not None:
+            # One metric per block: a block gets slots when it first appears in the index if the
+            # detector walks its metric, with no pass over the rows.
+            wanted = np.zeros(max(len(batch.metric_names), int(batch.block_metric.max(initial=0)) + 1), np.bool_)
+            wanted[: len(batch.metric_names)] = batch.wanted_codes(include, exclude)
+            new = np.arange(self._decided, len(batch.block_metric))
+            self._add_blocks(new[wanted[batch.block_metric[new]]])
+            self._decided = len(batch.block_metric)
+        else:
+            self._blocks = assign_slots(rows, batch.series, self.block_slot, self._block_series.view, self._blocks)
+        self._grow(self.slot_count)
+        return rows
+
+    def _tables(self, series_count: int) -> None:
+        blocks = (series_count >> SERIES_BLOCK_BITS) + 1
+        self._block_slot.resize(blocks)
+        self._block_series.resize(blocks)
+
+    def _add_blocks(self, blocks: NDArray[np.int64]) -> None:
+        blocks = blocks[self.block_slot[blocks] < 0]
+        numbers = np.arange(self._blocks, self._blocks + len(blocks))
+        self.block_slot[blocks] = numbers << SERIES_BLOCK_BITS
+        self._block_series.view[numbers] = blocks << SERIES_BLOCK_BITS
+        self._blocks += len(blocks)
+
+    def slots(self, dense: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        """The slots of these series, and which have one (-1 where not)."""
+        block = dense >> SERIES_BLOCK_BITS
+        first = np.full(len(dense), -1, np.int64)
+        known = block < len(self._block_slot)
+        first[known] = self.block_slot[block[known]]
+        present = first >= 0
+        return np.where(present, first | (dense & (SERIES_BLOCK - 1)), -1), present
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
-        self._grow(int(dense.max()) + 1 if len(dense) else 0)
-        return {name: array.view[dense].copy() for name, array in self.state.items()}
+        slots, present = self.slots(dense)
+        arrays: dict[str, NDArray[np.generic]] = {}
+        for name, array in self.state.items():
+            values = array.blank(len(dense))
+            values[present] = array.view[slots[present]]
+            arrays[name] = values
+        # Series with no state are left out on import, so a restore keeps the state sparse.
+        arrays["present"] = present
+        return arrays
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
-        self._grow(series_count)
+        # A checkpoint from before "present" existed holds a row for every series.
+        present = np.asarray(arrays.get("present", np.ones(len(dense), np.bool_)), np.bool_)
+        self._tables(series_count)
+        self._add_blocks(np.unique(dense[present] >> SERIES_BLOCK_BITS))
+        self._grow(self.slot_count)
+        slots, _ = self.slots(dense[present])
         for name, array in self.state.items():
             # A checkpoint from before a state field existed leaves that field at its start value.
             if name in arrays:
-                array.view[dense] = arrays[name]
+                array.view[slots] = arrays[name][present]
 
 
 DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}

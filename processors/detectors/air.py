@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
+from processors.kernels import slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -106,6 +107,7 @@ class Aqi(SeriesState):
     name = "aqi"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.standard = settings.standard
         self.level = settings.aqi_level
         self.min_readings = settings.min_readings
@@ -128,7 +130,7 @@ class Aqi(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, POLLUTANTS)
         hour, total, count = self.hour.view, self.total.view, self.count.view
         flagged_hour, last_time = self.flagged_hour.view, self.last_time_us.view
         size = len(batch)
@@ -137,7 +139,7 @@ class Aqi(SeriesState):
         reason = np.zeros(size, np.uint8)
         metric, pollutant_of = _pollutant_codes(batch)
         _aqi_kernel(
-            batch.rows(POLLUTANTS), metric, pollutant_of, batch.series, batch.time_us, batch.value,
+            rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
             hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
             self.offset_us, self.min_readings, self.level, score, flagged, reason,
         )  # fmt: skip
@@ -156,6 +158,7 @@ class Exceedance(SeriesState):
     name = "exceedance"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.min_readings = settings.min_readings
         self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
         self.limit_1h = np.array([_LIMIT_1H[name] for name in POLLUTANTS] + [np.nan])
@@ -178,7 +181,7 @@ class Exceedance(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, POLLUTANTS)
         last_time = self.last_time_us.view
         size = len(batch)
         score = np.zeros(size, np.float32)
@@ -186,7 +189,7 @@ class Exceedance(SeriesState):
         reason = np.zeros(size, np.uint8)
         metric, pollutant_of = _pollutant_codes(batch)
         _exceedance_kernel(
-            batch.rows(POLLUTANTS), metric, pollutant_of, batch.series, batch.time_us, batch.value,
+            rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
             self.hour.view, self.hour_total.view, self.hour_count.view,
             self.day.view, self.day_total.view, self.day_count.view, last_time,
             self.limit_1h, self.limit_24h, self.offset_us, self.min_readings, score, flagged, reason,
@@ -230,6 +233,7 @@ def _aqi_kernel(
     metric: NDArray[np.int64],
     pollutant_of: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     hour: NDArray[np.int64],
@@ -248,7 +252,7 @@ def _aqi_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -279,6 +283,7 @@ def _exceedance_kernel(
     metric: NDArray[np.int64],
     pollutant_of: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     hour: NDArray[np.int64],
@@ -298,7 +303,7 @@ def _exceedance_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
             continue

@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
+from processors.kernels import slot_of
 from processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
@@ -47,6 +48,7 @@ class Drift(SeriesState):
     name = "drift"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.slack = settings.slack
         self.limit = settings.cusum_limit
@@ -84,11 +86,11 @@ class Drift(SeriesState):
         # Scratch for the kernel's round numbering: zero between batches.
         self._rank = GrowableArray(np.int64)
 
-    def _grow(self, series_count: int) -> None:
-        super()._grow(series_count)
-        self._member.resize(series_count)
-        self._group.resize(series_count)
-        self._rank.resize(series_count)
+    def _grow(self, slots: int) -> None:
+        super()._grow(slots)
+        self._member.resize(slots)
+        self._group.resize(slots)
+        self._rank.resize(slots)
 
     def _group_of(self, keys: NDArray[np.int64]) -> NDArray[np.int64]:
         dense = self._groups.lookup(keys)
@@ -96,9 +98,9 @@ class Drift(SeriesState):
         self._group_members.resize(len(self._groups))
         return dense
 
-    def _join(self, series: NDArray[np.int64]) -> None:
-        """Count these series' latest readings in their groups' sums (once per process)."""
-        joining = series[~self._member.view[series] & np.isfinite(self.latest.view[series])]
+    def _join(self, slots: NDArray[np.int64]) -> None:
+        """Count these slots' latest readings in their groups' sums (once per process)."""
+        joining = slots[~self._member.view[slots] & np.isfinite(self.latest.view[slots])]
         if len(joining):
             joining = np.unique(joining)
             groups = self._group.view[joining]
@@ -121,7 +123,7 @@ class Drift(SeriesState):
         return result
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.include, self.exclude)
         baseline, step, last_offset = self.baseline.view, self.step.view, self.last_offset.view
         upper, lower, count, last_time = self.upper.view, self.lower.view, self.count.view, self.last_time_us.view
         latest, member = self.latest.view, self._member.view
@@ -129,17 +131,17 @@ class Drift(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        rows = batch.rows(self.include, self.exclude)
         if not len(rows):
             return DetectorResult(self.name, score, flagged, reason, REASONS)
         # A series' group never changes: only series new to this process need theirs looked up.
-        unknown = rows[self._group.view[batch.series[rows]] < 0]
+        unknown = _ungrouped(rows, batch.series, self.block_slot, self._group.view)
         if len(unknown):
             keys = self._keys(batch.take(unknown))
-            self.group_key.view[batch.series[unknown]] = keys
-            self._group.view[batch.series[unknown]] = self._group_of(keys)
+            slots, _ = self.slots(batch.series[unknown])
+            self.group_key.view[slots] = keys
+            self._group.view[slots] = self._group_of(keys)
         _drift_kernel(
-            rows, batch.repeats(), batch.series, batch.time_us, batch.value, self._group.view,
+            rows, batch.repeats(), batch.series, self.block_slot, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
             baseline, step, last_offset, upper, lower, count, last_time,
             self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
@@ -148,13 +150,27 @@ class Drift(SeriesState):
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
-        self._grow(series_count)
         # Restored series join their peer groups at once: the groups are whole again before the
         # next reading, as if this process had seen them all along.
-        known = dense[self.group_key.view[dense] >= 0]
+        slots, present = self.slots(dense)
+        known = slots[present][self.group_key.view[slots[present]] >= 0]
         self._member.view[known] = False
         self._group.view[known] = self._group_of(self.group_key.view[known])
         self._join(known)
+
+
+@njit(cache=True, nogil=True)
+def _ungrouped(
+    rows: NDArray[np.int64], series: NDArray[np.int64], block_slot: NDArray[np.int64], group: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """The rows whose series has no peer group yet."""
+    found = np.empty(rows.shape[0], np.int64)
+    count = 0
+    for k in range(rows.shape[0]):
+        if group[slot_of(block_slot, series[rows[k]])] < 0:
+            found[count] = rows[k]
+            count += 1
+    return found[:count]
 
 
 @njit(cache=True, nogil=True)
@@ -162,6 +178,7 @@ def _drift_kernel(
     rows: NDArray[np.int64],
     repeats: bool,
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     group: NDArray[np.int64],
@@ -198,13 +215,13 @@ def _drift_kernel(
         # Number the readings of each series (rank) and sort the rows by it: the rounds.
         row_rank = np.empty(size, np.int64)
         for k in range(size):
-            s = series[rows[k]]
+            s = slot_of(block_slot, series[rows[k]])
             row_rank[k] = rank[s]
             rank[s] += 1
             rounds = max(rounds, rank[s])
         starts = np.zeros(rounds + 1, np.int64)
         for k in range(size):
-            rank[series[rows[k]]] = 0  # the scratch is left as found
+            rank[slot_of(block_slot, series[rows[k]])] = 0  # the scratch is left as found
             starts[row_rank[k] + 1] += 1
         for r in range(rounds):
             starts[r + 1] += starts[r]
@@ -220,7 +237,7 @@ def _drift_kernel(
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
             i = by_round[k]
-            s = series[i]
+            s = slot_of(block_slot, series[i])
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing.
             fresh[k] = time_us[i] > last_time[s]
@@ -242,7 +259,7 @@ def _drift_kernel(
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
             i = by_round[k]
-            s = series[i]
+            s = slot_of(block_slot, series[i])
             g = group[s]
             peers = group_members[g] - (1 if member[s] else 0)
             if peers < 1:

@@ -9,7 +9,8 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import AnomalyEvents, SeriesState, register_detector
-from processors.series import GrowableArray
+from processors.kernels import slot_of
+from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = ["Dropout"]
 
@@ -33,6 +34,7 @@ class Dropout(SeriesState):
     name = "dropout"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.warmup = settings.warmup
         self.factor = settings.timeout_factor
@@ -53,7 +55,7 @@ class Dropout(SeriesState):
         self._last_sweep_us = _NEVER
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.include, self.exclude)
         last_time, interval, count, silent = (
             self.last_time_us.view,
             self.interval_us.view,
@@ -61,13 +63,12 @@ class Dropout(SeriesState):
             self.silent.view,
         )
         size = len(batch)
-        rows = batch.rows(self.include, self.exclude)
         # At most one closed silence per reading.
         found_series = np.empty(len(rows), np.int64)
         found_time = np.empty(len(rows), np.int64)
         found_score = np.empty(len(rows), np.float32)
         found = _learn_kernel(
-            rows, batch.series, batch.time_us,
+            rows, batch.series, self.block_slot, batch.time_us,
             last_time, interval, count, silent,
             self.alpha, self.warmup, self.factor, self.min_silence_us,
             found_series, found_time, found_score,
@@ -90,14 +91,15 @@ class Dropout(SeriesState):
         return latest_us != _NEVER and latest_us - self._last_sweep_us >= self.sweep_every_us
 
     def sweep(self, partition: NDArray[np.int32], clock: NDArray[np.int64]) -> AnomalyEvents:
-        self._grow(len(partition))
         if len(clock):
             self._last_sweep_us = max(self._last_sweep_us, int(clock.max()))
-        found_series = np.empty(len(partition), np.int64)
-        found_time = np.empty(len(partition), np.int64)
-        found_score = np.empty(len(partition), np.float32)
+        slots = self.slot_count
+        found_series = np.empty(slots, np.int64)
+        found_time = np.empty(slots, np.int64)
+        found_score = np.empty(slots, np.float32)
         found = _sweep_kernel(
-            partition, clock, self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
+            partition, clock, self._block_series.view,
+            self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
             self.warmup, self.factor, self.min_silence_us, found_series, found_time, found_score,
         )  # fmt: skip
         return AnomalyEvents(
@@ -109,6 +111,7 @@ class Dropout(SeriesState):
 def _learn_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     last_time: NDArray[np.int64],
     interval: NDArray[np.float64],
@@ -128,7 +131,7 @@ def _learn_kernel(
     found = 0
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -140,7 +143,7 @@ def _learn_kernel(
             timeout = max(factor * interval[s], float(min_silence_us))
             # A silence that began and ended within this batch: no sweep saw it open.
             if seen > warmup and not silent[s] and gap >= timeout:
-                found_series[found] = s
+                found_series[found] = series[i]
                 found_time[found] = last_time[s] + np.int64(timeout)
                 found_score[found] = gap / (gap + timeout)
                 found += 1
@@ -157,6 +160,7 @@ def _learn_kernel(
 def _sweep_kernel(
     partition: NDArray[np.int32],
     clock: NDArray[np.int64],
+    block_series: NDArray[np.int64],
     last_time: NDArray[np.int64],
     interval: NDArray[np.float64],
     count: NDArray[np.int64],
@@ -168,21 +172,23 @@ def _sweep_kernel(
     found_time: NDArray[np.int64],
     found_score: NDArray[np.float32],
 ) -> int:
-    """One pass over every series: those quiet past their timeout, by their partition's clock
-    (see ``Sweeper.sweep``), are marked silent and written to ``found_*``; returns how many."""
+    """One pass over the watched series (every slot): those quiet past their timeout, by their
+    partition's clock (see ``Sweeper.sweep``), are marked silent and written to ``found_*``;
+    returns how many."""
     found = 0
-    for s in range(partition.shape[0]):
-        # Most series are not watched (other metrics) or not warm: decided on one array.
+    for s in range(count.shape[0]):
+        # Slots of a block's unused tail, and series not warm yet, are decided on one array.
         if count[s] <= warmup or silent[s]:
             continue
-        p = partition[s]
+        dense = block_series[s >> SERIES_BLOCK_BITS] | (s & (SERIES_BLOCK - 1))
+        p = partition[dense] if dense < partition.shape[0] else -1
         if p < 0 or p >= clock.shape[0] or clock[p] == _NEVER:
             continue
         timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
         quiet = clock[p] - last_time[s]
         if quiet >= timeout:
             silent[s] = True
-            found_series[found] = s
+            found_series[found] = dense
             found_time[found] = last_time[s] + timeout
             found_score[found] = quiet / (quiet + timeout)
             found += 1

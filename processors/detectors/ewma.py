@@ -32,6 +32,7 @@ class EwmaZScore(SeriesState):
     name = "ewma_zscore"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold
         self.warmup = settings.warmup
@@ -50,7 +51,7 @@ class EwmaZScore(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, exclude=self.exclude)
         mean, variance = self.mean.view, self.variance.view
         count, last_time = self.count.view, self.last_time_us.view
         slow_variance = self.slow_variance.view
@@ -59,8 +60,9 @@ class EwmaZScore(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         ewma_kernel(
-            batch.rows(exclude=self.exclude),
+            rows,
             batch.series,
+            self.block_slot,
             batch.time_us,
             batch.value,
             mean,

@@ -26,6 +26,7 @@ class Flatline(SeriesState):
     name = "flatline"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.window = settings.window
         self.tolerance = settings.tolerance
         self.exclude = list(settings.exclude_metrics)
@@ -35,13 +36,14 @@ class Flatline(SeriesState):
         self.state = {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
         size = len(batch)
         flagged = np.zeros(size, np.bool_)
         flatline_kernel(
-            batch.rows(exclude=self.exclude),
+            rows,
             batch.series,
+            self.block_slot,
             batch.time_us,
             batch.value,
             last_value,

@@ -27,6 +27,7 @@ class Jump(SeriesState):
     name = "jump"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold
         self.warmup = settings.warmup
@@ -43,7 +44,7 @@ class Jump(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, mean_step = self.last_value.view, self.mean_step.view
         count, last_time = self.count.view, self.last_time_us.view
         size = len(batch)
@@ -51,8 +52,9 @@ class Jump(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         jump_kernel(
-            batch.rows(exclude=self.exclude),
+            rows,
             batch.series,
+            self.block_slot,
             batch.time_us,
             batch.value,
             last_value,

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
+from processors.kernels import slot_of
 from processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
@@ -31,23 +32,23 @@ class OverCapacity(SeriesState):
     name = "over_capacity"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.tolerance = settings.tolerance
         self.over = GrowableArray(np.bool_)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.state = {"over": self.over, "last_time_us": self.last_time_us}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.applies_to)
+        capacity = companion(batch, "capacity", rows)
+        known = np.isfinite(capacity)
+        rows, capacity = rows[known], capacity[known]
         over, last_time = self.over.view, self.last_time_us.view
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        rows = batch.rows(self.applies_to)
-        capacity = companion(batch, "capacity", rows)
-        known = np.isfinite(capacity)
-        rows, capacity = rows[known], capacity[known]
         _over_capacity_kernel(
-            rows, batch.series, batch.time_us, batch.value, capacity, self.tolerance,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value, capacity, self.tolerance,
             over, last_time, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "over_capacity"))
@@ -64,6 +65,7 @@ class BayFlapping(SeriesState):
     name = "bay_flapping"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.max_toggles = settings.max_toggles
         self.window_us = int(settings.window_seconds * 1e6)
         self.last_value = GrowableArray(np.float64, fill=np.nan)
@@ -79,7 +81,7 @@ class BayFlapping(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.applies_to)
         last_value, start, toggles, last_time = (
             self.last_value.view,
             self.window_start_us.view,
@@ -90,7 +92,7 @@ class BayFlapping(SeriesState):
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         _flapping_kernel(
-            batch.rows(self.applies_to), batch.series, batch.time_us, batch.value,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value,
             last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
@@ -108,6 +110,7 @@ class LotStuck(SeriesState):
     name = "lot_stuck"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.stuck_us = int(settings.stuck_seconds * 1e6)
         self.last_value = GrowableArray(np.float64, fill=np.nan)
         self.changed_us = GrowableArray(np.int64, fill=_NEVER)
@@ -119,13 +122,12 @@ class LotStuck(SeriesState):
             "reported": self.reported,
             "last_time_us": self.last_time_us,
         }
-        self.district = GrowableArray(np.int64, fill=-1)
+        self.district = GrowableArray(np.int64, fill=-1)  # per slot
         # Not saved either: the latest change of any lot, per district code of this process.
         self.district_latest = GrowableArray(np.int64, fill=_NEVER)
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
-        self.district.resize(series_count)
+        rows = self._walk(batch, series_count, self.applies_to)
         last_value, changed, reported, last_time = (
             self.last_value.view,
             self.changed_us.view,
@@ -133,15 +135,13 @@ class LotStuck(SeriesState):
             self.last_time_us.view,
         )
         size = len(batch)
-        rows = batch.rows(self.applies_to)
         capacity = companion(batch, "capacity", rows)
-        self.district.view[batch.series[rows]] = batch.districts()[rows]
         # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
         since = np.full(len(rows), _NEVER, np.int64)
         live = np.zeros(len(rows), np.bool_)
         _stuck_pass(
-            rows, batch.series, batch.time_us, batch.value,
-            last_value, changed, reported, last_time, since, live,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value, batch.districts(),
+            last_value, changed, reported, last_time, self.district.view, since, live,
         )  # fmt: skip
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
         # each district. A lot's last change only moves forward, so a running maximum per
@@ -151,11 +151,15 @@ class LotStuck(SeriesState):
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
         _stuck_flag(
-            rows, live, batch.series, batch.time_us, batch.value, capacity, since,
+            rows, live, batch.series, self.block_slot, batch.time_us, batch.value, capacity, since,
             self.district.view, self.district_latest.view, changed, reported, self.stuck_us,
             score, flagged, reason,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
+
+    def _grow(self, slots: int) -> None:
+        super()._grow(slots)
+        self.district.resize(slots)
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -166,6 +170,7 @@ class LotStuck(SeriesState):
 def _over_capacity_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     capacity: NDArray[np.float64],
@@ -177,7 +182,7 @@ def _over_capacity_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         excess = value[i] - capacity[k] - tolerance
         is_over = excess > 0
         # A late reading is scored too; only a fresh one moves the episode.
@@ -194,6 +199,7 @@ def _over_capacity_kernel(
 def _flapping_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     last_value: NDArray[np.float64],
@@ -207,7 +213,7 @@ def _flapping_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -232,19 +238,23 @@ def _flapping_kernel(
 def _stuck_pass(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
+    districts: NDArray[np.int64],
     last_value: NDArray[np.float64],
     changed: NDArray[np.int64],
     reported: NDArray[np.bool_],
     last_time: NDArray[np.int64],
+    district: NDArray[np.int64],
     since: NDArray[np.int64],
     live: NDArray[np.bool_],
 ) -> None:
-    """Each fresh row's "unchanged since", as of that row."""
+    """Each fresh row's "unchanged since", as of that row; and each lot's district."""
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
+        district[s] = districts[i]
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -262,6 +272,7 @@ def _stuck_flag(
     rows: NDArray[np.int64],
     live: NDArray[np.bool_],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     capacity: NDArray[np.float64],
@@ -276,13 +287,13 @@ def _stuck_flag(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        d = district[series[rows[k]]]
-        district_latest[d] = max(district_latest[d], changed[series[rows[k]]])
+        d = district[slot_of(block_slot, series[rows[k]])]
+        district_latest[d] = max(district_latest[d], changed[slot_of(block_slot, series[rows[k]])])
     for k in range(rows.shape[0]):
         i = rows[k]
         if not live[k]:
             continue
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         v = value[i]
         full_or_empty = v <= 0 or (np.isfinite(capacity[k]) and v >= capacity[k])
         if not full_or_empty:

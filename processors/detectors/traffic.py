@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
+from processors.kernels import slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
@@ -39,6 +40,7 @@ class TrafficProfile(SeriesState):
     name = "traffic_profile"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold
         self.warmup = settings.warmup
@@ -46,74 +48,50 @@ class TrafficProfile(SeriesState):
         self.metrics = list(settings.metrics) or list(self.applies_to)
         self.scale = GrowableArray(np.float64)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
-        # Profiles live in their own rows, handed out on first sight, so series that are not
-        # traffic counts cost no profile.
-        self.row = GrowableArray(np.int64, fill=-1)
         self.state = {"scale": self.scale, "last_time_us": self.last_time_us}
-        # Slot-major (one row per slot, one column per profile): a batch's readings nearly all
-        # fall in the same hour, so they touch one contiguous row that stays in cache, rather
-        # than a cache line in every counter's profile.
+        # Slot-major (one row per hour slot, one column per state slot): a batch's readings
+        # nearly all fall in the same hour, so they touch one contiguous row that stays in
+        # cache, rather than a cache line in every counter's profile.
         self.means = np.zeros((_SLOTS, 0), np.float32)
         self.counts = np.zeros((_SLOTS, 0), np.uint8)
-        self._used = 0
 
-    def _rows_for(self, series: NDArray[np.int64]) -> NDArray[np.int64]:
-        rows = self.row.view
-        new = np.unique(series[rows[series] < 0])
-        if len(new):
-            start = self._used
-            self._used += len(new)
-            rows[new] = np.arange(start, self._used)
-            if self._used > self.means.shape[1]:
-                grown = max(self._used, 2 * self.means.shape[1], 64)
-                means = np.zeros((_SLOTS, grown), np.float32)
-                counts = np.zeros((_SLOTS, grown), np.uint8)
-                means[:, :start], counts[:, :start] = self.means[:, :start], self.counts[:, :start]
-                self.means, self.counts = means, counts
-        result: NDArray[np.int64] = rows[series]
-        return result
-
-    def _grow(self, series_count: int) -> None:
-        super()._grow(series_count)
-        self.row.resize(series_count)
+    def _grow(self, slots: int) -> None:
+        super()._grow(slots)
+        if slots > self.means.shape[1]:
+            grown = max(slots, 2 * self.means.shape[1])
+            means = np.zeros((_SLOTS, grown), np.float32)
+            counts = np.zeros((_SLOTS, grown), np.uint8)
+            used = self.means.shape[1]
+            means[:, :used], counts[:, :used] = self.means, self.counts
+            self.means, self.counts = means, counts
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
-        scale, last_time = self.scale.view, self.last_time_us.view
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
-        rows = batch.rows(self.metrics)
-        if not len(rows):
-            return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
-        # Profiles are handed out before the loop: the kernel only indexes them.
-        self._rows_for(batch.series[rows])
+        rows = self._walk(batch, series_count, self.metrics)
         _profile_kernel(
-            rows, batch.series, batch.time_us, batch.value,
-            self.row.view, self.means, self.counts, scale, last_time,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value,
+            self.means, self.counts, self.scale.view, self.last_time_us.view,
             self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
         arrays = super().export_state(dense)
-        self._grow(int(dense.max()) + 1 if len(dense) else 0)
-        rows = self.row.view[dense]
-        has = rows >= 0
+        slots, present = self.slots(dense)
         means = np.full((len(dense), _SLOTS), np.nan, np.float32)
         counts = np.zeros((len(dense), _SLOTS), np.uint8)
-        means[has], counts[has] = self.means[:, rows[has]].T, self.counts[:, rows[has]].T
+        means[present], counts[present] = self.means[:, slots[present]].T, self.counts[:, slots[present]].T
         arrays["profile_means"], arrays["profile_counts"] = means, counts
         return arrays
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
-        self._grow(series_count)
-        has = ~np.isnan(np.asarray(arrays["profile_means"], np.float32)).all(axis=1)
-        rows = self._rows_for(dense[has])
-        self.means[:, rows] = np.asarray(arrays["profile_means"])[has].T
-        self.counts[:, rows] = np.asarray(arrays["profile_counts"])[has].T
+        slots, present = self.slots(dense)
+        self.means[:, slots[present]] = np.asarray(arrays["profile_means"])[present].T
+        self.counts[:, slots[present]] = np.asarray(arrays["profile_counts"])[present].T
 
 
 @register_detector("traffic_zero")
@@ -129,6 +107,7 @@ class TrafficZero(SeriesState):
     name = "traffic_zero"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.alpha = settings.alpha
         self.warmup = settings.warmup
         self.min_flow = settings.min_flow
@@ -146,17 +125,16 @@ class TrafficZero(SeriesState):
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.applies_to)
         flow, count, last_time = self.flow.view, self.count.view, self.last_time_us.view
         zeros_in_row = self.zeros_in_row.view
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        rows = batch.rows(self.applies_to)
         occupancy = companion(batch, "occupancy", rows)
         reason = np.zeros(size, np.uint8)
         _zero_kernel(
-            rows, batch.series, batch.time_us, batch.value, occupancy,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
             flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
             self.min_readings, self.jam_occupancy, score, flagged, reason,
         )  # fmt: skip
@@ -174,6 +152,7 @@ class Congestion(SeriesState):
     name = "congestion"
 
     def __init__(self, settings: DetectorSettings) -> None:
+        super().__init__()
         self.jam_speed = settings.jam_speed_kmh
         self.jam_occupancy = settings.jam_occupancy
         self.jammed = GrowableArray(np.bool_)
@@ -181,17 +160,16 @@ class Congestion(SeriesState):
         self.state = {"jammed": self.jammed, "last_time_us": self.last_time_us}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        self._grow(series_count)
+        rows = self._walk(batch, series_count, self.applies_to)
+        occupancy = companion(batch, "occupancy", rows)
+        known = np.isfinite(occupancy)
+        rows, occupancy = rows[known], occupancy[known]
         jammed, last_time = self.jammed.view, self.last_time_us.view
         size = len(batch)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
-        rows = batch.rows(self.applies_to)
-        occupancy = companion(batch, "occupancy", rows)
-        known = np.isfinite(occupancy)
-        rows, occupancy = rows[known], occupancy[known]
         _congestion_kernel(
-            rows, batch.series, batch.time_us, batch.value, occupancy,
+            rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
             self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
@@ -205,9 +183,9 @@ class Congestion(SeriesState):
 def _profile_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
-    profile_row: NDArray[np.int64],
     means: NDArray[np.float32],
     counts: NDArray[np.uint8],
     scale: NDArray[np.float64],
@@ -222,14 +200,13 @@ def _profile_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
-        row = profile_row[s]
+        s = slot_of(block_slot, series[i])
         # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
         # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
         local_hours = (time_us[i] + offset_us) // _HOUR_US
-        slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
-        mean = np.float64(means[slot, row])
-        seen = np.int64(counts[slot, row])
+        hour_slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
+        mean = np.float64(means[hour_slot, s])
+        seen = np.int64(counts[hour_slot, s])
         sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
         z = (value[i] - mean) / sigma
         warm = seen >= warmup
@@ -246,9 +223,9 @@ def _profile_kernel(
         if warm:
             learned = min(max(learned, mean - threshold * sigma), mean + threshold * sigma)
         weight = max(alpha, 1.0 / (seen + 1.0))
-        means[slot, row] = np.float32(mean + weight * (learned - mean))
+        means[hour_slot, s] = np.float32(mean + weight * (learned - mean))
         if seen < 255:
-            counts[slot, row] = seen + 1
+            counts[hour_slot, s] = seen + 1
         # The noise scale learns only from warm slots: a slot's first readings say nothing.
         deviation = abs(learned - mean) if warm else scale[s]
         scale[s] += 0.02 * (deviation - scale[s])
@@ -259,6 +236,7 @@ def _profile_kernel(
 def _zero_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     occupancy: NDArray[np.float64],
@@ -277,7 +255,7 @@ def _zero_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         if time_us[i] <= last_time[s]:
             continue
         v = value[i]
@@ -303,6 +281,7 @@ def _zero_kernel(
 def _congestion_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     speed: NDArray[np.float64],
     occupancy: NDArray[np.float64],
@@ -315,7 +294,7 @@ def _congestion_kernel(
 ) -> None:
     for k in range(rows.shape[0]):
         i = rows[k]
-        s = series[i]
+        s = slot_of(block_slot, series[i])
         if time_us[i] <= last_time[s]:
             continue
         jam = speed[i] <= jam_speed and occupancy[k] >= jam_occupancy

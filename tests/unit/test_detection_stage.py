@@ -1,6 +1,7 @@
 """The detection stage's shortcuts change nothing: every detector's selection worked out in one
-pass gives what each detector asking alone gives, and drift's single round (no series twice in
-the batch) gives what its rounds give."""
+pass gives what each detector asking alone gives, drift's single round (no series twice in
+the batch) gives what its rounds give, and state kept in metric blocks scores as state kept for
+every series. Detectors keep state for their own metrics' series only, also after a restore."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 from citytel.evaluate import kafka_records
 from citytel.simulate import City
 from config import load_settings
+from processors.checkpoint import export_partition, import_partition
 from processors.decode import decode_batch
 from processors.detection import DetectionStage
-from processors.detectors import drift
+from processors.detectors import SeriesState, air, drift
+from processors.series import SERIES_BLOCK, SeriesIndex
 
 SETTINGS = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
 
@@ -64,3 +67,72 @@ def test_drift_single_round_matches_its_rounds_when_no_series_repeats() -> None:
         scored += int((mine.score > 0).sum())
     assert scored > 0, "drift scored readings (its warm-up is over)"
     assert compared > 20, "many batches took the single round"
+
+
+def test_state_in_metric_blocks_scores_as_state_for_every_series() -> None:
+    """The stage's index puts each metric in blocks of its own and detectors keep slots for their
+    metrics' blocks only; an index numbering series one after another (blocks mixing metrics,
+    slots handed out as rows arrive) must give the same verdicts."""
+    blocked, plain = DetectionStage(SETTINGS), DetectionStage(SETTINGS)
+    plain.index = SeriesIndex(SETTINGS.processor.max_series)
+    flagged = 0
+    for records in city_batches(40):
+        first, _ = decode_batch(records, blocked.index, {})
+        second, _ = decode_batch(records, plain.index, {})
+        assert first.block_metric is not None
+        assert second.block_metric is None
+        for mine, theirs in zip(blocked.detect(first), plain.detect(second), strict=True):
+            np.testing.assert_array_equal(mine.score, theirs.score)
+            np.testing.assert_array_equal(mine.flagged, theirs.flagged)
+            np.testing.assert_array_equal(mine.reason, theirs.reason)
+            flagged += int(mine.flagged.sum())
+    assert flagged > 0, "the comparison covered anomalies, not only quiet rows"
+
+
+def test_a_detector_keeps_slots_for_the_series_of_its_metrics_only() -> None:
+    stage = DetectionStage(SETTINGS)
+    for records in city_batches(3, one_minute_each=True):
+        stage.detect(decode_batch(records, stage.index, {})[0])
+    index = stage.index
+    metric_of_block = np.array(index.metrics)[index.block_metric.view]
+    by_name = {detector.name: detector for detector in stage.detectors}
+    for name, metrics in [("aqi", air.POLLUTANTS), ("bay_flapping", ("occupied",)), ("ewma_zscore", None)]:
+        detector = by_name[name]
+        assert isinstance(detector, SeriesState)
+        has_slots = detector.block_slot[: len(metric_of_block)] >= 0
+        expected = (
+            ~np.isin(metric_of_block, SETTINGS.detector(name).exclude_metrics)
+            if metrics is None
+            else np.isin(metric_of_block, metrics)
+        )
+        np.testing.assert_array_equal(has_slots, expected)
+        assert detector.slot_count == SERIES_BLOCK * int(expected.sum())
+
+
+def test_a_checkpoint_restores_state_for_the_series_that_had_some() -> None:
+    stage = DetectionStage(SETTINGS)
+    for records in city_batches(3, one_minute_each=True):
+        stage.detect(decode_batch(records, stage.index, {})[0])
+    restored = DetectionStage(SETTINGS)
+    for partition in range(6):
+        blob, _ = export_partition(stage.index, stage.detectors, partition)
+        import_partition(restored.index, restored.detectors, partition, blob)
+    # Each series' index in both processes, by its names (codes are each process's own).
+    dense = np.flatnonzero(stage.index.series_key.view >= 0)
+    names = stage.index.describe(dense)
+    codes = [
+        SeriesIndex.keys(
+            np.array([restored.index.device_codes[name[0]]]), np.array([restored.index.metric_codes[name[3]]])
+        )
+        for name in names
+    ]
+    moved = restored.index.lookup(np.concatenate(codes))
+    assert len(restored.index) == len(stage.index), "every series was restored, none added"
+    for before, after in zip(stage.detectors, restored.detectors, strict=True):
+        assert isinstance(before, SeriesState)
+        assert isinstance(after, SeriesState)
+        assert after.slot_count == before.slot_count, before.name
+        mine, theirs = before.export_state(dense), after.export_state(moved)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name], err_msg=f"{before.name}.{name}")

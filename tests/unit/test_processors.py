@@ -12,7 +12,7 @@ from processors.batch import ReadingBatch
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
 from processors.kernels import group_percentile, ordered, time_order
-from processors.series import SeriesIndex
+from processors.series import SERIES_BLOCK, SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
 
@@ -40,6 +40,29 @@ def test_series_index_gives_stable_dense_indices_for_a_whole_batch() -> None:
     assert len(index) == 4
     with pytest.raises(OverflowError):
         SeriesIndex(max_series=2).lookup(np.array([1, 2, 3], np.int64))
+
+
+def test_series_index_with_metric_blocks_gives_each_block_one_metric() -> None:
+    index = SeriesIndex(max_series=1000, metric_blocks=True)
+    block = SERIES_BLOCK
+
+    def key(device: int, metric: int) -> int:
+        return device << 16 | metric
+
+    # Three devices with metrics 1 and 2, then more devices of metric 1 than one block holds.
+    first = index.lookup(np.array([key(d, m) for d in range(3) for m in (1, 2)], np.int64))
+    assert first.tolist() == [0, block, 1, block + 1, 2, block + 2]
+    more = index.lookup(np.array([key(d, 1) for d in range(3, 3 + block)], np.int64))
+    # Metric 1's open block is filled first, then a new block follows metric 2's.
+    assert more.tolist() == [*range(3, block), 2 * block, 2 * block + 1, 2 * block + 2]
+    assert len(index) == 6 + block
+    assert index.extent == 3 * block
+    assert index.block_metric.view.tolist() == [1, 2, 1]
+    keys = index.series_key.view
+    assert keys[block + 3] == -1  # the gap at the end of metric 2's block
+    assert index.lookup(np.array([key(0, 2), key(5, 1)], np.int64)).tolist() == [block, 5]
+    with pytest.raises(OverflowError):
+        SeriesIndex(max_series=2, metric_blocks=True).lookup(np.array([1, 2, 3], np.int64))
 
 
 @pytest.mark.parametrize("spread", [1, 1000])  # dense series (counting sort), sparse (argsort)
