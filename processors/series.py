@@ -75,7 +75,7 @@ class SeriesIndex:
         self.metric_codes: dict[str, int] = {}
         self.metrics: list[str] = []
         self._sorted_keys = np.empty(0, np.int64)
-        self._sorted_dense = np.empty(0, np.int64)
+        self._sorted_dense = np.empty(0, np.int32)  # dense indices stay below max_series
         self.series_key = GrowableArray(np.int64, fill=-1)  # -1: a gap at the end of a block
         self.db_id = GrowableArray(np.int32)  # 0 until the database has assigned an id
         self.partition = GrowableArray(np.int32, fill=-1)  # the Kafka partition the series arrives on
@@ -133,7 +133,7 @@ class SeriesIndex:
             self.partition.resize(self.extent)
             self.series_key.view[new_dense] = new_keys
             merged_keys = np.concatenate([self._sorted_keys, new_keys])
-            merged_dense = np.concatenate([self._sorted_dense, new_dense])
+            merged_dense = np.concatenate([self._sorted_dense, new_dense.astype(np.int32)])
             order = np.argsort(merged_keys, kind="stable")
             self._sorted_keys = merged_keys[order]
             self._sorted_dense = merged_dense[order]

@@ -42,7 +42,8 @@ class Drift(SeriesState):
     a drift is flagged, so the drift is not learned as the new normal. One anomaly per drift:
     sums are capped at twice the limit and a flag needs a sum to come up from below it. A sensor
     with no peer reporting is not scored. State per series: usual offset, step scale, last
-    offset, two sums, count, last time, latest reading, peer group key: 72 bytes."""
+    offset, two sums, count, last time, latest reading, peer group key: 48 bytes (and 9 more,
+    not saved: peer group number, whether counted in it, round scratch)."""
 
     applies_to: tuple[str, ...] = ()
     name = "drift"
@@ -55,12 +56,15 @@ class Drift(SeriesState):
         self.warmup = settings.warmup
         self.include = list(settings.metrics)
         self.exclude = list(settings.exclude_metrics)
-        self.baseline = GrowableArray(np.float64)
-        self.step = GrowableArray(np.float64)
-        self.last_offset = GrowableArray(np.float64, fill=np.nan)
-        self.upper = GrowableArray(np.float64)
-        self.lower = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int64)
+        # Offsets, their scale and the sums in float32: they are compared with sigmas, not
+        # added up for long. The latest reading stays float64: the groups' sums add and take
+        # it away again, and must get back exactly what they added.
+        self.baseline = GrowableArray(np.float32)
+        self.step = GrowableArray(np.float32)
+        self.last_offset = GrowableArray(np.float32, fill=np.nan)
+        self.upper = GrowableArray(np.float32)
+        self.lower = GrowableArray(np.float32)
+        self.count = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.latest = GrowableArray(np.float64, fill=np.nan)
         # crc32 of "district/metric": the same number in every process, unlike its codes.
@@ -82,9 +86,9 @@ class Drift(SeriesState):
         self._group_sum = GrowableArray(np.float64)
         self._group_members = GrowableArray(np.int64)
         self._member = GrowableArray(np.bool_)
-        self._group = GrowableArray(np.int64, fill=-1)
+        self._group = GrowableArray(np.int32, fill=-1)
         # Scratch for the kernel's round numbering: zero between batches.
-        self._rank = GrowableArray(np.int64)
+        self._rank = GrowableArray(np.int32)
 
     def _grow(self, slots: int) -> None:
         super()._grow(slots)
@@ -161,7 +165,7 @@ class Drift(SeriesState):
 
 @njit(cache=True, nogil=True)
 def _ungrouped(
-    rows: NDArray[np.int64], series: NDArray[np.int64], block_slot: NDArray[np.int64], group: NDArray[np.int64]
+    rows: NDArray[np.int64], series: NDArray[np.int64], block_slot: NDArray[np.int64], group: NDArray[np.int32]
 ) -> NDArray[np.int64]:
     """The rows whose series has no peer group yet."""
     found = np.empty(rows.shape[0], np.int64)
@@ -181,18 +185,18 @@ def _drift_kernel(
     block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
-    group: NDArray[np.int64],
+    group: NDArray[np.int32],
     group_sum: NDArray[np.float64],
     group_members: NDArray[np.int64],
     member: NDArray[np.bool_],
     latest: NDArray[np.float64],
-    rank: NDArray[np.int64],
-    baseline: NDArray[np.float64],
-    step: NDArray[np.float64],
-    last_offset: NDArray[np.float64],
-    upper: NDArray[np.float64],
-    lower: NDArray[np.float64],
-    count: NDArray[np.int64],
+    rank: NDArray[np.int32],
+    baseline: NDArray[np.float32],
+    step: NDArray[np.float32],
+    last_offset: NDArray[np.float32],
+    upper: NDArray[np.float32],
+    lower: NDArray[np.float32],
+    count: NDArray[np.int32],
     last_time: NDArray[np.int64],
     alpha: float,
     slack: float,

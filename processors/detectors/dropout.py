@@ -28,7 +28,7 @@ class Dropout(SeriesState):
     stamped at the moment the silence crossed that timeout, so a replay after a crash stamps it
     the same and the database keeps it once. The clock is the stream's, not the wall's: replayed
     or simulated history behaves as live data. Readings themselves are never flagged. State per
-    series: last time, interval, count, silent flag: 25 bytes."""
+    series: last time, interval, count, silent flag: 17 bytes."""
 
     applies_to: tuple[str, ...] = ()
     name = "dropout"
@@ -43,8 +43,8 @@ class Dropout(SeriesState):
         self.include = list(settings.metrics)
         self.exclude = list(settings.exclude_metrics)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
-        self.interval_us = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int64)
+        self.interval_us = GrowableArray(np.float32)  # a few microseconds of rounding at most
+        self.count = GrowableArray(np.int32)
         self.silent = GrowableArray(np.bool_)
         self.state = {
             "last_time_us": self.last_time_us,
@@ -114,8 +114,8 @@ def _learn_kernel(
     block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     last_time: NDArray[np.int64],
-    interval: NDArray[np.float64],
-    count: NDArray[np.int64],
+    interval: NDArray[np.float32],
+    count: NDArray[np.int32],
     silent: NDArray[np.bool_],
     alpha: float,
     warmup: int,
@@ -162,8 +162,8 @@ def _sweep_kernel(
     clock: NDArray[np.int64],
     block_series: NDArray[np.int64],
     last_time: NDArray[np.int64],
-    interval: NDArray[np.float64],
-    count: NDArray[np.int64],
+    interval: NDArray[np.float32],
+    count: NDArray[np.int32],
     silent: NDArray[np.bool_],
     warmup: int,
     factor: float,

@@ -25,7 +25,7 @@ class EwmaZScore(SeriesState):
     Robustness: a flagged reading is learned only as far as the threshold (winsorised), so one
     spike does not drag the mean and inflate the variance for long. Metrics in
     ``exclude_metrics`` (binary flags, constants) are left alone. State per series: mean,
-    variance, long-run variance, count, last time: 40 bytes.
+    variance, long-run variance, count, last time: 36 bytes.
     """
 
     applies_to: tuple[str, ...] = ()
@@ -39,7 +39,7 @@ class EwmaZScore(SeriesState):
         self.exclude = list(settings.exclude_metrics)
         self.mean = GrowableArray(np.float64)
         self.variance = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int64)
+        self.count = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
         self.slow_variance = GrowableArray(np.float64)
         self.state = {

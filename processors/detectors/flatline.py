@@ -20,7 +20,7 @@ class Flatline(SeriesState):
     """Flags the reading at which a series has repeated one value (within ``tolerance``) for
     ``window`` readings in a row, once per stuck stretch: a stuck sensor makes one anomaly, not
     one per reading. Metrics in ``exclude_metrics`` (a lot's capacity, a bay's occupied flag)
-    are left alone. State per series: last value, run length, last time: 24 bytes."""
+    are left alone. State per series: last value, run length, last time: 20 bytes."""
 
     applies_to: tuple[str, ...] = ()
     name = "flatline"
@@ -31,7 +31,7 @@ class Flatline(SeriesState):
         self.tolerance = settings.tolerance
         self.exclude = list(settings.exclude_metrics)
         self.last_value = GrowableArray(np.float64, fill=np.nan)
-        self.run = GrowableArray(np.int64)
+        self.run = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
         self.state = {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
 

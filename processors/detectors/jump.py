@@ -20,8 +20,8 @@ class Jump(SeriesState):
     """Rate-of-change spikes: the step from the previous reading, divided by an exponentially
     weighted mean of the series' absolute steps, above ``threshold`` (after ``warmup`` steps).
     Unlike a level z-score it reacts to the step itself, so a sensor that jumps and stays at
-    the new level is flagged once, at the jump. State per series: last value, mean step, count,
-    last time: 32 bytes."""
+    the new level is flagged once, at the jump. State per series: last value, mean step (float32), count,
+    last time: 24 bytes."""
 
     applies_to: tuple[str, ...] = ()
     name = "jump"
@@ -33,8 +33,8 @@ class Jump(SeriesState):
         self.warmup = settings.warmup
         self.exclude = list(settings.exclude_metrics)
         self.last_value = GrowableArray(np.float64, fill=np.nan)
-        self.mean_step = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int64)
+        self.mean_step = GrowableArray(np.float32)
+        self.count = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
         self.state = {
             "mean_step": self.mean_step,

@@ -59,7 +59,7 @@ class BayFlapping(SeriesState):
     """A bay whose occupied flag changes ``max_toggles`` times within ``window_seconds`` (a
     failing magnetometer, or a car parked on the edge): flagged once per window, so a flapping
     sensor makes one anomaly, not hundreds. State per series: last value, window start, toggles,
-    last time: 32 bytes."""
+    last time: 28 bytes."""
 
     applies_to: tuple[str, ...] = ("occupied",)
     name = "bay_flapping"
@@ -71,7 +71,7 @@ class BayFlapping(SeriesState):
         self.last_value = GrowableArray(np.float64, fill=np.nan)
         # The epoch, not the int64 minimum: "now - start" must not overflow.
         self.window_start_us = GrowableArray(np.int64, fill=0)
-        self.toggles = GrowableArray(np.int64)
+        self.toggles = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.state = {
             "last_value": self.last_value,
@@ -104,7 +104,7 @@ class LotStuck(SeriesState):
     empty (free = capacity), while another lot of its district changed within the last half of
     that time: a frozen counter, told apart from a quiet night by its neighbours. Flagged once
     until the count moves. State per series: last value, last change, flagged, last time (and,
-    not saved, the district, which the next reading brings back): 25 bytes."""
+    not saved, the district, which the next reading brings back): 25 bytes (and 4)."""
 
     applies_to: tuple[str, ...] = ("free_bays",)
     name = "lot_stuck"
@@ -122,7 +122,7 @@ class LotStuck(SeriesState):
             "reported": self.reported,
             "last_time_us": self.last_time_us,
         }
-        self.district = GrowableArray(np.int64, fill=-1)  # per slot
+        self.district = GrowableArray(np.int32, fill=-1)  # per slot
         # Not saved either: the latest change of any lot, per district code of this process.
         self.district_latest = GrowableArray(np.int64, fill=_NEVER)
 
@@ -204,7 +204,7 @@ def _flapping_kernel(
     value: NDArray[np.float64],
     last_value: NDArray[np.float64],
     start: NDArray[np.int64],
-    toggles: NDArray[np.int64],
+    toggles: NDArray[np.int32],
     last_time: NDArray[np.int64],
     max_toggles: int,
     window_us: int,
@@ -246,7 +246,7 @@ def _stuck_pass(
     changed: NDArray[np.int64],
     reported: NDArray[np.bool_],
     last_time: NDArray[np.int64],
-    district: NDArray[np.int64],
+    district: NDArray[np.int32],
     since: NDArray[np.int64],
     live: NDArray[np.bool_],
 ) -> None:
@@ -277,7 +277,7 @@ def _stuck_flag(
     value: NDArray[np.float64],
     capacity: NDArray[np.float64],
     since: NDArray[np.int64],
-    district: NDArray[np.int64],
+    district: NDArray[np.int32],
     district_latest: NDArray[np.int64],
     changed: NDArray[np.int64],
     reported: NDArray[np.bool_],

@@ -33,8 +33,8 @@ class TrafficProfile(SeriesState):
     weighted mean absolute deviation from the profile). A reading is scored by its distance from
     its slot's mean in noise sigmas and flagged at ``threshold``, once the slot has ``warmup``
     readings; flagged readings are learned only up to the threshold. Only series of ``metrics``
-    (default: vehicle_count and mean_speed) get a profile: 48 float32 means and 48 uint8 counts
-    (240 bytes) per profiled series, 24 bytes of bookkeeping per series."""
+    (default: vehicle_count and mean_speed) have state: 48 float32 means and 48 uint8 counts,
+    the scale and the last time: 252 bytes per profiled series."""
 
     applies_to: tuple[str, ...] = ("vehicle_count", "mean_speed")
     name = "traffic_profile"
@@ -46,7 +46,7 @@ class TrafficProfile(SeriesState):
         self.warmup = settings.warmup
         self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
         self.metrics = list(settings.metrics) or list(self.applies_to)
-        self.scale = GrowableArray(np.float64)
+        self.scale = GrowableArray(np.float32)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.state = {"scale": self.scale, "last_time_us": self.last_time_us}
         # Slot-major (one row per hour slot, one column per state slot): a batch's readings
@@ -101,7 +101,7 @@ class TrafficZero(SeriesState):
     at or above ``jam_occupancy`` the loop is covered by standing vehicles (an incident);
     otherwise the road looks empty, which at that flow means a failed sensor. Flagged once, at
     the ``min_readings``-th zero in a row (a quiet night may give a single zero). State per
-    series: usual flow, count, zeros in a row, last time: 32 bytes."""
+    series: usual flow, count, zeros in a row, last time: 20 bytes."""
 
     applies_to: tuple[str, ...] = ("vehicle_count",)
     name = "traffic_zero"
@@ -113,9 +113,9 @@ class TrafficZero(SeriesState):
         self.min_flow = settings.min_flow
         self.jam_occupancy = settings.jam_occupancy
         self.min_readings = max(settings.min_readings, 1)
-        self.flow = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int64)
-        self.zeros_in_row = GrowableArray(np.int64)
+        self.flow = GrowableArray(np.float32)
+        self.count = GrowableArray(np.int32)
+        self.zeros_in_row = GrowableArray(np.int32)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.state = {
             "flow": self.flow,
@@ -188,7 +188,7 @@ def _profile_kernel(
     value: NDArray[np.float64],
     means: NDArray[np.float32],
     counts: NDArray[np.uint8],
-    scale: NDArray[np.float64],
+    scale: NDArray[np.float32],
     last_time: NDArray[np.int64],
     offset_us: int,
     alpha: float,
@@ -240,9 +240,9 @@ def _zero_kernel(
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
     occupancy: NDArray[np.float64],
-    flow: NDArray[np.float64],
-    count: NDArray[np.int64],
-    zeros_in_row: NDArray[np.int64],
+    flow: NDArray[np.float32],
+    count: NDArray[np.int32],
+    zeros_in_row: NDArray[np.int32],
     last_time: NDArray[np.int64],
     alpha: float,
     warmup: int,
