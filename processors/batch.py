@@ -117,14 +117,13 @@ class ReadingBatch:
             [(not include or name in include) and name not in exclude for name in self.metric_names], np.bool_
         )
 
-    def selections(self) -> list[Selection]:
-        """The selections ``rows`` has been asked for so far."""
-        return list(self._rows)
-
     def select_rows(self, selections: Sequence[Selection]) -> None:
-        """Work out the rows of several selections in one pass over the batch: the detection
-        stage asks for all its detectors' selections at once, rather than a pass each."""
-        from processors.kernels import select_rows
+        """Work out the rows of several selections. The batch's finite rows are grouped by
+        metric code once (``kernels.group_rows``); a selection is then its codes' groups, one
+        after another. Grouped, a detector walks one metric's series after another: in the
+        detection stage's index a metric's series sit in blocks of their own, so the state is
+        read in long runs, not scattered."""
+        from processors.kernels import group_rows
 
         new = [selection for selection in dict.fromkeys(selections) if selection not in self._rows]
         if not new:
@@ -136,14 +135,20 @@ class ReadingBatch:
             for selection in new:
                 self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
         else:
-            codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
-            wanted = np.zeros((len(new), codes), np.bool_)
-            for number, (include, exclude) in enumerate(new):
-                wanted[number, : len(self.metric_names)] = self.wanted_codes(include, exclude)
-            found, starts, ends = select_rows(order, self.metric, self.value, wanted)
-            found.flags.writeable = False
-            for number, selection in enumerate(new):
-                self._rows[selection] = found[starts[number] : ends[number]]
+            if "grouped_rows" not in self._memo:
+                codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
+                grouped, starts = group_rows(order, self.metric, self.value, codes)
+                self.memoized("grouped_rows", lambda: grouped)
+                self.memoized("grouped_starts", lambda: starts)
+            grouped, starts = self._memo["grouped_rows"], self._memo["grouped_starts"]
+            for include, exclude in new:
+                pieces = [
+                    grouped[starts[code] : starts[code + 1]]
+                    for code in np.flatnonzero(self.wanted_codes(include, exclude))
+                    if starts[code + 1] > starts[code]
+                ]
+                rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, np.int64)])
+                self._rows[include, exclude] = rows
         for rows in self._rows.values():
             rows.flags.writeable = False
 

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from config import Settings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from processors.detectors import Detector, Sweeper, build_detector
 from processors.kernels import group_percentile
 from processors.series import SeriesIndex, held_bytes
@@ -34,15 +34,11 @@ class DetectionStage:
         ]
         # Per Kafka partition: the stream's clock, as far as this process has read it.
         self._partition_now_us: dict[int, int] = {}
-        self._selections: list[Selection] = []
 
     def detect(self, batch: ReadingBatch, partitions: set[int] | None = None) -> list[DetectorResult]:
         """Every detector's verdict on the batch; sweeping detectors also report what they find
         among the series of ``partitions`` (None: all), each by its own partition's clock."""
-        # Every selection of rows the detectors asked for last time, in one pass.
-        batch.select_rows(self._selections)
         results = [detector.process(batch, self.index.extent) for detector in self.detectors]
-        self._selections = batch.selections()
         if not len(batch) or not self._sweepers:
             return results
         # A partition's clock: the 90th percentile of its newest records' times, never going

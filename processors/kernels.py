@@ -24,9 +24,9 @@ __all__ = [
     "ewma_kernel",
     "flatline_kernel",
     "group_percentile",
+    "group_rows",
     "jump_kernel",
     "ordered",
-    "select_rows",
     "slot_of",
     "time_order",
 ]
@@ -293,50 +293,25 @@ def group_percentile(
 
 
 @njit(cache=True, nogil=True)
-def select_rows(
-    order: NDArray[np.int64], metric: NDArray[np.int64], value: NDArray[np.float64], wanted: NDArray[np.bool_]
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """For each selection (a row of ``wanted``, by metric code): the rows of ``order`` with a
-    wanted code and a finite value, as ``rows[starts[n]:ends[n]]``, grouped by metric code and
-    in ``order`` within a code (so each series' rows keep their order). Grouped, a detector
-    walks one metric's series after another: in the detection stage's index a metric's series
-    sit in blocks of their own, so the state is read in long runs, not scattered. One pass for
-    all selections: each row is read once, however many detectors look at its metric."""
-    selections, codes = wanted.shape
-    counts = np.zeros(codes, np.int64)
+def group_rows(
+    order: NDArray[np.int64], metric: NDArray[np.int64], value: NDArray[np.float64], codes: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The rows of ``order`` with a finite value, grouped by metric code and in ``order`` within
+    a code (so each series' rows keep their order): code c's rows are
+    ``grouped[starts[c]:starts[c + 1]]``. A counting sort, one placement per row; any
+    selection of metrics is then a few slices of it."""
+    starts = np.zeros(codes + 1, np.int64)
     for i in range(metric.shape[0]):
         if np.isfinite(value[i]):
-            counts[metric[i]] += 1
-    # Where each (selection, code) segment starts; a code's selections in taking[...].
-    position = np.zeros((selections, codes), np.int64)
-    starts = np.zeros(selections, np.int64)
-    ends = np.zeros(selections, np.int64)
-    total = 0
-    for number in range(selections):
-        starts[number] = total
-        for code in range(codes):
-            if wanted[number, code]:
-                position[number, code] = total
-                total += counts[code]
-        ends[number] = total
-    taking_start = np.zeros(codes + 1, np.int64)
+            starts[metric[i] + 1] += 1
     for code in range(codes):
-        taking_start[code + 1] = taking_start[code] + wanted[:, code].sum()
-    taking = np.empty(taking_start[codes], np.int64)
-    filled = 0
-    for code in range(codes):
-        for number in range(selections):
-            if wanted[number, code]:
-                taking[filled] = number
-                filled += 1
-    rows = np.empty(total, np.int64)
+        starts[code + 1] += starts[code]
+    grouped = np.empty(starts[codes], np.int64)
+    fill = starts[:-1].copy()
     for k in range(order.shape[0]):
         i = order[k]
-        if not np.isfinite(value[i]):
-            continue
-        code = metric[i]
-        for t in range(taking_start[code], taking_start[code + 1]):
-            number = taking[t]
-            rows[position[number, code]] = i
-            position[number, code] += 1
-    return rows, starts, ends
+        if np.isfinite(value[i]):
+            code = metric[i]
+            grouped[fill[code]] = i
+            fill[code] += 1
+    return grouped, starts
