@@ -33,11 +33,13 @@ __all__ = [
     "END_TO_END_LATENCY",
     "ERRORS",
     "OPEN_ALERTS",
+    "PROCESSOR_SERIES",
     "RECEIVED",
     "RETRIES",
     "ROWS_WRITTEN",
     "SENT",
     "SIMULATOR_PUBLISHED",
+    "STATE_BYTES",
     "BulkHistogram",
     "declare_stage",
     "serve_metrics",
@@ -76,6 +78,12 @@ BRIDGE_CONNECTED = Gauge("citytel_bridge_connected", "1 while the bridge is conn
 CONSUMER_LAG = Gauge("citytel_consumer_lag_records", "Records not yet consumed, per partition.", ["topic", "partition"])
 ROWS_WRITTEN = Counter("citytel_rows_written_total", "Rows newly written to the database, by table.", ["table"])
 ANOMALIES = Counter("citytel_anomalies_total", "Readings flagged as anomalous, by detector.", ["detector"])
+PROCESSOR_SERIES = Gauge("citytel_processor_series_items", "Series (device, metric) a processor keeps state for.")
+STATE_BYTES = Gauge(
+    "citytel_processor_state_bytes",
+    "Bytes of per-series state a processor keeps, by detector and series index.",
+    ["part"],
+)
 
 
 class BulkHistogram(Collector):

@@ -328,6 +328,10 @@ class Processor:
         if len(batch):
             now_us = time.time_ns() // 1000
             metrics.END_TO_END_LATENCY.observe_many(np.maximum(now_us - batch.received_us, 0) / 1e6)
+        # A few dozen array sizes summed: cheap enough for every batch.
+        metrics.PROCESSOR_SERIES.set(len(self.index))
+        for part, size in self.stage.state_bytes().items():
+            metrics.STATE_BYTES.labels(part).set(size)
 
     async def _maintain(self, stop: asyncio.Event) -> None:
         """Rollups and retention every few minutes; processors share the work through an

@@ -80,6 +80,16 @@ COMPONENTS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Retries per stage", "retries/s", [("sum by (stage) (rate(citytel_stage_retries_total[5m]))", "{{stage}}")]),
     ("CPU per process", "percentunit", [('rate(process_cpu_seconds_total{job=~"citytel.*"}[1m])', "{{job}}")]),
     ("Resident memory per process", "bytes", [('process_resident_memory_bytes{job=~"citytel.*"}', "{{job}}")]),
+    (
+        "Detector state per series, by part",
+        "bytes",
+        [
+            (
+                "sum by (part) (citytel_processor_state_bytes) / scalar(sum(citytel_processor_series_items))",
+                "{{part}}",
+            )
+        ],
+    ),
     ("Scrape targets up", "short", [('up{job=~"citytel.*"}', "{{job}}")]),
     (
         "Simulator messages published",
