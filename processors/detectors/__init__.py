@@ -27,11 +27,12 @@ __all__ = [
 
 
 class Detector(Protocol):
-    """Scores a whole batch at once and learns from it, keeping dense per-series state arrays.
+    """Scores a whole batch at once and learns from it, keeping per-series state in flat arrays.
 
     ``process`` must apply readings in time order per series even when the batch interleaves
     thousands of series, and must score (without learning from) a reading older than its series'
-    last one, so late data never corrupts the state.
+    last one, so late data never corrupts the state. ``series_count`` is one past the highest
+    dense series index (``SeriesIndex.extent``).
     """
 
     name: str
