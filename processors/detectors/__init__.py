@@ -115,12 +115,14 @@ class SeriesState:
         self._tables(series_count)
         if batch.block_metric is not None and batch.metric is not None:
             # One metric per block: a block gets slots when it first appears in the index if the
-            # detector walks its metric, with no pass over the rows.
-            wanted = np.zeros(max(len(batch.metric_names), int(batch.block_metric.max(initial=0)) + 1), np.bool_)
-            wanted[: len(batch.metric_names)] = batch.wanted_codes(include, exclude)
-            new = np.arange(self._decided, len(batch.block_metric))
-            self._add_blocks(new[wanted[batch.block_metric[new]]])
-            self._decided = len(batch.block_metric)
+            # detector walks its metric, with no pass over the rows (and no work at all once
+            # the index stops growing).
+            if len(batch.block_metric) > self._decided:
+                wanted = np.zeros(max(len(batch.metric_names), int(batch.block_metric.max()) + 1), np.bool_)
+                wanted[: len(batch.metric_names)] = batch.wanted_codes(include, exclude)
+                new = np.arange(self._decided, len(batch.block_metric))
+                self._add_blocks(new[wanted[batch.block_metric[new]]])
+                self._decided = len(batch.block_metric)
         else:
             self._blocks = assign_slots(rows, batch.series, self.block_slot, self._block_series.view, self._blocks)
         self._grow(self.slot_count)
