@@ -538,6 +538,33 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 10) -> dict[s
     }
 
 
+def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[str, float | int]:
+    """State bytes per series, in use and allocated, for the simulated city when its devices
+    join in ``waves`` equal groups, one a minute (as a live city's do), rather than all in the
+    first batch: the state arrays then grow many times, and their unused capacity shows."""
+    from citytel.evaluate import kafka_records
+    from processors.decode import decode_batch
+    from processors.detection import DetectionStage
+
+    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
+    stage = DetectionStage(load_settings())
+    messages = city.messages(1_795_000_000.0, interval_s=60.0)
+    wave = -(-len(city.devices) // waves)
+    for minute in range(waves):
+        joined = {device.device_id for device in city.devices[: (minute + 1) * wave]}
+        # One minute of the city: a message from every device, of which only those joined so far.
+        minute_messages = [message for message in itertools.islice(messages, len(city.devices))]
+        records = list(kafka_records((m for m in minute_messages if m.device_id in joined), 6))
+        stage.detect(decode_batch(records, stage.index, {})[0])
+    used, allocated = stage.state_bytes(), stage.state_bytes(allocated=True)
+    return {
+        "series": len(stage.index),
+        "waves": waves,
+        "state_bytes_per_series": round(sum(used.values()) / len(stage.index), 1),
+        "allocated_bytes_per_series": round(sum(allocated.values()) / len(stage.index), 1),
+    }
+
+
 def main_detectors(output: Path | None) -> int:
     from processors.memory import retain_freed_memory
 
@@ -557,13 +584,18 @@ def main_detectors(output: Path | None) -> int:
     )
     print(
         f"state per series: {stage['state_bytes_per_series']} bytes in use, {stage['allocated_bytes_per_series']}"
-        " allocated (arrays grow by doubling); by part: "
+        " allocated; by part: "
         + ", ".join(
             f"{key.split('.', 1)[1]} {value}"
             for key, value in stage.items()
             if key.startswith("state_bytes_per_series.")
         )
     )
+    growth = bench_state_growth()
+    print(
+        f"state per series when the devices join in {growth['waves']} waves a minute apart: {growth['series']:,}"
+        f" series, {growth['state_bytes_per_series']} bytes in use, {growth['allocated_bytes_per_series']} allocated"
+    )
     if output is not None:
-        output.write_text(json.dumps({"detectors": results, "stage": stage}, indent=2) + "\n")
+        output.write_text(json.dumps({"detectors": results, "stage": stage, "growth": growth}, indent=2) + "\n")
     return 0

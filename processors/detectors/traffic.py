@@ -52,18 +52,13 @@ class TrafficProfile(SeriesState):
         # Slot-major (one row per hour slot, one column per state slot): a batch's readings
         # nearly all fall in the same hour, so they touch one contiguous row that stays in
         # cache, rather than a cache line in every counter's profile.
-        self.means = np.zeros((_SLOTS, 0), np.float32)
-        self.counts = np.zeros((_SLOTS, 0), np.uint8)
+        self.means = GrowableArray(np.float32, rows=_SLOTS)
+        self.counts = GrowableArray(np.uint8, rows=_SLOTS)
 
     def _grow(self, slots: int) -> None:
         super()._grow(slots)
-        if slots > self.means.shape[1]:
-            grown = max(slots, 2 * self.means.shape[1])
-            means = np.zeros((_SLOTS, grown), np.float32)
-            counts = np.zeros((_SLOTS, grown), np.uint8)
-            used = self.means.shape[1]
-            means[:, :used], counts[:, :used] = self.means, self.counts
-            self.means, self.counts = means, counts
+        self.means.resize(slots)
+        self.counts.resize(slots)
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         size = len(batch)
@@ -73,7 +68,7 @@ class TrafficProfile(SeriesState):
         rows = self._walk(batch, series_count, self.metrics)
         _profile_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value,
-            self.means, self.counts, self.scale.view, self.last_time_us.view,
+            self.means.view, self.counts.view, self.scale.view, self.last_time_us.view,
             self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
         )  # fmt: skip
         return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
@@ -83,15 +78,16 @@ class TrafficProfile(SeriesState):
         slots, present = self.slots(dense)
         means = np.full((len(dense), _SLOTS), np.nan, np.float32)
         counts = np.zeros((len(dense), _SLOTS), np.uint8)
-        means[present], counts[present] = self.means[:, slots[present]].T, self.counts[:, slots[present]].T
+        means[present] = self.means.view[:, slots[present]].T
+        counts[present] = self.counts.view[:, slots[present]].T
         arrays["profile_means"], arrays["profile_counts"] = means, counts
         return arrays
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
         slots, present = self.slots(dense)
-        self.means[:, slots[present]] = np.asarray(arrays["profile_means"])[present].T
-        self.counts[:, slots[present]] = np.asarray(arrays["profile_counts"])[present].T
+        self.means.view[:, slots[present]] = np.asarray(arrays["profile_means"])[present].T
+        self.counts.view[:, slots[present]] = np.asarray(arrays["profile_counts"])[present].T
 
 
 @register_detector("traffic_zero")

@@ -12,7 +12,7 @@ from processors.batch import ReadingBatch
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
 from processors.kernels import group_percentile, ordered, time_order
-from processors.series import SERIES_BLOCK, SeriesIndex
+from processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
 
@@ -40,6 +40,21 @@ def test_series_index_gives_stable_dense_indices_for_a_whole_batch() -> None:
     assert len(index) == 4
     with pytest.raises(OverflowError):
         SeriesIndex(max_series=2).lookup(np.array([1, 2, 3], np.int64))
+
+
+def test_growable_array_keeps_its_values_and_bounds_its_unused_capacity() -> None:
+    array = GrowableArray(np.int32, fill=-1)
+    for size in range(1000, 2_000_000, 7919):  # a city growing a little at a time
+        array.resize(size)
+        # Doubling while small (below 2 ** 12 elements), then an eighth at a time.
+        assert array.allocated_bytes <= max(1.125 * size, 2 << 12) * 4 + 4
+    assert len(array) == array.view.size == size
+    array.view[:] = np.arange(size)
+    array.resize(size + 3 * (1 << 20))
+    np.testing.assert_array_equal(array.view[:size], np.arange(size))
+    assert (array.view[size:] == -1).all()  # new room holds the start value
+    array.resize(10)  # never shrinks
+    assert len(array) == size + 3 * (1 << 20)
 
 
 def test_series_index_with_metric_blocks_gives_each_block_one_metric() -> None:
