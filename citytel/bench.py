@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import resource
 import struct
 import tempfile
 import threading
@@ -565,7 +566,7 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
     }
 
 
-def main_detectors(output: Path | None) -> int:
+def main_detectors(output: Path | None, city_devices: int = 6250) -> int:
     from processors.memory import retain_freed_memory
 
     # As the processor does (``run_processor``): the stage is timed as it runs there.
@@ -576,7 +577,7 @@ def main_detectors(output: Path | None) -> int:
             f"{result['detector']:<15} {result['series']:,} series, {result['readings_per_series']:>2} reading(s)"
             f" per series per batch: {result['readings_per_s']:>12,} readings/s"
         )
-    stage = bench_stage()
+    stage = bench_stage(city_devices)
     print(
         f"whole stage ({stage['detectors']} detectors and the dropout sweep), {stage['series']:,} series of the"
         f" simulated city, {stage['readings_per_batch']:,} readings per batch: {stage['readings_per_s']:,} readings/s"
@@ -591,11 +592,15 @@ def main_detectors(output: Path | None) -> int:
             if key.startswith("state_bytes_per_series.")
         )
     )
-    growth = bench_state_growth()
+    growth = bench_state_growth(city_devices)
     print(
         f"state per series when the devices join in {growth['waves']} waves a minute apart: {growth['series']:,}"
         f" series, {growth['state_bytes_per_series']} bytes in use, {growth['allocated_bytes_per_series']} allocated"
     )
+    # Linux reports kilobytes. The peak includes the decoded batches and the simulated city.
+    peak_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(f"peak resident memory of this process: {peak_mib:,} MiB")
     if output is not None:
-        output.write_text(json.dumps({"detectors": results, "stage": stage, "growth": growth}, indent=2) + "\n")
+        figures = {"detectors": results, "stage": stage, "growth": growth, "peak_resident_mib": peak_mib}
+        output.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -242,7 +242,7 @@ def _bench(arguments: argparse.Namespace) -> int:
     if arguments.scenario == "processor":
         return bench.main_processor(arguments.messages, arguments.output)
     if arguments.scenario == "detectors":
-        return bench.main_detectors(arguments.output)
+        return bench.main_detectors(arguments.output, arguments.city_devices)
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
 
 
@@ -365,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     bench.add_argument("--plot", type=Path, default=None, help="e2e: write a PNG of throughput and latency here")
     bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
+    bench.add_argument(
+        "--city-devices",
+        type=int,
+        default=6250,
+        help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
+    )
     bench.set_defaults(handler=_bench)
 
     run = commands.add_parser("run", help="bring the stack up and run simulated sensors end to end")
