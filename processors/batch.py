@@ -101,8 +101,8 @@ class ReadingBatch:
         return np.zeros(len(self.value), np.int64) if self.district is None else self.district
 
     def rows(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.int64]:
-        """The rows a detector applies to, each series' in time order: a finite value, and a
-        metric among ``include`` (any, if empty) and not among ``exclude``. A detector walks
+        """The rows a detector applies to, grouped by metric and each series' in time order: a
+        finite value, and a metric among ``include`` (any, if empty) and not among ``exclude``. A detector walks
         only these, so one that watches a single metric costs in proportion to that metric's
         rows, not the batch's. Once per batch for each selection (detectors often share one);
         read-only. With no metric codes, ``include`` matches nothing and ``exclude`` nothing."""
