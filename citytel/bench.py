@@ -20,9 +20,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -33,8 +34,11 @@ from paho.mqtt.properties import Properties
 from prometheus_client import REGISTRY
 
 from citytel import stack
-from citytel.simulate import City, publish
+from citytel.simulate import City, Message, publish
 from config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from processors.detection import DetectionStage
 
 __all__ = ["BridgeResult", "bench_bridge"]
 
@@ -507,12 +511,8 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 10) -> dict[s
     single batches now and then); the slowest batch's is given too."""
     from citytel.evaluate import kafka_records
     from processors.decode import decode_batch
-    from processors.detection import DetectionStage
 
-    settings = load_settings()
-    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
-    stage = DetectionStage(settings)
-    messages = city.messages(1_795_000_000.0, interval_s=60.0)
+    city, messages, stage = _stage_city(devices_per_kind)
     records = kafka_records(messages, 6)
     sizes: list[int] = []
     seconds: list[float] = []
@@ -525,13 +525,9 @@ def bench_stage(devices_per_kind: int = 6250, timed_batches: int = 10) -> dict[s
             seconds.append(time.perf_counter() - started)
             sizes.append(len(batch))
     rates = np.array(sizes) / np.array(seconds)
-    used, allocated = stage.state_bytes(), stage.state_bytes(allocated=True)
     return {
         "detectors": len(stage.detectors),
-        "series": len(stage.index),
-        "state_bytes_per_series": round(sum(used.values()) / len(stage.index), 1),
-        "allocated_bytes_per_series": round(sum(allocated.values()) / len(stage.index), 1),
-        **{f"state_bytes_per_series.{name}": round(size / len(stage.index), 1) for name, size in used.items()},
+        **_state_per_series(stage),
         "readings_per_batch": round(float(np.median(sizes))),
         "timed_batches": timed_batches,
         "readings_per_s": round(float(np.median(rates))),
@@ -545,24 +541,37 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
     first batch: the state arrays then grow many times, and their unused capacity shows."""
     from citytel.evaluate import kafka_records
     from processors.decode import decode_batch
-    from processors.detection import DetectionStage
 
-    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
-    stage = DetectionStage(load_settings())
-    messages = city.messages(1_795_000_000.0, interval_s=60.0)
+    city, messages, stage = _stage_city(devices_per_kind)
     wave = -(-len(city.devices) // waves)
     for minute in range(waves):
         joined = {device.device_id for device in city.devices[: (minute + 1) * wave]}
         # One minute of the city: a message from every device, of which only those joined so far.
-        minute_messages = [message for message in itertools.islice(messages, len(city.devices))]
+        minute_messages = itertools.islice(messages, len(city.devices))
         records = list(kafka_records((m for m in minute_messages if m.device_id in joined), 6))
         stage.detect(decode_batch(records, stage.index, {})[0])
+    return {"waves": waves, **_state_per_series(stage)}
+
+
+def _stage_city(devices_per_kind: int) -> tuple[City, Iterator[Message], DetectionStage]:
+    """The simulated city of the stage benchmarks, its messages a minute apart, and a fresh
+    detection stage."""
+    from processors.detection import DetectionStage
+
+    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
+    return city, city.messages(1_795_000_000.0, interval_s=60.0), DetectionStage(load_settings())
+
+
+def _state_per_series(stage: DetectionStage) -> dict[str, float | int]:
+    """The stage's series, and its state bytes per series: in use and allocated in all, and in
+    use by part."""
     used, allocated = stage.state_bytes(), stage.state_bytes(allocated=True)
+    series = len(stage.index)
     return {
-        "series": len(stage.index),
-        "waves": waves,
-        "state_bytes_per_series": round(sum(used.values()) / len(stage.index), 1),
-        "allocated_bytes_per_series": round(sum(allocated.values()) / len(stage.index), 1),
+        "series": series,
+        "state_bytes_per_series": round(sum(used.values()) / series, 1),
+        "allocated_bytes_per_series": round(sum(allocated.values()) / series, 1),
+        **{f"state_bytes_per_series.{name}": round(size / series, 1) for name, size in used.items()},
     }
 
 

@@ -603,15 +603,15 @@ def bench_e2e(
             }
         )
         sampler.start()
+        drain_readings = _readings_in(drain_backlog)
         seconds = _wait_rows(
             conninfo,
             settings.metrics.processor_port,
-            _readings_in(drain_backlog),
+            drain_readings,
             timeout=600,
             bridge_port=settings.metrics.bridge_port,
         )
         processes = sampler.stop()
-        drain_readings = _readings_in(drain_backlog)
         result["citytel_qos1"] = {
             "msg_per_s": round(len(drain_backlog) / seconds),
             "readings_per_s": round(drain_readings / seconds),

@@ -104,9 +104,6 @@ class Bridge:
         # Batches are handed to the producer one at a time, in the order they were received,
         # so a device's records keep their order in Kafka; only the waits for acks overlap.
         self._enqueue_lock = asyncio.Lock()
-        # Done when the latest batch is through with its MQTT acknowledgements: each batch
-        # acknowledges after the one before it, as MQTT wants PUBACKs in the order received.
-        self._previous_acked: asyncio.Future[None] | None = None
         # A failed send replaces the producer once, whichever batch notices first.
         self._producer_generation = 0
         self._replace_lock = asyncio.Lock()
@@ -465,6 +462,9 @@ class Bridge:
         # A share of the window per batch, so several batches can be on their way to Kafka
         # while the broker keeps sending.
         limit = min(MAX_BATCH_MESSAGES, max(self._settings.mqtt.max_inflight // _BATCHES_IN_FLIGHT, 1))
+        # Done when the latest batch is through with its MQTT acknowledgements: each batch
+        # acknowledges after the one before it, as MQTT wants PUBACKs in the order received.
+        previous_acked: asyncio.Future[None] | None = None
         try:
             while not stop.is_set():
                 finished = {task for task in forwarding if task.done()}
@@ -485,8 +485,8 @@ class Bridge:
                 metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
                 # The next batch's acknowledgements wait for this one's (created here, in order).
                 acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                forwarding.add(asyncio.create_task(self._forward_counted(batch, stop, self._previous_acked, acked)))
-                self._previous_acked = acked
+                forwarding.add(asyncio.create_task(self._forward_counted(batch, stop, previous_acked, acked)))
+                previous_acked = acked
             # Stopping: batches already on their way finish (acknowledged) or give up (not).
             if forwarding:
                 await asyncio.wait(forwarding)

@@ -102,10 +102,11 @@ class ReadingBatch:
 
     def rows(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.int64]:
         """The rows a detector applies to, grouped by metric and each series' in time order: a
-        finite value, and a metric among ``include`` (any, if empty) and not among ``exclude``. A detector walks
-        only these, so one that watches a single metric costs in proportion to that metric's
-        rows, not the batch's. Once per batch for each selection (detectors often share one);
-        read-only. With no metric codes, ``include`` matches nothing and ``exclude`` nothing."""
+        finite value, and a metric among ``include`` (any, if empty) and not among ``exclude``.
+        A detector walks only these, so one that watches a single metric costs in proportion to
+        that metric's rows, not the batch's. Once per batch for each selection (detectors often
+        share one); read-only. With no metric codes, ``include`` matches nothing and
+        ``exclude`` nothing."""
         selection = (tuple(sorted(include)), tuple(sorted(exclude)))
         if selection not in self._rows:
             self.select_rows([selection])

@@ -103,8 +103,8 @@ class LotStuck(SeriesState):
     """A lot whose free-bay count has not moved for ``stuck_seconds`` while at full (0 free) or
     empty (free = capacity), while another lot of its district changed within the last half of
     that time: a frozen counter, told apart from a quiet night by its neighbours. Flagged once
-    until the count moves. State per series: last value, last change, flagged, last time (and,
-    not saved, the district, which the next reading brings back): 25 bytes (and 4)."""
+    until the count moves. State per series: last value, last change, flagged, last time: 25
+    bytes; and 4 not saved, for the district, which the next reading brings back."""
 
     applies_to: tuple[str, ...] = ("free_bays",)
     name = "lot_stuck"
@@ -135,18 +135,19 @@ class LotStuck(SeriesState):
             self.last_time_us.view,
         )
         size = len(batch)
+        districts = batch.districts()
         capacity = companion(batch, "capacity", rows)
         # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
         since = np.full(len(rows), _NEVER, np.int64)
         live = np.zeros(len(rows), np.bool_)
         _stuck_pass(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, batch.districts(),
+            rows, batch.series, self.block_slot, batch.time_us, batch.value, districts,
             last_value, changed, reported, last_time, self.district.view, since, live,
         )  # fmt: skip
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
         # each district. A lot's last change only moves forward, so a running maximum per
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
-        self.district_latest.resize(int(batch.districts().max()) + 1 if size else 0)
+        self.district_latest.resize(int(districts.max()) + 1 if size else 0)
         score = np.zeros(size, np.float32)
         flagged = np.zeros(size, np.bool_)
         reason = np.zeros(size, np.uint8)
