@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -110,14 +110,22 @@ def _libpq_quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
+# Detector parameters that kernels divide by or count up to: zero would score with inf or NaN
+# (kernels use numpy's error model: see processors/kernels.py), or never flag at all.
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+_Count = Annotated[int, msgspec.Meta(ge=1)]
+# A learning rate: the weight of the newest reading.
+_Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]
+
+
 class DetectorSettings(_Strict, frozen=True):
     """Parameters of one detector; which keys apply depends on the detector."""
 
-    alpha: float = 0.05
-    threshold: float = 6.0
+    alpha: _Rate = 0.05
+    threshold: _Positive = 6.0
     warmup: int = 30
     # flatline: readings in a row that may repeat the same value before the series counts as stuck.
-    window: int = 20
+    window: _Count = 20
     # flatline: how close two readings must be to count as "the same".
     tolerance: float = 0.0
     # Metrics the detector leaves alone (constant or binary by nature, like a lot's capacity).
@@ -126,11 +134,11 @@ class DetectorSettings(_Strict, frozen=True):
     metrics: list[str] = msgspec.field(default_factory=list)
     # drift: CUSUM slack (in noise sigmas) and the cumulative excess that counts as drift.
     slack: float = 1.0
-    cusum_limit: float = 40.0
+    cusum_limit: _Positive = 40.0
     # dropout: a series is silent once it has sent nothing for timeout_factor times its usual
     # interval (and at least min_silence_seconds); the sweep runs every sweep_interval_seconds
     # of stream time.
-    timeout_factor: float = 5.0
+    timeout_factor: _Positive = 5.0
     min_silence_seconds: float = 60.0
     sweep_interval_seconds: float = 10.0
     # aqi: "hj633" (China, HJ 633-2012) or "us_epa"; readings whose hourly IAQI reaches aqi_level
@@ -138,18 +146,18 @@ class DetectorSettings(_Strict, frozen=True):
     # holds min_readings readings.
     standard: str = "hj633"
     aqi_level: int = 201
-    min_readings: int = 3
+    min_readings: _Count = 3
     # aqi, exceedance, traffic_profile: hours and days are local to the city (Zhengzhou: +8).
     utc_offset_hours: float = 8.0
     # bay_flapping: max_toggles changes of a bay's flag within window_seconds.
-    max_toggles: int = 8
+    max_toggles: _Count = 8
     window_seconds: float = 600.0
     # lot_stuck: a lot full or empty and unchanged this long while its district's lots change.
     stuck_seconds: float = 3600.0
     # traffic_zero: a counter whose usual flow is at least min_flow drops to zero.
     min_flow: float = 10.0
     # traffic_zero, congestion: occupancy (%) and mean speed (km/h) of stopped traffic.
-    jam_occupancy: float = 40.0
+    jam_occupancy: _Positive = 40.0
     jam_speed_kmh: float = 15.0
 
 

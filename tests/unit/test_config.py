@@ -28,6 +28,11 @@ def test_wrong_types_and_bad_values_are_rejected() -> None:
         parse_settings({"mqtt": {"port": "1883"}})
     with pytest.raises(ConfigError, match=r"mqtt\.port=70000"):
         parse_settings({"mqtt": {"port": 70000}})
+    # Detector parameters that kernels divide by must be positive.
+    with pytest.raises(ConfigError, match=r"max_toggles"):
+        parse_settings({"detectors": {"bay_flapping": {"max_toggles": 0}}})
+    with pytest.raises(ConfigError, match=r"alpha"):
+        parse_settings({"detectors": {"ewma_zscore": {"alpha": 1.5}}})
     with pytest.raises(ConfigError, match="min must be below max"):
         parse_settings({"kinds": {"air": {"metrics": {"pm2_5": {"unit": "ug/m3", "min": 5.0, "max": 1.0}}}}})
 
