@@ -7,8 +7,21 @@ state arrays: no Python object per reading, and an order of magnitude fewer pass
 Each kernel reproduces its detector's documented behaviour exactly (the conformance suite runs
 them through the same checks as every detector).
 
-``cache=True`` keeps the compiled code next to this file, so a process compiles each kernel once
-per machine, not once per start.
+Every kernel, here and in the detectors' modules, is compiled by ``compiled``:
+
+- ``cache=True`` keeps the compiled code next to its module, so a process compiles each kernel
+  once per machine, not once per start;
+- ``nogil=True`` lets another thread run while a kernel does;
+- ``error_model="numpy"`` makes a division one machine division (a zero divisor gives inf or
+  NaN) instead of a test and a branch before each, which would raise ZeroDivisionError and stop
+  the processor on one bad value. The config schema keeps the parameters kernels divide by
+  positive; the other divisors are kept off zero where they are computed.
+
+Kernels index arrays with unsigned integers (``np.uint64(rows[k])``, ``slot_of``): numba
+handles a signed index that may be negative by counting from the end, a compare and a move at
+every access; with unsigned ones that code goes, and the loops over a batch ran 15-30% faster
+(``citytel bench detectors``). An unsigned index is only ever used to index: arithmetic mixing
+it with signed integers would give floats in numba.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
 
 __all__ = [
     "assign_slots",
+    "compiled",
     "ewma_kernel",
     "flatline_kernel",
     "group_percentile",
@@ -31,19 +45,23 @@ __all__ = [
     "time_order",
 ]
 
+compiled = njit(cache=True, nogil=True, error_model="numpy")
+
 _NEVER = np.iinfo(np.int64).min
-_BLOCK_MASK = SERIES_BLOCK - 1
+_BLOCK_MASK = np.uint64(SERIES_BLOCK - 1)
+_BLOCK_BITS = np.uint64(SERIES_BLOCK_BITS)
 
 
 @njit(inline="always")
-def slot_of(block_slot: NDArray[np.int64], series: int) -> int:
+def slot_of(block_slot: NDArray[np.int64], series: int) -> np.uint64:
     """A dense series index's state slot in a detector (see ``SeriesState``): its block's first
-    slot plus its place in the block. Inlined into each kernel: a shift, a load from a small
-    table and a mask per reading."""
-    return block_slot[series >> SERIES_BLOCK_BITS] | (series & _BLOCK_MASK)  # type: ignore[no-any-return]
+    slot plus its place in the block, unsigned (see above). Inlined into each kernel: a shift, a
+    load from a small table and a mask per reading."""
+    unsigned = np.uint64(series)
+    return np.uint64(block_slot[unsigned >> _BLOCK_BITS]) | (unsigned & _BLOCK_MASK)
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def assign_slots(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -62,7 +80,7 @@ def assign_slots(
     return blocks
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _counting_order(
     series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int
 ) -> tuple[NDArray[np.int64], bool]:
@@ -94,7 +112,7 @@ def _counting_order(
     return order, repeats
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _in_order(series: NDArray[np.int64], time_us: NDArray[np.int64], series_count: int) -> int:
     """0 unless arrival order is already time order within every series (the usual case:
     Kafka keeps each device's records in order); then 1 if no series has two rows, else 2."""
@@ -138,7 +156,7 @@ def ordered(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> tuple[NDAr
     return order, bool((grouped[1:] == grouped[:-1]).any())
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def ewma_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -159,7 +177,7 @@ def ewma_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         v = value[i]
         m = mean[s]
@@ -193,7 +211,7 @@ def ewma_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def flatline_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -208,7 +226,7 @@ def flatline_kernel(
     flagged: NDArray[np.bool_],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Late or repeated readings neither extend nor break a run.
         if time_us[i] <= last_time[s]:
@@ -221,7 +239,7 @@ def flatline_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def jump_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -240,7 +258,7 @@ def jump_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Steps are only defined between a series' readings in time order; late ones are
         # neither scored nor learned.
@@ -267,7 +285,7 @@ def jump_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def group_percentile(
     group: NDArray[np.int32], value: NDArray[np.int64], percent: float
 ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
@@ -292,7 +310,7 @@ def group_percentile(
     return present + lowest, result
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def group_rows(
     order: NDArray[np.int64], metric: NDArray[np.int64], value: NDArray[np.float64], codes: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:

@@ -6,12 +6,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from processors.kernels import assign_slots
+from processors.kernels import assign_slots, compiled
 from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = [
@@ -223,7 +222,7 @@ def companion(batch: ReadingBatch, metric: str, rows: NDArray[np.int64]) -> NDAr
     return found
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _companion_in_messages(
     rows: NDArray[np.int64],
     message: NDArray[np.int64],

@@ -8,13 +8,12 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
-from processors.kernels import slot_of
+from processors.kernels import compiled, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -202,7 +201,7 @@ class Exceedance(SeriesState):
 # time order per series; late readings are skipped.
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _interp(x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArray[np.float64]) -> float:
     """np.interp for one value over ``breakpoints[row]``: linear between breakpoints, clamped
     at both ends."""
@@ -218,7 +217,7 @@ def _interp(x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArr
     return float(slope * (x - breakpoints[row, j]) + indices[j])
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _iaqi_all(
     concentration: NDArray[np.float64], breakpoints: NDArray[np.float64], indices: NDArray[np.float64]
 ) -> NDArray[np.float64]:
@@ -228,7 +227,7 @@ def _iaqi_all(
     return result
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _aqi_kernel(
     rows: NDArray[np.int64],
     metric: NDArray[np.int64],
@@ -252,7 +251,7 @@ def _aqi_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
@@ -278,7 +277,7 @@ def _aqi_kernel(
             flagged_hour[s] = this_hour
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _exceedance_kernel(
     rows: NDArray[np.int64],
     metric: NDArray[np.int64],
@@ -303,7 +302,7 @@ def _exceedance_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:

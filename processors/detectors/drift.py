@@ -6,13 +6,12 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
-from processors.kernels import slot_of
+from processors.kernels import compiled, slot_of
 from processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
@@ -163,7 +162,7 @@ class Drift(SeriesState):
         self._join(known)
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _ungrouped(
     rows: NDArray[np.int64], series: NDArray[np.int64], block_slot: NDArray[np.int64], group: NDArray[np.int32]
 ) -> NDArray[np.int64]:
@@ -177,7 +176,7 @@ def _ungrouped(
     return found[:count]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _drift_kernel(
     rows: NDArray[np.int64],
     repeats: bool,
@@ -240,7 +239,7 @@ def _drift_kernel(
     for r in range(rounds):
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
-            i = by_round[k]
+            i = np.uint64(by_round[k])
             s = slot_of(block_slot, series[i])
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing.
@@ -262,7 +261,7 @@ def _drift_kernel(
                 latest[s] = value[i]
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
-            i = by_round[k]
+            i = np.uint64(by_round[k])
             s = slot_of(block_slot, series[i])
             g = group[s]
             peers = group_members[g] - (1 if member[s] else 0)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import AnomalyEvents, SeriesState, register_detector
-from processors.kernels import slot_of
+from processors.kernels import compiled, slot_of
 from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = ["Dropout"]
@@ -107,7 +106,7 @@ class Dropout(SeriesState):
         )
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _learn_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -130,7 +129,7 @@ def _learn_kernel(
     returns how many."""
     found = 0
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
@@ -156,7 +155,7 @@ def _learn_kernel(
     return found
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _sweep_kernel(
     partition: NDArray[np.int32],
     clock: NDArray[np.int64],

@@ -8,13 +8,12 @@ Lots report ``free_bays``, ``occupied_bays`` and ``capacity`` in one message; ba
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
-from processors.kernels import slot_of
+from processors.kernels import compiled, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
@@ -167,7 +166,7 @@ class LotStuck(SeriesState):
 # time order per series, over the rows it applies to only.
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _over_capacity_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -182,7 +181,7 @@ def _over_capacity_kernel(
     flagged: NDArray[np.bool_],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         excess = value[i] - capacity[k] - tolerance
         is_over = excess > 0
@@ -196,7 +195,7 @@ def _over_capacity_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _flapping_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -213,7 +212,7 @@ def _flapping_kernel(
     flagged: NDArray[np.bool_],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         t = time_us[i]
         if t <= last_time[s]:
@@ -235,7 +234,7 @@ def _flapping_kernel(
         last_time[s] = t
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _stuck_pass(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -253,7 +252,7 @@ def _stuck_pass(
 ) -> None:
     """Each fresh row's "unchanged since", as of that row; and each lot's district."""
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         district[s] = districts[i]
         t = time_us[i]
@@ -268,7 +267,7 @@ def _stuck_pass(
         live[k] = True
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _stuck_flag(
     rows: NDArray[np.int64],
     live: NDArray[np.bool_],
@@ -291,7 +290,7 @@ def _stuck_flag(
         d = district[slot_of(block_slot, series[rows[k]])]
         district_latest[d] = max(district_latest[d], changed[slot_of(block_slot, series[rows[k]])])
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         if not live[k]:
             continue
         s = slot_of(block_slot, series[i])

@@ -8,13 +8,12 @@ time a vehicle is over the loop) in one message.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
-from processors.kernels import slot_of
+from processors.kernels import compiled, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
@@ -175,7 +174,7 @@ class Congestion(SeriesState):
 # time order per series, over the rows it applies to only.
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _profile_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -195,7 +194,7 @@ def _profile_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Slots 0..23: the local hour of a working day; 24..47: of a Saturday or Sunday.
         # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
@@ -228,7 +227,7 @@ def _profile_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _zero_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -250,7 +249,7 @@ def _zero_kernel(
     reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         if time_us[i] <= last_time[s]:
             continue
@@ -273,7 +272,7 @@ def _zero_kernel(
         last_time[s] = time_us[i]
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def _congestion_kernel(
     rows: NDArray[np.int64],
     series: NDArray[np.int64],
@@ -289,7 +288,7 @@ def _congestion_kernel(
     flagged: NDArray[np.bool_],
 ) -> None:
     for k in range(rows.shape[0]):
-        i = rows[k]
+        i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         if time_us[i] <= last_time[s]:
             continue
