@@ -119,9 +119,10 @@ def detect_offline(
         if bad:
             raise ValueError(f"undecodable simulated record: {bad[0].reason}")
         for result in stage.detect(batch):
-            rows = np.flatnonzero(result.flagged)
+            rows, _score, reason = result.anomalies()
             hits = [
-                (int(batch.series[row]), int(batch.time_us[row]), result.reasons[result.reason[row]]) for row in rows
+                (int(batch.series[row]), int(batch.time_us[row]), result.reasons[code])
+                for row, code in zip(rows, reason, strict=True)
             ]
             if result.events is not None:
                 events = result.events

@@ -197,24 +197,80 @@ class AnomalyEvents:
 
 @dataclass(frozen=True, slots=True)
 class DetectorResult:
-    """One detector's verdict on every row of a batch (same length and order as the batch).
+    """One detector's verdict on a batch of ``size`` rows.
 
-    ``score`` is in [0, 1]; a row is an anomaly where ``flagged``; ``reason`` indexes
-    ``reasons`` (0 means none).
+    Only the rows the detector gave a verdict are listed, so a detector of one metric costs that
+    metric's rows, not the batch's: ``rows`` (batch row numbers, each at most once, in any
+    order) and, parallel to them, ``row_score`` in [0, 1], ``row_flagged`` (an anomaly) and
+    ``row_reason`` (indexes ``reasons``; 0 means none). Every row not listed scores 0, is not
+    flagged and has reason 0. ``score``, ``flagged`` and ``reason`` spell the verdicts out for
+    every row of the batch, in its order (new arrays each time: for tests and reports, not for
+    the hot path).
     """
 
     detector: str
-    score: NDArray[np.float32]
-    flagged: NDArray[np.bool_]
-    reason: NDArray[np.uint8]
+    size: int
+    rows: NDArray[np.int64]
+    row_score: NDArray[np.float32]
+    row_flagged: NDArray[np.bool_]
+    row_reason: NDArray[np.uint8]
     reasons: tuple[str, ...]
     # Anomalies found by the detector's sweep while it handled this batch, written with it.
     events: AnomalyEvents | None = None
 
+    @classmethod
+    def none(
+        cls, detector: str, size: int, reasons: tuple[str, ...], events: AnomalyEvents | None = None
+    ) -> DetectorResult:
+        """No verdict on any row (the sweep's events aside)."""
+        return cls(
+            detector,
+            size,
+            np.empty(0, np.int64),
+            np.empty(0, np.float32),
+            np.empty(0, np.bool_),
+            np.empty(0, np.uint8),
+            reasons,
+            events,
+        )
+
+    @property
+    def score(self) -> NDArray[np.float32]:
+        dense = np.zeros(self.size, np.float32)
+        dense[self.rows] = self.row_score
+        return dense
+
+    @property
+    def flagged(self) -> NDArray[np.bool_]:
+        dense = np.zeros(self.size, np.bool_)
+        dense[self.rows] = self.row_flagged
+        return dense
+
+    @property
+    def reason(self) -> NDArray[np.uint8]:
+        dense = np.zeros(self.size, np.uint8)
+        dense[self.rows] = self.row_reason
+        return dense
+
+    def anomalies(self) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.uint8]]:
+        """The flagged rows (batch row numbers), with their scores and reason codes."""
+        hit = np.flatnonzero(self.row_flagged)
+        return self.rows[hit], self.row_score[hit], self.row_reason[hit]
+
     def take(self, rows: NDArray[np.int64]) -> DetectorResult:
-        """Some rows only; the sweep's events stay with the part that holds the first row, so
-        a batch split to isolate unwritable rows writes them once."""
+        """The verdicts on some rows only (ascending batch row numbers), renumbered as the
+        batch's ``take(rows)`` numbers them. The sweep's events stay with the part that holds
+        the first row, so a batch split to isolate unwritable rows writes them once."""
         events = self.events if len(rows) and rows[0] == 0 else None
+        position = np.minimum(np.searchsorted(rows, self.rows), max(len(rows) - 1, 0))
+        keep = np.flatnonzero(rows[position] == self.rows) if len(rows) else np.empty(0, np.int64)
         return DetectorResult(
-            self.detector, self.score[rows], self.flagged[rows], self.reason[rows], self.reasons, events
+            self.detector,
+            len(rows),
+            position[keep],
+            self.row_score[keep],
+            self.row_flagged[keep],
+            self.row_reason[keep],
+            self.reasons,
+            events,
         )

@@ -189,10 +189,10 @@ def ewma_kernel(
             absolute = 0.0  # a non-finite value is neither scored nor learned
         seen = count[s]
         if seen >= warmup:
-            score[i] = absolute / (absolute + threshold)
+            score[k] = absolute / (absolute + threshold)
             if absolute >= threshold:
-                flagged[i] = True
-                reason[i] = 1 if z > 0 else 2
+                flagged[k] = True
+                reason[k] = 1 if z > 0 else 2
         # Late or repeated readings are scored above but leave the state alone.
         if time_us[i] <= last_time[s] or not np.isfinite(v):
             continue
@@ -234,7 +234,7 @@ def flatline_kernel(
         v = value[i]
         run[s] = run[s] + 1 if abs(v - last_value[s]) <= tolerance else 1
         # Only the reading that completes the window: one anomaly per stuck stretch.
-        flagged[i] = run[s] == window
+        flagged[k] = run[s] == window
         last_value[s] = v
         last_time[s] = time_us[i]
 
@@ -271,10 +271,10 @@ def jump_kernel(
         usual = mean_step[s] + 1e-6 + 1e-3 * abs(v)
         ratio = abs(step) / usual if has_step else 0.0
         if count[s] >= warmup:
-            score[i] = ratio / (ratio + threshold)
+            score[k] = ratio / (ratio + threshold)
             if ratio >= threshold:
-                flagged[i] = True
-                reason[i] = 1 if step > 0 else 2
+                flagged[k] = True
+                reason[k] = 1 if step > 0 else 2
         if has_step:
             # A jump is learned only up to the threshold.
             learned = min(abs(step), threshold * usual)

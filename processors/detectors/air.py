@@ -133,17 +133,16 @@ class Aqi(SeriesState):
         rows = self._walk(batch, series_count, POLLUTANTS)
         hour, total, count = self.hour.view, self.total.view, self.count.view
         flagged_hour, last_time = self.flagged_hour.view, self.last_time_us.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         metric, pollutant_of = _pollutant_codes(batch)
         _aqi_kernel(
             rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
             hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
             self.offset_us, self.min_readings, self.level, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, _LEVELS[self.standard])
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, _LEVELS[self.standard])
 
 
 @register_detector("exceedance")
@@ -183,10 +182,9 @@ class Exceedance(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
         last_time = self.last_time_us.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         metric, pollutant_of = _pollutant_codes(batch)
         _exceedance_kernel(
             rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
@@ -194,7 +192,7 @@ class Exceedance(SeriesState):
             self.day.view, self.day_total.view, self.day_count.view, last_time,
             self.limit_1h, self.limit_24h, self.offset_us, self.min_readings, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, ("", "exceed_1h", "exceed_24h"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "exceed_1h", "exceed_24h"))
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -265,15 +263,15 @@ def _aqi_kernel(
         count[s] += 1
         last_time[s] = t
         index = _interp(total[s] / count[s], breakpoints, pollutant_of[metric[i]], indices)
-        score[i] = index / 500.0
+        score[k] = index / 500.0
         if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
-            flagged[i] = True
+            flagged[k] = True
             # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
             category = 1
             for bound in (50.0, 100.0, 150.0, 200.0, 300.0):
                 if index > bound:
                     category += 1
-            reason[i] = category
+            reason[k] = category
             flagged_hour[s] = this_hour
 
 
@@ -336,7 +334,7 @@ def _exceedance_kernel(
         day_count[s] += 1
         last_time[s] = t
         worst = max(hourly, daily)
-        score[i] = min(worst / 2.0, 1.0)
-        flagged[i] = worst > 1.0
+        score[k] = min(worst / 2.0, 1.0)
+        flagged[k] = worst > 1.0
         # A day's exceedance wins over the hour's on the same reading.
-        reason[i] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)
+        reason[k] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)

@@ -130,12 +130,8 @@ class Drift(SeriesState):
         baseline, step, last_offset = self.baseline.view, self.step.view, self.last_offset.view
         upper, lower, count, last_time = self.upper.view, self.lower.view, self.count.view, self.last_time_us.view
         latest, member = self.latest.view, self._member.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
         if not len(rows):
-            return DetectorResult(self.name, score, flagged, reason, REASONS)
+            return DetectorResult.none(self.name, len(batch), REASONS)
         # A series' group never changes: only series new to this process need theirs looked up.
         unknown = _ungrouped(rows, batch.series, self.block_slot, self._group.view)
         if len(unknown):
@@ -143,13 +139,16 @@ class Drift(SeriesState):
             slots, _ = self.slots(batch.series[unknown])
             self.group_key.view[slots] = keys
             self._group.view[slots] = self._group_of(keys)
-        _drift_kernel(
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
+        by_round = _drift_kernel(
             rows, batch.repeats(), batch.series, self.block_slot, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
             baseline, step, last_offset, upper, lower, count, last_time,
             self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, REASONS)
+        return DetectorResult(self.name, len(batch), by_round, score, flagged, reason, REASONS)
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
@@ -204,11 +203,12 @@ def _drift_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
-) -> None:
+) -> NDArray[np.int64]:
     """The detector, compiled (see processors/kernels.py). Readings go in rounds: round k holds
     the k-th reading (by time) of every series that has one, so a sensor is compared with its
     peers' readings of about the same moment, not with ones from later in the batch. Within a
-    round, the groups' sums take in every reading first, then each reading is scored."""
+    round, the groups' sums take in every reading first, then each reading is scored. Returns
+    the rows in the order walked (by round), which the outputs follow."""
     size = rows.shape[0]
     # The usual case, no series twice in the batch: one round.
     rounds = 1
@@ -276,13 +276,13 @@ def _drift_kernel(
             new_upper = max(upper[s] + z - slack, 0.0) if warm else 0.0
             new_lower = max(lower[s] - z - slack, 0.0) if warm else 0.0
             worst = max(new_upper, new_lower)
-            score[i] = min(worst / (2 * limit), 1.0)
+            score[k] = min(worst / (2 * limit), 1.0)
             if not fresh[k]:
                 continue
             # Flagged when a sum first reaches the limit: one anomaly per drift.
             if warm and worst >= limit and not drifting[k]:
-                flagged[i] = True
-                reason[i] = 1 if new_upper >= new_lower else 2
+                flagged[k] = True
+                reason[k] = 1 if new_upper >= new_lower else 2
             # The step scale: a running mean while warming up, then exponential forgetting.
             previous = last_offset[s]
             if np.isfinite(previous):
@@ -298,3 +298,4 @@ def _drift_kernel(
             last_offset[s] = offset
             count[s] = seen + 1
             last_time[s] = time_us[i]
+    return by_round

@@ -82,9 +82,8 @@ class Dropout(SeriesState):
                 np.ones(found, np.uint8),
                 REASONS,
             )
-        return DetectorResult(
-            self.name, np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8), REASONS, events
-        )
+        # No verdict on any reading: a dropout is the absence of one.
+        return DetectorResult.none(self.name, size, REASONS, events)
 
     def due(self, latest_us: int) -> bool:
         return latest_us != _NEVER and latest_us - self._last_sweep_us >= self.sweep_every_us

@@ -55,10 +55,9 @@ class EwmaZScore(SeriesState):
         mean, variance = self.mean.view, self.variance.view
         count, last_time = self.count.view, self.last_time_us.view
         slow_variance = self.slow_variance.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         ewma_kernel(
             rows,
             batch.series,
@@ -78,4 +77,4 @@ class EwmaZScore(SeriesState):
             flagged,
             reason,
         )
-        return DetectorResult(self.name, score, flagged, reason, REASONS)
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, REASONS)

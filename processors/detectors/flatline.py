@@ -38,8 +38,7 @@ class Flatline(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
-        size = len(batch)
-        flagged = np.zeros(size, np.bool_)
+        flagged = np.zeros(len(rows), np.bool_)
         flatline_kernel(
             rows,
             batch.series,
@@ -53,5 +52,14 @@ class Flatline(SeriesState):
             self.tolerance,
             flagged,
         )
-        score = flagged.astype(np.float32)
-        return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), REASONS)
+        # Only the flagged rows have a verdict (score 1): the others score 0.
+        hit = np.flatnonzero(flagged)
+        return DetectorResult(
+            self.name,
+            len(batch),
+            rows[hit],
+            np.ones(len(hit), np.float32),
+            flagged[hit],
+            np.ones(len(hit), np.uint8),
+            REASONS,
+        )

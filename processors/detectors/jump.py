@@ -47,10 +47,9 @@ class Jump(SeriesState):
         rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, mean_step = self.last_value.view, self.mean_step.view
         count, last_time = self.count.view, self.last_time_us.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         jump_kernel(
             rows,
             batch.series,
@@ -68,4 +67,4 @@ class Jump(SeriesState):
             flagged,
             reason,
         )
-        return DetectorResult(self.name, score, flagged, reason, REASONS)
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, REASONS)

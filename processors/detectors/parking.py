@@ -43,14 +43,15 @@ class OverCapacity(SeriesState):
         known = np.isfinite(capacity)
         rows, capacity = rows[known], capacity[known]
         over, last_time = self.over.view, self.last_time_us.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
         _over_capacity_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, capacity, self.tolerance,
             over, last_time, score, flagged,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "over_capacity"))
+        return DetectorResult(
+            self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "over_capacity")
+        )
 
 
 @register_detector("bay_flapping")
@@ -87,14 +88,13 @@ class BayFlapping(SeriesState):
             self.toggles.view,
             self.last_time_us.view,
         )
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
         _flapping_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value,
             last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
 
 
 @register_detector("lot_stuck")
@@ -147,15 +147,15 @@ class LotStuck(SeriesState):
         # each district. A lot's last change only moves forward, so a running maximum per
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
         self.district_latest.resize(int(districts.max()) + 1 if size else 0)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         _stuck_flag(
             rows, live, batch.series, self.block_slot, batch.time_us, batch.value, capacity, since,
             self.district.view, self.district_latest.view, changed, reported, self.stuck_us,
             score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
 
     def _grow(self, slots: int) -> None:
         super()._grow(slots)
@@ -187,10 +187,10 @@ def _over_capacity_kernel(
         is_over = excess > 0
         # A late reading is scored too; only a fresh one moves the episode.
         if is_over:
-            score[i] = 0.5 + 0.5 * min(excess / max(capacity[k], 1.0), 1.0)
+            score[k] = 0.5 + 0.5 * min(excess / max(capacity[k], 1.0), 1.0)
         if time_us[i] <= last_time[s]:
             continue
-        flagged[i] = is_over and not over[s]
+        flagged[k] = is_over and not over[s]
         over[s] = is_over
         last_time[s] = time_us[i]
 
@@ -228,8 +228,8 @@ def _flapping_kernel(
             else:
                 count += 1
         toggles[s] = count
-        score[i] = min(count / max_toggles, 1.0)
-        flagged[i] = toggled and count == max_toggles
+        score[k] = min(count / max_toggles, 1.0)
+        flagged[k] = toggled and count == max_toggles
         last_value[s] = v
         last_time[s] = t
 
@@ -299,12 +299,12 @@ def _stuck_flag(
         if not full_or_empty:
             continue
         quiet_for = time_us[i] - since[k]
-        score[i] = min(quiet_for / (2.0 * stuck_us), 1.0)
+        score[k] = min(quiet_for / (2.0 * stuck_us), 1.0)
         latest = district_latest[district[s]]
         # A lot is its own latest change only if no neighbour moved since: that is not "others".
         neighbours_moved = latest >= time_us[i] - stuck_us // 2 and latest > since[k]
         # One flag per lot, even if the batch holds several of its stuck readings.
         if quiet_for >= stuck_us and neighbours_moved and not reported[s]:
-            flagged[i] = True
-            reason[i] = 1 if v <= 0 else 2
+            flagged[k] = True
+            reason[k] = 1 if v <= 0 else 2
             reported[s] = True

@@ -60,17 +60,18 @@ class TrafficProfile(SeriesState):
         self.counts.resize(slots)
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
-        reason = np.zeros(size, np.uint8)
         rows = self._walk(batch, series_count, self.metrics)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
+        reason = np.zeros(len(rows), np.uint8)
         _profile_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value,
             self.means.view, self.counts.view, self.scale.view, self.last_time_us.view,
             self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, ("", "above_profile", "below_profile"))
+        return DetectorResult(
+            self.name, len(batch), rows, score, flagged, reason, ("", "above_profile", "below_profile")
+        )
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
         arrays = super().export_state(dense)
@@ -123,17 +124,18 @@ class TrafficZero(SeriesState):
         rows = self._walk(batch, series_count, self.applies_to)
         flow, count, last_time = self.flow.view, self.count.view, self.last_time_us.view
         zeros_in_row = self.zeros_in_row.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
         occupancy = companion(batch, "occupancy", rows)
-        reason = np.zeros(size, np.uint8)
+        reason = np.zeros(len(rows), np.uint8)
         _zero_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
             flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
             self.min_readings, self.jam_occupancy, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, reason, ("", "zero_incident", "zero_sensor_failure"))
+        return DetectorResult(
+            self.name, len(batch), rows, score, flagged, reason, ("", "zero_incident", "zero_sensor_failure")
+        )
 
 
 @register_detector("congestion")
@@ -160,14 +162,13 @@ class Congestion(SeriesState):
         known = np.isfinite(occupancy)
         rows, occupancy = rows[known], occupancy[known]
         jammed, last_time = self.jammed.view, self.last_time_us.view
-        size = len(batch)
-        score = np.zeros(size, np.float32)
-        flagged = np.zeros(size, np.bool_)
+        score = np.zeros(len(rows), np.float32)
+        flagged = np.zeros(len(rows), np.bool_)
         _congestion_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
             self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
         )  # fmt: skip
-        return DetectorResult(self.name, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -208,10 +209,10 @@ def _profile_kernel(
         absolute = abs(z)
         # A late reading is scored against the profile as it is; it teaches nothing.
         if warm:
-            score[i] = absolute / (absolute + threshold)
+            score[k] = absolute / (absolute + threshold)
             if absolute >= threshold:
-                flagged[i] = True
-                reason[i] = 1 if z > 0 else 2
+                flagged[k] = True
+                reason[k] = 1 if z > 0 else 2
         if time_us[i] <= last_time[s]:
             continue
         learned = value[i]
@@ -258,11 +259,11 @@ def _zero_kernel(
         usual = count[s] >= warmup and flow[s] >= min_flow
         zeros = zeros_in_row[s] + 1 if zero else 0
         if zero and usual:
-            score[i] = min(zeros / min_readings, 1.0)
+            score[k] = min(zeros / min_readings, 1.0)
         if usual and zeros == min_readings:
-            flagged[i] = True
+            flagged[k] = True
             # A covered loop means standing vehicles: an incident; an empty one, a dead sensor.
-            reason[i] = 1 if occupancy[k] >= jam_occupancy else 2
+            reason[k] = 1 if occupancy[k] >= jam_occupancy else 2
         zeros_in_row[s] = zeros
         # The usual flow learns from non-zero counts only: a dead counter keeps its history.
         if not zero:
@@ -293,7 +294,7 @@ def _congestion_kernel(
         if time_us[i] <= last_time[s]:
             continue
         jam = speed[i] <= jam_speed and occupancy[k] >= jam_occupancy
-        score[i] = 1.0 if jam else 0.5 * min(occupancy[k] / jam_occupancy, 1.0) * 0.99
-        flagged[i] = jam and not jammed[s]
+        score[k] = 1.0 if jam else 0.5 * min(occupancy[k] / jam_occupancy, 1.0) * 0.99
+        flagged[k] = jam and not jammed[s]
         jammed[s] = jam
         last_time[s] = time_us[i]

@@ -109,7 +109,7 @@ class TimescaleSink:
         metrics.ROWS_WRITTEN.labels("anomalies").inc(anomalies)
         # Counted only once the batch is committed: a retried or refused batch counts nothing.
         for result in results:
-            found = int(result.flagged.sum()) + (len(result.events) if result.events is not None else 0)
+            found = int(result.row_flagged.sum()) + (len(result.events) if result.events is not None else 0)
             metrics.ANOMALIES.labels(result.detector).inc(found)
 
     async def _resolve_series(
@@ -192,7 +192,7 @@ class TimescaleSink:
         series_id: NDArray[np.generic],
         result: DetectorResult,
     ) -> int:
-        rows = np.flatnonzero(result.flagged)
+        rows, score, reason = result.anomalies()
         if not len(rows):
             return 0
         return await self._insert_anomalies(
@@ -201,8 +201,8 @@ class TimescaleSink:
             result.reasons,
             batch.time_us[rows],
             series_id[rows],
-            result.score[rows],
-            result.reason[rows],
+            score,
+            reason,
             batch.value[rows],
         )
 

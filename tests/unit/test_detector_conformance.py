@@ -65,7 +65,11 @@ def test_an_empty_batch_gives_an_empty_result(name: str) -> None:
 def test_output_matches_input_length_and_scores_stay_in_range(name: str) -> None:
     readings = history()
     result = make(name).process(readings, 5)
-    assert len(result.score) == len(result.flagged) == len(result.reason) == len(readings)
+    assert len(result.score) == len(result.flagged) == len(result.reason) == len(readings) == result.size
+    # The rows with a verdict: each once, within the batch, with a verdict each.
+    assert len(result.rows) == len(result.row_score) == len(result.row_flagged) == len(result.row_reason)
+    assert len(np.unique(result.rows)) == len(result.rows)
+    assert np.all((result.rows >= 0) & (result.rows < len(readings)))
     assert np.all((result.score >= 0) & (result.score <= 1))
     assert np.all(result.reason[result.flagged] > 0)
     assert np.all(result.reason[~result.flagged] == 0)

@@ -8,7 +8,7 @@ import pytest
 
 from config import DetectorSettings
 from ingest.envelope import Envelope, encode_envelope
-from processors.batch import ReadingBatch
+from processors.batch import DetectorResult, ReadingBatch
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
 from processors.kernels import group_percentile, ordered, time_order
@@ -260,6 +260,30 @@ def test_rows_are_the_finite_rows_of_the_selected_metrics_in_time_order_per_seri
     bare = batch_of([0, 0], [2, 1], [1.0, np.nan])
     assert bare.rows(["a"]).tolist() == []
     assert bare.rows().tolist() == [0]
+
+
+def test_a_result_lists_only_rows_with_a_verdict_and_splits_with_its_batch() -> None:
+    result = DetectorResult(
+        "d",
+        6,
+        np.array([5, 1, 3], np.int64),
+        np.array([0.9, 0.2, 0.7], np.float32),
+        np.array([True, False, True]),
+        np.array([2, 0, 1], np.uint8),
+        ("", "up", "down"),
+    )
+    np.testing.assert_array_equal(result.score, np.array([0, 0.2, 0, 0.7, 0, 0.9], np.float32))
+    assert result.flagged.tolist() == [False, False, False, True, False, True]
+    assert result.reason.tolist() == [0, 0, 0, 1, 0, 2]
+    rows, score, reason = result.anomalies()
+    found = sorted(zip(rows.tolist(), score.tolist(), reason.tolist(), strict=True))
+    assert found == [(3, pytest.approx(0.7), 1), (5, pytest.approx(0.9), 2)]
+    # Rows 2..5 of the batch, as batch.take numbers them: batch row 3 is row 1, 5 is 3.
+    part = result.take(np.arange(2, 6))
+    assert part.size == 4
+    assert part.flagged.tolist() == [False, True, False, True]
+    assert part.reason.tolist() == [0, 1, 0, 2]
+    assert result.take(np.arange(0, 1)).rows.tolist() == []
 
 
 def test_retain_freed_memory_takes_effect_with_glibc() -> None:
