@@ -120,38 +120,64 @@ class ReadingBatch:
 
     def select_rows(self, selections: Sequence[Selection]) -> None:
         """Work out the rows of several selections. The batch's finite rows are grouped by
-        metric code once (``kernels.group_rows``); a selection is then its codes' groups, one
+        metric once (``kernels.group_rows``); a selection is then its metrics' groups, one
         after another. Grouped, a detector walks one metric's series after another: in the
         detection stage's index a metric's series sit in blocks of their own, so the state is
-        read in long runs, not scattered."""
-        from processors.kernels import group_rows
-
+        read in long runs, not scattered. The selections asked for together with the first
+        decide the order of the groups (``group_ranks``): most of them then take adjacent
+        groups, a slice of the grouping rather than a copy of its rows."""
         new = [selection for selection in dict.fromkeys(selections) if selection not in self._rows]
         if not new:
             return
-        order = self.time_order()
         if self.metric is None:
+            order = self.time_order()
             is_finite = np.isfinite(self.value)
             finite = order if is_finite.all() else order[is_finite[order]]
             for selection in new:
                 self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
         else:
             if "grouped_rows" not in self._memo:
-                codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
-                grouped, starts = group_rows(order, self.metric, self.value, codes)
-                self.memoized("grouped_rows", lambda: grouped)
-                self.memoized("grouped_starts", lambda: starts)
-            grouped, starts = self._memo["grouped_rows"], self._memo["grouped_starts"]
+                self._group(new)
+            grouped, starts, rank = (self._memo[key] for key in ("grouped_rows", "grouped_starts", "group_rank"))
             for include, exclude in new:
+                taken = np.zeros(len(rank) + 2, np.bool_)
+                taken[rank[: len(self.metric_names)][self.wanted_codes(include, exclude)] + 1] = True
+                # Runs of adjacent groups: from each False -> True edge to the next True -> False.
+                edges = np.flatnonzero(taken[1:] != taken[:-1])
                 pieces = [
-                    grouped[starts[code] : starts[code + 1]]
-                    for code in np.flatnonzero(self.wanted_codes(include, exclude))
-                    if starts[code + 1] > starts[code]
+                    grouped[starts[first] : starts[last]]
+                    for first, last in zip(edges[::2], edges[1::2], strict=True)
+                    if starts[last] > starts[first]
                 ]
                 rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, np.int64)])
                 self._rows[include, exclude] = rows
         for rows in self._rows.values():
             rows.flags.writeable = False
+
+    def selections(self) -> list[Selection]:
+        """The selections asked for so far (``rows``, ``select_rows``)."""
+        return list(self._rows)
+
+    def _group(self, selections: Sequence[Selection]) -> None:
+        from processors.kernels import group_arrival_rows, group_rows
+
+        assert self.metric is not None
+        codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
+        rank = group_ranks(codes, [self.wanted_codes(*selection) for selection in selections])
+        series_count = int(self.series.max()) + 1 if len(self.series) else 0
+        state = 0
+        # With many more series than rows, a pass over every series costs more than sorting.
+        if series_count <= 16 * len(self.series):
+            grouped, starts, state = group_arrival_rows(
+                self.series, self.time_us, self.metric, self.value, rank, series_count
+            )
+        if state:
+            self.memoized("repeats", lambda: np.array(state == 2))
+        else:
+            grouped, starts = group_rows(self.time_order(), self.metric, self.value, rank)
+        self.memoized("grouped_rows", lambda: grouped)
+        self.memoized("grouped_starts", lambda: starts)
+        self.memoized("group_rank", lambda: rank)
 
     def __len__(self) -> int:
         return len(self.value)
@@ -178,6 +204,23 @@ class ReadingBatch:
         return cls(
             np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64), offsets or {}
         )
+
+
+def group_ranks(codes: int, wanted: Sequence[NDArray[np.bool_]]) -> NDArray[np.int64]:
+    """An order of the metric codes' groups (each code's place in it) that keeps the codes of
+    each selection (``wanted``: per selection, whether it takes each code) adjacent where it
+    can. Codes are sorted by which selections take them, the selection with the most codes
+    first: that one, and each within it taking the most of the rest, come out adjacent."""
+    by_size = sorted(wanted, key=lambda taken: -int(taken.sum()))
+    # Per code, per selection: taken or not (codes beyond a selection's table are not).
+    membership = np.zeros((codes, len(by_size)), np.bool_)
+    for column, taken in enumerate(by_size):
+        membership[: len(taken), column] = taken
+    # np.lexsort's last key sorts first; taken (True) before not, then by code.
+    order = np.lexsort((np.arange(codes), *(~membership[:, column] for column in reversed(range(len(by_size))))))
+    rank = np.empty(codes, np.int64)
+    rank[order] = np.arange(codes)
+    return rank
 
 
 @dataclass(frozen=True, slots=True)

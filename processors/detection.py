@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from config import Settings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
+from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
 from processors.detectors import Detector, Sweeper, build_detector
 from processors.kernels import group_percentile
 from processors.series import SeriesIndex, held_bytes
@@ -34,11 +34,18 @@ class DetectionStage:
         ]
         # Per Kafka partition: the stream's clock, as far as this process has read it.
         self._partition_now_us: dict[int, int] = {}
+        # The metric selections the detectors asked the last batch for (``ReadingBatch.rows``).
+        # Asked of each batch at once, before the detectors run, they decide the order of its
+        # grouped rows, so most selections are slices of it, not copies.
+        self._selections: list[Selection] = []
 
     def detect(self, batch: ReadingBatch, partitions: set[int] | None = None) -> list[DetectorResult]:
         """Every detector's verdict on the batch; sweeping detectors also report what they find
         among the series of ``partitions`` (None: all), each by its own partition's clock."""
+        if self._selections:
+            batch.select_rows(self._selections)
         results = [detector.process(batch, self.index.extent) for detector in self.detectors]
+        self._selections = batch.selections()
         if not len(batch) or not self._sweepers:
             return results
         # A partition's clock: the 90th percentile of its newest records' times, never going

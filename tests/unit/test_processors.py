@@ -8,7 +8,7 @@ import pytest
 
 from config import DetectorSettings
 from ingest.envelope import Envelope, encode_envelope
-from processors.batch import DetectorResult, ReadingBatch
+from processors.batch import DetectorResult, ReadingBatch, group_ranks
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
 from processors.kernels import group_percentile, ordered, time_order
@@ -251,15 +251,50 @@ def test_rows_are_the_finite_rows_of_the_selected_metrics_in_time_order_per_seri
     assert batch.rows(["a", "b"], ["a"]).tolist() == [6, 2]
     assert batch.rows().tolist() == [1, 5, 3, 0, 6, 2]
     assert batch.rows(["a"]) is batch.rows(("a",))  # once per batch
-    # Several selections at once give what each gives alone.
+    # Several selections at once give the rows each gives alone, each metric's in the same
+    # order (the metrics may come in another order).
     together = dataclasses.replace(batch)
     together.select_rows([(("a",), ()), ((), ("a",)), ((), ())])
+    metric = np.array([0, 0, 1, 0, 2, 0, 1])
     for include, exclude in [(["a"], []), ([], ["a"]), ([], [])]:
-        assert together.rows(include, exclude).tolist() == batch.rows(include, exclude).tolist()
+        rows, alone = together.rows(include, exclude), batch.rows(include, exclude)
+        for code in range(3):
+            assert rows[metric[rows] == code].tolist() == alone[metric[alone] == code].tolist()
+        assert len(rows) == len(alone)
     # No metric codes: an include selects nothing, anything else every finite row.
     bare = batch_of([0, 0], [2, 1], [1.0, np.nan])
     assert bare.rows(["a"]).tolist() == []
     assert bare.rows().tolist() == [0]
+
+
+def test_selections_asked_together_are_slices_of_one_grouping_not_copies() -> None:
+    rng = np.random.default_rng(4)
+    names = ("capacity", "co", "no2", "occupied", "pm2_5", "speed")
+    size = 600
+    batch = dataclasses.replace(
+        batch_of(list(range(size)), [1] * size, rng.normal(size=size).tolist()),
+        metric=rng.integers(0, len(names), size),
+        metric_names=names,
+    )
+    # As the stage's detectors ask: all but two flags, the pollutants, one of them, traffic.
+    selections = [((), ("capacity", "occupied")), (("co", "no2", "pm2_5"), ()), (("pm2_5",), ()), (("speed",), ())]
+    batch.select_rows(selections)
+    every = batch.rows()
+    for include, exclude in selections:
+        rows = batch.rows(include, exclude)
+        assert np.shares_memory(rows, every), f"{include or exclude}: a copy"
+        wanted = [name not in exclude and (not include or name in include) for name in names]
+        assert sorted(rows.tolist()) == np.flatnonzero(np.array(wanted)[batch.metric]).tolist()
+
+
+def test_group_ranks_keep_each_nested_selection_adjacent() -> None:
+    a = np.array([True, True, True, False, True])
+    b = np.array([False, True, False, False, True])
+    rank = group_ranks(5, [b, a])
+    for taken in (a, b):
+        places = np.sort(rank[taken])
+        assert places.tolist() == list(range(places[0], places[0] + len(places)))
+    assert sorted(rank.tolist()) == list(range(5))
 
 
 def test_a_result_lists_only_rows_with_a_verdict_and_splits_with_its_batch() -> None:
