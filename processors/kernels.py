@@ -332,10 +332,10 @@ def group_rows(
     grouped = np.empty(starts[groups], np.int64)
     fill = starts[:-1].copy()
     for k in range(order.shape[0]):
-        i = order[k]
+        i = np.uint64(order[k])
         if np.isfinite(value[i]):
-            group = rank[metric[i]]
-            grouped[fill[group]] = i
+            group = np.uint64(rank[np.uint64(metric[i])])
+            grouped[np.uint64(fill[group])] = i
             fill[group] += 1
     return grouped, starts
 
@@ -352,26 +352,33 @@ def group_arrival_rows(
     """``group_rows`` of the rows in arrival order, and in the same pass over the batch the
     check ``_in_order`` makes: 0 unless arrival order is time order within every series (then
     nothing is grouped), else 1 if no series has two rows, else 2. The usual batch is in order
-    (Kafka keeps each device's records in order), so it is read twice in all, not four times."""
+    (Kafka keeps each device's records in order). The first pass notes each row's group, so
+    the second reads one number per row instead of its metric and value again."""
     groups = rank.shape[0]
-    starts = np.zeros(groups + 1, np.int64)
+    size = series.shape[0]
+    counts = np.zeros(groups + 1, np.int64)
     last = np.full(series_count, _NEVER, np.int64)
+    # Per row: its group, or ``groups`` for a value that is not finite (left out).
+    row_group = np.empty(size, np.int64)
     repeats = False
-    for i in range(series.shape[0]):
+    for i in range(size):
         s = np.uint64(series[i])
-        if time_us[i] < last[s]:
-            return np.empty(0, np.int64), starts, 0
+        t = time_us[i]
+        if t < last[s]:
+            return np.empty(0, np.int64), counts, 0
         repeats |= last[s] != _NEVER
-        last[s] = time_us[i]
-        if np.isfinite(value[i]):
-            starts[rank[metric[i]] + 1] += 1
+        last[s] = t
+        group = rank[np.uint64(metric[i])] if np.isfinite(value[i]) else groups
+        row_group[i] = group
+        counts[np.uint64(group)] += 1
+    starts = np.zeros(groups + 1, np.int64)
     for group in range(groups):
-        starts[group + 1] += starts[group]
+        starts[group + 1] = starts[group] + counts[group]
     grouped = np.empty(starts[groups], np.int64)
-    fill = starts[:-1].copy()
-    for i in range(series.shape[0]):
-        if np.isfinite(value[i]):
-            group = rank[metric[i]]
-            grouped[fill[group]] = i
+    fill = starts.copy()
+    for i in range(size):
+        group = np.uint64(row_group[i])
+        if group < groups:
+            grouped[np.uint64(fill[group])] = i
             fill[group] += 1
     return grouped, starts, 2 if repeats else 1
