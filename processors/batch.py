@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from processors.series import SERIES_BLOCK_BITS
 
 __all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch", "Selection"]
 
@@ -113,10 +116,8 @@ class ReadingBatch:
         return self._rows[selection]
 
     def wanted_codes(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.bool_]:
-        """For each metric code, whether a selection (as in ``rows``) takes it."""
-        return np.array(
-            [(not include or name in include) and name not in exclude for name in self.metric_names], np.bool_
-        )
+        """For each metric code, whether a selection (as in ``rows``) takes it (read-only)."""
+        return wanted_codes(self.metric_names, (tuple(sorted(include)), tuple(sorted(exclude))))
 
     def select_rows(self, selections: Sequence[Selection]) -> None:
         """Work out the rows of several selections. The batch's finite rows are grouped by
@@ -137,20 +138,16 @@ class ReadingBatch:
                 self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
         else:
             if "grouped_rows" not in self._memo:
-                self._group(new)
+                self._group(tuple(new))
             grouped, starts, rank = (self._memo[key] for key in ("grouped_rows", "grouped_starts", "group_rank"))
-            for include, exclude in new:
-                taken = np.zeros(len(rank) + 2, np.bool_)
-                taken[rank[: len(self.metric_names)][self.wanted_codes(include, exclude)] + 1] = True
-                # Runs of adjacent groups: from each False -> True edge to the next True -> False.
-                edges = np.flatnonzero(taken[1:] != taken[:-1])
+            for selection in new:
                 pieces = [
                     grouped[starts[first] : starts[last]]
-                    for first, last in zip(edges[::2], edges[1::2], strict=True)
+                    for first, last in group_runs(self.metric_names, rank.tobytes(), selection)
                     if starts[last] > starts[first]
                 ]
                 rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, np.int64)])
-                self._rows[include, exclude] = rows
+                self._rows[selection] = rows
         for rows in self._rows.values():
             rows.flags.writeable = False
 
@@ -158,19 +155,26 @@ class ReadingBatch:
         """The selections asked for so far (``rows``, ``select_rows``)."""
         return list(self._rows)
 
-    def _group(self, selections: Sequence[Selection]) -> None:
-        from processors.kernels import group_arrival_rows, group_rows
+    def _group(self, selections: tuple[Selection, ...]) -> None:
+        from processors.kernels import CODE_BEYOND_TABLE, group_arrival_rows, group_rows
 
         assert self.metric is not None
-        codes = max(len(self.metric_names), int(self.metric.max()) + 1 if len(self.metric) else 0)
-        rank = group_ranks(codes, [self.wanted_codes(*selection) for selection in selections])
-        series_count = int(self.series.max()) + 1 if len(self.series) else 0
+        rank = group_ranks(self.metric_names, len(self.metric_names), selections)
+        # The index's blocks bound its series (and cost no pass over the batch to find).
+        if self.block_metric is not None:
+            series_count = len(self.block_metric) << SERIES_BLOCK_BITS
+        else:
+            series_count = int(self.series.max()) + 1 if len(self.series) else 0
         state = 0
         # With many more series than rows, a pass over every series costs more than sorting.
         if series_count <= 16 * len(self.series):
             grouped, starts, state = group_arrival_rows(
                 self.series, self.time_us, self.metric, self.value, rank, series_count
             )
+        if state == CODE_BEYOND_TABLE:
+            # Codes beyond the names (batches built by hand): a group each as well.
+            rank = group_ranks(self.metric_names, int(self.metric.max()) + 1, selections)
+            state = 0
         if state:
             self.memoized("repeats", lambda: np.array(state == 2))
         else:
@@ -206,21 +210,47 @@ class ReadingBatch:
         )
 
 
-def group_ranks(codes: int, wanted: Sequence[NDArray[np.bool_]]) -> NDArray[np.int64]:
-    """An order of the metric codes' groups (each code's place in it) that keeps the codes of
-    each selection (``wanted``: per selection, whether it takes each code) adjacent where it
-    can. Codes are sorted by which selections take them, the selection with the most codes
-    first: that one, and each within it taking the most of the rest, come out adjacent."""
-    by_size = sorted(wanted, key=lambda taken: -int(taken.sum()))
-    # Per code, per selection: taken or not (codes beyond a selection's table are not).
-    membership = np.zeros((codes, len(by_size)), np.bool_)
-    for column, taken in enumerate(by_size):
-        membership[: len(taken), column] = taken
+@functools.lru_cache(maxsize=1024)
+def wanted_codes(metric_names: tuple[str, ...], selection: Selection) -> NDArray[np.bool_]:
+    """For each metric code, whether ``selection`` takes it (read-only; worked out once per
+    metric table, which only grows)."""
+    include, exclude = selection
+    wanted = np.array([(not include or name in include) and name not in exclude for name in metric_names], np.bool_)
+    wanted.flags.writeable = False
+    return wanted
+
+
+@functools.lru_cache(maxsize=256)
+def group_ranks(metric_names: tuple[str, ...], codes: int, selections: tuple[Selection, ...]) -> NDArray[np.int64]:
+    """An order of the ``codes`` metric codes' groups (each code's place in it) that keeps the
+    codes of each selection adjacent where it can. Codes are sorted by which selections take
+    them, the selection with the most codes first: that one, and each within it taking the most
+    of the rest, come out adjacent. Read-only; once per metric table and set of selections."""
+    wanted = sorted(
+        (wanted_codes(metric_names, selection) for selection in selections), key=lambda taken: -int(taken.sum())
+    )
+    # Per code, per selection: taken or not (codes beyond the names are taken by none).
+    membership = np.zeros((codes, len(wanted)), np.bool_)
+    for column, taken in enumerate(wanted):
+        membership[: len(taken), column] = taken[:codes]
     # np.lexsort's last key sorts first; taken (True) before not, then by code.
-    order = np.lexsort((np.arange(codes), *(~membership[:, column] for column in reversed(range(len(by_size))))))
+    order = np.lexsort((np.arange(codes), *(~membership[:, column] for column in reversed(range(len(wanted))))))
     rank = np.empty(codes, np.int64)
     rank[order] = np.arange(codes)
+    rank.flags.writeable = False
     return rank
+
+
+@functools.lru_cache(maxsize=4096)
+def group_runs(metric_names: tuple[str, ...], rank: bytes, selection: Selection) -> tuple[tuple[int, int], ...]:
+    """The groups a selection takes, as runs of adjacent groups ``(first, end)`` in the order
+    ``rank`` (its bytes, so it can be a key) gives them."""
+    places = np.frombuffer(rank, np.int64)
+    taken = np.zeros(len(places) + 2, np.bool_)
+    taken[places[: len(metric_names)][wanted_codes(metric_names, selection)] + 1] = True
+    # From each False -> True edge to the next True -> False one.
+    edges = np.flatnonzero(taken[1:] != taken[:-1]).tolist()
+    return tuple(zip(edges[::2], edges[1::2], strict=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
 
 __all__ = [
+    "CODE_BEYOND_TABLE",
     "assign_slots",
     "compiled",
     "ewma_kernel",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 compiled = njit(cache=True, nogil=True, error_model="numpy")
+
+# What ``group_arrival_rows`` returns for a metric code beyond its table.
+CODE_BEYOND_TABLE = 3
 
 _NEVER = np.iinfo(np.int64).min
 _BLOCK_MASK = np.uint64(SERIES_BLOCK - 1)
@@ -332,11 +336,11 @@ def group_rows(
     grouped = np.empty(starts[groups], np.int64)
     fill = starts[:-1].copy()
     for k in range(order.shape[0]):
-        i = np.uint64(order[k])
-        if np.isfinite(value[i]):
-            group = np.uint64(rank[np.uint64(metric[i])])
-            grouped[np.uint64(fill[group])] = i
-            fill[group] += 1
+        row = np.uint64(order[k])
+        if np.isfinite(value[row]):
+            place = np.uint64(rank[np.uint64(metric[row])])
+            grouped[np.uint64(fill[place])] = row
+            fill[place] += 1
     return grouped, starts
 
 
@@ -351,7 +355,8 @@ def group_arrival_rows(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], int]:
     """``group_rows`` of the rows in arrival order, and in the same pass over the batch the
     check ``_in_order`` makes: 0 unless arrival order is time order within every series (then
-    nothing is grouped), else 1 if no series has two rows, else 2. The usual batch is in order
+    nothing is grouped), else 1 if no series has two rows, else 2; or ``CODE_BEYOND_TABLE`` if
+    a metric code has no place in ``rank``. The usual batch is in order
     (Kafka keeps each device's records in order). The first pass notes each row's group, so
     the second reads one number per row instead of its metric and value again."""
     groups = rank.shape[0]
@@ -368,7 +373,10 @@ def group_arrival_rows(
             return np.empty(0, np.int64), counts, 0
         repeats |= last[s] != _NEVER
         last[s] = t
-        group = rank[np.uint64(metric[i])] if np.isfinite(value[i]) else groups
+        code = np.uint64(metric[i])
+        if code >= groups:
+            return np.empty(0, np.int64), counts, CODE_BEYOND_TABLE
+        group = rank[code] if np.isfinite(value[i]) else groups
         row_group[i] = group
         counts[np.uint64(group)] += 1
     starts = np.zeros(groups + 1, np.int64)
@@ -377,8 +385,8 @@ def group_arrival_rows(
     grouped = np.empty(starts[groups], np.int64)
     fill = starts.copy()
     for i in range(size):
-        group = np.uint64(row_group[i])
-        if group < groups:
-            grouped[np.uint64(fill[group])] = i
-            fill[group] += 1
+        place = np.uint64(row_group[i])
+        if place < groups:
+            grouped[np.uint64(fill[place])] = i
+            fill[place] += 1
     return grouped, starts, 2 if repeats else 1

@@ -8,7 +8,7 @@ import pytest
 
 from config import DetectorSettings
 from ingest.envelope import Envelope, encode_envelope
-from processors.batch import DetectorResult, ReadingBatch, group_ranks
+from processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
 from processors.kernels import group_percentile, ordered, time_order
@@ -261,6 +261,13 @@ def test_rows_are_the_finite_rows_of_the_selected_metrics_in_time_order_per_seri
         for code in range(3):
             assert rows[metric[rows] == code].tolist() == alone[metric[alone] == code].tolist()
         assert len(rows) == len(alone)
+    # A code beyond the names (a batch built by hand) has no name to select it by: no selection
+    # takes it, and it does not disturb the others.
+    beyond = dataclasses.replace(
+        batch_of([0, 1], [1, 1], [1.0, 2.0]), metric=np.array([0, 5], np.int64), metric_names=("a",)
+    )
+    assert beyond.rows(["a"]).tolist() == [0]
+    assert beyond.rows().tolist() == [0]
     # No metric codes: an include selects nothing, anything else every finite row.
     bare = batch_of([0, 0], [2, 1], [1.0, np.nan])
     assert bare.rows(["a"]).tolist() == []
@@ -291,13 +298,14 @@ def test_selections_asked_together_are_slices_of_one_grouping_not_copies() -> No
 
 
 def test_group_ranks_keep_each_nested_selection_adjacent() -> None:
-    a = np.array([True, True, True, False, True])
-    b = np.array([False, True, False, False, True])
-    rank = group_ranks(5, [b, a])
-    for taken in (a, b):
-        places = np.sort(rank[taken])
+    names = ("a", "b", "c", "d", "e")
+    wide, narrow = (("a", "b", "c", "e"), ()), (("b", "e"), ())
+    rank = group_ranks(names, 6, (narrow, wide))  # a sixth code, with no name
+    for include, _exclude in (wide, narrow):
+        places = np.sort(rank[[names.index(name) for name in include]])
         assert places.tolist() == list(range(places[0], places[0] + len(places)))
-    assert sorted(rank.tolist()) == list(range(5))
+    assert sorted(rank.tolist()) == list(range(6))
+    assert group_runs(names, rank.tobytes(), wide) == ((0, 4),)
 
 
 def test_a_result_lists_only_rows_with_a_verdict_and_splits_with_its_batch() -> None:
