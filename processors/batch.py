@@ -167,7 +167,8 @@ class ReadingBatch:
             series_count = int(self.series.max()) + 1 if len(self.series) else 0
         state = 0
         # With many more series than rows, a pass over every series costs more than sorting.
-        if series_count <= 16 * len(self.series):
+        # (And the single pass notes groups in int16.)
+        if series_count <= 16 * len(self.series) and len(rank) < 1 << 15:
             grouped, starts, state = group_arrival_rows(
                 self.series, self.time_us, self.metric, self.value, rank, series_count
             )

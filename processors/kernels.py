@@ -363,8 +363,9 @@ def group_arrival_rows(
     size = series.shape[0]
     counts = np.zeros(groups + 1, np.int64)
     last = np.full(series_count, _NEVER, np.int64)
-    # Per row: its group, or ``groups`` for a value that is not finite (left out).
-    row_group = np.empty(size, np.int64)
+    # Per row: its group, or ``groups`` for a value that is not finite (left out). Two bytes a
+    # row, read again by the second pass (callers keep ``groups`` below 2**15).
+    row_group = np.empty(size, np.int16)
     repeats = False
     for i in range(size):
         s = np.uint64(series[i])

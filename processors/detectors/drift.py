@@ -3,6 +3,7 @@ found by a two-sided CUSUM of its standardised offset from them."""
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -21,6 +22,8 @@ REASONS = ("", "drift_up", "drift_down")
 _MAX_STEP_Z = 4.0
 # Weight of the newest step in the noise scale (the scale itself needs no tuning).
 _STEP_WEIGHT = 0.05
+# From this many steps on, 1 / steps is at most _STEP_WEIGHT.
+_STEP_SETTLED = math.ceil(1 / _STEP_WEIGHT)
 # Mean absolute difference of consecutive independent normal values, in sigmas (2 / sqrt(pi)).
 _STEP_TO_SIGMA = 1.128
 _NEVER = np.iinfo(np.int64).min
@@ -236,11 +239,12 @@ def _drift_kernel(
     # Per position in by_round.
     fresh = np.zeros(size, np.bool_)
     drifting = np.zeros(size, np.bool_)
+    slot = np.empty(size, np.uint64)  # each row's, found once in pass 1
     for r in range(rounds):
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
             i = np.uint64(by_round[k])
-            s = slot_of(block_slot, series[i])
+            s = slot[k] = slot_of(block_slot, series[i])
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing.
             fresh[k] = time_us[i] > last_time[s]
@@ -262,7 +266,7 @@ def _drift_kernel(
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
             i = np.uint64(by_round[k])
-            s = slot_of(block_slot, series[i])
+            s = slot[k]
             g = group[s]
             peers = group_members[g] - (1 if member[s] else 0)
             if peers < 1:
@@ -286,7 +290,8 @@ def _drift_kernel(
             # The step scale: a running mean while warming up, then exponential forgetting.
             previous = last_offset[s]
             if np.isfinite(previous):
-                weight = max(_STEP_WEIGHT, 1.0 / max(seen, 1))
+                # max(_STEP_WEIGHT, 1 / seen), without a division once 1 / seen is the smaller.
+                weight = _STEP_WEIGHT if seen >= _STEP_SETTLED else max(_STEP_WEIGHT, 1.0 / max(seen, 1))
                 step[s] += weight * (abs(offset - previous) - step[s])
             else:
                 step[s] = 0.0
