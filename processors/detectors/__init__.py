@@ -91,6 +91,10 @@ class SeriesState:
         self._blocks = 0
         # Blocks of the series index (``ReadingBatch.block_metric``) already decided on.
         self._decided = 0
+        # What ``_walk`` last sized the tables and state for: unchanged, it resizes nothing (a
+        # dozen calls per detector and batch otherwise).
+        self._walked_series = -1
+        self._walked_slots = -1
 
     @property
     def slot_count(self) -> int:
@@ -111,7 +115,9 @@ class SeriesState:
     ) -> NDArray[np.int64]:
         """``batch.rows(include, exclude)``, with a slot for every series among them."""
         rows = batch.rows(include, exclude)
-        self._tables(series_count)
+        if series_count != self._walked_series:
+            self._tables(series_count)
+            self._walked_series = series_count
         if batch.block_metric is not None and batch.metric is not None:
             # One metric per block: a block gets slots when it first appears in the index if the
             # detector walks its metric, with no pass over the rows (and no work at all once
@@ -124,7 +130,9 @@ class SeriesState:
                 self._decided = len(batch.block_metric)
         else:
             self._blocks = assign_slots(rows, batch.series, self.block_slot, self._block_series.view, self._blocks)
-        self._grow(self.slot_count)
+        if self.slot_count != self._walked_slots:
+            self._grow(self.slot_count)
+            self._walked_slots = self.slot_count
         return rows
 
     def _tables(self, series_count: int) -> None:
