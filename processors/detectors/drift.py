@@ -236,32 +236,32 @@ def _drift_kernel(
         for k in range(size):
             by_round[fill[row_rank[k]]] = rows[k]
             fill[row_rank[k]] += 1
-    # Per position in by_round.
-    fresh = np.zeros(size, np.bool_)
-    drifting = np.zeros(size, np.bool_)
-    slot = np.empty(size, np.uint64)  # each row's, found once in pass 1
+    # Per position in by_round: the row's slot, found once in pass 1.
+    slot = np.empty(size, np.uint64)
     for r in range(rounds):
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
             i = np.uint64(by_round[k])
             s = slot[k] = slot_of(block_slot, series[i])
             g = group[s]
-            # A late reading gets the score its series has now; it changes nothing.
-            fresh[k] = time_us[i] > last_time[s]
-            drifting[k] = max(upper[s], lower[s]) >= limit
+            # A late reading gets the score its series has now; it changes nothing. (Pass 2
+            # works both out again: nothing they depend on changes in between, as a series has
+            # one reading per round.)
+            fresh = time_us[i] > last_time[s]
+            drifting = max(upper[s], lower[s]) >= limit
             # A drifting sensor is no one's peer until it is back.
-            if drifting[k] and member[s]:
+            if drifting and member[s]:
                 group_sum[g] -= latest[s]
                 group_members[g] -= 1
                 member[s] = False
-            if fresh[k] and not drifting[k]:
+            if fresh and not drifting:
                 if member[s]:
                     group_sum[g] += value[i] - latest[s]
                 else:
                     group_sum[g] += value[i]
                     group_members[g] += 1
                     member[s] = True
-            if fresh[k]:
+            if fresh:
                 latest[s] = value[i]
         # Pass 2: each reading's offset from its peers, the CUSUM, and learning.
         for k in range(starts[r], starts[r + 1]):
@@ -281,10 +281,10 @@ def _drift_kernel(
             new_lower = max(lower[s] - z - slack, 0.0) if warm else 0.0
             worst = max(new_upper, new_lower)
             score[k] = min(worst / (2 * limit), 1.0)
-            if not fresh[k]:
-                continue
+            if time_us[i] <= last_time[s]:
+                continue  # late: scored only
             # Flagged when a sum first reaches the limit: one anomaly per drift.
-            if warm and worst >= limit and not drifting[k]:
+            if warm and worst >= limit and max(upper[s], lower[s]) < limit:
                 flagged[k] = True
                 reason[k] = 1 if new_upper >= new_lower else 2
             # The step scale: a running mean while warming up, then exponential forgetting.
