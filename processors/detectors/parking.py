@@ -41,7 +41,8 @@ class OverCapacity(SeriesState):
         rows = self._walk(batch, series_count, self.applies_to)
         capacity = companion(batch, "capacity", rows)
         known = np.isfinite(capacity)
-        rows, capacity = rows[known], capacity[known]
+        if not known.all():  # (the usual batch: no copies)
+            rows, capacity = rows[known], capacity[known]
         over, last_time = self.over.view, self.last_time_us.view
         score = np.zeros(len(rows), np.float32)
         flagged = np.zeros(len(rows), np.bool_)
@@ -133,7 +134,6 @@ class LotStuck(SeriesState):
             self.reported.view,
             self.last_time_us.view,
         )
-        size = len(batch)
         districts = batch.districts()
         capacity = companion(batch, "capacity", rows)
         # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
@@ -146,7 +146,8 @@ class LotStuck(SeriesState):
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
         # each district. A lot's last change only moves forward, so a running maximum per
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
-        self.district_latest.resize(int(districts.max()) + 1 if size else 0)
+        # (Sized by the districts of this detector's rows only: a max over them, not the batch.)
+        self.district_latest.resize(int(districts[rows].max()) + 1 if len(rows) else 0)
         score = np.zeros(len(rows), np.float32)
         flagged = np.zeros(len(rows), np.bool_)
         reason = np.zeros(len(rows), np.uint8)

@@ -160,7 +160,8 @@ class Congestion(SeriesState):
         rows = self._walk(batch, series_count, self.applies_to)
         occupancy = companion(batch, "occupancy", rows)
         known = np.isfinite(occupancy)
-        rows, occupancy = rows[known], occupancy[known]
+        if not known.all():  # (the usual batch: no copies)
+            rows, occupancy = rows[known], occupancy[known]
         jammed, last_time = self.jammed.view, self.last_time_us.view
         score = np.zeros(len(rows), np.float32)
         flagged = np.zeros(len(rows), np.bool_)
