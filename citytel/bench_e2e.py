@@ -288,6 +288,20 @@ def _written(processor_port: int) -> float:
     return _metric(processor_port, 'citytel_stage_sent_total{stage="sink",unit="readings"}')
 
 
+def _wait_partitions(processor_port: int, timeout: float) -> None:
+    """Until the processor holds some Kafka partition (it has joined its consumer group)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if _metric(processor_port, "citytel_processor_partitions_items") > 0:
+                return
+        except OSError:  # not listening yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the processor held no partition after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def _bridge_started(bridge_port: int) -> bool:
     try:
         return _metric(bridge_port, 'citytel_stage_received_total{stage="bridge",unit="messages"}') > 0
@@ -591,7 +605,9 @@ def bench_e2e(
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
-        time.sleep(3.0)  # the processor joins its group before the flood
+        # The processor joins its group before the flood: on a fresh broker the group
+        # coordinator may take seconds to appear, which a fixed wait did not always cover.
+        _wait_partitions(settings.metrics.processor_port, timeout=120)
         children.append(spawn_citytel(["bridge"], config, run_dir, "bridge", "WARNING"))
         sampler = _ProcessSampler(
             {

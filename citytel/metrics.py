@@ -78,6 +78,9 @@ BRIDGE_CONNECTED = Gauge("citytel_bridge_connected", "1 while the bridge is conn
 CONSUMER_LAG = Gauge("citytel_consumer_lag_records", "Records not yet consumed, per partition.", ["topic", "partition"])
 ROWS_WRITTEN = Counter("citytel_rows_written_total", "Rows newly written to the database, by table.", ["table"])
 ANOMALIES = Counter("citytel_anomalies_total", "Readings flagged as anomalous, by detector.", ["detector"])
+PROCESSOR_PARTITIONS = Gauge(
+    "citytel_processor_partitions_items", "Kafka partitions this processor holds (0 until it joins its group)."
+)
 PROCESSOR_SERIES = Gauge("citytel_processor_series_items", "Series (device, metric) a processor keeps state for.")
 STATE_BYTES = Gauge(
     "citytel_processor_state_bytes",

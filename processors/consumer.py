@@ -297,11 +297,15 @@ class Processor:
             for tp in revoked:
                 self._positions.pop((tp.topic, tp.partition), None)
                 self._unsaved.discard((tp.topic, tp.partition))
+            if self._consumer is not None:
+                # (The consumer may still list the revoked partitions while this runs.)
+                metrics.PROCESSOR_PARTITIONS.set(len(set(self._consumer.assignment()) - set(revoked)))
         if revoked:
             log.info("partitions revoked, state saved: %s", sorted(tp.partition for tp in revoked))
 
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
+        metrics.PROCESSOR_PARTITIONS.set(len(self._consumer.assignment()))
         async with self._lock:
             for tp in assigned:
                 saved = await self._state.load(tp.topic, tp.partition)
