@@ -39,7 +39,7 @@ from config import Settings
 from processors.batch import DetectorResult, Offsets, ReadingBatch
 from processors.checkpoint import StateStore, export_partition, import_partition
 from processors.decode import BadRecord, decode_batch
-from processors.detection import DetectionStage
+from processors.detection import DetectionStage, warm_up
 from processors.memory import retain_freed_memory
 from processors.sinks import Sink, build_sink
 from processors.storage.maintenance import MaintenanceReport, maintain
@@ -435,6 +435,9 @@ class Processor:
 
 def run_processor(settings: Settings) -> None:
     retain_freed_memory()
+    # Compile the detectors before taking partitions (see warm_up).
+    _stage, seconds = warm_up(settings)
+    log.info("detectors warmed up in %.1f s", seconds)
 
     async def main() -> None:
         stop = asyncio.Event()

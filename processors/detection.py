@@ -7,6 +7,7 @@ exactly the same way.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from processors.detectors import Detector, Sweeper, build_detector
 from processors.kernels import group_percentile
 from processors.series import SeriesIndex, held_bytes
 
-__all__ = ["DetectionStage"]
+__all__ = ["DetectionStage", "warm_up"]
 
 _NO_CLOCK = np.iinfo(np.int64).min
 _CLOCK_SAMPLE = 2048
@@ -95,3 +96,45 @@ def merge_events(first: AnomalyEvents | None, second: AnomalyEvents) -> AnomalyE
         np.concatenate([first.reason, second.reason]),
         second.reasons,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _WarmUpRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+
+
+def warm_up(settings: Settings, minutes: int = 3) -> tuple[DetectionStage, float]:
+    """Run a throwaway detection stage over a few made-up batches: every configured kind's
+    devices (two each) reporting all their metrics, mid-range, once a minute.
+
+    This compiles the detectors' kernels (numba) before a processor joins its consumer group.
+    Compiled code is cached on disk, so only the first start on a machine compiles. That first
+    compilation takes seconds; inside the first batches it stalled the partitions just
+    assigned. Returns the stage (its state is of no use) and the seconds it took."""
+    from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+    from processors.decode import decode_batch
+
+    started = time.perf_counter()
+    stage = DetectionStage(settings)
+    offset = 0
+    for minute in range(minutes):
+        time_us = (1_700_000_000 + 60 * minute) * 1_000_000
+        records = []
+        for kind, kind_settings in sorted(settings.kinds.items()):
+            names = sorted(kind_settings.metrics)
+            values = [(kind_settings.metrics[name].min + kind_settings.metrics[name].max) / 2 for name in names]
+            for device in range(2):
+                device_id = f"warm-up-{kind}-{device}"
+                envelope = Envelope(
+                    ENVELOPE_VERSION, device_id, kind, "warm-up", time_us, "warm-up", minute,
+                    [time_us] * len(names), names, values,
+                )  # fmt: skip
+                records.append(_WarmUpRecord("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
+                offset += 1
+        batch, _bad = decode_batch(records, stage.index, {})
+        stage.detect(batch)
+    return stage, time.perf_counter() - started

@@ -16,7 +16,7 @@ from citytel.simulate import City
 from config import load_settings
 from processors.checkpoint import export_partition, import_partition
 from processors.decode import decode_batch
-from processors.detection import DetectionStage
+from processors.detection import DetectionStage, warm_up
 from processors.detectors import SeriesState, air, drift
 from processors.series import SERIES_BLOCK, SeriesIndex
 
@@ -119,3 +119,14 @@ def test_a_checkpoint_restores_state_for_the_series_that_had_some() -> None:
         assert mine.keys() == theirs.keys()
         for name in mine:
             np.testing.assert_array_equal(mine[name], theirs[name], err_msg=f"{before.name}.{name}")
+
+
+def test_warm_up_runs_every_configured_detector_over_rows_of_its_metrics() -> None:
+    settings = load_settings()
+    stage, seconds = warm_up(settings)
+    assert seconds > 0
+    # Every detector kept state for some series, so each of its kernels ran (and is compiled).
+    sizes = stage.state_bytes()
+    assert set(settings.processor.detectors) <= sizes.keys()
+    assert all(sizes[name] > 0 for name in settings.processor.detectors), sizes
+    assert len(stage.index) == sum(2 * len(kind.metrics) for kind in settings.kinds.values())
