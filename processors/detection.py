@@ -107,34 +107,39 @@ class _WarmUpRecord:
     value: bytes
 
 
-def warm_up(settings: Settings, minutes: int = 3) -> tuple[DetectionStage, float]:
+def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionStage, float]:
     """Run a throwaway detection stage over a few made-up batches: every configured kind's
-    devices (two each) reporting all their metrics, mid-range, once a minute.
+    devices reporting all their metrics, mid-range, once a minute; then a batch with two
+    readings per series, out of time order.
 
-    This compiles the detectors' kernels (numba) before a processor joins its consumer group.
-    Compiled code is cached on disk, so only the first start on a machine compiles. That first
-    compilation takes seconds; inside the first batches it stalled the partitions just
-    assigned. Returns the stage (its state is of no use) and the seconds it took."""
+    This compiles the detectors' kernels (numba), on the paths real batches take, before a
+    processor joins its consumer group. Compiled code is cached on disk, so only the first
+    start on a machine compiles. That first compilation takes about 12 s; inside the first
+    batches it stalled the partitions just assigned. ``devices_per_kind`` makes the batches
+    dense enough for the grouping pass real batches take (see ``ReadingBatch._group``). Returns
+    the stage (its state is of no use) and the seconds it took."""
     from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
     from processors.decode import decode_batch
 
     started = time.perf_counter()
     stage = DetectionStage(settings)
     offset = 0
-    for minute in range(minutes):
-        time_us = (1_700_000_000 + 60 * minute) * 1_000_000
+    # Minutes of each batch; the last has every device twice, the later reading first.
+    for minutes in ([0], [1], [2], [4, 3]):
         records = []
-        for kind, kind_settings in sorted(settings.kinds.items()):
-            names = sorted(kind_settings.metrics)
-            values = [(kind_settings.metrics[name].min + kind_settings.metrics[name].max) / 2 for name in names]
-            for device in range(2):
-                device_id = f"warm-up-{kind}-{device}"
-                envelope = Envelope(
-                    ENVELOPE_VERSION, device_id, kind, "warm-up", time_us, "warm-up", minute,
-                    [time_us] * len(names), names, values,
-                )  # fmt: skip
-                records.append(_WarmUpRecord("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
-                offset += 1
+        for minute in minutes:
+            time_us = (1_700_000_000 + 60 * minute) * 1_000_000
+            for kind, kind_settings in sorted(settings.kinds.items()):
+                names = sorted(kind_settings.metrics)
+                values = [(kind_settings.metrics[name].min + kind_settings.metrics[name].max) / 2 for name in names]
+                for device in range(devices_per_kind):
+                    device_id = f"warm-up-{kind}-{device}"
+                    envelope = Envelope(
+                        ENVELOPE_VERSION, device_id, kind, "warm-up", time_us, "warm-up", minute,
+                        [time_us] * len(names), names, values,
+                    )  # fmt: skip
+                    records.append(_WarmUpRecord("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
+                    offset += 1
         batch, _bad = decode_batch(records, stage.index, {})
         stage.detect(batch)
     return stage, time.perf_counter() - started

@@ -129,4 +129,4 @@ def test_warm_up_runs_every_configured_detector_over_rows_of_its_metrics() -> No
     sizes = stage.state_bytes()
     assert set(settings.processor.detectors) <= sizes.keys()
     assert all(sizes[name] > 0 for name in settings.processor.detectors), sizes
-    assert len(stage.index) == sum(2 * len(kind.metrics) for kind in settings.kinds.values())
+    assert len(stage.index) == sum(64 * len(kind.metrics) for kind in settings.kinds.values())
