@@ -90,6 +90,11 @@ def test_rows_and_anomalies_are_written_exactly_once_across_kill_9_and_state_sur
     settings: Settings, database: ScratchDatabase, tmp_path: Path
 ) -> None:
     settings = fast_checkpoints(settings)
+    # Small batches, so the stream takes seconds, not a fraction of one: the kill must land
+    # mid-stream however fast a warmed-up processor is.
+    settings = msgspec.structs.replace(
+        settings, processor=msgspec.structs.replace(settings.processor, max_batch_records=100)
+    )
     prepare(settings, database)
     steps = 1000
     rng = np.random.default_rng(1)
@@ -105,7 +110,7 @@ def test_rows_and_anomalies_are_written_exactly_once_across_kill_9_and_state_sur
             return int(row[0]) if row else 0
 
     with citytel_process(settings, tmp_path, "process") as first:
-        wait_for(lambda: written() > total // 4, timeout=60, what="a quarter of the readings")
+        wait_for(lambda: written() > total // 4, timeout=60, what="a quarter of the readings", interval=0.02)
         kill_hard(first)
     assert written() < total, "the kill should come mid-stream"
     with citytel_process(settings, tmp_path, "process") as second:
