@@ -358,8 +358,8 @@ def test_detecting_commands_restart_once_with_malloc_huge_pages(monkeypatch: pyt
     kept = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/root"})
     assert kept == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/root"}
     executed: list[tuple[str, list[str], dict[str, str]]] = []
-    monkeypatch.setattr("os.execve", lambda path, args, env: executed.append((path, args, env)))
-    monkeypatch.setattr("sys.argv", ["citytel", "bench", "detectors"])
+    monkeypatch.setattr(cli.os, "execve", lambda path, args, env: executed.append((path, args, env)))
+    monkeypatch.setattr(cli.sys, "argv", ["citytel", "bench", "detectors"])
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     cli._restart_with_huge_pages()
     assert executed
