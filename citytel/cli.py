@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,21 +277,6 @@ def _run(arguments: argparse.Namespace) -> int:
     return localstack.run_city(_settings(arguments), arguments.config, arguments.duration)
 
 
-# Commands that run the detection stage over many series: their heap should use huge pages.
-_DETECTING = ("process", "bench", "eval")
-
-
-def _restart_with_huge_pages() -> None:
-    """Re-execute this command with malloc's huge-page tunable (see
-    ``processors.memory.huge_pages_environment``), once: the tunable is read at start-up only.
-    The process keeps its PID, arguments and standard streams."""
-    from processors.memory import huge_pages_environment
-
-    environment = huge_pages_environment(os.environ)
-    if environment is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "citytel", *sys.argv[1:]], environment)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="citytel", description="Smart-city telemetry ingestion.")
     parser.add_argument(
@@ -394,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(handler=_run)
 
     arguments = parser.parse_args(argv)
-    if argv is None and arguments.command in _DETECTING:
-        _restart_with_huge_pages()
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # aiokafka logs every failed connection attempt at ERROR; our own retry lines say it once.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -348,23 +348,3 @@ def test_ordered_tells_whether_some_series_has_two_rows(spread: int) -> None:
         assert ordered(once, times)[1] is False
         assert ordered(twice, times)[1] is True
         np.testing.assert_array_equal(ordered(twice, times)[0], time_order(twice, times))
-
-
-def test_detecting_commands_restart_once_with_malloc_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from citytel import cli
-    from processors.memory import huge_pages_environment
-
-    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
-    kept = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/root"})
-    assert kept == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/root"}
-    executed: list[tuple[str, list[str], dict[str, str]]] = []
-    monkeypatch.setattr(cli.os, "execve", lambda path, args, env: executed.append((path, args, env)))
-    monkeypatch.setattr(cli.sys, "argv", ["citytel", "bench", "detectors"])
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    cli._restart_with_huge_pages()
-    assert executed
-    assert executed[0][1][1:] == ["-m", "citytel", "bench", "detectors"]
-    assert executed[0][2]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    cli._restart_with_huge_pages()
-    assert len(executed) == 1, "already with huge pages: no second restart"
