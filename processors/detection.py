@@ -59,8 +59,11 @@ class DetectionStage:
         # partition with only a few rows in a large batch may keep its clock until a later
         # batch; it never goes back.)
         step = max(1, len(batch) // _CLOCK_SAMPLE)
+        # Both arguments contiguous whatever the step, so the kernel has one signature: a
+        # strided sample of a large batch compiled a second one in the middle of the stream
+        # (7 s on a machine with no compiled cache yet, with every partition stalled).
         present, percentile = group_percentile(
-            self.index.partition.view[batch.series[::step]], batch.time_us[::step], 90.0
+            self.index.partition.view[batch.series[::step]], np.ascontiguousarray(batch.time_us[::step]), 90.0
         )
         for partition, now_us in zip(present.tolist(), percentile.tolist(), strict=True):
             self._partition_now_us[partition] = max(self._partition_now_us.get(partition, 0), int(now_us))

@@ -34,10 +34,9 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     [step] = result["offered_load"]
     assert step["probes"] > 0
     assert step["latency_ms"]["p50"] <= step["latency_ms"]["p99"]
-    # The ratio is a benchmark figure (`citytel bench e2e`, 60,000 messages), not something a
-    # 3,000-message run can time: on fresh CI machines this short drain stalled 6-7 s now and
-    # then and fell below 1. Here it must only be worked out.
-    assert result["ratios"]["e2e_qos1_vs_naive_pipeline"] > 0
+    # Normally 6-14 even on this short run. Below 1 it caught a processor that stalled 7 s
+    # mid-stream, compiling a kernel for a second argument layout.
+    assert result["ratios"]["e2e_qos1_vs_naive_pipeline"] > 1, "citytel must beat one INSERT per reading"
     path = tmp_path / "bench.png"
     plot(result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
