@@ -20,7 +20,7 @@ import numpy as np
 from citytel.simulate import DURATION, City, Label, Message
 from config import Settings
 from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-from processors.decode import decode_batch
+from processors.decode import Record, decode_batch
 from processors.detection import DetectionStage
 
 __all__ = ["FAULT_DETECTORS", "Found", "TypeScore", "detect_offline", "score_faults", "simulated_run"]
@@ -76,16 +76,7 @@ class TypeScore:
         return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
-class _Record:
-    """A Kafka record as the processor's decoder reads it."""
-
-    __slots__ = ("key", "offset", "partition", "topic", "value")
-
-    def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
-        self.topic, self.partition, self.offset, self.key, self.value = "offline", partition, offset, key, value
-
-
-def kafka_records(messages: Iterable[Message], partitions: int) -> Iterator[_Record]:
+def kafka_records(messages: Iterable[Message], partitions: int) -> Iterator[Record]:
     """Simulated messages as the Kafka records the bridge would have produced for them."""
     for offset, message in enumerate(messages):
         _, district, kind, device_id, _ = message.topic.rsplit("/", 4)
@@ -103,7 +94,7 @@ def kafka_records(messages: Iterable[Message], partitions: int) -> Iterator[_Rec
             list(message.values.values()),
         )
         key = device_id.encode()
-        yield _Record(zlib.crc32(key) % partitions, offset, key, encode_envelope(envelope))
+        yield Record("offline", zlib.crc32(key) % partitions, offset, key, encode_envelope(envelope))
 
 
 def detect_offline(

@@ -20,7 +20,7 @@ from ingest.envelope import Envelope, decode_envelope, decode_envelopes
 from processors.batch import Offsets, ReadingBatch
 from processors.series import SeriesIndex
 
-__all__ = ["BadRecord", "decode_batch"]
+__all__ = ["BadRecord", "Record", "decode_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,18 @@ class BadRecord:
     key: bytes | None
     value: bytes
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka record made without a broker, for what decodes envelopes it built itself: the
+    offline evaluation and the processor's warm-up."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
 
 
 class _RecordLike(Protocol):

@@ -101,15 +101,6 @@ def merge_events(first: AnomalyEvents | None, second: AnomalyEvents) -> AnomalyE
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _WarmUpRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
-
-
 def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionStage, float]:
     """Run a throwaway detection stage over a few made-up batches: every configured kind's
     devices reporting all their metrics, mid-range, once a minute; then a batch with two
@@ -122,7 +113,7 @@ def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionSt
     dense enough for the grouping pass real batches take (see ``ReadingBatch._group``). Returns
     the stage (its state is of no use) and the seconds it took."""
     from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-    from processors.decode import decode_batch
+    from processors.decode import Record, decode_batch
 
     started = time.perf_counter()
     stage = DetectionStage(settings)
@@ -141,7 +132,7 @@ def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionSt
                         ENVELOPE_VERSION, device_id, kind, "warm-up", time_us, "warm-up", minute,
                         [time_us] * len(names), names, values,
                     )  # fmt: skip
-                    records.append(_WarmUpRecord("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
+                    records.append(Record("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
                     offset += 1
         batch, _bad = decode_batch(records, stage.index, {})
         stage.detect(batch)
