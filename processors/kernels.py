@@ -177,10 +177,18 @@ def ewma_kernel(
     threshold: float,
     warmup: int,
     long_run_share: float,
+    weights: NDArray[np.float64],
+    slow_weights: NDArray[np.float64],
+    settled: bool,
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
+    """``weights`` and ``slow_weights``: per count, the weights of the mean and variance and of
+    the long-run variance (``detectors.ewma.weight_tables``); beyond them, ``alpha`` and
+    ``alpha / 10`` if ``settled``, else worked out here."""
+    tabled = weights.shape[0]
+    slow_alpha = alpha / 10
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
@@ -204,13 +212,18 @@ def ewma_kernel(
         learned = v
         if seen >= warmup:
             learned = min(max(v, m - threshold * deviation), m + threshold * deviation)
-        weight = max(alpha, 1.0 / (seen + 1))
+        if seen < tabled:
+            weight, slow = weights[np.uint64(seen)], slow_weights[np.uint64(seen)]
+        elif settled:
+            weight, slow = alpha, slow_alpha
+        else:
+            weight = max(alpha, 1.0 / (seen + 1))
+            slow = max(weight / 10, 1.0 / seen)
         difference = learned - m
         increment = weight * difference
         mean[s] = m + increment
         variance[s] = 0.0 if seen == 0 else (1 - weight) * (variance[s] + difference * increment)
         if seen > 0:
-            slow = max(weight / 10, 1.0 / seen)
             slow_variance[s] += slow * (difference * difference - slow_variance[s])
         count[s] = seen + 1
         last_time[s] = time_us[i]

@@ -169,6 +169,29 @@ def test_a_late_reading_is_scored_but_does_not_move_the_state() -> None:
     assert np.array_equal(detector.variance.view, state_before[1])  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("alpha", "readings"), [(0.05, 300), (1.0, 20), (1e-4, 4200)])
+def test_ewma_state_follows_its_recurrence_to_the_bit_before_and_after_the_weights_settle(
+    alpha: float, readings: int
+) -> None:
+    # The kernel reads its weights from tables up to the count where they settle (200 for
+    # alpha 0.05), and divides past 4,096 counts when they never settle there (alpha 1e-4).
+    detector = build_detector("ewma_zscore", DetectorSettings(alpha=alpha, threshold=1e9, warmup=5))
+    values = 20 + np.random.default_rng(7).standard_normal(readings)
+    detector.process(batch_of([0] * readings, list(range(readings)), values.tolist()), 1)
+    mean = variance = slow_variance = 0.0
+    for seen, value in enumerate(values.tolist()):
+        weight = max(alpha, 1.0 / (seen + 1))
+        difference = value - mean
+        increment = weight * difference
+        mean += increment
+        variance = 0.0 if seen == 0 else (1 - weight) * (variance + difference * increment)
+        if seen > 0:
+            slow_variance += max(weight / 10, 1.0 / seen) * (difference * difference - slow_variance)
+    state = detector.export_state(np.array([0]))
+    assert state["count"][0] == readings
+    assert (state["mean"][0], state["variance"][0], state["slow_variance"][0]) == (mean, variance, slow_variance)
+
+
 def test_binary_copy_rows_have_postgres_wire_layout() -> None:
     body = copy_body(
         [
