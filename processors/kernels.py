@@ -241,8 +241,12 @@ def flatline_kernel(
     last_time: NDArray[np.int64],
     window: int,
     tolerance: float,
-    flagged: NDArray[np.bool_],
-) -> None:
+) -> NDArray[np.int64]:
+    """The positions in ``rows`` of the readings that complete a stuck window. (Collected
+    here, few as they are, rather than flagged in an array as long as the rows and searched
+    afterwards.)"""
+    hits = np.empty(rows.shape[0], np.int64)
+    found = 0
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
@@ -252,9 +256,12 @@ def flatline_kernel(
         v = value[i]
         run[s] = run[s] + 1 if abs(v - last_value[s]) <= tolerance else 1
         # Only the reading that completes the window: one anomaly per stuck stretch.
-        flagged[k] = run[s] == window
+        if run[s] == window:
+            hits[found] = k
+            found += 1
         last_value[s] = v
         last_time[s] = time_us[i]
+    return hits[:found]
 
 
 @compiled

@@ -38,8 +38,7 @@ class Flatline(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
-        flagged = np.zeros(len(rows), np.bool_)
-        flatline_kernel(
+        hit = flatline_kernel(
             rows,
             batch.series,
             self.block_slot,
@@ -50,16 +49,14 @@ class Flatline(SeriesState):
             last_time,
             self.window,
             self.tolerance,
-            flagged,
         )
         # Only the flagged rows have a verdict (score 1): the others score 0.
-        hit = np.flatnonzero(flagged)
         return DetectorResult(
             self.name,
             len(batch),
             rows[hit],
             np.ones(len(hit), np.float32),
-            flagged[hit],
+            np.ones(len(hit), np.bool_),
             np.ones(len(hit), np.uint8),
             REASONS,
         )
