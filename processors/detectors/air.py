@@ -83,7 +83,15 @@ def iaqi(standard: str, pollutant: str, concentration: NDArray[np.float64]) -> N
     500 at and above the top): the detector's own interpolation, for tools and tests."""
     table = _HJ633 if standard == "hj633" else _US_EPA
     indices = np.array(_IAQI if standard == "hj633" else _EPA_AQI)
-    return _iaqi_all(np.asarray(concentration, np.float64), np.array([table[pollutant]], np.float64), indices)
+    breakpoints = np.array([table[pollutant]], np.float64)
+    return _iaqi_all(np.asarray(concentration, np.float64), breakpoints, indices, _slopes(breakpoints, indices))
+
+
+def _slopes(breakpoints: NDArray[np.float64], indices: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per row of ``breakpoints``, the index points per unit of concentration between each
+    breakpoint and the next: the division ``_interp`` made for every reading, made once."""
+    slopes: NDArray[np.float64] = np.diff(indices) / np.diff(breakpoints, axis=1)
+    return slopes
 
 
 def _pollutant_codes(batch: ReadingBatch) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -115,6 +123,7 @@ class Aqi(SeriesState):
         table = _HJ633 if self.standard == "hj633" else _US_EPA
         self._breakpoints = np.array([table[name] for name in POLLUTANTS], np.float64)
         self._indices = np.array(_IAQI if self.standard == "hj633" else _EPA_AQI, np.float64)
+        self._slopes = _slopes(self._breakpoints, self._indices)
         # Hours since the epoch fit int32 for 245,000 years.
         self.hour = GrowableArray(np.int32, fill=-1)
         self.total = GrowableArray(np.float64)
@@ -139,7 +148,7 @@ class Aqi(SeriesState):
         metric, pollutant_of = _pollutant_codes(batch)
         _aqi_kernel(
             rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
-            hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices,
+            hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices, self._slopes,
             self.offset_us, self.min_readings, self.level, score, flagged, reason,
         )  # fmt: skip
         return DetectorResult(self.name, len(batch), rows, score, flagged, reason, _LEVELS[self.standard])
@@ -200,9 +209,11 @@ class Exceedance(SeriesState):
 
 
 @compiled
-def _interp(x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArray[np.float64]) -> float:
+def _interp(
+    x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArray[np.float64], slopes: NDArray[np.float64]
+) -> float:
     """np.interp for one value over ``breakpoints[row]``: linear between breakpoints, clamped
-    at both ends."""
+    at both ends (``slopes``: ``_slopes(breakpoints, indices)``)."""
     top = breakpoints.shape[1] - 1
     if x <= breakpoints[row, 0]:
         return float(indices[0])
@@ -211,17 +222,19 @@ def _interp(x: float, breakpoints: NDArray[np.float64], row: int, indices: NDArr
     j = 0
     while breakpoints[row, j + 1] <= x:
         j += 1
-    slope = (indices[j + 1] - indices[j]) / (breakpoints[row, j + 1] - breakpoints[row, j])
-    return float(slope * (x - breakpoints[row, j]) + indices[j])
+    return float(slopes[row, j] * (x - breakpoints[row, j]) + indices[j])
 
 
 @compiled
 def _iaqi_all(
-    concentration: NDArray[np.float64], breakpoints: NDArray[np.float64], indices: NDArray[np.float64]
+    concentration: NDArray[np.float64],
+    breakpoints: NDArray[np.float64],
+    indices: NDArray[np.float64],
+    slopes: NDArray[np.float64],
 ) -> NDArray[np.float64]:
     result = np.empty(concentration.shape[0])
     for i in range(concentration.shape[0]):
-        result[i] = _interp(concentration[i], breakpoints, 0, indices)
+        result[i] = _interp(concentration[i], breakpoints, 0, indices, slopes)
     return result
 
 
@@ -241,6 +254,7 @@ def _aqi_kernel(
     last_time: NDArray[np.int64],
     breakpoints: NDArray[np.float64],
     indices: NDArray[np.float64],
+    slopes: NDArray[np.float64],
     offset_us: int,
     min_readings: int,
     aqi_level: float,
@@ -262,7 +276,7 @@ def _aqi_kernel(
         total[s] += value[i]
         count[s] += 1
         last_time[s] = t
-        index = _interp(total[s] / count[s], breakpoints, pollutant_of[metric[i]], indices)
+        index = _interp(total[s] / count[s], breakpoints, pollutant_of[metric[i]], indices, slopes)
         score[k] = index / 500.0
         if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
             flagged[k] = True
