@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
-from processors.kernels import compiled, slot_of
+from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -265,6 +265,15 @@ def _aqi_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        near, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        prefetch(metric, near)
+        if out_of_step(ahead, s):
+            prefetch(hour, ahead)
+            prefetch(total, ahead)
+            prefetch(count, ahead)
+            prefetch(flagged_hour, ahead)
+            prefetch(last_time, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -316,6 +325,17 @@ def _exceedance_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        near, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        prefetch(metric, near)
+        if out_of_step(ahead, s):
+            prefetch(hour, ahead)
+            prefetch(hour_total, ahead)
+            prefetch(hour_count, ahead)
+            prefetch(day, ahead)
+            prefetch(day_total, ahead)
+            prefetch(day_count, ahead)
+            prefetch(last_time, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
-from processors.kernels import compiled, slot_of
+from processors.kernels import AHEAD, compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
@@ -243,6 +243,15 @@ def _drift_kernel(
         for k in range(starts[r], starts[r + 1]):
             i = np.uint64(by_round[k])
             s = slot[k] = slot_of(block_slot, series[i])
+            # Fetch ahead (see processors/kernels.py).
+            _, ahead = fetch_ahead(by_round, k, series, block_slot, time_us, value)
+            if out_of_step(ahead, s):
+                prefetch(group, ahead)
+                prefetch(last_time, ahead)
+                prefetch(upper, ahead)
+                prefetch(lower, ahead)
+                prefetch(member, ahead)
+                prefetch(latest, ahead)
             g = group[s]
             # A late reading gets the score its series has now; it changes nothing. (Pass 2
             # works both out again: nothing they depend on changes in between, as a series has
@@ -267,6 +276,12 @@ def _drift_kernel(
         for k in range(starts[r], starts[r + 1]):
             i = np.uint64(by_round[k])
             s = slot[k]
+            ahead = slot[min(k + AHEAD, size - 1)]
+            if out_of_step(ahead, s):
+                prefetch(count, ahead)
+                prefetch(step, ahead)
+                prefetch(baseline, ahead)
+                prefetch(last_offset, ahead)
             g = group[s]
             peers = group_members[g] - (1 if member[s] else 0)
             if peers < 1:

@@ -11,7 +11,7 @@ from ingest.envelope import Envelope, encode_envelope
 from processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
-from processors.kernels import group_percentile, ordered, time_order
+from processors.kernels import AHEAD, fetch_ahead, group_percentile, ordered, out_of_step, time_order
 from processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
@@ -371,3 +371,29 @@ def test_ordered_tells_whether_some_series_has_two_rows(spread: int) -> None:
         assert ordered(once, times)[1] is False
         assert ordered(twice, times)[1] is True
         np.testing.assert_array_equal(ordered(twice, times)[0], time_order(twice, times))
+
+
+def test_fetch_ahead_names_the_row_ahead_and_its_slot_and_stops_at_the_last_row() -> None:
+    from numba import njit
+
+    @njit
+    def walk(rows, series, block_slot, time_us, value):  # type: ignore[no-untyped-def]
+        ahead_rows = np.empty(rows.shape[0], np.int64)
+        ahead_slots = np.empty(rows.shape[0], np.int64)
+        for k in range(rows.shape[0]):
+            near, slot = fetch_ahead(rows, k, series, block_slot, time_us, value)
+            ahead_rows[k] = near
+            ahead_slots[k] = slot
+        return ahead_rows, ahead_slots
+
+    size = 3 * AHEAD
+    series = np.arange(size, dtype=np.int64)[::-1].copy()
+    block_slot = np.array([5 * SERIES_BLOCK], np.int64)  # one block: slot = 5 blocks on + place
+    rows = np.arange(0, size, 2, dtype=np.int64)
+    ahead_rows, ahead_slots = walk(rows, series, block_slot, series, series.astype(np.float64))
+    expected = rows[np.minimum(np.arange(len(rows)) + AHEAD, len(rows) - 1)]
+    assert ahead_rows.tolist() == expected.tolist()
+    assert ahead_slots.tolist() == (5 * SERIES_BLOCK + series[expected]).tolist()
+    # State is fetched only when the slots are not in step with the rows.
+    assert not out_of_step(np.uint64(AHEAD + 7), np.uint64(7))
+    assert out_of_step(np.uint64(3), np.uint64(7))
