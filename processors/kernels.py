@@ -124,16 +124,17 @@ def fetch_ahead(
     series: NDArray[np.int64],
     block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
+    column: NDArray[Any],
 ) -> tuple[np.uint64, np.uint64]:
     """For the loop at ``rows[k]``: fetches the series of the row ``2 * AHEAD`` on, and the time
-    and value of the row ``AHEAD`` on, whose row and slot it returns (its series was fetched
-    ``AHEAD`` rows ago). Past the last row, the last."""
+    and ``column`` (the values, or another column the kernel reads at each row) of the row
+    ``AHEAD`` on, whose row and slot it returns (its series was fetched ``AHEAD`` rows ago).
+    Past the last row, the last."""
     last = rows.shape[0] - 1
     prefetch(series, np.uint64(rows[min(k + 2 * AHEAD, last)]))
     near = np.uint64(rows[min(k + AHEAD, last)])
     prefetch(time_us, near)
-    prefetch(value, near)
+    prefetch(column, near)
     return near, slot_of(block_slot, series[near])
 
 

@@ -8,7 +8,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import AnomalyEvents, SeriesState, register_detector
-from processors.kernels import compiled, slot_of
+from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = ["Dropout"]
@@ -130,6 +130,13 @@ def _learn_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py); no values here, so the times stand in.
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, time_us)
+        if out_of_step(ahead, s):
+            prefetch(last_time, ahead)
+            prefetch(interval, ahead)
+            prefetch(count, ahead)
+            prefetch(silent, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
-from processors.kernels import compiled, slot_of
+from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
@@ -184,6 +184,11 @@ def _over_capacity_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        if out_of_step(ahead, s):
+            prefetch(over, ahead)
+            prefetch(last_time, ahead)
         excess = value[i] - capacity[k] - tolerance
         is_over = excess > 0
         # A late reading is scored too; only a fresh one moves the episode.
@@ -215,6 +220,13 @@ def _flapping_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        if out_of_step(ahead, s):
+            prefetch(last_value, ahead)
+            prefetch(start, ahead)
+            prefetch(toggles, ahead)
+            prefetch(last_time, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -255,6 +267,14 @@ def _stuck_pass(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        if out_of_step(ahead, s):
+            prefetch(district, ahead)
+            prefetch(last_value, ahead)
+            prefetch(changed, ahead)
+            prefetch(reported, ahead)
+            prefetch(last_time, ahead)
         district[s] = districts[i]
         t = time_us[i]
         if t <= last_time[s]:

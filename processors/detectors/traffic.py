@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, companion, register_detector
-from processors.kernels import compiled, slot_of
+from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
@@ -202,6 +202,14 @@ def _profile_kernel(
         # 1970-01-01 was a Thursday: day 0 is weekday 3, counting Monday as 0.
         local_hours = (time_us[i] + offset_us) // _HOUR_US
         hour_slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
+        # Fetch ahead (see processors/kernels.py); the reading ahead is almost always of the
+        # same hour.
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        if out_of_step(ahead, s):
+            prefetch(means[hour_slot], ahead)
+            prefetch(counts[hour_slot], ahead)
+            prefetch(scale, ahead)
+            prefetch(last_time, ahead)
         mean = np.float64(means[hour_slot, s])
         seen = np.int64(counts[hour_slot, s])
         sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
@@ -253,6 +261,13 @@ def _zero_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        if out_of_step(ahead, s):
+            prefetch(flow, ahead)
+            prefetch(count, ahead)
+            prefetch(zeros_in_row, ahead)
+            prefetch(last_time, ahead)
         if time_us[i] <= last_time[s]:
             continue
         v = value[i]
@@ -292,6 +307,11 @@ def _congestion_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, speed)
+        if out_of_step(ahead, s):
+            prefetch(jammed, ahead)
+            prefetch(last_time, ahead)
         if time_us[i] <= last_time[s]:
             continue
         jam = speed[i] <= jam_speed and occupancy[k] >= jam_occupancy
