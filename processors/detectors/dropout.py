@@ -15,6 +15,7 @@ __all__ = ["Dropout"]
 
 REASONS = ("", "dropout")
 _NEVER = np.iinfo(np.int64).min
+_FOREVER = np.iinfo(np.int64).max
 
 
 @register_detector("dropout")
@@ -52,6 +53,11 @@ class Dropout(SeriesState):
             "silent": self.silent,
         }
         self._last_sweep_us = _NEVER
+        # No watched series can fall silent before this stream time (``_NEVER``: not known): the
+        # earliest timeout at the last sweep, lowered by every reading learned since. Until the
+        # clock reaches it a sweep would find nothing, so none is due (a pass over every watched
+        # series each sweep interval otherwise, usually finding nothing).
+        self._next_timeout_us = _NEVER
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.include, self.exclude)
@@ -66,12 +72,13 @@ class Dropout(SeriesState):
         found_series = np.empty(len(rows), np.int64)
         found_time = np.empty(len(rows), np.int64)
         found_score = np.empty(len(rows), np.float32)
-        found = _learn_kernel(
+        found, earliest = _learn_kernel(
             rows, batch.series, self.block_slot, batch.time_us,
             last_time, interval, count, silent,
             self.alpha, self.warmup, self.factor, self.min_silence_us,
             found_series, found_time, found_score,
         )  # fmt: skip
+        self._next_timeout_us = min(self._next_timeout_us, earliest)
         events = None
         if found:
             events = AnomalyEvents(
@@ -85,8 +92,16 @@ class Dropout(SeriesState):
         # No verdict on any reading: a dropout is the absence of one.
         return DetectorResult.none(self.name, size, REASONS, events)
 
+    def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
+        super().import_state(dense, arrays, series_count)
+        self._next_timeout_us = _NEVER  # restored series may be due at any time
+
     def due(self, latest_us: int) -> bool:
-        return latest_us != _NEVER and latest_us - self._last_sweep_us >= self.sweep_every_us
+        return (
+            latest_us != _NEVER
+            and latest_us - self._last_sweep_us >= self.sweep_every_us
+            and latest_us >= self._next_timeout_us
+        )
 
     def sweep(self, partition: NDArray[np.int32], clock: NDArray[np.int64]) -> AnomalyEvents:
         if len(clock):
@@ -95,7 +110,7 @@ class Dropout(SeriesState):
         found_series = np.empty(slots, np.int64)
         found_time = np.empty(slots, np.int64)
         found_score = np.empty(slots, np.float32)
-        found = _sweep_kernel(
+        found, self._next_timeout_us = _sweep_kernel(
             partition, clock, self._block_series.view,
             self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
             self.warmup, self.factor, self.min_silence_us, found_series, found_time, found_score,
@@ -122,11 +137,12 @@ def _learn_kernel(
     found_series: NDArray[np.int64],
     found_time: NDArray[np.int64],
     found_score: NDArray[np.float32],
-) -> int:
+) -> tuple[int, int]:
     """Learns the intervals, per reading in time order per series (compiled: see
     processors/kernels.py); writes the silences closed within the batch to ``found_*`` and
-    returns how many."""
+    returns how many, and the earliest time a series it heard from can now fall silent."""
     found = 0
+    earliest = _FOREVER
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
@@ -158,7 +174,9 @@ def _learn_kernel(
         count[s] = seen + 1
         last_time[s] = t
         silent[s] = False  # it spoke: a later silence is a new dropout
-    return found
+        if seen + 1 > warmup:  # (as the sweep finds it)
+            earliest = min(earliest, t + np.int64(max(factor * interval[s], float(min_silence_us))))
+    return found, earliest
 
 
 @compiled
@@ -176,25 +194,29 @@ def _sweep_kernel(
     found_series: NDArray[np.int64],
     found_time: NDArray[np.int64],
     found_score: NDArray[np.float32],
-) -> int:
+) -> tuple[int, int]:
     """One pass over the watched series (every slot): those quiet past their timeout, by their
     partition's clock (see ``Sweeper.sweep``), are marked silent and written to ``found_*``;
-    returns how many."""
+    returns how many, and the earliest time one of the others can fall silent."""
     found = 0
+    earliest = _FOREVER
     for s in range(count.shape[0]):
         # Slots of a block's unused tail, and series not warm yet, are decided on one array.
         if count[s] <= warmup or silent[s]:
             continue
+        timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
         dense = block_series[s >> SERIES_BLOCK_BITS] | (s & (SERIES_BLOCK - 1))
         p = partition[dense] if dense < partition.shape[0] else -1
         if p < 0 or p >= clock.shape[0] or clock[p] == _NEVER:
+            earliest = min(earliest, last_time[s] + timeout)
             continue
-        timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
         quiet = clock[p] - last_time[s]
-        if quiet >= timeout:
+        if quiet < timeout:
+            earliest = min(earliest, last_time[s] + timeout)
+        else:
             silent[s] = True
             found_series[found] = dense
             found_time[found] = last_time[s] + timeout
             found_score[found] = quiet / (quiet + timeout)
             found += 1
-    return found
+    return found, earliest

@@ -4,6 +4,7 @@ caught by its detectors when the simulated city runs through the processors' own
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,6 +168,30 @@ def test_dropout_finds_a_silence_by_sweep_and_within_one_batch() -> None:
     result = other.process(readings(gap_times, [1.0] * 20, ["pm2_5"] * 20), 1)
     assert result.events is not None
     assert result.events.time_us.tolist() == [gap_times[9] + 5 * MINUTE]
+
+
+def test_dropout_sweeps_only_once_some_series_can_have_fallen_silent() -> None:
+    detector = build_detector(
+        "dropout", DetectorSettings(warmup=5, min_silence_seconds=60, timeout_factor=5, sweep_interval_seconds=10)
+    )
+    sweeper: Any = detector
+    times = [T0 + i * MINUTE for i in range(20)]
+    detector.process(readings(times, [1.0] * 20, ["pm2_5"] * 20), 1)
+    partition = np.zeros(1, np.int32)
+    last = times[-1]
+    assert sweeper.due(last + MINUTE), "never swept: when no series can be late is not known"
+    assert len(sweeper.sweep(partition, np.array([last + MINUTE], np.int64))) == 0
+    # The only series times out five minutes after its last reading: no sweep can find it sooner.
+    assert not sweeper.due(last + 2 * MINUTE)
+    assert not sweeper.due(last + 5 * MINUTE - 1)
+    assert sweeper.due(last + 5 * MINUTE)
+    assert sweeper.sweep(partition, np.array([last + 5 * MINUTE], np.int64)).series.tolist() == [0]
+    # Silent, it cannot time out again until it speaks; when it does, its new timeout counts.
+    assert not sweeper.due(last + 60 * MINUTE)
+    back = last + 61 * MINUTE
+    detector.process(readings([back], [1.0], ["pm2_5"]), 1)
+    assert not sweeper.due(back + MINUTE)
+    assert sweeper.due(back + 5 * MINUTE)
 
 
 def test_drift_of_one_sensor_is_flagged_and_its_peers_are_not() -> None:
