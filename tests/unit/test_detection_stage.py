@@ -130,3 +130,37 @@ def test_warm_up_runs_every_configured_detector_over_rows_of_its_metrics() -> No
     assert set(settings.processor.detectors) <= sizes.keys()
     assert all(sizes[name] > 0 for name in settings.processor.detectors), sizes
     assert len(stage.index) == sum(64 * len(kind.metrics) for kind in settings.kinds.values())
+
+
+def test_no_kernel_compiles_again_after_the_warm_up() -> None:
+    """A kernel called with argument types the warm-up did not use compiles in the middle of the
+    stream: about 7 s on a machine with no compiled cache yet, with every partition stalled (a
+    clock sample taken with a step did, once batches grew past 4,096 rows)."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+
+    warm_up(SETTINGS)
+    dispatchers = {
+        f"{name}.{attribute}": value
+        for name, module in list(sys.modules.items())
+        if name.startswith("processors") and module is not None
+        for attribute, value in vars(module).items()
+        if isinstance(value, CPUDispatcher)
+    }
+    compiled = {name: len(dispatcher.signatures) for name, dispatcher in dispatchers.items()}
+    # A minute of a city of 900 devices is over 4,096 rows; three minutes repeat every series.
+    # Each in the devices' order and shuffled (shuffled, three minutes are out of time order).
+    city = City(devices_per_kind=300, seed=4, fault_rate=0.02, spike_probability=0.01)
+    records = kafka_records(city.messages(1_795_000_000.0, 60.0), 6)
+    order = np.random.default_rng(2)
+    stage = DetectionStage(SETTINGS)
+    for minutes, shuffled in [(1, False), (1, True), (3, False), (3, True)] * 2:
+        chunk = list(itertools.islice(records, minutes * len(city.devices)))
+        if shuffled:
+            chunk = [chunk[position] for position in order.permutation(len(chunk))]
+        batch, _ = decode_batch(chunk, stage.index, {})
+        stage.detect(batch)
+    assert len(dispatchers) > 20, sorted(dispatchers)
+    grew = [name for name, dispatcher in dispatchers.items() if len(dispatcher.signatures) > compiled[name]]
+    assert grew == [], f"compiled after the warm-up: {grew}"
