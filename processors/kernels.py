@@ -30,8 +30,9 @@ devices reported. Each read that misses the cache waits for memory, and the CPU 
 independent ones in a long loop body to overlap them; a fetch started 16 rows early has arrived
 by then. The state is fetched only when the slots are not already in step (a state row 16 on
 when its reading is 16 rows on: devices reporting in the order they first did, which the CPU's
-own prefetcher streams). With devices' messages shuffled each minute, as their clocks drift in
-a real city, the stage ran at half its speed in their first order without this.
+own prefetcher streams). With each minute's messages shuffled, as devices' clocks drift in a
+real city, the stage ran at about half its speed in their first order without this, and at
+about two thirds with it (``citytel bench detectors``).
 """
 
 from __future__ import annotations
