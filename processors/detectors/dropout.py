@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 
 from config import DetectorSettings
@@ -120,6 +121,13 @@ class Dropout(SeriesState):
         )
 
 
+@njit(inline="always")
+def _timeout_us(interval: float, factor: float, min_silence_us: int) -> float:
+    """A series' timeout: ``factor`` of its usual intervals, and at least the minimum silence.
+    The one formula the learning and the sweep share, so they agree on when a series is late."""
+    return max(factor * interval, float(min_silence_us))
+
+
 @compiled
 def _learn_kernel(
     rows: NDArray[np.int64],
@@ -161,7 +169,7 @@ def _learn_kernel(
             interval[s] = 0.0
         else:
             gap = float(t - last_time[s])
-            timeout = max(factor * interval[s], float(min_silence_us))
+            timeout = _timeout_us(interval[s], factor, min_silence_us)
             # A silence that began and ended within this batch: no sweep saw it open.
             if seen > warmup and not silent[s] and gap >= timeout:
                 found_series[found] = series[i]
@@ -175,7 +183,7 @@ def _learn_kernel(
         last_time[s] = t
         silent[s] = False  # it spoke: a later silence is a new dropout
         if seen + 1 > warmup:  # (as the sweep finds it)
-            earliest = min(earliest, t + np.int64(max(factor * interval[s], float(min_silence_us))))
+            earliest = min(earliest, t + np.int64(_timeout_us(interval[s], factor, min_silence_us)))
     return found, earliest
 
 
@@ -204,19 +212,17 @@ def _sweep_kernel(
         # Slots of a block's unused tail, and series not warm yet, are decided on one array.
         if count[s] <= warmup or silent[s]:
             continue
-        timeout = np.int64(max(factor * interval[s], float(min_silence_us)))
+        timeout = np.int64(_timeout_us(interval[s], factor, min_silence_us))
         dense = block_series[s >> SERIES_BLOCK_BITS] | (s & (SERIES_BLOCK - 1))
         p = partition[dense] if dense < partition.shape[0] else -1
-        if p < 0 or p >= clock.shape[0] or clock[p] == _NEVER:
+        # A series with no clock (its partition unknown or not held here) is not late yet.
+        if p < 0 or p >= clock.shape[0] or clock[p] == _NEVER or clock[p] - last_time[s] < timeout:
             earliest = min(earliest, last_time[s] + timeout)
             continue
         quiet = clock[p] - last_time[s]
-        if quiet < timeout:
-            earliest = min(earliest, last_time[s] + timeout)
-        else:
-            silent[s] = True
-            found_series[found] = dense
-            found_time[found] = last_time[s] + timeout
-            found_score[found] = quiet / (quiet + timeout)
-            found += 1
+        silent[s] = True
+        found_series[found] = dense
+        found_time[found] = last_time[s] + timeout
+        found_score[found] = quiet / (quiet + timeout)
+        found += 1
     return found, earliest
