@@ -533,6 +533,7 @@ def bench_stage(
     records = kafka_records(messages, 6)
     sizes: list[int] = []
     seconds: list[float] = []
+    parts: dict[str, list[float]] = {}
     order = np.random.default_rng(11)
     for number in range(warm_minutes + timed_batches):
         chunk = list(itertools.islice(records, len(city.devices)))
@@ -544,6 +545,8 @@ def bench_stage(
         if number >= warm_minutes:
             seconds.append(time.perf_counter() - started)
             sizes.append(len(batch))
+            for part, part_seconds in stage.last_seconds.items():
+                parts.setdefault(part, []).append(part_seconds)
     rates = np.array(sizes) / np.array(seconds)
     return {
         "detectors": len(stage.detectors),
@@ -554,6 +557,11 @@ def bench_stage(
         "timed_batches": timed_batches,
         "readings_per_s": round(float(np.median(rates))),
         "slowest_batch_readings_per_s": round(float(rates.min())),
+        # Where a batch's time goes (``DetectionStage.last_seconds``), slowest part first.
+        **{
+            f"median_ms_per_batch.{part}": round(float(np.median(values)) * 1e3, 3)
+            for part, values in sorted(parts.items(), key=lambda item: -float(np.median(item[1])))
+        },
     }
 
 
@@ -617,6 +625,8 @@ def main_detectors(output: Path | None, city_devices: int = 6250) -> int:
             f" {run['readings_per_s']:,} readings/s (median of {run['timed_batches']} batches after"
             f" {run['warm_minutes']} untimed minutes; slowest {run['slowest_batch_readings_per_s']:,})"
         )
+        parts = {key.split(".", 1)[1]: value for key, value in run.items() if key.startswith("median_ms_per_batch.")}
+        print("  median milliseconds per batch, by part: " + ", ".join(f"{part} {ms}" for part, ms in parts.items()))
     print(
         f"state per series: {stage['state_bytes_per_series']} bytes in use, {stage['allocated_bytes_per_series']}"
         " allocated; by part: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,24 @@ def test_no_kernel_compiles_again_after_the_warm_up() -> None:
     assert len(dispatchers) > 20, sorted(dispatchers)
     grew = [name for name, dispatcher in dispatchers.items() if len(dispatcher.signatures) > compiled[name]]
     assert grew == [], f"compiled after the warm-up: {grew}"
+
+
+def test_last_seconds_times_every_part_of_each_batch() -> None:
+    """What the processor exports as ``citytel_processor_detection_seconds_total`` and the
+    stage benchmark prints: a time for the grouping, each detector and the sweep, within the
+    batch's own time, and the grouping timed on its own once the selections are known."""
+    stage = DetectionStage(SETTINGS)
+    assert stage.last_seconds == {}
+    parts = {"grouping", "sweep", *(detector.name for detector in stage.detectors)}
+    for records in city_batches(3, one_minute_each=True):
+        batch, _ = decode_batch(records, stage.index, {})
+        started = time.perf_counter()
+        stage.detect(batch)
+        elapsed = time.perf_counter() - started
+        seconds = stage.last_seconds
+        assert set(seconds) == parts
+        assert min(seconds.values()) >= 0
+        assert sum(seconds.values()) <= elapsed
+        assert seconds["drift"] > 0
+    # From the second batch on, the rows are grouped before any detector asks for them.
+    assert seconds["grouping"] > 0
