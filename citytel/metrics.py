@@ -30,6 +30,7 @@ __all__ = [
     "CONSUMER_LAG",
     "DEADLETTERED",
     "DEADLETTER_REASONS",
+    "DETECTION_SECONDS",
     "END_TO_END_LATENCY",
     "ERRORS",
     "OPEN_ALERTS",
@@ -85,6 +86,11 @@ PROCESSOR_SERIES = Gauge("citytel_processor_series_items", "Series (device, metr
 STATE_BYTES = Gauge(
     "citytel_processor_state_bytes",
     "Bytes of per-series state a processor keeps, by detector and series index.",
+    ["part"],
+)
+DETECTION_SECONDS = Counter(
+    "citytel_processor_detection_seconds",
+    "Time the detection stage spent, by part: grouping a batch's rows, each detector, the sweep.",
     ["part"],
 )
 

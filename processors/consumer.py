@@ -222,6 +222,8 @@ class Processor:
             # Scoring runs in a worker thread (numpy releases the GIL), so the previous batch's
             # database round trips go on meanwhile. One batch is written at a time, in order.
             results = await asyncio.to_thread(self.detect, batch, owned)
+            for part, seconds in self.stage.last_seconds.items():
+                metrics.DETECTION_SECONDS.labels(part).inc(seconds)
             if not await self._finish_write():
                 return False
             self._writing = asyncio.create_task(self._write_batch(batch, results, len(records), started, stop))

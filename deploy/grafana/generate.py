@@ -90,6 +90,11 @@ COMPONENTS: list[tuple[str, str, list[tuple[str, str]]]] = [
             )
         ],
     ),
+    (
+        "Detection time by part (share of one core)",
+        "percentunit",
+        [("sum by (part) (rate(citytel_processor_detection_seconds_total[5m]))", "{{part}}")],
+    ),
     ("Scrape targets up", "short", [('up{job=~"citytel.*"}', "{{job}}")]),
     (
         "Simulator messages published",
