@@ -13,7 +13,7 @@ import numpy as np
 
 from config import Settings
 from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
-from processors.detectors import Detector, Sweeper, build_detector
+from processors.detectors import PAIRS, Detector, PairWalk, Sweeper, build_detector
 from processors.kernels import group_percentile
 from processors.series import SeriesIndex, held_bytes
 
@@ -29,6 +29,18 @@ class DetectionStage:
         self.detectors: list[Detector] = [
             build_detector(name, settings.detector(name)) for name in settings.processor.detectors
         ]
+        # Detectors that walk each batch together (``detectors.PAIRS``), by the position of the
+        # earlier: both positions, in the order the pair's walk takes them, and the walk. A
+        # detector is in one pair at most.
+        positions: dict[str, int] = {}
+        for position, detector in enumerate(self.detectors):
+            positions.setdefault(detector.name, position)
+        self._pairs: dict[int, tuple[int, int, PairWalk]] = {}
+        paired: set[int] = set()
+        for (first, second), walk in PAIRS.items():
+            if first in positions and second in positions and not {positions[first], positions[second]} & paired:
+                self._pairs[min(positions[first], positions[second])] = (positions[first], positions[second], walk)
+                paired |= {positions[first], positions[second]}
         # Positions of the detectors that also sweep (a protocol check costs microseconds).
         self._sweepers: list[tuple[int, Sweeper]] = [
             (position, detector) for position, detector in enumerate(self.detectors) if isinstance(detector, Sweeper)
@@ -45,11 +57,11 @@ class DetectionStage:
     @property
     def last_seconds(self) -> dict[str, float]:
         """The seconds ``detect`` spent on the last batch, by part: ``grouping`` (the batch's
-        rows grouped by metric for every detector at once), each detector by name, and
-        ``sweep`` (the partitions' clocks and the sweeps). For the processor's metrics and
-        the benchmarks: where a batch's time goes, measured as it runs. (On the first batch the
-        grouping happens inside the first detector, which asks for its rows before any
-        selection is known.)"""
+        rows grouped by metric for every detector at once), each detector by name (a pair that
+        walked together as ``first+second``), and ``sweep`` (the partitions' clocks and the
+        sweeps). For the processor's metrics and the benchmarks: where a batch's time goes,
+        measured as it runs. (On the first batch the grouping happens inside the first
+        detector, which asks for its rows before any selection is known.)"""
         return dict(self._seconds)
 
     def detect(self, batch: ReadingBatch, partitions: set[int] | None = None) -> list[DetectorResult]:
@@ -61,13 +73,24 @@ class DetectionStage:
             batch.select_rows(self._selections)
         now = time.perf_counter()
         seconds = {"grouping": now - started}
-        results = []
-        for detector in self.detectors:
-            results.append(detector.process(batch, self.index.extent))
+        done: dict[int, DetectorResult] = {}
+        for position, detector in enumerate(self.detectors):
+            if position in done:
+                continue
+            part = detector.name
+            both = None
+            if position in self._pairs:
+                first, second, walk = self._pairs[position]
+                both = walk(self.detectors[first], self.detectors[second], batch, self.index.extent)
+            if both is not None:
+                done[first], done[second] = both
+                part = f"{self.detectors[first].name}+{self.detectors[second].name}"
+            else:
+                done[position] = detector.process(batch, self.index.extent)
             started, now = now, time.perf_counter()
-            seconds[detector.name] = seconds.get(detector.name, 0.0) + now - started
+            seconds[part] = seconds.get(part, 0.0) + now - started
         self._selections = batch.selections()
-        results = self._sweep(batch, partitions, results)
+        results = self._sweep(batch, partitions, [done[position] for position in range(len(self.detectors))])
         seconds["sweep"] = time.perf_counter() - now
         self._seconds = seconds
         return results

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,13 +15,16 @@ from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = [
     "DETECTORS",
+    "PAIRS",
     "AnomalyEvents",
     "Detector",
+    "PairWalk",
     "SeriesState",
     "Sweeper",
     "build_detector",
     "companion",
     "register_detector",
+    "register_pair",
 ]
 
 
@@ -189,6 +192,23 @@ def register_detector(
     def add(factory: Callable[[DetectorSettings], Detector]) -> Callable[[DetectorSettings], Detector]:
         DETECTORS[name] = factory
         return factory
+
+    return add
+
+
+# Detectors that can walk a batch together, in one compiled loop, when both are configured
+# (``DetectionStage``): their names, in the order the function takes them -> a function scoring
+# the batch for both, or returning None when this configuration does not let them share a
+# walk (their rows differ); each then walks alone. Both results are those each would give
+# alone: a pair only saves reading each row and its columns twice.
+PairWalk = Callable[[Any, Any, ReadingBatch, int], tuple[DetectorResult, DetectorResult] | None]
+PAIRS: dict[tuple[str, str], PairWalk] = {}
+
+
+def register_pair(first: str, second: str) -> Callable[[PairWalk], PairWalk]:
+    def add(walk: PairWalk) -> PairWalk:
+        PAIRS[(first, second)] = walk
+        return walk
 
     return add
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector
-from processors.kernels import ewma_kernel
+from processors.detectors import SeriesState, register_detector, register_pair
+from processors.detectors.flatline import Flatline
+from processors.kernels import ewma_flatline_kernel
 from processors.series import GrowableArray
 
 __all__ = ["EwmaZScore"]
@@ -79,32 +82,49 @@ class EwmaZScore(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        mean, variance = self.mean.view, self.variance.view
-        count, last_time = self.count.view, self.last_time_us.view
-        slow_variance = self.slow_variance.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
-        ewma_kernel(
-            rows,
-            batch.series,
-            self.block_slot,
-            batch.time_us,
-            batch.value,
-            mean,
-            variance,
-            slow_variance,
-            count,
-            last_time,
-            self.alpha,
-            self.threshold,
-            self.warmup,
-            _LONG_RUN_SHARE,
-            self._weights,
-            self._slow_weights,
-            self._settled,
-            score,
-            flagged,
-            reason,
-        )
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, REASONS)
+        outputs = _outputs(len(rows))
+        # The kernel it shares with flatline, with flatline's part off (``NO_FLATLINE``).
+        alone = (*self.kernel_args(), *outputs, False, *NO_FLATLINE)
+        ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *alone)
+        return DetectorResult(self.name, len(batch), rows, *outputs, REASONS)
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """Its part of ``ewma_flatline_kernel``'s arguments, between the flag and the outputs."""
+        return (
+            self.block_slot, self.mean.view, self.variance.view, self.slow_variance.view, self.count.view,
+            self.last_time_us.view, self.alpha, self.threshold, self.warmup, _LONG_RUN_SHARE, self._weights,
+            self._slow_weights, self._settled,
+        )  # fmt: skip
+
+
+def _outputs(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
+    """Score, flag and reason per row walked, zero until the kernel gives a verdict."""
+    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
+
+
+# flatline's part of ``ewma_flatline_kernel``'s arguments when it is off: empty arrays of its
+# types (the kernel reads none of them), so every call has one signature.
+NO_FLATLINE: tuple[Any, ...] = (
+    np.empty(0, np.int64),
+    np.empty(0),
+    np.empty(0, np.int32),
+    np.empty(0, np.int64),
+    0,
+    0.0,
+)
+
+
+@register_pair(EwmaZScore.name, Flatline.name)
+def ewma_and_flatline(
+    ewma: EwmaZScore, flatline: Flatline, batch: ReadingBatch, series_count: int
+) -> tuple[DetectorResult, DetectorResult] | None:
+    """Both detectors in one walk (``ewma_flatline_kernel``) when they walk the same rows, as
+    they do when configured with the same metrics: the batch gives a selection's rows once,
+    so the same rows are the same array. None otherwise: then each walks alone."""
+    rows = ewma._walk(batch, series_count, exclude=ewma.exclude)
+    if flatline._walk(batch, series_count, exclude=flatline.exclude) is not rows:
+        return None
+    outputs = _outputs(len(rows))
+    both = (*ewma.kernel_args(), *outputs, True, *flatline.kernel_args())
+    hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *both)
+    return DetectorResult(ewma.name, len(batch), rows, *outputs, REASONS), flatline.result(batch, rows, hit)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, register_detector
-from processors.kernels import flatline_kernel
+from processors.kernels import ewma_flatline_kernel
 from processors.series import GrowableArray
 
 __all__ = ["Flatline"]
@@ -37,19 +40,17 @@ class Flatline(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        last_value, run, last_time = self.last_value.view, self.run.view, self.last_time_us.view
-        hit = flatline_kernel(
-            rows,
-            batch.series,
-            self.block_slot,
-            batch.time_us,
-            batch.value,
-            last_value,
-            run,
-            last_time,
-            self.window,
-            self.tolerance,
-        )
+        # The kernel it shares with ewma_zscore, with ewma_zscore's part off (``NO_EWMA``).
+        alone = (*NO_EWMA, True, *self.kernel_args())
+        hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, False, *alone)
+        return self.result(batch, rows, hit)
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """Its part of ``ewma_flatline_kernel``'s arguments, after the flag."""
+        return self.block_slot, self.last_value.view, self.run.view, self.last_time_us.view, self.window, self.tolerance
+
+    def result(self, batch: ReadingBatch, rows: NDArray[np.int64], hit: NDArray[np.int64]) -> DetectorResult:
+        """The verdicts, from the positions in ``rows`` the kernel returned."""
         # Only the flagged rows have a verdict (score 1): the others score 0.
         return DetectorResult(
             self.name,
@@ -60,3 +61,12 @@ class Flatline(SeriesState):
             np.ones(len(hit), np.uint8),
             REASONS,
         )
+
+
+# ewma_zscore's part of ``ewma_flatline_kernel``'s arguments when it is off: empty arrays of
+# its types (the kernel reads none of them), so every call has one signature.
+NO_EWMA: tuple[Any, ...] = (
+    *(np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64)),
+    0.0, 0.0, 0, 0.0, np.empty(0), np.empty(0), True,
+    *(np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8)),
+)  # fmt: skip

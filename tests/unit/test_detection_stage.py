@@ -173,16 +173,51 @@ def test_last_seconds_times_every_part_of_each_batch() -> None:
     batch's own time, and the grouping timed on its own once the selections are known."""
     stage = DetectionStage(SETTINGS)
     assert stage.last_seconds == {}
-    parts = {"grouping", "sweep", *(detector.name for detector in stage.detectors)}
     for records in city_batches(3, one_minute_each=True):
         batch, _ = decode_batch(records, stage.index, {})
         started = time.perf_counter()
         stage.detect(batch)
         elapsed = time.perf_counter() - started
         seconds = stage.last_seconds
-        assert set(seconds) == parts
+        # Each detector in one part, alone or in the pair that walked together.
+        named = sorted(name for part in seconds if part not in ("grouping", "sweep") for name in part.split("+"))
+        assert named == sorted(detector.name for detector in stage.detectors)
+        assert {"grouping", "sweep", "ewma_zscore+flatline"} <= set(seconds)
         assert min(seconds.values()) >= 0
         assert sum(seconds.values()) <= elapsed
         assert seconds["drift"] > 0
     # From the second batch on, the rows are grouped before any detector asks for them.
     assert seconds["grouping"] > 0
+
+
+def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
+    """ewma_zscore and flatline share one walk in the stage (``detectors.PAIRS``); their
+    verdicts and state must be those of each walking alone: over batches with series repeated
+    and shuffled within the batch, and batches delivered again (every reading late)."""
+    paired, alone = DetectionStage(SETTINGS), DetectionStage(SETTINGS)
+    alone._pairs = {}
+    assert paired._pairs, "the configured detectors include a pair"
+    batches = city_batches(60)
+    rng = np.random.default_rng(8)
+    flagged = 0
+    for number, records in enumerate(batches):
+        if number % 7 == 6:
+            records = batches[number - 1]  # delivered again: late, or as new as the latest
+        elif number % 3 == 0:
+            records = [records[k] for k in rng.permutation(len(records))]
+        ours, _ = decode_batch(records, paired.index, {})
+        theirs, _ = decode_batch(records, alone.index, {})
+        for mine, reference in zip(paired.detect(ours), alone.detect(theirs), strict=True):
+            assert mine.detector == reference.detector
+            np.testing.assert_array_equal(mine.score, reference.score)
+            np.testing.assert_array_equal(mine.flagged, reference.flagged)
+            np.testing.assert_array_equal(mine.reason, reference.reason)
+            flagged += int(mine.flagged.sum()) if mine.detector in ("ewma_zscore", "flatline") else 0
+    assert "ewma_zscore+flatline" in paired.last_seconds
+    assert "ewma_zscore+flatline" not in alone.last_seconds
+    every = np.arange(len(paired.index), dtype=np.int64)
+    for mine_detector, reference_detector in zip(paired.detectors[:2], alone.detectors[:2], strict=True):
+        reference_state = reference_detector.export_state(every)
+        for name, array in mine_detector.export_state(every).items():
+            np.testing.assert_array_equal(array, reference_state[name], err_msg=f"{mine_detector.name}.{name}")
+    assert flagged > 0, "the pair flagged readings"
