@@ -7,12 +7,14 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector
+from processors.detectors import SeriesState, register_detector, register_pair
 from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
@@ -73,6 +75,8 @@ _LEVELS = {
 # GB 3095-2012 grade II limits, µg/m³ (CO mg/m³); NaN: no limit for that averaging time.
 _LIMIT_1H = {"pm2_5": np.nan, "pm10": np.nan, "so2": 500.0, "no2": 200.0, "co": 10.0, "o3": 200.0}
 _LIMIT_24H = {"pm2_5": 75.0, "pm10": 150.0, "so2": 150.0, "no2": 80.0, "co": 4.0, "o3": np.nan}
+
+EXCEEDANCE_REASONS = ("", "exceed_1h", "exceed_24h")
 
 _HOUR_US = 3_600_000_000
 _DAY_US = 24 * _HOUR_US
@@ -140,18 +144,19 @@ class Aqi(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        hour, total, count = self.hour.view, self.total.view, self.count.view
-        flagged_hour, last_time = self.flagged_hour.view, self.last_time_us.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
-        metric, pollutant_of = _pollutant_codes(batch)
-        _aqi_kernel(
-            rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
-            hour, total, count, flagged_hour, last_time, self._breakpoints, self._indices, self._slopes,
-            self.offset_us, self.min_readings, self.level, score, flagged, reason,
+        outputs = _outputs(len(rows))
+        # The kernel it shares with exceedance, with exceedance's part off.
+        alone = (*_columns(batch), True, *self.kernel_args(), *outputs, False, *_NO_EXCEEDANCE)
+        _air_kernel(rows, *alone)
+        return DetectorResult(self.name, len(batch), rows, *outputs, _LEVELS[self.standard])
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """Its part of ``_air_kernel``'s arguments, between the flag and the outputs."""
+        return (
+            self.block_slot, self.hour.view, self.total.view, self.count.view, self.flagged_hour.view,
+            self.last_time_us.view, self._breakpoints, self._indices, self._slopes, self.offset_us,
+            self.min_readings, self.level,
         )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, _LEVELS[self.standard])
 
 
 @register_detector("exceedance")
@@ -190,18 +195,59 @@ class Exceedance(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        last_time = self.last_time_us.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
-        metric, pollutant_of = _pollutant_codes(batch)
-        _exceedance_kernel(
-            rows, metric, pollutant_of, batch.series, self.block_slot, batch.time_us, batch.value,
-            self.hour.view, self.hour_total.view, self.hour_count.view,
-            self.day.view, self.day_total.view, self.day_count.view, last_time,
-            self.limit_1h, self.limit_24h, self.offset_us, self.min_readings, score, flagged, reason,
+        outputs = _outputs(len(rows))
+        # The kernel it shares with aqi, with aqi's part off.
+        alone = (*_columns(batch), False, *_NO_AQI, True, *self.kernel_args(), *outputs)
+        _air_kernel(rows, *alone)
+        return DetectorResult(self.name, len(batch), rows, *outputs, EXCEEDANCE_REASONS)
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """Its part of ``_air_kernel``'s arguments, between the flag and the outputs."""
+        return (
+            self.block_slot, self.hour.view, self.hour_total.view, self.hour_count.view, self.day.view,
+            self.day_total.view, self.day_count.view, self.last_time_us.view, self.limit_1h, self.limit_24h,
+            self.offset_us, self.min_readings,
         )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "exceed_1h", "exceed_24h"))
+
+
+@register_pair(Aqi.name, Exceedance.name)
+def aqi_and_exceedance(
+    aqi: Aqi, exceedance: Exceedance, batch: ReadingBatch, series_count: int
+) -> tuple[DetectorResult, DetectorResult]:
+    """Both detectors in one walk over the pollutant rows, which both always walk."""
+    rows = aqi._walk(batch, series_count, POLLUTANTS)
+    exceedance._walk(batch, series_count, POLLUTANTS)
+    aqi_outputs, exceedance_outputs = _outputs(len(rows)), _outputs(len(rows))
+    parts = (True, *aqi.kernel_args(), *aqi_outputs, True, *exceedance.kernel_args(), *exceedance_outputs)
+    _air_kernel(rows, *_columns(batch), *parts)
+    return (
+        DetectorResult(aqi.name, len(batch), rows, *aqi_outputs, _LEVELS[aqi.standard]),
+        DetectorResult(exceedance.name, len(batch), rows, *exceedance_outputs, EXCEEDANCE_REASONS),
+    )
+
+
+def _columns(batch: ReadingBatch) -> tuple[Any, ...]:
+    """The batch's part of ``_air_kernel``'s arguments, after the rows."""
+    metric, pollutant_of = _pollutant_codes(batch)
+    return metric, pollutant_of, batch.series, batch.time_us, batch.value
+
+
+def _outputs(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
+    """Score, flag and reason per row walked, zero until the kernel gives a verdict."""
+    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
+
+
+# Each detector's part of ``_air_kernel``'s arguments when it is off: empty arrays of its types
+# (the kernel reads none of them), so every call has one signature.
+_NONE = (np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8))
+_NO_AQI: tuple[Any, ...] = (
+    np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
+    np.empty(0, np.int64), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), 0, 0, 0.0, *_NONE,
+)  # fmt: skip
+_NO_EXCEEDANCE: tuple[Any, ...] = (
+    np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
+    np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0), np.empty(0), 0, 0, *_NONE,
+)  # fmt: skip
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -239,14 +285,15 @@ def _iaqi_all(
 
 
 @compiled
-def _aqi_kernel(
+def _air_kernel(
     rows: NDArray[np.int64],
     metric: NDArray[np.int64],
     pollutant_of: NDArray[np.int64],
     series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
     time_us: NDArray[np.int64],
     value: NDArray[np.float64],
+    aqi: bool,
+    block_slot: NDArray[np.int64],
     hour: NDArray[np.int32],
     total: NDArray[np.float64],
     count: NDArray[np.int32],
@@ -261,114 +308,107 @@ def _aqi_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
-) -> None:
-    for k in range(rows.shape[0]):
-        i = np.uint64(rows[k])
-        s = slot_of(block_slot, series[i])
-        # Fetch ahead (see processors/kernels.py).
-        near, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
-        prefetch(metric, near)
-        if out_of_step(ahead, s):
-            prefetch(hour, ahead)
-            prefetch(total, ahead)
-            prefetch(count, ahead)
-            prefetch(flagged_hour, ahead)
-            prefetch(last_time, ahead)
-        t = time_us[i]
-        if t <= last_time[s]:
-            continue
-        this_hour = (t + offset_us) // _HOUR_US
-        if this_hour != hour[s]:
-            total[s] = 0.0
-            count[s] = 0
-            hour[s] = this_hour
-        total[s] += value[i]
-        count[s] += 1
-        last_time[s] = t
-        index = _interp(total[s] / count[s], breakpoints, pollutant_of[metric[i]], indices, slopes)
-        score[k] = index / 500.0
-        if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
-            flagged[k] = True
-            # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
-            category = 1
-            for bound in (50.0, 100.0, 150.0, 200.0, 300.0):
-                if index > bound:
-                    category += 1
-            reason[k] = category
-            flagged_hour[s] = this_hour
-
-
-@compiled
-def _exceedance_kernel(
-    rows: NDArray[np.int64],
-    metric: NDArray[np.int64],
-    pollutant_of: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    hour: NDArray[np.int32],
+    exceedance: bool,
+    exceedance_block_slot: NDArray[np.int64],
+    exceedance_hour: NDArray[np.int32],
     hour_total: NDArray[np.float64],
     hour_count: NDArray[np.int32],
     day: NDArray[np.int32],
     day_total: NDArray[np.float64],
     day_count: NDArray[np.int32],
-    last_time: NDArray[np.int64],
+    exceedance_last_time: NDArray[np.int64],
     limit_1h: NDArray[np.float64],
     limit_24h: NDArray[np.float64],
-    offset_us: int,
-    min_readings: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    exceedance_offset_us: int,
+    exceedance_min_readings: int,
+    exceedance_score: NDArray[np.float32],
+    exceedance_flagged: NDArray[np.bool_],
+    exceedance_reason: NDArray[np.uint8],
 ) -> None:
+    """aqi (if ``aqi``) and exceedance (if ``exceedance``) in one walk over the pollutant rows,
+    each with its own slots, state and verdicts: as ``kernels.ewma_flatline_kernel`` does for
+    its pair, and for the same reasons (``detectors.PAIRS``). Late readings are skipped."""
+    table = block_slot if aqi else exceedance_block_slot
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
-        s = slot_of(block_slot, series[i])
-        # Fetch ahead (see processors/kernels.py).
-        near, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        # Fetch ahead (see processors/kernels.py); both hand out slots alike.
+        near, ahead = fetch_ahead(rows, k, series, table, time_us, value)
         prefetch(metric, near)
-        if out_of_step(ahead, s):
-            prefetch(hour, ahead)
-            prefetch(hour_total, ahead)
-            prefetch(hour_count, ahead)
-            prefetch(day, ahead)
-            prefetch(day_total, ahead)
-            prefetch(day_count, ahead)
-            prefetch(last_time, ahead)
         t = time_us[i]
-        if t <= last_time[s]:
-            continue
-        local = t + offset_us
-        p = pollutant_of[metric[i]]
         v = value[i]
-        # The hour and the day the reading leaves, if it does, are closed: their mean / limit
-        # where that counts (else 0); then the reading goes into its own hour and day. (Written
-        # out twice rather than as a helper: numba counts references to the state arrays on
-        # every call of a helper, which made this loop ten times slower.)
-        hourly = 0.0
-        this_hour = local // _HOUR_US
-        if this_hour != hour[s]:
-            if hour[s] >= 0 and hour_count[s] >= min_readings and np.isfinite(limit_1h[p]):
-                hourly = hour_total[s] / hour_count[s] / limit_1h[p]
-            hour_total[s] = 0.0
-            hour_count[s] = 0
-            hour[s] = this_hour
-        hour_total[s] += v
-        hour_count[s] += 1
-        daily = 0.0
-        this_day = local // _DAY_US
-        if this_day != day[s]:
-            if day[s] >= 0 and day_count[s] >= min_readings and np.isfinite(limit_24h[p]):
-                daily = day_total[s] / day_count[s] / limit_24h[p]
-            day_total[s] = 0.0
-            day_count[s] = 0
-            day[s] = this_day
-        day_total[s] += v
-        day_count[s] += 1
-        last_time[s] = t
-        worst = max(hourly, daily)
-        score[k] = min(worst / 2.0, 1.0)
-        flagged[k] = worst > 1.0
-        # A day's exceedance wins over the hour's on the same reading.
-        reason[k] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)
+        p = pollutant_of[metric[i]]
+        if aqi:
+            s = slot_of(block_slot, series[i])
+            if out_of_step(ahead, s):
+                prefetch(hour, ahead)
+                prefetch(total, ahead)
+                prefetch(count, ahead)
+                prefetch(flagged_hour, ahead)
+                prefetch(last_time, ahead)
+            if t > last_time[s]:
+                this_hour = (t + offset_us) // _HOUR_US
+                if this_hour != hour[s]:
+                    total[s] = 0.0
+                    count[s] = 0
+                    hour[s] = this_hour
+                total[s] += v
+                count[s] += 1
+                last_time[s] = t
+                index = _interp(total[s] / count[s], breakpoints, p, indices, slopes)
+                score[k] = index / 500.0
+                if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
+                    flagged[k] = True
+                    # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
+                    category = 1
+                    for bound in (50.0, 100.0, 150.0, 200.0, 300.0):
+                        if index > bound:
+                            category += 1
+                    reason[k] = category
+                    flagged_hour[s] = this_hour
+        if exceedance:
+            e = slot_of(exceedance_block_slot, series[i])
+            if out_of_step(ahead, e):
+                prefetch(exceedance_hour, ahead)
+                prefetch(hour_total, ahead)
+                prefetch(hour_count, ahead)
+                prefetch(day, ahead)
+                prefetch(day_total, ahead)
+                prefetch(day_count, ahead)
+                prefetch(exceedance_last_time, ahead)
+            if t > exceedance_last_time[e]:
+                local = t + exceedance_offset_us
+                # The hour and the day the reading leaves, if it does, are closed: their mean /
+                # limit where that counts (else 0); then the reading goes into its own hour and
+                # day. (Written out twice rather than as a helper: numba counts references to
+                # the state arrays on every call of a helper, which made this loop ten times
+                # slower.)
+                hourly = 0.0
+                this_hour = local // _HOUR_US
+                if this_hour != exceedance_hour[e]:
+                    if (
+                        exceedance_hour[e] >= 0
+                        and hour_count[e] >= exceedance_min_readings
+                        and np.isfinite(limit_1h[p])
+                    ):
+                        hourly = hour_total[e] / hour_count[e] / limit_1h[p]
+                    hour_total[e] = 0.0
+                    hour_count[e] = 0
+                    exceedance_hour[e] = this_hour
+                hour_total[e] += v
+                hour_count[e] += 1
+                daily = 0.0
+                this_day = local // _DAY_US
+                if this_day != day[e]:
+                    if day[e] >= 0 and day_count[e] >= exceedance_min_readings and np.isfinite(limit_24h[p]):
+                        daily = day_total[e] / day_count[e] / limit_24h[p]
+                    day_total[e] = 0.0
+                    day_count[e] = 0
+                    day[e] = this_day
+                day_total[e] += v
+                day_count[e] += 1
+                exceedance_last_time[e] = t
+                worst = max(hourly, daily)
+                exceedance_score[k] = min(worst / 2.0, 1.0)
+                exceedance_flagged[k] = worst > 1.0
+                # A day's exceedance wins over the hour's on the same reading.
+                exceedance_reason[k] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)

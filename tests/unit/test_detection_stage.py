@@ -182,7 +182,7 @@ def test_last_seconds_times_every_part_of_each_batch() -> None:
         # Each detector in one part, alone or in the pair that walked together.
         named = sorted(name for part in seconds if part not in ("grouping", "sweep") for name in part.split("+"))
         assert named == sorted(detector.name for detector in stage.detectors)
-        assert {"grouping", "sweep", "ewma_zscore+flatline"} <= set(seconds)
+        assert {"grouping", "sweep", "ewma_zscore+flatline", "aqi+exceedance"} <= set(seconds)
         assert min(seconds.values()) >= 0
         assert sum(seconds.values()) <= elapsed
         assert seconds["drift"] > 0
@@ -191,15 +191,17 @@ def test_last_seconds_times_every_part_of_each_batch() -> None:
 
 
 def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
-    """ewma_zscore and flatline share one walk in the stage (``detectors.PAIRS``); their
-    verdicts and state must be those of each walking alone: over batches with series repeated
-    and shuffled within the batch, and batches delivered again (every reading late)."""
+    """ewma_zscore and flatline, and aqi and exceedance, share one walk in the stage
+    (``detectors.PAIRS``); their verdicts and state must be those of each walking alone: over
+    batches with series repeated and shuffled within the batch, and batches delivered again
+    (late readings, and readings as new as their series' latest)."""
     paired, alone = DetectionStage(SETTINGS), DetectionStage(SETTINGS)
     alone._pairs = {}
     assert paired._pairs, "the configured detectors include a pair"
     batches = city_batches(60)
     rng = np.random.default_rng(8)
     flagged = 0
+    scored: dict[str, int] = {}
     for number, records in enumerate(batches):
         if number % 7 == 6:
             records = batches[number - 1]  # delivered again: late, or as new as the latest
@@ -209,15 +211,17 @@ def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
         theirs, _ = decode_batch(records, alone.index, {})
         for mine, reference in zip(paired.detect(ours), alone.detect(theirs), strict=True):
             assert mine.detector == reference.detector
-            np.testing.assert_array_equal(mine.score, reference.score)
+            np.testing.assert_array_equal(mine.score, reference.score, err_msg=mine.detector)
             np.testing.assert_array_equal(mine.flagged, reference.flagged)
             np.testing.assert_array_equal(mine.reason, reference.reason)
-            flagged += int(mine.flagged.sum()) if mine.detector in ("ewma_zscore", "flatline") else 0
-    assert "ewma_zscore+flatline" in paired.last_seconds
-    assert "ewma_zscore+flatline" not in alone.last_seconds
+            flagged += int(mine.flagged.sum())
+            scored[mine.detector] = scored.get(mine.detector, 0) + int((mine.score > 0).sum())
+    assert {"ewma_zscore+flatline", "aqi+exceedance"} <= set(paired.last_seconds)
+    assert not {"ewma_zscore+flatline", "aqi+exceedance"} & set(alone.last_seconds)
     every = np.arange(len(paired.index), dtype=np.int64)
-    for mine_detector, reference_detector in zip(paired.detectors[:2], alone.detectors[:2], strict=True):
+    for mine_detector, reference_detector in zip(paired.detectors, alone.detectors, strict=True):
         reference_state = reference_detector.export_state(every)
         for name, array in mine_detector.export_state(every).items():
             np.testing.assert_array_equal(array, reference_state[name], err_msg=f"{mine_detector.name}.{name}")
-    assert flagged > 0, "the pair flagged readings"
+    assert flagged > 0, "the detectors flagged readings"
+    assert min(scored[name] for name in ("ewma_zscore", "aqi", "exceedance")) > 0, scored
