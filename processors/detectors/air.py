@@ -242,7 +242,7 @@ def _outputs(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray
 _NONE = (np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8))
 _NO_AQI: tuple[Any, ...] = (
     np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
-    np.empty(0, np.int64), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), 0, 0, 0.0, *_NONE,
+    np.empty(0, np.int64), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), 0, 0, 0, *_NONE,
 )  # fmt: skip
 _NO_EXCEEDANCE: tuple[Any, ...] = (
     np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
