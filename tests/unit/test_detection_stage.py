@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from citytel.evaluate import kafka_records
@@ -232,3 +233,29 @@ def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
             np.testing.assert_array_equal(array, reference_state[name], err_msg=f"{mine_detector.name}.{name}")
     assert flagged > 0, "the detectors flagged readings"
     assert min(scored[name] for name in ("ewma_zscore", "aqi", "exceedance")) > 0, scored
+
+
+def test_a_pair_configured_with_different_metrics_walks_alone() -> None:
+    """flatline configured to watch bay flags too, which ewma_zscore leaves alone: the two no
+    longer walk the same rows, so the stage runs each alone, with the verdicts each gives
+    alone (the pair's walk declines: it returns None)."""
+    settings = msgspec.structs.replace(
+        SETTINGS,
+        detectors={
+            **SETTINGS.detectors,
+            "flatline": msgspec.structs.replace(SETTINGS.detector("flatline"), exclude_metrics=["capacity"]),
+        },
+    )
+    paired, alone = DetectionStage(settings), DetectionStage(settings)
+    alone._pairs = {}
+    scored = 0
+    for records in city_batches(40):
+        ours, _ = decode_batch(records, paired.index, {})
+        theirs, _ = decode_batch(records, alone.index, {})
+        for mine, reference in zip(paired.detect(ours), alone.detect(theirs), strict=True):
+            np.testing.assert_array_equal(mine.score, reference.score, err_msg=mine.detector)
+            np.testing.assert_array_equal(mine.flagged, reference.flagged, err_msg=mine.detector)
+            scored += int((mine.score > 0).sum()) if mine.detector == "ewma_zscore" else 0
+        assert "ewma_zscore+flatline" not in paired.last_seconds
+        assert {"ewma_zscore", "flatline", "aqi+exceedance"} <= set(paired.last_seconds)
+    assert scored > 0
