@@ -21,6 +21,7 @@ __all__ = [
     "PairWalk",
     "SeriesState",
     "Sweeper",
+    "blank_verdicts",
     "build_detector",
     "companion",
     "register_detector",
@@ -222,6 +223,11 @@ def build_detector(name: str, settings: DetectorSettings) -> Detector:
     except KeyError:
         raise ValueError(f"no detector named {name!r}; known: {sorted(DETECTORS)}") from None
     return factory(settings)
+
+
+def blank_verdicts(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
+    """Score, flag and reason for ``size`` rows walked, zero (no verdict) until a kernel gives one."""
+    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
 
 
 def companion(batch: ReadingBatch, metric: str, rows: NDArray[np.int64]) -> NDArray[np.float64]:

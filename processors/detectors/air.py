@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, register_pair
+from processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
 from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
@@ -144,7 +144,7 @@ class Aqi(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        outputs = _outputs(len(rows))
+        outputs = blank_verdicts(len(rows))
         # The kernel it shares with exceedance, with exceedance's part off.
         alone = (*_columns(batch), True, *self.kernel_args(), *outputs, False, *_NO_EXCEEDANCE)
         _air_kernel(rows, *alone)
@@ -195,7 +195,7 @@ class Exceedance(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        outputs = _outputs(len(rows))
+        outputs = blank_verdicts(len(rows))
         # The kernel it shares with aqi, with aqi's part off.
         alone = (*_columns(batch), False, *_NO_AQI, True, *self.kernel_args(), *outputs)
         _air_kernel(rows, *alone)
@@ -217,7 +217,7 @@ def aqi_and_exceedance(
     """Both detectors in one walk over the pollutant rows, which both always walk."""
     rows = aqi._walk(batch, series_count, POLLUTANTS)
     exceedance._walk(batch, series_count, POLLUTANTS)
-    aqi_outputs, exceedance_outputs = _outputs(len(rows)), _outputs(len(rows))
+    aqi_outputs, exceedance_outputs = blank_verdicts(len(rows)), blank_verdicts(len(rows))
     parts = (True, *aqi.kernel_args(), *aqi_outputs, True, *exceedance.kernel_args(), *exceedance_outputs)
     _air_kernel(rows, *_columns(batch), *parts)
     return (
@@ -230,11 +230,6 @@ def _columns(batch: ReadingBatch) -> tuple[Any, ...]:
     """The batch's part of ``_air_kernel``'s arguments, after the rows."""
     metric, pollutant_of = _pollutant_codes(batch)
     return metric, pollutant_of, batch.series, batch.time_us, batch.value
-
-
-def _outputs(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
-    """Score, flag and reason per row walked, zero until the kernel gives a verdict."""
-    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
 
 
 # Each detector's part of ``_air_kernel``'s arguments when it is off: empty arrays of its types

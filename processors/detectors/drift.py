@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector
+from processors.detectors import SeriesState, blank_verdicts, register_detector
 from processors.kernels import AHEAD, compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray, SeriesIndex
 
@@ -142,9 +142,7 @@ class Drift(SeriesState):
             slots, _ = self.slots(batch.series[unknown])
             self.group_key.view[slots] = keys
             self._group.view[slots] = self._group_of(keys)
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
+        score, flagged, reason = blank_verdicts(len(rows))
         by_round = _drift_kernel(
             rows, batch.repeats(), batch.series, self.block_slot, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,

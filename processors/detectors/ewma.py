@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector, register_pair
+from processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
 from processors.detectors.flatline import Flatline
 from processors.kernels import ewma_flatline_kernel
 from processors.series import GrowableArray
@@ -82,7 +82,7 @@ class EwmaZScore(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        outputs = _outputs(len(rows))
+        outputs = blank_verdicts(len(rows))
         # The kernel it shares with flatline, with flatline's part off (``NO_FLATLINE``).
         alone = (*self.kernel_args(), *outputs, False, *NO_FLATLINE)
         ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *alone)
@@ -95,11 +95,6 @@ class EwmaZScore(SeriesState):
             self.last_time_us.view, self.alpha, self.threshold, self.warmup, _LONG_RUN_SHARE, self._weights,
             self._slow_weights, self._settled,
         )  # fmt: skip
-
-
-def _outputs(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
-    """Score, flag and reason per row walked, zero until the kernel gives a verdict."""
-    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
 
 
 # flatline's part of ``ewma_flatline_kernel``'s arguments when it is off: empty arrays of its
@@ -124,7 +119,7 @@ def ewma_and_flatline(
     rows = ewma._walk(batch, series_count, exclude=ewma.exclude)
     if flatline._walk(batch, series_count, exclude=flatline.exclude) is not rows:
         return None
-    outputs = _outputs(len(rows))
+    outputs = blank_verdicts(len(rows))
     both = (*ewma.kernel_args(), *outputs, True, *flatline.kernel_args())
     hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *both)
     return DetectorResult(ewma.name, len(batch), rows, *outputs, REASONS), flatline.result(batch, rows, hit)

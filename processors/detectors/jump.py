@@ -6,7 +6,7 @@ import numpy as np
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector
+from processors.detectors import SeriesState, blank_verdicts, register_detector
 from processors.kernels import jump_kernel
 from processors.series import GrowableArray
 
@@ -47,9 +47,7 @@ class Jump(SeriesState):
         rows = self._walk(batch, series_count, exclude=self.exclude)
         last_value, mean_step = self.last_value.view, self.mean_step.view
         count, last_time = self.count.view, self.last_time_us.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
+        score, flagged, reason = blank_verdicts(len(rows))
         jump_kernel(
             rows,
             batch.series,

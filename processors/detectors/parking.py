@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, companion, register_detector
+from processors.detectors import SeriesState, blank_verdicts, companion, register_detector
 from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
@@ -148,9 +148,7 @@ class LotStuck(SeriesState):
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
         # (Sized by the districts of this detector's rows only: a max over them, not the batch.)
         self.district_latest.resize(int(districts[rows].max()) + 1 if len(rows) else 0)
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
+        score, flagged, reason = blank_verdicts(len(rows))
         _stuck_flag(
             rows, live, batch.series, self.block_slot, batch.time_us, batch.value, capacity, since,
             self.district.view, self.district_latest.view, changed, reported, self.stuck_us,

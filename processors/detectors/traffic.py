@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, companion, register_detector
+from processors.detectors import SeriesState, blank_verdicts, companion, register_detector
 from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
 from processors.series import GrowableArray
 
@@ -61,9 +61,7 @@ class TrafficProfile(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.metrics)
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
-        reason = np.zeros(len(rows), np.uint8)
+        score, flagged, reason = blank_verdicts(len(rows))
         _profile_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value,
             self.means.view, self.counts.view, self.scale.view, self.last_time_us.view,
@@ -124,10 +122,8 @@ class TrafficZero(SeriesState):
         rows = self._walk(batch, series_count, self.applies_to)
         flow, count, last_time = self.flow.view, self.count.view, self.last_time_us.view
         zeros_in_row = self.zeros_in_row.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
+        score, flagged, reason = blank_verdicts(len(rows))
         occupancy = companion(batch, "occupancy", rows)
-        reason = np.zeros(len(rows), np.uint8)
         _zero_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
             flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
