@@ -41,8 +41,13 @@ class GrowableArray:
         self._rows = rows
         self._data = np.full((rows, capacity) if rows else capacity, fill, dtype=dtype)
         self._size = 0
+        # The used part, made once per resize rather than on every read: kernels take a dozen
+        # views per detector and batch.
+        self._view = self._data[..., :0]
 
     def resize(self, size: int) -> None:
+        if size <= self._size:
+            return
         current = self._data.shape[-1]
         if size > current:
             step = current if current < _DOUBLE_UNTIL else current // 8
@@ -50,11 +55,12 @@ class GrowableArray:
             grown = np.full((self._rows, capacity) if self._rows else capacity, self._fill, dtype=self._data.dtype)
             grown[..., : self._size] = self._data[..., : self._size]
             self._data = grown
-        self._size = max(self._size, size)
+        self._size = size
+        self._view = self._data[..., :size]
 
     @property
     def view(self) -> NDArray[Any]:
-        return self._data[..., : self._size]
+        return self._view
 
     @property
     def allocated_bytes(self) -> int:

@@ -54,7 +54,14 @@ def test_growable_array_keeps_its_values_and_bounds_its_unused_capacity() -> Non
     np.testing.assert_array_equal(array.view[:size], np.arange(size))
     assert (array.view[size:] == -1).all()  # new room holds the start value
     array.resize(10)  # never shrinks
-    assert len(array) == size + 3 * (1 << 20)
+    assert len(array) == array.view.size == size + 3 * (1 << 20)
+    # A table grows along its columns, and its view is the used columns of every row.
+    table = GrowableArray(np.float32, fill=np.nan, rows=3)
+    table.resize(5)
+    table.view[2, 4] = 1.0
+    table.resize(5000)
+    assert table.view.shape == (3, 5000)
+    assert table.view[2, 4] == 1.0 and np.isnan(table.view[2, 5:]).all()
 
 
 def test_series_index_with_metric_blocks_gives_each_block_one_metric() -> None:
