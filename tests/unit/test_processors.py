@@ -61,7 +61,8 @@ def test_growable_array_keeps_its_values_and_bounds_its_unused_capacity() -> Non
     table.view[2, 4] = 1.0
     table.resize(5000)
     assert table.view.shape == (3, 5000)
-    assert table.view[2, 4] == 1.0 and np.isnan(table.view[2, 5:]).all()
+    assert table.view[2, 4] == 1.0
+    assert np.isnan(table.view[2, 5:]).all()
 
 
 def test_series_index_with_metric_blocks_gives_each_block_one_metric() -> None:
