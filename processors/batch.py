@@ -234,10 +234,45 @@ def group_ranks(metric_names: tuple[str, ...], codes: int, selections: tuple[Sel
         membership[: len(taken), column] = taken[:codes]
     # np.lexsort's last key sorts first; taken (True) before not, then by code.
     order = np.lexsort((np.arange(codes), *(~membership[:, column] for column in reversed(range(len(wanted))))))
+    order = _fewer_runs(membership, order)
     rank = np.empty(codes, np.int64)
     rank[order] = np.arange(codes)
     rank.flags.writeable = False
     return rank
+
+
+# The most orders ``_fewer_runs`` tries: a fifth of a second at most, for a thousand metrics.
+_MOVES_TRIED = 5_000
+
+
+def _runs(membership: NDArray[np.bool_], order: NDArray[np.int64]) -> int:
+    """How many runs of adjacent groups the selections (columns) take, codes in ``order``."""
+    taken = membership[order]
+    return int(taken[0].sum() + (taken[1:] & ~taken[:-1]).sum())
+
+
+def _fewer_runs(membership: NDArray[np.bool_], order: NDArray[np.int64]) -> NDArray[np.int64]:
+    """``order`` improved one move at a time: a code moved to wherever it makes the fewest runs,
+    while some move lowers their number. The sort by membership keeps nested selections adjacent
+    but can split overlapping ones, and a selection in pieces is copied out of the grouping on
+    every batch: in the simulated city's stage three were, one remains. Once per metric table,
+    within ``_MOVES_TRIED`` orders tried (a dozen milliseconds for the city's 16 metrics)."""
+    best = _runs(membership, order)
+    tried = 0
+    moved = True
+    while moved and tried < _MOVES_TRIED:
+        moved = False
+        for code in order.tolist():
+            if tried >= _MOVES_TRIED:
+                break
+            rest = order[order != code]
+            for place in range(min(len(order), _MOVES_TRIED - tried)):
+                candidate = np.insert(rest, place, code)
+                runs = _runs(membership, candidate)
+                if runs < best:
+                    best, order, moved = runs, candidate, True
+            tried += len(order)
+    return order
 
 
 @functools.lru_cache(maxsize=256)

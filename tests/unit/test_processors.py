@@ -339,6 +339,27 @@ def test_group_ranks_keep_each_nested_selection_adjacent() -> None:
     assert group_runs(names, rank.tobytes(), wide) == ((0, 4),)
 
 
+def test_group_ranks_keep_overlapping_selections_adjacent_where_an_order_allows() -> None:
+    # The simulated city's metrics and its stage's selections (as ``DetectionStage`` asks them),
+    # which overlap without nesting: a sort by membership alone split three of them.
+    names = (
+        "capacity", "co", "free_bays", "humidity", "mean_speed", "no2", "noise", "o3", "occupancy", "occupied",
+        "occupied_bays", "pm10", "pm2_5", "so2", "temperature", "vehicle_count",
+    )  # fmt: skip
+    air = ("co", "humidity", "no2", "noise", "o3", "pm10", "pm2_5", "so2", "temperature")
+    selections = (
+        ((), ("capacity", "occupied")), (air, ()), (("free_bays", "occupied", "pm2_5", "vehicle_count"), ()),
+        (("co", "no2", "o3", "pm10", "pm2_5", "so2"), ()), (("free_bays", "occupied_bays"), ()), (("occupied",), ()),
+        (("free_bays",), ()), (("mean_speed", "vehicle_count"), ()), (("vehicle_count",), ()), (("mean_speed",), ()),
+    )  # fmt: skip
+    rank = group_ranks(names, len(names), selections)
+    assert sorted(rank.tolist()) == list(range(len(names)))
+    pieces = {selection: len(group_runs(names, rank.tobytes(), selection)) for selection in selections}
+    # Only the gap detector's mix of one pollutant, one lot metric, a bay and a counter cannot
+    # be one run while the air metrics and the lots' pair are.
+    assert sum(pieces.values()) == len(selections) + 1, pieces
+
+
 def test_a_result_lists_only_rows_with_a_verdict_and_splits_with_its_batch() -> None:
     result = DetectorResult(
         "d",
