@@ -40,19 +40,12 @@ class OverCapacity(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
         capacity = companion(batch, "capacity", rows)
-        known = np.isfinite(capacity)
-        if not known.all():  # (the usual batch: no copies)
-            rows, capacity = rows[known], capacity[known]
-        over, last_time = self.over.view, self.last_time_us.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
+        score, flagged, reason = blank_verdicts(len(rows))
         _over_capacity_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, capacity, self.tolerance,
-            over, last_time, score, flagged,
+            self.over.view, self.last_time_us.view, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(
-            self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "over_capacity")
-        )
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "over_capacity"))
 
 
 @register_detector("bay_flapping")
@@ -89,13 +82,12 @@ class BayFlapping(SeriesState):
             self.toggles.view,
             self.last_time_us.view,
         )
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
+        score, flagged, reason = blank_verdicts(len(rows))
         _flapping_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value,
-            last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged,
+            last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "flapping"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "flapping"))
 
 
 @register_detector("lot_stuck")
@@ -178,6 +170,7 @@ def _over_capacity_kernel(
     last_time: NDArray[np.int64],
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
@@ -187,6 +180,8 @@ def _over_capacity_kernel(
         if out_of_step(ahead, s):
             prefetch(over, ahead)
             prefetch(last_time, ahead)
+        if not np.isfinite(capacity[k]):
+            continue  # no capacity in the message: no verdict, and the episode stays as it is
         excess = value[i] - capacity[k] - tolerance
         is_over = excess > 0
         # A late reading is scored too; only a fresh one moves the episode.
@@ -194,7 +189,7 @@ def _over_capacity_kernel(
             score[k] = 0.5 + 0.5 * min(excess / max(capacity[k], 1.0), 1.0)
         if time_us[i] <= last_time[s]:
             continue
-        flagged[k] = is_over and not over[s]
+        flagged[k] = reason[k] = is_over and not over[s]
         over[s] = is_over
         last_time[s] = time_us[i]
 
@@ -214,6 +209,7 @@ def _flapping_kernel(
     window_us: int,
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
@@ -240,7 +236,7 @@ def _flapping_kernel(
                 count += 1
         toggles[s] = count
         score[k] = min(count / max_toggles, 1.0)
-        flagged[k] = toggled and count == max_toggles
+        flagged[k] = reason[k] = toggled and count == max_toggles
         last_value[s] = v
         last_time[s] = t
 

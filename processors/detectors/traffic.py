@@ -155,17 +155,12 @@ class Congestion(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
         occupancy = companion(batch, "occupancy", rows)
-        known = np.isfinite(occupancy)
-        if not known.all():  # (the usual batch: no copies)
-            rows, occupancy = rows[known], occupancy[known]
-        jammed, last_time = self.jammed.view, self.last_time_us.view
-        score = np.zeros(len(rows), np.float32)
-        flagged = np.zeros(len(rows), np.bool_)
+        score, flagged, reason = blank_verdicts(len(rows))
         _congestion_kernel(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
-            self.jam_speed, self.jam_occupancy, jammed, last_time, score, flagged,
+            self.jam_speed, self.jam_occupancy, self.jammed.view, self.last_time_us.view, score, flagged, reason,
         )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, flagged.astype(np.uint8), ("", "congestion"))
+        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "congestion"))
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -299,6 +294,7 @@ def _congestion_kernel(
     last_time: NDArray[np.int64],
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
+    reason: NDArray[np.uint8],
 ) -> None:
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
@@ -308,10 +304,11 @@ def _congestion_kernel(
         if out_of_step(ahead, s):
             prefetch(jammed, ahead)
             prefetch(last_time, ahead)
-        if time_us[i] <= last_time[s]:
+        # No occupancy in the message: no verdict, and the jam stays as it is.
+        if time_us[i] <= last_time[s] or not np.isfinite(occupancy[k]):
             continue
         jam = speed[i] <= jam_speed and occupancy[k] >= jam_occupancy
         score[k] = 1.0 if jam else 0.5 * min(occupancy[k] / jam_occupancy, 1.0) * 0.99
-        flagged[k] = jam and not jammed[s]
+        flagged[k] = reason[k] = jam and not jammed[s]
         jammed[s] = jam
         last_time[s] = time_us[i]
