@@ -91,6 +91,8 @@ class Drift(SeriesState):
         self._group = GrowableArray(np.int32, fill=-1)
         # Scratch for the kernel's round numbering: zero between batches.
         self._rank = GrowableArray(np.int32)
+        # The series index's extent when every series of the rows walked had a group (-1: never).
+        self._grouped_extent = -1
 
     def _grow(self, slots: int) -> None:
         super()._grow(slots)
@@ -135,21 +137,33 @@ class Drift(SeriesState):
         latest, member = self.latest.view, self._member.view
         if not len(rows):
             return DetectorResult.none(self.name, len(batch), REASONS)
-        # A series' group never changes: only series new to this process need theirs looked up.
-        unknown = _ungrouped(rows, batch.series, self.block_slot, self._group.view)
-        if len(unknown):
-            keys = self._keys(batch.take(unknown))
-            slots, _ = self.slots(batch.series[unknown])
-            self.group_key.view[slots] = keys
-            self._group.view[slots] = self._group_of(keys)
+        # A series' group never changes: only series new to this detector need theirs looked up.
+        # Series new to the index (it grew since the last batch) are looked up before the
+        # kernel. Once the index stops growing that pass over the rows is skipped, and the
+        # kernel passes over the rare series the index knew but this detector did not (one
+        # whose every reading so far was not a number, or one restored without drift state):
+        # it leaves their rows alone, and they join their groups for the next batch.
+        if series_count != self._grouped_extent:
+            self._group_rows(batch, _ungrouped(rows, batch.series, self.block_slot, self._group.view))
+            self._grouped_extent = series_count
         score, flagged, reason = blank_verdicts(len(rows))
-        by_round = _drift_kernel(
+        by_round, ungrouped = _drift_kernel(
             rows, batch.repeats(), batch.series, self.block_slot, batch.time_us, batch.value, self._group.view,
             self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
             baseline, step, last_offset, upper, lower, count, last_time,
             self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
         )  # fmt: skip
+        if len(ungrouped):
+            self._group_rows(batch, ungrouped)
         return DetectorResult(self.name, len(batch), by_round, score, flagged, reason, REASONS)
+
+    def _group_rows(self, batch: ReadingBatch, rows: NDArray[np.int64]) -> None:
+        """Look up the peer groups of these rows' series (which have none yet)."""
+        if len(rows):
+            keys = self._keys(batch.take(rows))
+            slots, _ = self.slots(batch.series[rows])
+            self.group_key.view[slots] = keys
+            self._group.view[slots] = self._group_of(keys)
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
@@ -204,12 +218,13 @@ def _drift_kernel(
     score: NDArray[np.float32],
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
-) -> NDArray[np.int64]:
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """The detector, compiled (see processors/kernels.py). Readings go in rounds: round k holds
     the k-th reading (by time) of every series that has one, so a sensor is compared with its
     peers' readings of about the same moment, not with ones from later in the batch. Within a
     round, the groups' sums take in every reading first, then each reading is scored. Returns
-    the rows in the order walked (by round), which the outputs follow."""
+    the rows in the order walked (by round), which the outputs follow; and the rows of series
+    with no peer group yet, which it left alone (no verdict, nothing learned)."""
     size = rows.shape[0]
     # The usual case, no series twice in the batch: one round.
     rounds = 1
@@ -236,6 +251,8 @@ def _drift_kernel(
             fill[row_rank[k]] += 1
     # Per position in by_round: the row's slot, found once in pass 1.
     slot = np.empty(size, np.uint64)
+    ungrouped = np.empty(0, np.int64)
+    skipped = 0
     for r in range(rounds):
         # Pass 1: the groups' sums of latest readings.
         for k in range(starts[r], starts[r + 1]):
@@ -251,6 +268,12 @@ def _drift_kernel(
                 prefetch(member, ahead)
                 prefetch(latest, ahead)
             g = group[s]
+            if g < 0:
+                if skipped == ungrouped.shape[0]:
+                    ungrouped = np.concatenate((ungrouped, np.empty(max(16, 2 * skipped), np.int64)))
+                ungrouped[skipped] = i
+                skipped += 1
+                continue
             # A late reading gets the score its series has now; it changes nothing. (Pass 2
             # works both out again: nothing they depend on changes in between, as a series has
             # one reading per round.)
@@ -281,6 +304,8 @@ def _drift_kernel(
                 prefetch(baseline, ahead)
                 prefetch(last_offset, ahead)
             g = group[s]
+            if g < 0:
+                continue  # no peer group yet (see pass 1)
             peers = group_members[g] - (1 if member[s] else 0)
             if peers < 1:
                 continue  # no peer reporting: not scored, not learned
@@ -316,4 +341,4 @@ def _drift_kernel(
             last_offset[s] = offset
             count[s] = seen + 1
             last_time[s] = time_us[i]
-    return by_round
+    return by_round, ungrouped[:skipped]

@@ -208,6 +208,35 @@ def test_drift_of_one_sensor_is_flagged_and_its_peers_are_not() -> None:
     assert flagged_sensors == [0]
 
 
+def test_drift_leaves_a_series_it_meets_late_alone_for_one_batch_then_groups_it() -> None:
+    # Series 3 is known to the index from the start (series_count 4) but its first readings are
+    # not numbers, so drift first meets it with the index no longer growing: the kernel must
+    # leave it alone (no verdict, its peers' sums untouched) and it joins its group after.
+    settings = DetectorSettings(warmup=2, slack=1.0, cusum_limit=40)
+    late, without = build_detector("drift", settings), build_detector("drift", settings)
+    rng = np.random.default_rng(1)
+    for step in range(6):
+        values = (50 + rng.standard_normal(4)).tolist()
+        if step < 3:
+            values[3] = np.nan
+        times = [T0 + step * MINUTE] * 4
+        batch = readings(times, values, ["pm2_5"] * 4, [0, 1, 2, 3], [0, 1, 2, 3])
+        got = late.process(batch, 4)
+        # The same sensors, and series 3 only from the batch after it first reports a number,
+        # where the index grows (to 5) so that series 3 is looked up before the kernel.
+        if step > 3:
+            expected = without.process(batch, 5)
+        else:
+            expected = without.process(readings(times[:3], values[:3], ["pm2_5"] * 3, [0, 1, 2], [0, 1, 2]), 4)
+            assert got.score[3] == 0.0
+            assert not got.flagged[3]
+        np.testing.assert_array_equal(got.score[:3], expected.score[:3])
+    state, reference = late.export_state(np.arange(4)), without.export_state(np.arange(4))
+    for name in ("count", "baseline", "step", "upper", "lower", "group_key"):
+        np.testing.assert_array_equal(state[name], reference[name], err_msg=name)
+    assert state["count"].tolist() == [6, 6, 6, 2]
+
+
 def test_every_simulated_fault_is_caught_by_its_detectors() -> None:
     settings = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
     scores, messages, _anomalies = simulated_run(
