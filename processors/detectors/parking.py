@@ -129,17 +129,17 @@ class LotStuck(SeriesState):
         districts = batch.districts()
         capacity = companion(batch, "capacity", rows)
         # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
-        since = np.full(len(rows), _NEVER, np.int64)
-        live = np.zeros(len(rows), np.bool_)
-        _stuck_pass(
+        since = np.empty(len(rows), np.int64)
+        live = np.empty(len(rows), np.bool_)
+        highest_district = _stuck_pass(
             rows, batch.series, self.block_slot, batch.time_us, batch.value, districts,
             last_value, changed, reported, last_time, self.district.view, since, live,
         )  # fmt: skip
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
         # each district. A lot's last change only moves forward, so a running maximum per
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
-        # (Sized by the districts of this detector's rows only: a max over them, not the batch.)
-        self.district_latest.resize(int(districts[rows].max()) + 1 if len(rows) else 0)
+        # (Sized by the districts of this detector's rows only, as pass 1 found them.)
+        self.district_latest.resize(highest_district + 1)
         score, flagged, reason = blank_verdicts(len(rows))
         _stuck_flag(
             rows, live, batch.series, self.block_slot, batch.time_us, batch.value, capacity, since,
@@ -256,8 +256,10 @@ def _stuck_pass(
     district: NDArray[np.int32],
     since: NDArray[np.int64],
     live: NDArray[np.bool_],
-) -> None:
-    """Each fresh row's "unchanged since", as of that row; and each lot's district."""
+) -> int:
+    """Each row's "unchanged since", as of that row, and whether it was fresh (``live``); each
+    lot's district. Returns the highest district code of the rows (-1: no rows)."""
+    highest = -1
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
@@ -270,6 +272,9 @@ def _stuck_pass(
             prefetch(reported, ahead)
             prefetch(last_time, ahead)
         district[s] = districts[i]
+        highest = max(highest, districts[i])
+        since[k] = _NEVER
+        live[k] = False
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -280,6 +285,7 @@ def _stuck_pass(
         last_time[s] = t
         since[k] = changed[s]
         live[k] = True
+    return highest
 
 
 @compiled
