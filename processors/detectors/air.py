@@ -146,7 +146,7 @@ class Aqi(SeriesState):
         rows = self._walk(batch, series_count, POLLUTANTS)
         outputs = blank_verdicts(len(rows))
         # The kernel it shares with exceedance, with exceedance's part off.
-        alone = (*_columns(batch), True, *self.kernel_args(), *outputs, False, *_NO_EXCEEDANCE)
+        alone = (*_columns(batch), True, *self.kernel_args(), *outputs, False, False, *_NO_EXCEEDANCE)
         _air_kernel(rows, *alone)
         return DetectorResult(self.name, len(batch), rows, *outputs, _LEVELS[self.standard])
 
@@ -197,7 +197,7 @@ class Exceedance(SeriesState):
         rows = self._walk(batch, series_count, POLLUTANTS)
         outputs = blank_verdicts(len(rows))
         # The kernel it shares with aqi, with aqi's part off.
-        alone = (*_columns(batch), False, *_NO_AQI, True, *self.kernel_args(), *outputs)
+        alone = (*_columns(batch), False, *_NO_AQI, True, False, *self.kernel_args(), *outputs)
         _air_kernel(rows, *alone)
         return DetectorResult(self.name, len(batch), rows, *outputs, EXCEEDANCE_REASONS)
 
@@ -218,7 +218,11 @@ def aqi_and_exceedance(
     rows = aqi._walk(batch, series_count, POLLUTANTS)
     exceedance._walk(batch, series_count, POLLUTANTS)
     aqi_outputs, exceedance_outputs = blank_verdicts(len(rows)), blank_verdicts(len(rows))
-    parts = (True, *aqi.kernel_args(), *aqi_outputs, True, *exceedance.kernel_args(), *exceedance_outputs)
+    # Equal slot tables give equal slots (see ``ewma.ewma_and_flatline``).
+    same_slots = np.array_equal(aqi.block_slot, exceedance.block_slot)
+    parts = (
+        True, *aqi.kernel_args(), *aqi_outputs, True, same_slots, *exceedance.kernel_args(), *exceedance_outputs,
+    )  # fmt: skip
     _air_kernel(rows, *_columns(batch), *parts)
     return (
         DetectorResult(aqi.name, len(batch), rows, *aqi_outputs, _LEVELS[aqi.standard]),
@@ -304,6 +308,7 @@ def _air_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
     exceedance: bool,
+    same_slots: bool,
     exceedance_block_slot: NDArray[np.int64],
     exceedance_hour: NDArray[np.int32],
     hour_total: NDArray[np.float64],
@@ -322,7 +327,8 @@ def _air_kernel(
 ) -> None:
     """aqi (if ``aqi``) and exceedance (if ``exceedance``) in one walk over the pollutant rows,
     each with its own slots, state and verdicts: as ``kernels.ewma_flatline_kernel`` does for
-    its pair, and for the same reasons (``detectors.PAIRS``). Late readings are skipped."""
+    its pair, and for the same reasons (``detectors.PAIRS``); ``same_slots`` as there. Late
+    readings are skipped."""
     table = block_slot if aqi else exceedance_block_slot
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
@@ -361,7 +367,7 @@ def _air_kernel(
                     reason[k] = category
                     flagged_hour[s] = this_hour
         if exceedance:
-            e = slot_of(exceedance_block_slot, series[i])
+            e = s if same_slots else slot_of(exceedance_block_slot, series[i])
             if out_of_step(ahead, e):
                 prefetch(exceedance_hour, ahead)
                 prefetch(hour_total, ahead)

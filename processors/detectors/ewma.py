@@ -84,7 +84,7 @@ class EwmaZScore(SeriesState):
         rows = self._walk(batch, series_count, exclude=self.exclude)
         outputs = blank_verdicts(len(rows))
         # The kernel it shares with flatline, with flatline's part off (``NO_FLATLINE``).
-        alone = (*self.kernel_args(), *outputs, False, *NO_FLATLINE)
+        alone = (*self.kernel_args(), *outputs, False, False, *NO_FLATLINE)
         ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *alone)
         return DetectorResult(self.name, len(batch), rows, *outputs, REASONS)
 
@@ -120,6 +120,9 @@ def ewma_and_flatline(
     if flatline._walk(batch, series_count, exclude=flatline.exclude) is not rows:
         return None
     outputs = blank_verdicts(len(rows))
-    both = (*ewma.kernel_args(), *outputs, True, *flatline.kernel_args())
+    # Equal tables, as two detectors of the same metrics hand out slots alike (a checkpoint
+    # restored into one of them alone could order its blocks otherwise).
+    same_slots = np.array_equal(ewma.block_slot, flatline.block_slot)
+    both = (*ewma.kernel_args(), *outputs, True, same_slots, *flatline.kernel_args())
     hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *both)
     return DetectorResult(ewma.name, len(batch), rows, *outputs, REASONS), flatline.result(batch, rows, hit)

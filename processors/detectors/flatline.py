@@ -41,12 +41,12 @@ class Flatline(SeriesState):
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
         # The kernel it shares with ewma_zscore, with ewma_zscore's part off (``NO_EWMA``).
-        alone = (*NO_EWMA, True, *self.kernel_args())
+        alone = (*NO_EWMA, True, False, *self.kernel_args())
         hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, False, *alone)
         return self.result(batch, rows, hit)
 
     def kernel_args(self) -> tuple[Any, ...]:
-        """Its part of ``ewma_flatline_kernel``'s arguments, after the flag."""
+        """Its part of ``ewma_flatline_kernel``'s arguments, after the flags."""
         return self.block_slot, self.last_value.view, self.run.view, self.last_time_us.view, self.window, self.tolerance
 
     def result(self, batch: ReadingBatch, rows: NDArray[np.int64], hit: NDArray[np.int64]) -> DetectorResult:

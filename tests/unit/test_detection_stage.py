@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import pytest
 
 from citytel.evaluate import kafka_records
 from citytel.simulate import City
@@ -192,15 +193,28 @@ def test_last_seconds_times_every_part_of_each_batch() -> None:
     assert seconds["grouping"] > 0
 
 
-def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
+@pytest.mark.parametrize("restored", [False, True])
+def test_a_pair_walking_together_gives_what_each_gives_alone(restored: bool) -> None:
     """ewma_zscore and flatline, and aqi and exceedance, share one walk in the stage
     (``detectors.PAIRS``); their verdicts and state must be those of each walking alone: over
     batches with series repeated and shuffled within the batch, and batches delivered again
-    (late readings, and readings as new as their series' latest)."""
+    (late readings, and readings as new as their series' latest). ``restored``: the second of
+    each pair first restores a checkpoint of some series, so it hands out its slots in another
+    order than its partner (the pair cannot take one's slots for the other's)."""
     paired, alone = DetectionStage(SETTINGS), DetectionStage(SETTINGS)
     alone._pairs = {}
     assert paired._pairs, "the configured detectors include a pair"
     batches = city_batches(60)
+    if restored:
+        for stage in (paired, alone):
+            decode_batch(batches[0], stage.index, {})  # the series, in the index
+            for detector in stage.detectors:
+                if detector.name in ("flatline", "exceedance"):
+                    # The later half of the series first: their blocks get the first slots.
+                    last = np.arange(stage.index.extent // 2, stage.index.extent, dtype=np.int64)
+                    saved = detector.export_state(last)
+                    saved["present"][:] = True
+                    detector.import_state(last, saved, stage.index.extent)
     rng = np.random.default_rng(8)
     flagged = 0
     scored: dict[str, int] = {}
@@ -226,6 +240,9 @@ def test_a_pair_walking_together_gives_what_each_gives_alone() -> None:
             scored[mine.detector] = scored.get(mine.detector, 0) + int((mine.score > 0).sum())
     assert {"ewma_zscore+flatline", "aqi+exceedance"} <= set(paired.last_seconds)
     assert not {"ewma_zscore+flatline", "aqi+exceedance"} & set(alone.last_seconds)
+    tables = {detector.name: detector.block_slot for detector in paired.detectors if isinstance(detector, SeriesState)}
+    for first, second in (("ewma_zscore", "flatline"), ("aqi", "exceedance")):
+        assert np.array_equal(tables[first], tables[second]) != restored, (first, second)
     every = np.arange(len(paired.index), dtype=np.int64)
     for mine_detector, reference_detector in zip(paired.detectors, alone.detectors, strict=True):
         reference_state = reference_detector.export_state(every)
