@@ -219,7 +219,7 @@ def aqi_and_exceedance(
     exceedance._walk(batch, series_count, POLLUTANTS)
     aqi_outputs, exceedance_outputs = blank_verdicts(len(rows)), blank_verdicts(len(rows))
     # Equal slot tables give equal slots (see ``ewma.ewma_and_flatline``).
-    same_slots = np.array_equal(aqi.block_slot, exceedance.block_slot)
+    same_slots = aqi.same_slots(exceedance)
     parts = (
         True, *aqi.kernel_args(), *aqi_outputs, True, same_slots, *exceedance.kernel_args(), *exceedance_outputs,
     )  # fmt: skip

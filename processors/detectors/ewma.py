@@ -122,7 +122,7 @@ def ewma_and_flatline(
     outputs = blank_verdicts(len(rows))
     # Equal tables, as two detectors of the same metrics hand out slots alike (a checkpoint
     # restored into one of them alone could order its blocks otherwise).
-    same_slots = np.array_equal(ewma.block_slot, flatline.block_slot)
+    same_slots = ewma.same_slots(flatline)
     both = (*ewma.kernel_args(), *outputs, True, same_slots, *flatline.kernel_args())
     hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *both)
     return DetectorResult(ewma.name, len(batch), rows, *outputs, REASONS), flatline.result(batch, rows, hit)
