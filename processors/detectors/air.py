@@ -7,6 +7,7 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -101,9 +102,16 @@ def _slopes(breakpoints: NDArray[np.float64], indices: NDArray[np.float64]) -> N
 def _pollutant_codes(batch: ReadingBatch) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Each row's metric code, and each code's position in POLLUTANTS (or -1): the kernels look
     a row's pollutant up through both, only for the rows they walk."""
-    table = np.array([POLLUTANTS.index(name) if name in POLLUTANTS else -1 for name in batch.metric_names] or [-1])
     metric = np.zeros(len(batch), np.int64) if batch.metric is None else batch.metric
-    return metric, table
+    return metric, _pollutant_table(batch.metric_names)
+
+
+@functools.lru_cache(maxsize=64)
+def _pollutant_table(metric_names: tuple[str, ...]) -> NDArray[np.int64]:
+    """Per metric code, its position in POLLUTANTS or -1 (read-only; once per metric table)."""
+    table = np.array([POLLUTANTS.index(name) if name in POLLUTANTS else -1 for name in metric_names] or [-1])
+    table.flags.writeable = False
+    return table
 
 
 @register_detector("aqi")
