@@ -53,6 +53,7 @@ from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
 __all__ = [
     "AHEAD",
     "CODE_BEYOND_TABLE",
+    "advance_clocks",
     "assign_slots",
     "compiled",
     "ewma_flatline_kernel",
@@ -426,6 +427,37 @@ def group_percentile(
         g = present[k]
         result[k] = np.percentile(grouped[starts[g] : starts[g + 1]], percent)
     return present + lowest, result
+
+
+@compiled
+def advance_clocks(
+    partition: NDArray[np.int32],
+    series: NDArray[np.int64],
+    time_us: NDArray[np.int64],
+    step: int,
+    percent: float,
+    clock: NDArray[np.int64],
+) -> tuple[int, int]:
+    """Moves each partition's clock (``clock``, by partition) up to the ``percent`` percentile
+    of the times of its rows among every ``step``-th row, never back. Returns the latest clock
+    and 0; or, if ``clock`` is too short for a partition of the sample, changes nothing and
+    returns the length it needs second. Rows of series with no partition yet (-1) are left out."""
+    size = (series.shape[0] + step - 1) // step
+    group = np.empty(size, np.int32)
+    value = np.empty(size, np.int64)
+    needed = 0
+    for j in range(size):
+        group[j] = partition[series[j * step]]
+        value[j] = time_us[j * step]
+        needed = max(needed, group[j] + 1)
+    if needed > clock.shape[0]:
+        return _NEVER, needed
+    if size:
+        present, percentile = group_percentile(group, value, percent)
+        for k in range(present.shape[0]):
+            if present[k] >= 0:
+                clock[present[k]] = max(clock[present[k]], np.int64(percentile[k]))
+    return (clock.max() if clock.shape[0] else _NEVER), 0
 
 
 @compiled

@@ -11,7 +11,7 @@ from ingest.envelope import Envelope, encode_envelope
 from processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
 from processors.decode import decode_batch
 from processors.detectors import build_detector, companion
-from processors.kernels import AHEAD, fetch_ahead, group_percentile, ordered, out_of_step, time_order
+from processors.kernels import AHEAD, advance_clocks, fetch_ahead, group_percentile, ordered, out_of_step, time_order
 from processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
 from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
@@ -257,6 +257,27 @@ def test_group_percentile_matches_numpy_per_group() -> None:
     present, percentile = group_percentile(groups, values, 90.0)
     assert present.tolist() == np.unique(groups).tolist()
     np.testing.assert_allclose(percentile, [np.percentile(values[groups == g], 90) for g in present])
+
+
+def test_partition_clocks_move_to_the_sampled_percentile_and_never_back() -> None:
+    rng = np.random.default_rng(2)
+    partition = np.array([0, 1, 2, -1], np.int32)  # by series; series 3 has no partition yet
+    series = rng.integers(0, 4, 4000)
+    time_us = rng.integers(10**6, 2 * 10**6, 4000)
+    clock = np.full(2, np.iinfo(np.int64).min)
+    # Too short for partition 2: nothing changes, and the length needed comes back.
+    assert advance_clocks(partition, series, time_us, 4, 90.0, clock)[1] == 3
+    assert (clock == np.iinfo(np.int64).min).all()
+    clock = np.full(3, np.iinfo(np.int64).min)
+    latest, needed = advance_clocks(partition, series, time_us, 4, 90.0, clock)
+    sample_series, sample_time = series[::4], time_us[::4]
+    expected = [int(np.percentile(sample_time[sample_series == s], 90)) for s in range(3)]
+    assert needed == 0
+    assert clock.tolist() == expected
+    assert latest == max(expected)
+    # An earlier batch (a backlog of one partition) leaves every clock where it was.
+    advance_clocks(partition, series, time_us - 10**6, 4, 90.0, clock)
+    assert clock.tolist() == expected
 
 
 def test_a_batch_computes_shared_work_once_and_a_changed_copy_does_not_inherit_it() -> None:
