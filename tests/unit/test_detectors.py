@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -235,6 +236,37 @@ def test_drift_leaves_a_series_it_meets_late_alone_for_one_batch_then_groups_it(
     for name in ("count", "baseline", "step", "upper", "lower", "group_key"):
         np.testing.assert_array_equal(state[name], reference[name], err_msg=name)
     assert state["count"].tolist() == [6, 6, 6, 2]
+
+
+def test_traffic_profile_learns_each_hour_of_the_week_alike_in_one_batch_or_many() -> None:
+    # Three counters, a reading every 20 minutes for nine days. The kernel keeps the hour it
+    # worked out last; a batch of many hours, one counter's readings after another's (so the
+    # time goes back between counters), must teach the 48 hour-of-week slots and score exactly
+    # what one reading per batch does.
+    configured = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
+    # A slot gets three readings an hour on each of seven working days: warm after six.
+    settings = msgspec.structs.replace(configured.detector("traffic_profile"), warmup=6)
+    whole, single = build_detector("traffic_profile", settings), build_detector("traffic_profile", settings)
+    rng = np.random.default_rng(5)
+    steps = 9 * 72
+    rows: list[tuple[int, float, int]] = []
+    for start in range(0, steps, 50):  # a batch: 50 steps of each counter, counter by counter
+        for counter in range(3):
+            for step in range(start, min(start + 50, steps)):
+                value = 100 + 50 * np.sin(step / 13) + rng.normal(0, 5) + 10 * counter
+                rows.append((T0 + step * 20 * MINUTE, float(value), counter))
+    scores: list[float] = []
+    for start in range(0, len(rows), 150):
+        times, values, counters = (list(column) for column in zip(*rows[start : start + 150], strict=True))
+        batch = readings(times, values, ["vehicle_count"] * len(times), counters, counters)
+        scores += whole.process(batch, 3).score.tolist()
+    one_by_one = [single.process(readings([t], [v], ["vehicle_count"], [c], [c]), 3).score[0] for t, v, c in rows]
+    np.testing.assert_array_equal(scores, one_by_one)
+    assert max(scores) > 0  # warm slots scored
+    mine, theirs = whole.export_state(np.arange(3)), single.export_state(np.arange(3))
+    for name, array in mine.items():
+        np.testing.assert_array_equal(array, theirs[name], err_msg=name)
+    assert np.count_nonzero(mine["profile_counts"]) == 3 * 48
 
 
 def test_every_simulated_fault_is_caught_by_its_detectors() -> None:
