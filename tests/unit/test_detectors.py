@@ -269,6 +269,38 @@ def test_traffic_profile_learns_each_hour_of_the_week_alike_in_one_batch_or_many
     assert np.count_nonzero(mine["profile_counts"]) == 3 * 48
 
 
+@pytest.mark.parametrize("name", ["aqi", "exceedance"])
+def test_air_detectors_close_hours_and_days_alike_in_one_batch_or_many(name: str) -> None:
+    # Three PM2.5 monitors, a reading every 15 minutes for three days, in batches of many hours
+    # with one monitor's readings after another's (the time goes back between them): the kernel
+    # keeps the hour and day it worked out last, and must score and learn exactly what one
+    # reading per batch does.
+    settings = DetectorSettings(aqi_level=101, min_readings=2)
+    whole, single = build_detector(name, settings), build_detector(name, settings)
+    rng = np.random.default_rng(6)
+    steps = 3 * 96
+    rows: list[tuple[int, float, int]] = []
+    for start in range(0, steps, 40):
+        for monitor in range(3):
+            for step in range(start, min(start + 40, steps)):
+                level = 60 + 50 * np.sin(step / 20) + 20 * monitor + rng.normal(0, 10)
+                rows.append((T0 + step * 15 * MINUTE, float(max(level, 0.0)), monitor))
+    verdicts: list[tuple[float, bool, int]] = []
+    for start in range(0, len(rows), 120):
+        times, values, monitors = (list(column) for column in zip(*rows[start : start + 120], strict=True))
+        result = whole.process(readings(times, values, ["pm2_5"] * len(times), monitors, monitors), 3)
+        verdicts += zip(result.score.tolist(), result.flagged.tolist(), result.reason.tolist(), strict=True)
+    one_by_one = []
+    for t, v, m in rows:
+        result = single.process(readings([t], [v], ["pm2_5"], [m], [m]), 3)
+        one_by_one.append((result.score[0], result.flagged[0], result.reason[0]))
+    assert verdicts == one_by_one
+    assert sum(flagged for _, flagged, _ in verdicts) > 0
+    mine, theirs = whole.export_state(np.arange(3)), single.export_state(np.arange(3))
+    for field, array in mine.items():
+        np.testing.assert_array_equal(array, theirs[field], err_msg=field)
+
+
 def test_every_simulated_fault_is_caught_by_its_detectors() -> None:
     settings = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
     scores, messages, _anomalies = simulated_run(
