@@ -134,10 +134,10 @@ class ReadingBatch:
             order = self.time_order()
             is_finite = np.isfinite(self.value)
             finite = order if is_finite.all() else order[is_finite[order]]
-            finite.flags.writeable = False
             for selection in new:
-                self._rows[selection] = np.empty(0, np.int64) if selection[0] else finite
-                self._rows[selection].flags.writeable = False
+                rows = np.empty(0, np.int64) if selection[0] else finite
+                rows.flags.writeable = False
+                self._rows[selection] = rows
         else:
             if "grouped_rows" not in self._memo:
                 self._group(tuple(new))

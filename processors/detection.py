@@ -114,14 +114,13 @@ class DetectionStage:
         step = max(1, len(batch) // _CLOCK_SAMPLE)
         # In one compiled call: the sample, its percentiles and the clocks (a dozen lines of
         # Python and numpy here took 0.15 ms a batch in the stage, from a cold cache).
-        latest, needed = advance_clocks(
-            self.index.partition.view, batch.series, batch.time_us, step, 90.0, self._clock.view
-        )
-        if needed:  # a partition new to this process
-            self._clock.resize(needed)
-            latest, _ = advance_clocks(
+        while True:
+            latest, needed = advance_clocks(
                 self.index.partition.view, batch.series, batch.time_us, step, 90.0, self._clock.view
             )
+            if not needed:
+                break
+            self._clock.resize(needed)  # a partition new to this process: once more, with room
         # Sweeps are due only as the clock moves on, so none is due at the latest clock of all
         # partitions (the usual batch) means none is due at the latest of those held.
         if not any(sweeper.due(latest) for _, sweeper in self._sweepers):

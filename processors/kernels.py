@@ -64,6 +64,7 @@ __all__ = [
     "jump_kernel",
     "ordered",
     "out_of_step",
+    "period",
     "prefetch",
     "slot_of",
     "time_order",
@@ -86,6 +87,17 @@ def slot_of(block_slot: NDArray[np.int64], series: int) -> np.uint64:
     load from a small table and a mask per reading."""
     unsigned = np.uint64(series)
     return np.uint64(block_slot[unsigned >> _BLOCK_BITS]) | (unsigned & _BLOCK_MASK)
+
+
+@njit(inline="always")
+def period(time: int, length: int) -> tuple[int, int, int]:
+    """The number of the period of ``length`` (an hour, a day) that holds ``time``, and its start
+    and end. Kernels keep all three and call this again only for a time outside: a batch's
+    readings nearly all fall in one or two hours, and the divisions took up to 45% of a loop.
+    Scalars only, so inlining it costs nothing (arrays passed to a helper are counted)."""
+    number = time // length
+    start = number * length
+    return number, start, start + length
 
 
 # Rows ahead that kernels fetch the memory of (see the module's docstring).

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from config import DetectorSettings
 from processors.batch import DetectorResult, ReadingBatch
 from processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
-from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
 from processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -338,12 +338,11 @@ def _air_kernel(
     its pair, and for the same reasons (``detectors.PAIRS``); ``same_slots`` as there. Late
     readings are skipped."""
     table = block_slot if aqi else exceedance_block_slot
-    # The local hour (and day) worked out last, as [start, end) and its number: a batch's
-    # readings nearly all fall in one or two hours, and these divisions took a sixth of the
-    # loop (each detector has its own UTC offset).
-    aqi_start, aqi_end, aqi_hour = np.int64(1), np.int64(0), np.int64(0)
-    hour_start, hour_end, hour_number = np.int64(1), np.int64(0), np.int64(0)
-    day_start, day_end, day_number = np.int64(1), np.int64(0), np.int64(0)
+    # The local hour (and day) worked out last, its number and [start, end) (``period``; their
+    # divisions took a sixth of this loop). Each detector has its own UTC offset. Empty to start.
+    aqi_hour, aqi_start, aqi_end = 0, 1, 0
+    this_hour, hour_start, hour_end = 0, 1, 0
+    this_day, day_start, day_end = 0, 1, 0
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         # Fetch ahead (see processors/kernels.py); both hand out slots alike.
@@ -363,20 +362,17 @@ def _air_kernel(
             if t > last_time[s]:
                 local_aqi = t + offset_us
                 if local_aqi < aqi_start or local_aqi >= aqi_end:
-                    aqi_hour = local_aqi // _HOUR_US
-                    aqi_start = aqi_hour * _HOUR_US
-                    aqi_end = aqi_start + _HOUR_US
-                this_hour = aqi_hour
-                if this_hour != hour[s]:
+                    aqi_hour, aqi_start, aqi_end = period(local_aqi, _HOUR_US)
+                if aqi_hour != hour[s]:
                     total[s] = 0.0
                     count[s] = 0
-                    hour[s] = this_hour
+                    hour[s] = aqi_hour
                 total[s] += v
                 count[s] += 1
                 last_time[s] = t
                 index = _interp(total[s] / count[s], breakpoints, p, indices, slopes)
                 score[k] = index / 500.0
-                if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != this_hour:
+                if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != aqi_hour:
                     flagged[k] = True
                     # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
                     category = 1
@@ -384,7 +380,7 @@ def _air_kernel(
                         if index > bound:
                             category += 1
                     reason[k] = category
-                    flagged_hour[s] = this_hour
+                    flagged_hour[s] = aqi_hour
         if exceedance:
             e = s if same_slots else slot_of(exceedance_block_slot, series[i])
             if out_of_step(ahead, e):
@@ -404,10 +400,7 @@ def _air_kernel(
                 # slower.)
                 hourly = 0.0
                 if local < hour_start or local >= hour_end:
-                    hour_number = local // _HOUR_US
-                    hour_start = hour_number * _HOUR_US
-                    hour_end = hour_start + _HOUR_US
-                this_hour = hour_number
+                    this_hour, hour_start, hour_end = period(local, _HOUR_US)
                 if this_hour != exceedance_hour[e]:
                     if (
                         exceedance_hour[e] >= 0
@@ -422,10 +415,7 @@ def _air_kernel(
                 hour_count[e] += 1
                 daily = 0.0
                 if local < day_start or local >= day_end:
-                    day_number = local // _DAY_US
-                    day_start = day_number * _DAY_US
-                    day_end = day_start + _DAY_US
-                this_day = day_number
+                    this_day, day_start, day_end = period(local, _DAY_US)
                 if this_day != day[e]:
                     if day[e] >= 0 and day_count[e] >= exceedance_min_readings and np.isfinite(limit_24h[p]):
                         daily = day_total[e] / day_count[e] / limit_24h[p]
