@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,6 +69,12 @@ class IngestSettings(_Strict, frozen=True):
     max_future_skew_seconds: float = 300.0
     # Late readings are accepted up to this age (a device catching up after an outage).
     max_age_seconds: float = 7 * 86400.0
+    # Device ids (and districts) must match this whole: no spaces, no invisible or
+    # right-to-left characters that make one id look like another in a report.
+    device_id_pattern: str = "[A-Za-z0-9._-]{1,64}"
+    # Dead letters one message may give: a pack of a thousand bad records is set aside as this
+    # many, the last one counting the rest, not as a thousand copies of its bytes.
+    max_deadletters_per_message: Annotated[int, msgspec.Meta(ge=1)] = 8
 
 
 class KafkaSettings(_Strict, frozen=True):
@@ -332,6 +339,10 @@ def _validate(settings: Settings) -> None:
         problems.append("mqtt.max_inflight must be within 1..65535 (MQTT 5 Receive Maximum)")
     if not 1 <= settings.ingest.max_payload_bytes <= 900_000:
         problems.append("ingest.max_payload_bytes must be within 1..900000 (Kafka refuses records over ~1 MB)")
+    try:
+        re.compile(settings.ingest.device_id_pattern)
+    except re.error as error:
+        problems.append(f"ingest.device_id_pattern is not a regular expression: {error}")
     if settings.kafka.partitions < 1:
         problems.append("kafka.partitions must be at least 1")
     if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:

@@ -46,10 +46,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from citytel import metrics
 from citytel.kafka import deadletter_headers, ensure_topics
 from config import Settings
-from ingest.codecs import get_codec
+from ingest.codecs import get_codec, short
 from ingest.envelope import encode_envelope
 from ingest.topics import subscription_filter
-from ingest.validate import Validator
+from ingest.validate import DeadLetter, Validator
 
 __all__ = ["Bridge", "run_bridge"]
 
@@ -343,7 +343,20 @@ class Bridge:
             validated = self._validator.validate(item.topic, item.payload, item.received_us)
             if validated.envelope is not None:
                 envelope = validated.envelope
-                records.append((kafka.readings_topic, envelope.device_id.encode(), encode_envelope(envelope), None))
+                try:
+                    value = encode_envelope(envelope)
+                except Exception as error:
+                    validated.dead_letters.append(
+                        DeadLetter(
+                            "internal_error",
+                            f"encoding the envelope raised {type(error).__name__}: {short(str(error))}",
+                            item.payload,
+                            item.topic,
+                            item.received_us,
+                        )
+                    )
+                else:
+                    records.append((kafka.readings_topic, envelope.device_id.encode(), value, None))
             for dead in validated.dead_letters:
                 headers = deadletter_headers(STAGE, dead.reason_code, dead.reason, dead.source_topic, dead.received_us)
                 records.append((kafka.deadletter_topic, dead.source_topic.encode(), dead.payload, headers))

@@ -7,12 +7,14 @@ raises ``PermanentError`` with a reason code for a payload it cannot read at all
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
+import numpy as np
 
 from citytel.errors import PermanentError
 
@@ -80,21 +82,102 @@ def get_codec(name: str) -> Codec:
         raise PermanentError("unknown_codec", f"no codec named {name!r}; known: {sorted(CODECS)}") from None
 
 
-def parse_time_us(value: float | int | str) -> int:
+# Seconds since the Unix epoch that a time may hold: beyond year 9999 no clock is right, and a
+# bound checked before any conversion keeps 1e303 from overflowing ``round`` or ``datetime``.
+MAX_EPOCH_SECONDS = 253_402_300_799.0
+# Nesting a payload may have: citytel's payloads need four levels; a deeper one is refused
+# before the JSON parser recurses into it.
+MAX_NESTING = 32
+# Longest ISO 8601 text worth parsing ("2026-11-26T10:00:00.123456+08:00" is 32 characters).
+_MAX_TIME_TEXT = 64
+
+
+# The largest int a float can hold (floats reach about 1.8e308; JSON may spell a longer int).
+MAX_FLOAT_INT = 2**1023
+
+
+def is_number(value: object) -> bool:
+    """A JSON number that converts to a finite float: not a bool, not an int beyond float range."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_FLOAT_INT <= value <= MAX_FLOAT_INT
+
+
+def seconds_to_us(seconds: float | int) -> int:
+    """Seconds since the epoch to whole microseconds, refusing what no sensor clock could say."""
+    if not is_number(seconds) or not -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
+        raise PermanentError("bad_time", f"time {short(seconds)} is not a finite number of seconds up to year 9999")
+    return round(seconds * 1_000_000)
+
+
+def parse_time_us(value: object) -> int:
     """Seconds since the Unix epoch (int or float), or an ISO 8601 string with a zone."""
-    if isinstance(value, bool):
-        raise PermanentError("bad_time", "time must be a number of seconds or an ISO 8601 string")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise PermanentError("bad_time", f"time {value!r} is not finite")
-        return round(value * 1_000_000)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return seconds_to_us(value)
+    if not isinstance(value, str):
+        raise PermanentError(
+            "bad_time", f"time is a {type(value).__name__}, not a number of seconds or an ISO 8601 string"
+        )
+    if len(value) > _MAX_TIME_TEXT:
+        raise PermanentError("bad_time", f"time {short(value)} is too long for ISO 8601")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise PermanentError("bad_time", f"time {value!r} is not ISO 8601") from None
     if parsed.tzinfo is None:
         raise PermanentError("bad_time", f"time {value!r} has no time zone")
-    return round(parsed.timestamp() * 1_000_000)
+    return seconds_to_us(parsed.timestamp())
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A value's repr cut to ``limit`` characters: reasons and logs quote what a sender chose."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text)} chars)"
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def nesting_depth(payload: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings ignored).
+
+    The plain version: walk the bytes outside strings, +1 at '[' or '{', -1 at ']' or '}', and
+    keep the maximum. Here the strings are cut out by a regex and the walk is a cumulative sum.
+    """
+    structure = _STRING.sub(b"", payload)
+    steps = np.frombuffer(structure, dtype=np.uint8)
+    change = np.isin(steps, _OPEN_CODES).astype(np.int32) - np.isin(steps, _CLOSE_CODES)
+    return int(np.cumsum(change).max(initial=0))
+
+
+_OPEN_CODES = np.array([ord("["), ord("{")], dtype=np.uint8)
+_CLOSE_CODES = np.array([ord("]"), ord("}")], dtype=np.uint8)
+
+
+def check_json_text(payload: bytes) -> None:
+    """Refuse, before parsing, what a JSON parser should never be handed: no bytes at all, or
+    nesting deep enough to exhaust its recursion."""
+    if not payload:
+        raise PermanentError("empty_payload", "the MQTT payload is empty")
+    # Counting brackets is one C pass; only a payload with many of them gets the exact check.
+    if payload.count(b"[") + payload.count(b"{") > MAX_NESTING:
+        depth = nesting_depth(payload)
+        if depth > MAX_NESTING:
+            raise PermanentError("too_deep", f"JSON nests {depth} levels deep; at most {MAX_NESTING} are accepted")
+
+
+def decode_json_text(decoder: Callable[[bytes], Any], payload: bytes) -> Any:
+    """Run a msgspec JSON decoder over a payload, every failure a ``PermanentError``."""
+    check_json_text(payload)
+    try:
+        return decoder(payload)
+    except msgspec.ValidationError as error:
+        raise PermanentError("bad_schema", f"JSON does not fit the reading schema: {error}") from None
+    except msgspec.DecodeError as error:
+        raise PermanentError("malformed", f"not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        # msgspec checks the UTF-8 of strings as it reads them, and says so with this error.
+        raise PermanentError("bad_encoding", f"text is not valid UTF-8 at byte {error.start}") from None
 
 
 class _JsonReading(msgspec.Struct, forbid_unknown_fields=True):
@@ -121,14 +204,7 @@ class JsonCodec:
         self._decoder = msgspec.json.Decoder(_JsonReading | list[_JsonReading])
 
     def decode(self, payload: bytes) -> Decoded:
-        if not payload:
-            raise PermanentError("empty_payload", "the MQTT payload is empty")
-        try:
-            decoded = self._decoder.decode(payload)
-        except msgspec.ValidationError as error:
-            raise PermanentError("bad_schema", f"JSON does not fit the reading schema: {error}") from None
-        except msgspec.DecodeError as error:
-            raise PermanentError("malformed", f"not valid JSON: {error}") from None
+        decoded = decode_json_text(self._decoder.decode, payload)
         items = decoded if isinstance(decoded, list) else [decoded]
         if not items:
             raise PermanentError("empty_payload", "the JSON list holds no readings")
@@ -142,14 +218,7 @@ class JsonCodec:
 
 
 def _decode_json(payload: bytes) -> Any:
-    if not payload:
-        raise PermanentError("empty_payload", "the MQTT payload is empty")
-    try:
-        return msgspec.json.decode(payload)
-    except msgspec.ValidationError as error:
-        raise PermanentError("bad_schema", f"JSON does not fit the reading schema: {error}") from None
-    except msgspec.DecodeError as error:
-        raise PermanentError("malformed", f"not valid JSON: {error}") from None
+    return decode_json_text(msgspec.json.decode, payload)
 
 
 # --- SenML (RFC 8428), JSON representation ---------------------------------------------------
@@ -207,8 +276,10 @@ class SenmlCodec:
         if not isinstance(base_name, str) or not isinstance(base_unit, str):
             raise PermanentError("bad_schema", f"SenML record {position}: bn and bu must be strings")
         for name, number in (("bt", base_time), ("bv", base_value)):
-            if isinstance(number, bool) or not isinstance(number, int | float):
-                raise PermanentError("bad_schema", f"SenML record {position}: {name} must be a number")
+            if not is_number(number):
+                raise PermanentError("bad_schema", f"SenML record {position}: {name} must be a finite number")
+        if not -MAX_EPOCH_SECONDS <= base_time <= MAX_EPOCH_SECONDS:
+            raise PermanentError("bad_time", f"SenML record {position}: bt {short(base_time)} is past year 9999")
         return base_name, float(base_time), base_unit, float(base_value)
 
     @staticmethod
@@ -225,15 +296,15 @@ class SenmlCodec:
             raise PermanentError("bad_schema", f"SenML record {position} has no name")
         device, metric = _senml_device_and_metric(name)
         relative = record.get("t", 0)
-        if isinstance(relative, bool) or not isinstance(relative, int | float):
-            raise PermanentError("bad_schema", f"SenML record {position}: t must be a number")
+        if not is_number(relative):
+            raise PermanentError("bad_schema", f"SenML record {position}: t must be a finite number")
         when = base_time + relative
-        time_us = round(when * 1e6) if when >= _SENML_RELATIVE_LIMIT else now_us + round(when * 1e6)
+        time_us = seconds_to_us(when) if when >= _SENML_RELATIVE_LIMIT else now_us + seconds_to_us(when)
         value: Any
         if "v" in record:
             value = record["v"]
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                value = value + base_value
+            if is_number(value):
+                value = float(value) + base_value
         elif "vb" in record:
             value = 1.0 if record["vb"] is True else 0.0 if record["vb"] is False else record["vb"]
         elif "vs" in record or "vd" in record:
@@ -311,6 +382,8 @@ class FiwareCodec:
     def decode(self, payload: bytes) -> Decoded:
         decoded = _decode_json(payload)
         entities = decoded if isinstance(decoded, list) else [decoded]
+        if not entities:
+            raise PermanentError("empty_payload", "the JSON list holds no FIWARE entities")
         readings: list[RawReading] = []
         problems: list[PermanentError] = []
         for entity in entities:
@@ -335,7 +408,7 @@ class FiwareCodec:
         kind, attributes = model
         stamp = next((_fiware_value(entity[name]) for name in _FIWARE_TIME_ATTRIBUTES if name in entity), None)
         if stamp is None:
-            raise PermanentError("bad_time", f"FIWARE entity {entity['id']} has no dateObserved")
+            raise PermanentError("bad_time", f"FIWARE entity {short(entity['id'])} has no dateObserved value")
         values: dict[str, Any] = {}
         for attribute, (metric, scale) in attributes.items():
             if attribute not in entity:
@@ -343,8 +416,8 @@ class FiwareCodec:
             value = _fiware_value(entity[attribute])
             if metric == "occupied" and isinstance(value, str):
                 value = _PARKING_STATUS.get(value, value)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                value = value * scale
+            if is_number(value):
+                value = float(value) * scale
             values[metric] = value
         if not values:
             raise PermanentError("bad_schema", f"FIWARE entity {entity['id']} carries no known attribute")

@@ -7,16 +7,20 @@ reason.
 
 from __future__ import annotations
 
-import math
+import logging
+import re
 from dataclasses import dataclass, field
 
+from citytel import metrics
 from citytel.errors import PermanentError
 from config import IngestSettings, KindSettings
-from ingest.codecs import Codec
+from ingest.codecs import Codec, is_number, short
 from ingest.envelope import ENVELOPE_VERSION, Envelope
 from ingest.topics import TopicParts, parse_topic
 
 __all__ = ["DeadLetter", "Validated", "Validator"]
+
+log = logging.getLogger("citytel.validate")
 
 _TOPIC_CACHE_SIZE = 100_000
 
@@ -37,20 +41,41 @@ class Validated:
 
 
 class Validator:
+    """Never raises: whatever a message holds, it becomes an envelope, dead letters, or both.
+
+    A message that makes the checks themselves fail (a bug here, met by a shape nobody thought
+    of) is dead-lettered as ``internal_error`` naming the exception type, so one message can
+    never stop ingestion for the whole city; each exception type is logged once with its trace.
+    """
+
     def __init__(
-        self, settings: IngestSettings, kinds: dict[str, KindSettings], topic_prefix: str, codec: Codec
+        self,
+        settings: IngestSettings,
+        kinds: dict[str, KindSettings],
+        topic_prefix: str,
+        codec: Codec,
+        stage: str = "bridge",
     ) -> None:
         self._settings = settings
         self._kinds = kinds
         self._prefix = topic_prefix
         self._codec = codec
+        self._stage = stage
+        self._device_id = re.compile(settings.device_id_pattern)
         self._topics: dict[str, TopicParts] = {}
+        self._internal_errors_logged: set[str] = set()
 
     def _parse_topic(self, topic: str) -> TopicParts:
         # A device publishes to the same topic again and again: parse each topic once.
         parts = self._topics.get(topic)
         if parts is None:
             parts = parse_topic(self._prefix, topic)
+            for level, text in (("device id", parts.device_id), ("district", parts.district)):
+                if not self._device_id.fullmatch(text):
+                    raise PermanentError(
+                        "bad_device_id",
+                        f"topic {level} {short(text)} does not match {self._settings.device_id_pattern!r}",
+                    )
             if len(self._topics) >= _TOPIC_CACHE_SIZE:
                 self._topics.clear()
             self._topics[topic] = parts
@@ -58,7 +83,43 @@ class Validator:
 
     def validate(self, topic: str, payload: bytes, received_us: int) -> Validated:
         result = Validated()
+        try:
+            self._validate(result, topic, payload, received_us)
+        except Exception as error:
+            name = type(error).__name__
+            metrics.ERRORS.labels(self._stage, "internal").inc()
+            if name not in self._internal_errors_logged:
+                self._internal_errors_logged.add(name)
+                log.exception("validating a message on %s raised %s; it is dead-lettered", short(topic), name)
+            result.envelope = None
+            result.dead_letters = [
+                DeadLetter(
+                    "internal_error", f"validation raised {name}: {short(str(error))}", payload, topic, received_us
+                )
+            ]
+        if result.envelope is None and not result.dead_letters:
+            # A codec that read nothing and said nothing: the message must still be accounted for.
+            result.dead_letters.append(
+                DeadLetter("no_readings", "the payload holds no readings", payload, topic, received_us)
+            )
+        limit = self._settings.max_deadletters_per_message
+        if len(result.dead_letters) > limit:
+            kept = result.dead_letters[: limit - 1]
+            rest = result.dead_letters[limit - 1 :]
+            codes = sorted({dead.reason_code for dead in rest})
+            kept.append(
+                DeadLetter(
+                    rest[0].reason_code,
+                    f"{rest[0].reason}; and {len(rest) - 1} more problems in this message ({', '.join(codes)})",
+                    payload,
+                    topic,
+                    received_us,
+                )
+            )
+            result.dead_letters = kept
+        return result
 
+    def _validate(self, result: Validated, topic: str, payload: bytes, received_us: int) -> None:
         def reject(code: str, reason: str) -> None:
             result.dead_letters.append(DeadLetter(code, reason, payload, topic, received_us))
 
@@ -75,31 +136,31 @@ class Validator:
                     received_us,
                 )
             )
-            return result
+            return
         try:
             parts = self._parse_topic(topic)
             kind = self._kinds.get(parts.kind)
             if kind is None:
                 raise PermanentError(
-                    "unknown_kind", f"kind {parts.kind!r} is not declared; known: {sorted(self._kinds)}"
+                    "unknown_kind", f"kind {short(parts.kind)} is not declared; known: {sorted(self._kinds)}"
                 )
             readings, problems = self._codec.decode(payload)
         except PermanentError as error:
             reject(error.reason_code, error.reason)
-            return result
+            return
         for problem in problems:
             reject(problem.reason_code, problem.reason)
 
         earliest = received_us - round(self._settings.max_age_seconds * 1e6)
         latest = received_us + round(self._settings.max_future_skew_seconds * 1e6)
         times_us: list[int] = []
-        metrics: list[str] = []
+        metrics_: list[str] = []
         values: list[float] = []
         for reading in readings:
             if reading.device_id is not None and reading.device_id != parts.device_id:
                 reject(
                     "device_mismatch",
-                    f"payload device {reading.device_id!r} published under topic device {parts.device_id!r}",
+                    f"payload device {short(reading.device_id)} published under topic device {parts.device_id!r}",
                 )
                 continue
             if reading.kind is not None and reading.kind != parts.kind:
@@ -116,15 +177,16 @@ class Validator:
             for metric, value in reading.values.items():
                 bounds = kind.metrics.get(metric)
                 if bounds is None:
-                    reject("unknown_metric", f"metric {metric!r} is not declared for kind {parts.kind!r}")
+                    reject("unknown_metric", f"metric {short(metric)} is not declared for kind {parts.kind!r}")
                 elif metric in units and not bounds.accepts_unit(units[metric]):
                     reject(
-                        "unit_mismatch", f"metric {metric!r} is stated in {units[metric]!r}, expected {bounds.unit!r}"
+                        "unit_mismatch",
+                        f"metric {metric!r} is stated in {short(units[metric])}, expected {bounds.unit!r}",
                     )
                 elif isinstance(value, bool) or not isinstance(value, int | float):
                     reject("bad_type", f"metric {metric!r} has a {type(value).__name__} value, not a number")
-                elif not math.isfinite(value):
-                    reject("not_finite", f"metric {metric!r} value {value!r} is not finite")
+                elif not is_number(value):
+                    reject("not_finite", f"metric {metric!r} value {short(value)} is not a finite number")
                 elif not bounds.min <= value <= bounds.max:
                     reject(
                         "out_of_range",
@@ -132,9 +194,9 @@ class Validator:
                     )
                 else:
                     times_us.append(reading.time_us)
-                    metrics.append(metric)
+                    metrics_.append(metric)
                     values.append(float(value))
-        if metrics:
+        if metrics_:
             # One record per MQTT message: the device's readings stay together and in order.
             result.envelope = Envelope(
                 ENVELOPE_VERSION,
@@ -145,7 +207,6 @@ class Validator:
                 topic,
                 readings[0].sequence,
                 times_us,
-                metrics,
+                metrics_,
                 values,
             )
-        return result

@@ -213,3 +213,40 @@ def test_two_bridges_split_one_shared_subscription(settings: Settings, tmp_path:
 
     records = read_topic(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, total, 60, distinct=identity)
     assert len(set(map(identity, records))) == total
+
+
+def test_poison_messages_are_dead_lettered_and_the_bridge_keeps_forwarding(settings: Settings, tmp_path: Path) -> None:
+    """The payloads that used to kill the bridge (and kill it again on every redelivery) sit in
+    front of good messages: the good ones arrive, the bad ones are dead-lettered, nothing restarts."""
+    prefix = settings.mqtt.topic_prefix
+    now = time.time()
+    air = reading_topic(prefix, "jinshui", "air", "air-1")
+    deep = b'{"device_id": "air-1", "time": 1, "values": {"pm2_5": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    poison: list[tuple[str, bytes]] = [
+        ("bad_time", b'{"device_id": "air-1", "time": 1e303, "values": {"pm2_5": 1}}'),
+        ("too_deep", deep),
+        ("bad_time", b'[{"bn": "air-1/", "bt": 1e303, "n": "pm2_5", "v": 1}]'),
+        ("bad_time", b'{"id": "urn:ngsi:air-1", "type": "AirQualityObserved", "dateObserved": {"a": 1}, "pm25": 3}'),
+        ("bad_encoding", b'{"device_id": "air-1", "time": 1, "values": {"pm2_5\xff\xfe": 1}}'),
+    ]
+    good = [
+        (air, json.dumps({"device_id": "air-1", "time": now + i / 1000, "seq": i, "values": {"pm2_5": 1.0}}).encode())
+        for i in range(2000)
+    ]
+    with citytel_process(settings, tmp_path, "bridge") as bridge:
+        wait_ready(settings.metrics.bridge_port)
+        publish_raw(settings.mqtt.port, [(air, body) for _, body in poison] + good)
+        dead = read_topic(settings.kafka.bootstrap_servers, settings.kafka.deadletter_topic, len(poison), 60)
+        records = read_topic(
+            settings.kafka.bootstrap_servers,
+            settings.kafka.readings_topic,
+            len(good),
+            60,
+            distinct=envelope_identity,
+        )
+        assert bridge.poll() is None, "the bridge is still running"
+        assert scrape_counter(settings.metrics.bridge_port, "citytel_stage_errors_total", error_type="internal") == 0
+    assert sorted(dict(record.headers)["citytel-reason-code"].decode() for record in dead) == sorted(
+        code for code, _ in poison
+    )
+    assert {decode_envelope(record.value).sequence for record in records} == set(range(len(good)))
