@@ -86,7 +86,11 @@ if ! ls "$pg_libdir"/timescaledb-2.*.so >/dev/null 2>&1 || \
   # The machine's own Debian mirror (first non-security one), from either sources format.
   mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
             | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
-  mirror="${mirror:-http://deb.debian.org/debian}"
+  if [ -z "$mirror" ]; then
+    echo "no Debian mirror found in /etc/apt/sources.list or /etc/apt/sources.list.d/: TimescaleDB's source" >&2
+    echo "package comes from the machine's own mirror; add one to apt's configuration and run again" >&2
+    exit 1
+  fi
   printf 'deb-src %s trixie main\n' "$mirror" >"$apt_state/sources.list"
   apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
             -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
