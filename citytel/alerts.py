@@ -11,7 +11,7 @@ from typing import TextIO
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from config import Settings
+from citytel.config import Settings
 
 __all__ = ["list_alerts", "tail"]
 

@@ -1,29 +1,32 @@
 """citytel's one configuration schema.
 
-Every process (bridge, processor, simulator, stack) reads the same TOML file into the frozen
-``Settings`` tree below. Unknown keys are rejected at start-up, not ignored, so a typo fails
+Every process (bridge, processor, alerter, CLI) reads the same TOML file into the frozen
+``Settings`` tree below; components (detectors, codecs, sinks) check their own tables through
+``component_settings`` when they are built. Unknown keys are rejected at start-up, not ignored, so a typo fails
 loudly instead of silently running with a default. Secrets are never stored in the file: the
 file names an environment variable or a file that holds them, and ``repr`` never shows them.
 """
 
-from config.schema import (
+from citytel.config.components import component_settings, suggest, unknown_component
+from citytel.config.schema import (
     AlertRule,
     AlertSettings,
     ConfigError,
+    Count,
     DatabaseSettings,
     Department,
-    DetectorSettings,
     IngestSettings,
     KafkaSettings,
     KindSettings,
     MetricRange,
     MetricsSettings,
     MqttSettings,
+    Positive,
     ProcessorSettings,
+    Rate,
     Settings,
-    SimulatorSettings,
-    StackSettings,
     StorageSettings,
+    Strict,
     default_config_path,
     dump_settings,
     load_settings,
@@ -34,22 +37,26 @@ __all__ = [
     "AlertRule",
     "AlertSettings",
     "ConfigError",
+    "Count",
     "DatabaseSettings",
     "Department",
-    "DetectorSettings",
     "IngestSettings",
     "KafkaSettings",
     "KindSettings",
     "MetricRange",
     "MetricsSettings",
     "MqttSettings",
+    "Positive",
     "ProcessorSettings",
+    "Rate",
     "Settings",
-    "SimulatorSettings",
-    "StackSettings",
     "StorageSettings",
+    "Strict",
+    "component_settings",
     "default_config_path",
     "dump_settings",
     "load_settings",
     "parse_settings",
+    "suggest",
+    "unknown_component",
 ]

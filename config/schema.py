@@ -13,8 +13,8 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the offending key."""
 
 
-class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The base of every settings table: frozen, keyword-only, unknown keys refused."""
 
 
 def _read_secret(env_name: str, file_path: str, what: str) -> str:
@@ -32,7 +32,7 @@ def _read_secret(env_name: str, file_path: str, what: str) -> str:
     return ""
 
 
-class MqttSettings(_Strict, frozen=True):
+class MqttSettings(Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 1883
     topic_prefix: str = "city"
@@ -60,7 +60,7 @@ class MqttSettings(_Strict, frozen=True):
         return _read_secret(self.password_env, self.password_file, "mqtt password")
 
 
-class IngestSettings(_Strict, frozen=True):
+class IngestSettings(Strict, frozen=True):
     """How the bridge decodes and validates what sensors publish."""
 
     codec: str = "auto"
@@ -77,7 +77,7 @@ class IngestSettings(_Strict, frozen=True):
     max_deadletters_per_message: Annotated[int, msgspec.Meta(ge=1)] = 8
 
 
-class KafkaSettings(_Strict, frozen=True):
+class KafkaSettings(Strict, frozen=True):
     bootstrap_servers: str = "127.0.0.1:9092"
     readings_topic: str = "citytel.readings"
     deadletter_topic: str = "citytel.deadletter"
@@ -88,7 +88,7 @@ class KafkaSettings(_Strict, frozen=True):
     request_timeout_ms: int = 30000
 
 
-class DatabaseSettings(_Strict, frozen=True):
+class DatabaseSettings(Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 5432
     dbname: str = "citytel"
@@ -117,62 +117,22 @@ def _libpq_quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-# Detector parameters that kernels divide by or count up to: zero would score with inf or NaN
-# (kernels use numpy's error model: see processors/kernels.py), or never flag at all.
-_Positive = Annotated[float, msgspec.Meta(gt=0)]
-_Count = Annotated[int, msgspec.Meta(ge=1)]
+# Parameters that kernels divide by or count up to: zero would score with inf or NaN (kernels
+# use numpy's error model: see processors/kernels.py), or never flag at all. Components use
+# these in their own settings.
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
 # A learning rate: the weight of the newest reading.
-_Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]
 
 
-class DetectorSettings(_Strict, frozen=True):
-    """Parameters of one detector; which keys apply depends on the detector."""
-
-    alpha: _Rate = 0.05
-    threshold: _Positive = 6.0
-    warmup: int = 30
-    # flatline: readings in a row that may repeat the same value before the series counts as stuck.
-    window: _Count = 20
-    # flatline: how close two readings must be to count as "the same".
-    tolerance: float = 0.0
-    # Metrics the detector leaves alone (constant or binary by nature, like a lot's capacity).
-    exclude_metrics: list[str] = msgspec.field(default_factory=list)
-    # drift, dropout, traffic_profile: only these metrics (empty: every metric not excluded).
-    metrics: list[str] = msgspec.field(default_factory=list)
-    # drift: CUSUM slack (in noise sigmas) and the cumulative excess that counts as drift.
-    slack: float = 1.0
-    cusum_limit: _Positive = 40.0
-    # dropout: a series is silent once it has sent nothing for timeout_factor times its usual
-    # interval (and at least min_silence_seconds); the sweep runs every sweep_interval_seconds
-    # of stream time.
-    timeout_factor: _Positive = 5.0
-    min_silence_seconds: float = 60.0
-    sweep_interval_seconds: float = 10.0
-    # aqi: "hj633" (China, HJ 633-2012) or "us_epa"; readings whose hourly IAQI reaches aqi_level
-    # are flagged, once per series and hour. aqi, exceedance: an hour (or day) counts once it
-    # holds min_readings readings.
-    standard: str = "hj633"
-    aqi_level: int = 201
-    min_readings: _Count = 3
-    # aqi, exceedance, traffic_profile: hours and days are local to the city (Zhengzhou: +8).
-    utc_offset_hours: float = 8.0
-    # bay_flapping: max_toggles changes of a bay's flag within window_seconds.
-    max_toggles: _Count = 8
-    window_seconds: float = 600.0
-    # lot_stuck: a lot full or empty and unchanged this long while its district's lots change.
-    stuck_seconds: float = 3600.0
-    # traffic_zero: a counter whose usual flow is at least min_flow drops to zero.
-    min_flow: float = 10.0
-    # traffic_zero, congestion: occupancy (%) and mean speed (km/h) of stopped traffic.
-    jam_occupancy: _Positive = 40.0
-    jam_speed_kmh: float = 15.0
-
-
-class ProcessorSettings(_Strict, frozen=True):
+class ProcessorSettings(Strict, frozen=True):
     max_batch_records: int = 20000
     max_batch_wait_ms: int = 200
     # Detectors to run, by registered name; each may have a [detectors.<name>] table.
     detectors: list[str] = msgspec.field(default_factory=lambda: ["ewma_zscore"])
+    # Where scored batches go, by registered sink name; offsets are committed once all hold it.
+    sinks: list[str] = msgspec.field(default_factory=lambda: ["timescaledb"])
     max_series: int = 1_000_000
     retry_initial_seconds: float = 0.5
     retry_max_seconds: float = 30.0
@@ -184,7 +144,7 @@ class ProcessorSettings(_Strict, frozen=True):
     max_deadletter_rows_per_batch: int = 100
 
 
-class StorageSettings(_Strict, frozen=True):
+class StorageSettings(Strict, frozen=True):
     """Rollups, retention and compression of the TimescaleDB tables."""
 
     retention_days_readings: int = 30
@@ -198,15 +158,14 @@ class StorageSettings(_Strict, frozen=True):
     maintenance_interval_seconds: float = 60.0
 
 
-class MetricsSettings(_Strict, frozen=True):
+class MetricsSettings(Strict, frozen=True):
     host: str = "127.0.0.1"
     bridge_port: int = 9464
     processor_port: int = 9465
-    simulator_port: int = 9466
     alerter_port: int = 9467
 
 
-class MetricRange(_Strict, frozen=True):
+class MetricRange(Strict, frozen=True):
     unit: str
     min: float
     max: float
@@ -218,30 +177,13 @@ class MetricRange(_Strict, frozen=True):
         return unit == self.unit or unit in self.aliases
 
 
-class KindSettings(_Strict, frozen=True):
+class KindSettings(Strict, frozen=True):
     """A kind of sensor: the metrics it may report and their valid physical ranges."""
 
     metrics: dict[str, MetricRange]
 
 
-class SimulatorSettings(_Strict, frozen=True):
-    seed: int = 42
-    devices_per_kind: int = 20
-    rate_per_second: float = 500.0
-    spike_probability: float = 0.002
-    max_inflight: int = 500
-
-
-class StackSettings(_Strict, frozen=True):
-    """The local development stack started by `citytel stack up` (not used in production)."""
-
-    run_dir: str = ".run/stack"
-    kafka_controller_port: int = 19093
-    prometheus_port: int = 19090
-    scrape_interval_seconds: int = 2
-
-
-class AlertRule(_Strict, frozen=True):
+class AlertRule(Strict, frozen=True):
     """When anomalies become an alert. Anomalies of ``detector`` (optionally only ``reasons``,
     only devices of ``kinds``) are grouped per ``scope`` ("district" or "device") into windows of
     ``window_minutes`` of event time. An alert opens when ``consecutive`` windows in a row (the
@@ -270,7 +212,7 @@ class AlertRule(_Strict, frozen=True):
     severities: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Department(_Strict, frozen=True):
+class Department(Strict, frozen=True):
     """Who gets which alerts: by rule, district (empty: all) and a minimum severity."""
 
     rules: list[str]
@@ -278,7 +220,7 @@ class Department(_Strict, frozen=True):
     min_severity: str = "Minor"
 
 
-class AlertSettings(_Strict, frozen=True):
+class AlertSettings(Strict, frozen=True):
     sender: str = "citytel@city.example"  # CAP sender
     interval_seconds: float = 5.0  # how often the rules are evaluated
     kafka_topic_prefix: str = "alerts."  # topic per department: alerts.<department>
@@ -293,25 +235,22 @@ class AlertSettings(_Strict, frozen=True):
     departments: dict[str, Department] = msgspec.field(default_factory=dict)
 
 
-class Settings(_Strict, frozen=True):
-    stack: StackSettings = msgspec.field(default_factory=StackSettings)
+class Settings(Strict, frozen=True):
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     processor: ProcessorSettings = msgspec.field(default_factory=ProcessorSettings)
-    detectors: dict[str, DetectorSettings] = msgspec.field(default_factory=dict)
+    # [detectors.<name>] tables, each checked by its detector against its own settings struct
+    # when the detection stage is built (config/components.py).
+    detectors: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
-    simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
         _validate(self)
-
-    def detector(self, name: str) -> DetectorSettings:
-        return self.detectors.get(name, DetectorSettings())
 
     def metric_catalog(self) -> list[tuple[str, str]]:
         """Every (kind, metric) pair in a stable order; its position is the metric's wire code."""
@@ -326,7 +265,6 @@ def _validate(settings: Settings) -> None:
         ("database.port", settings.database.port),
         ("metrics.bridge_port", settings.metrics.bridge_port),
         ("metrics.processor_port", settings.metrics.processor_port),
-        ("metrics.simulator_port", settings.metrics.simulator_port),
         ("metrics.alerter_port", settings.metrics.alerter_port),
     ):
         if not 0 <= port <= 65535:
@@ -362,9 +300,6 @@ def _validate(settings: Settings) -> None:
                 problems.append(f"alerts.departments.{name}: no rule named {rule_name!r}")
         if department.min_severity not in severities:
             problems.append(f"alerts.departments.{name}.min_severity={department.min_severity!r}")
-    for name, detector in settings.detectors.items():
-        if detector.standard not in ("hj633", "us_epa"):
-            problems.append(f'detectors.{name}.standard={detector.standard!r}: use "hj633" or "us_epa"')
     for kind, kind_settings in settings.kinds.items():
         for metric, bounds in kind_settings.metrics.items():
             if not bounds.min < bounds.max:
@@ -414,7 +349,7 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def dump_settings(settings: Settings) -> str:
+def dump_settings(settings: msgspec.Struct) -> str:
     """The settings as TOML that ``load_settings`` reads back unchanged (secrets are never in
     settings, only the names of where to find them)."""
     lines: list[str] = []

@@ -43,13 +43,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from citytel import metrics
-from citytel.kafka import deadletter_headers, ensure_topics
-from config import Settings
-from ingest.codecs import get_codec, short
-from ingest.envelope import encode_envelope
-from ingest.topics import subscription_filter
-from ingest.validate import DeadLetter, Validator
+from citytel.config import Settings
+from citytel.core import metrics
+from citytel.core.envelope import encode_envelope
+from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.ingest.codecs import get_codec, short
+from citytel.ingest.topics import subscription_filter
+from citytel.ingest.validate import DeadLetter, Validator
 
 __all__ = ["Bridge", "run_bridge"]
 

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import numpy as np
 
-from citytel.errors import PermanentError
+from citytel.config import Settings, unknown_component
+from citytel.core.errors import PermanentError
 
 __all__ = [
     "CODECS",
@@ -27,6 +28,7 @@ __all__ = [
     "JsonCodec",
     "RawReading",
     "SenmlCodec",
+    "check_codec",
     "get_codec",
     "parse_time_us",
     "register_codec",
@@ -76,10 +78,14 @@ def register_codec(name: str) -> Callable[[Callable[[], Codec]], Callable[[], Co
 
 
 def get_codec(name: str) -> Codec:
-    try:
-        return CODECS[name]()
-    except KeyError:
-        raise PermanentError("unknown_codec", f"no codec named {name!r}; known: {sorted(CODECS)}") from None
+    if name not in CODECS:
+        raise unknown_component("ingest.codec", "codec", name, CODECS)
+    return CODECS[name]()
+
+
+def check_codec(settings: Settings) -> None:
+    """``ingest.codec`` names a registered codec: checked at start-up."""
+    get_codec(settings.ingest.codec)
 
 
 # Seconds since the Unix epoch that a time may hold: beyond year 9999 no clock is right, and a

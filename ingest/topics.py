@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from citytel.errors import PermanentError
+from citytel.core.errors import PermanentError
 
 __all__ = ["TopicParts", "parse_topic", "reading_topic", "subscription_filter"]
 

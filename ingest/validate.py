@@ -11,12 +11,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from citytel import metrics
-from citytel.errors import PermanentError
-from config import IngestSettings, KindSettings
-from ingest.codecs import Codec, is_number, short
-from ingest.envelope import ENVELOPE_VERSION, Envelope
-from ingest.topics import TopicParts, parse_topic
+from citytel.config import IngestSettings, KindSettings
+from citytel.core import metrics
+from citytel.core.envelope import ENVELOPE_VERSION, Envelope
+from citytel.core.errors import PermanentError
+from citytel.ingest.codecs import Codec, is_number, short
+from citytel.ingest.topics import TopicParts, parse_topic
 
 __all__ = ["DeadLetter", "Validated", "Validator"]
 

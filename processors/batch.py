@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from processors.series import SERIES_BLOCK_BITS
+from citytel.processors.series import SERIES_BLOCK_BITS
 
 __all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch", "Selection"]
 
@@ -79,7 +79,7 @@ class ReadingBatch:
         return bool(self._memo["repeats"])
 
     def _order(self) -> None:
-        from processors.kernels import ordered
+        from citytel.processors.kernels import ordered
 
         order, repeats = ordered(self.series, self.time_us)
         self.memoized("time_order", lambda: order)
@@ -154,7 +154,7 @@ class ReadingBatch:
         return list(self._rows)
 
     def _group(self, selections: tuple[Selection, ...]) -> None:
-        from processors.kernels import CODE_BEYOND_TABLE, group_arrival_rows, group_rows
+        from citytel.processors.kernels import CODE_BEYOND_TABLE, group_arrival_rows, group_rows
 
         assert self.metric is not None
         rank = group_ranks(self.metric_names, len(self.metric_names), selections)

@@ -15,8 +15,8 @@ import numpy as np
 import psycopg
 from numpy.typing import NDArray
 
-from processors.detectors import Detector
-from processors.series import SeriesIndex
+from citytel.processors.detectors import Detector
+from citytel.processors.series import SeriesIndex
 
 __all__ = ["StateStore", "export_partition", "import_partition"]
 

@@ -32,17 +32,16 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from citytel import metrics
-from citytel.errors import PermanentError, RetryableError
-from citytel.kafka import deadletter_headers, ensure_topics
-from config import Settings
-from processors.batch import DetectorResult, Offsets, ReadingBatch
-from processors.checkpoint import StateStore, export_partition, import_partition
-from processors.decode import BadRecord, decode_batch
-from processors.detection import DetectionStage, warm_up
-from processors.memory import retain_freed_memory
-from processors.sinks import Sink, build_sink
-from processors.storage.maintenance import MaintenanceReport, maintain
+from citytel.config import Settings
+from citytel.core import metrics
+from citytel.core.errors import PermanentError, RetryableError
+from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
+from citytel.processors.checkpoint import StateStore, export_partition, import_partition
+from citytel.processors.decode import BadRecord, decode_batch
+from citytel.processors.detection import DetectionStage, warm_up
+from citytel.processors.memory import retain_freed_memory
+from citytel.processors.sinks import Maintained, Sink, build_sink
 
 __all__ = ["Processor", "run_processor"]
 
@@ -66,13 +65,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Processor:
-    def __init__(self, settings: Settings, sinks: list[str] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.stage = DetectionStage(settings)
         self.index = self.stage.index
         self.detectors = self.stage.detectors
-        self._sink_names = sinks or ["timescaledb"]
-        self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in self._sink_names]
+        self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in settings.processor.sinks]
         self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -339,24 +337,20 @@ class Processor:
         for part, size in self.stage.state_bytes().items():
             metrics.STATE_BYTES.labels(part).set(size)
 
-    async def _maintain(self, stop: asyncio.Event) -> None:
-        """Rollups and retention every few minutes; processors share the work through an
-        advisory lock, so only one runs a pass at a time."""
-        interval = self._settings.storage.maintenance_interval_seconds
+    @staticmethod
+    async def _maintain(sink: Maintained, stop: asyncio.Event) -> None:
+        """A sink's upkeep (rollups, retention) every ``maintenance_interval_seconds``."""
+        interval = sink.maintenance_interval_seconds
         while not stop.is_set():
             await asyncio.sleep(interval)
             try:
-                report = await asyncio.to_thread(self._maintain_once)
-            except psycopg.Error as error:
+                report = await asyncio.to_thread(sink.maintain_once)
+            except (psycopg.Error, OSError) as error:
                 metrics.ERRORS.labels("maintenance", "retryable").inc()
                 log.warning("maintenance pass failed (%s); trying again in %.0fs", error, interval)
                 continue
-            if report is not None and report.buckets_refreshed:
+            if report is not None:
                 log.debug("maintenance: %s", report)
-
-    def _maintain_once(self) -> MaintenanceReport | None:
-        with psycopg.connect(self._settings.database.conninfo(), autocommit=True) as connection:
-            return maintain(connection, self._settings.storage)
 
     async def _start(self, stop: asyncio.Event) -> bool:
         config = self._settings.kafka
@@ -394,7 +388,9 @@ class Processor:
         assert self._consumer is not None
         assert self._producer is not None
         settings = self._settings.processor
-        maintenance = asyncio.create_task(self._maintain(stop)) if "timescaledb" in self._sink_names else None
+        maintenance = [
+            asyncio.create_task(self._maintain(sink, stop)) for sink in self.sinks if isinstance(sink, Maintained)
+        ]
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(
@@ -420,10 +416,10 @@ class Processor:
                         position = await self._consumer.position(tp)
                         metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
         finally:
-            if maintenance is not None:
-                maintenance.cancel()
+            for task in maintenance:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await maintenance
+                    await task
             # A clean stop saves the state, so the next owner replays nothing.
             with contextlib.suppress(psycopg.Error):
                 async with self._lock:

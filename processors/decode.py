@@ -16,9 +16,9 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from ingest.envelope import Envelope, decode_envelope, decode_envelopes
-from processors.batch import Offsets, ReadingBatch
-from processors.series import SeriesIndex
+from citytel.core.envelope import Envelope, decode_envelope, decode_envelopes
+from citytel.processors.batch import Offsets, ReadingBatch
+from citytel.processors.series import SeriesIndex
 
 __all__ = ["BadRecord", "Record", "decode_batch"]
 

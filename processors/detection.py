@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-from config import Settings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
-from processors.detectors import PAIRS, Detector, PairWalk, Sweeper, build_detector
-from processors.kernels import advance_clocks
-from processors.series import GrowableArray, SeriesIndex, held_bytes
+from citytel.config import Settings
+from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
+from citytel.processors.detectors import PAIRS, Detector, PairWalk, Sweeper, build_detector
+from citytel.processors.kernels import advance_clocks
+from citytel.processors.series import GrowableArray, SeriesIndex, held_bytes
 
 __all__ = ["DetectionStage", "warm_up"]
 
@@ -27,7 +27,7 @@ class DetectionStage:
     def __init__(self, settings: Settings) -> None:
         self.index = SeriesIndex(settings.processor.max_series, metric_blocks=True)
         self.detectors: list[Detector] = [
-            build_detector(name, settings.detector(name)) for name in settings.processor.detectors
+            build_detector(name, settings.detectors.get(name)) for name in settings.processor.detectors
         ]
         # Detectors that walk each batch together (``detectors.PAIRS``), by the position of the
         # earlier: both positions, in the order the pair's walk takes them, and the walk. A
@@ -169,8 +169,8 @@ def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionSt
     batches it stalled the partitions just assigned. ``devices_per_kind`` makes the batches
     dense enough for the grouping pass real batches take (see ``ReadingBatch._group``). Returns
     the stage (its state is of no use) and the seconds it took."""
-    from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-    from processors.decode import Record, decode_batch
+    from citytel.core.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+    from citytel.processors.decode import Record, decode_batch
 
     started = time.perf_counter()
     stage = DetectionStage(settings)

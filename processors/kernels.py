@@ -48,7 +48,7 @@ from numba.core.typing.templates import Signature
 from numba.extending import intrinsic
 from numpy.typing import NDArray
 
-from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
+from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
 
 __all__ = [
     "AHEAD",

@@ -20,8 +20,8 @@ import msgspec
 import psycopg
 import pytest
 
-from citytel import stack
-from config import Settings, load_settings, parse_settings
+from citytel.config import Settings, load_settings, parse_settings
+from citytel.devtools import stack
 
 REUSE = os.environ.get("CITYTEL_TEST_STACK", "") == "reuse"
 
@@ -116,7 +116,6 @@ def settings(mqtt_port: int, kafka_bootstrap: str, database: ScratchDatabase) ->
     data["metrics"] |= {
         "bridge_port": stack.free_port(),
         "processor_port": stack.free_port(),
-        "simulator_port": stack.free_port(),
         "alerter_port": stack.free_port(),
     }
     data["alerts"] |= {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -14,11 +15,12 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
-from config import Settings, dump_settings
-from ingest.envelope import decode_envelope
+from citytel.config import Settings, dump_settings
+from citytel.core.envelope import decode_envelope
+from citytel.devtools.settings import DevSettings
 
 
-def write_config(settings: Settings, directory: Path) -> Path:
+def write_config(settings: Settings | DevSettings, directory: Path) -> Path:
     path = directory / f"citytel-{time.monotonic_ns()}.toml"
     path.write_text(dump_settings(settings))
     return path
@@ -26,17 +28,21 @@ def write_config(settings: Settings, directory: Path) -> Path:
 
 @contextmanager
 def citytel_process(
-    settings: Settings, directory: Path, *arguments: str, log_level: str = "INFO"
+    settings: Settings, directory: Path, *arguments: str, log_level: str = "INFO", dev: DevSettings | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `citytel <arguments>`; on exit stop it with SIGTERM (by PID) and show its log if it
-    failed."""
+    failed. ``dev``: the development tools' settings (the simulator's), in a file of their own."""
     config = write_config(settings, directory)
+    environment = dict(os.environ)
+    if dev is not None:
+        environment["CITYTEL_DEV_CONFIG"] = str(write_config(dev, directory))
     log_path = directory / f"{arguments[0]}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "citytel", "--config", str(config), "--log-level", log_level, *arguments],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=environment,
         )
     try:
         yield process

@@ -30,8 +30,8 @@ import datetime as dt
 import json
 from xml.sax.saxutils import escape
 
-from config import AlertRule
-from processors.alerts.rules import Transition
+from citytel.config import AlertRule
+from citytel.processors.alerts.rules import Transition
 
 __all__ = ["CAP_NAMESPACE", "cap_xml", "message_json"]
 

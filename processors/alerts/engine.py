@@ -35,11 +35,11 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg.types.json import Jsonb
 
-from citytel import metrics
-from citytel.errors import RetryableError
-from config import AlertRule, Settings
-from processors.alerts.cap import message_json
-from processors.alerts.rules import SEVERITY_RANK, Alert, Observed, Transition, step_rule
+from citytel.config import AlertRule, Settings
+from citytel.core import metrics
+from citytel.core.errors import RetryableError
+from citytel.processors.alerts.cap import message_json
+from citytel.processors.alerts.rules import SEVERITY_RANK, Alert, Observed, Transition, step_rule
 
 __all__ = ["Alerter", "evaluate", "run_alerter"]
 

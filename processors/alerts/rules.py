@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from config import AlertRule
+from citytel.config import AlertRule
 
 __all__ = ["SEVERITY_RANK", "Alert", "Observed", "Transition", "step_rule"]
 

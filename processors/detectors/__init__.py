@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from processors.kernels import AHEAD, assign_slots, compiled, prefetch
-from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
+from citytel.config import Settings, Strict, component_settings, unknown_component
+from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
+from citytel.processors.kernels import AHEAD, assign_slots, compiled, prefetch
+from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = [
     "DETECTORS",
@@ -23,7 +23,9 @@ __all__ = [
     "Sweeper",
     "blank_verdicts",
     "build_detector",
+    "check_detectors",
     "companion",
+    "detector_settings",
     "register_detector",
     "register_pair",
 ]
@@ -198,14 +200,26 @@ class SeriesState:
                 array.view[slots] = arrays[name][present]
 
 
-DETECTORS: dict[str, Callable[[DetectorSettings], Detector]] = {}
+_S = TypeVar("_S", bound=Strict)
+_D = TypeVar("_D", bound=Detector)
 
 
-def register_detector(
-    name: str,
-) -> Callable[[Callable[[DetectorSettings], Detector]], Callable[[DetectorSettings], Detector]]:
-    def add(factory: Callable[[DetectorSettings], Detector]) -> Callable[[DetectorSettings], Detector]:
-        DETECTORS[name] = factory
+class Registered(NamedTuple):
+    """A detector by name: how to build it, and the settings struct its table must fit."""
+
+    factory: Callable[[Any], Detector]
+    settings: type[Strict]
+
+
+DETECTORS: dict[str, Registered] = {}
+
+
+def register_detector(name: str, settings: type[_S]) -> Callable[[Callable[[_S], _D]], Callable[[_S], _D]]:
+    """Register a detector class under ``name`` with its own settings struct
+    (``[detectors.<name>]``): the only place a new detector is made known."""
+
+    def add(factory: Callable[[_S], _D]) -> Callable[[_S], _D]:
+        DETECTORS[name] = Registered(factory, settings)
         return factory
 
     return add
@@ -228,15 +242,34 @@ def register_pair(first: str, second: str) -> Callable[[PairWalk], PairWalk]:
     return add
 
 
-def build_detector(name: str, settings: DetectorSettings) -> Detector:
+def _registry() -> dict[str, Registered]:
     # Importing the implementations registers them.
-    from processors.detectors import air, drift, dropout, ewma, flatline, jump, parking, traffic  # noqa: F401
+    from citytel.processors.detectors import air, drift, dropout, ewma, flatline, jump, parking, traffic  # noqa: F401
 
-    try:
-        factory = DETECTORS[name]
-    except KeyError:
-        raise ValueError(f"no detector named {name!r}; known: {sorted(DETECTORS)}") from None
-    return factory(settings)
+    return DETECTORS
+
+
+def detector_settings(name: str, table: Mapping[str, Any] | None = None) -> Strict:
+    """The settings of detector ``name`` from its raw ``[detectors.<name>]`` table, checked
+    against the detector's own struct; ``ConfigError`` names the key and suggests a fix."""
+    registry = _registry()
+    if name not in registry:
+        raise unknown_component(f"detectors.{name}", "detector", name, registry)
+    return component_settings(registry[name].settings, table or {}, f"detectors.{name}")
+
+
+def build_detector(name: str, table: Mapping[str, Any] | None = None) -> Detector:
+    return _registry()[name].factory(detector_settings(name, table))
+
+
+def check_detectors(settings: Settings) -> None:
+    """Every detector named in ``processor.detectors`` exists, and every ``[detectors.*]`` table
+    names a detector and fits its settings: run at start-up, before anything connects."""
+    for position, name in enumerate(settings.processor.detectors):
+        if name not in _registry():
+            raise unknown_component(f"processor.detectors[{position}]", "detector", name, _registry())
+    for name, table in settings.detectors.items():
+        detector_settings(name, table)
 
 
 def blank_verdicts(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:

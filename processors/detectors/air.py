@@ -8,16 +8,16 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
-from processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
-from processors.series import GrowableArray
+from citytel.config import Count, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
+from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
+from citytel.processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
 
@@ -114,7 +114,20 @@ def _pollutant_table(metric_names: tuple[str, ...]) -> NDArray[np.int64]:
     return table
 
 
-@register_detector("aqi")
+class AqiSettings(Strict, frozen=True):
+    """[detectors.aqi]"""
+
+    standard: Literal["hj633", "us_epa"] = "hj633"
+    """China's HJ 633-2012 or the US EPA's breakpoints."""
+    aqi_level: int = 201
+    """An hour whose IAQI reaches this is flagged, once per series and hour."""
+    min_readings: Count = 3
+    """An hour counts once it holds this many readings."""
+    utc_offset_hours: float = 8.0
+    """Hours are local to the city (Zhengzhou: +8)."""
+
+
+@register_detector("aqi", AqiSettings)
 class Aqi(SeriesState):
     """Each pollutant reading gets the IAQI of its series' mean over the current local hour, as
     its score (IAQI / 500). A series is flagged once per hour when that IAQI reaches
@@ -125,7 +138,7 @@ class Aqi(SeriesState):
     applies_to: tuple[str, ...] = POLLUTANTS
     name = "aqi"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: AqiSettings) -> None:
         super().__init__()
         self.standard = settings.standard
         self.level = settings.aqi_level
@@ -167,7 +180,16 @@ class Aqi(SeriesState):
         )  # fmt: skip
 
 
-@register_detector("exceedance")
+class ExceedanceSettings(Strict, frozen=True):
+    """[detectors.exceedance]"""
+
+    min_readings: Count = 3
+    """An hour (or day) counts once it holds this many readings."""
+    utc_offset_hours: float = 8.0
+    """Hours and days are local to the city (Zhengzhou: +8)."""
+
+
+@register_detector("exceedance", ExceedanceSettings)
 class Exceedance(SeriesState):
     """A pollutant's mean over a local hour (or day) above its GB 3095-2012 grade II limit. A
     mean is known once its hour or day is over, so the flag goes on the series' first reading
@@ -178,7 +200,7 @@ class Exceedance(SeriesState):
     applies_to: tuple[str, ...] = POLLUTANTS
     name = "exceedance"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: ExceedanceSettings) -> None:
         super().__init__()
         self.min_readings = settings.min_readings
         self.offset_us = int(settings.utc_offset_hours * _HOUR_US)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import math
 import zlib
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, register_detector
-from processors.kernels import AHEAD, compiled, fetch_ahead, out_of_step, prefetch, slot_of
-from processors.series import GrowableArray, SeriesIndex
+from citytel.config import Positive, Rate, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector
+from citytel.processors.kernels import AHEAD, compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
 
@@ -29,7 +30,23 @@ _STEP_TO_SIGMA = 1.128
 _NEVER = np.iinfo(np.int64).min
 
 
-@register_detector("drift")
+class DriftSettings(Strict, frozen=True):
+    """[detectors.drift]"""
+
+    alpha: Rate = 0.05
+    """The weight of an offset in the sensor's usual offset is alpha / 10."""
+    slack: float = 1.0
+    """CUSUM slack, in noise sigmas."""
+    cusum_limit: Positive = 40.0
+    """Summed excess sigmas that count as drift."""
+    warmup: int = 30
+    metrics: list[str] = msgspec.field(default_factory=list)
+    """Only these metrics (empty: every metric not excluded)."""
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
+
+
+@register_detector("drift", DriftSettings)
 class Drift(SeriesState):
     """A sensor that slowly walks away from its level (a fouled optical PM sensor, a heating
     temperature probe). Daily cycles and pollution episodes move a whole district together, so
@@ -50,7 +67,7 @@ class Drift(SeriesState):
     applies_to: tuple[str, ...] = ()
     name = "drift"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: DriftSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.slack = settings.slack

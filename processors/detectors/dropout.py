@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import AnomalyEvents, SeriesState, register_detector
-from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
-from processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
+from citytel.config import Positive, Rate, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import AnomalyEvents, SeriesState, register_detector
+from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = ["Dropout"]
 
@@ -19,7 +20,26 @@ _NEVER = np.iinfo(np.int64).min
 _FOREVER = np.iinfo(np.int64).max
 
 
-@register_detector("dropout")
+class DropoutSettings(Strict, frozen=True):
+    """[detectors.dropout]"""
+
+    alpha: Rate = 0.05
+    """Weight of the newest interval in a series' usual interval."""
+    warmup: int = 30
+    """Readings before a series' interval is trusted."""
+    timeout_factor: Positive = 5.0
+    """Silent for this many usual intervals..."""
+    min_silence_seconds: float = 60.0
+    """...and at least this long: one dropout per silence."""
+    sweep_interval_seconds: float = 10.0
+    """Stream time between sweeps."""
+    metrics: list[str] = msgspec.field(default_factory=list)
+    """Only these metrics (empty: every metric not excluded)."""
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
+
+
+@register_detector("dropout", DropoutSettings)
 class Dropout(SeriesState):
     """Learns each series' reporting interval from its readings (an exponentially weighted mean
     of the gaps); a periodic ``sweep`` then raises one ``dropout`` per silence for every series
@@ -34,7 +54,7 @@ class Dropout(SeriesState):
     applies_to: tuple[str, ...] = ()
     name = "dropout"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: DropoutSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.warmup = settings.warmup

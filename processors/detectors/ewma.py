@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
-from processors.detectors.flatline import Flatline
-from processors.kernels import ewma_flatline_kernel
-from processors.series import GrowableArray
+from citytel.config import Positive, Rate, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
+from citytel.processors.detectors.flatline import Flatline
+from citytel.processors.kernels import ewma_flatline_kernel
+from citytel.processors.series import GrowableArray
 
 __all__ = ["EwmaZScore"]
 
@@ -46,7 +47,20 @@ def weight_tables(alpha: float) -> tuple[NDArray[np.float64], NDArray[np.float64
     return weight, slow, done
 
 
-@register_detector("ewma_zscore")
+class EwmaZScoreSettings(Strict, frozen=True):
+    """[detectors.ewma_zscore]"""
+
+    alpha: Rate = 0.05
+    """Weight of the newest reading in the running mean and variance."""
+    threshold: Positive = 6.0
+    """|z| at which a reading is anomalous (score 0.5)."""
+    warmup: int = 30
+    """Readings a series needs before it is scored."""
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
+
+
+@register_detector("ewma_zscore", EwmaZScoreSettings)
 class EwmaZScore(SeriesState):
     """Flags a reading whose distance from the series' EWMA mean exceeds ``threshold`` EWMA
     standard deviations, once the series has ``warmup`` readings.
@@ -60,7 +74,7 @@ class EwmaZScore(SeriesState):
     applies_to: tuple[str, ...] = ()
     name = "ewma_zscore"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: EwmaZScoreSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold

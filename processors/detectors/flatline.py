@@ -4,21 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, register_detector
-from processors.kernels import ewma_flatline_kernel
-from processors.series import GrowableArray
+from citytel.config import Count, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, register_detector
+from citytel.processors.kernels import ewma_flatline_kernel
+from citytel.processors.series import GrowableArray
 
 __all__ = ["Flatline"]
 
 REASONS = ("", "stuck")
 
 
-@register_detector("flatline")
+class FlatlineSettings(Strict, frozen=True):
+    """[detectors.flatline]"""
+
+    window: Count = 20
+    """Readings in a row that may repeat the same value before the series counts as stuck."""
+    tolerance: float = 0.0
+    """How close two readings must be to count as "the same"."""
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
+
+
+@register_detector("flatline", FlatlineSettings)
 class Flatline(SeriesState):
     """Flags the reading at which a series has repeated one value (within ``tolerance``) for
     ``window`` readings in a row, once per stuck stretch: a stuck sensor makes one anomaly, not
@@ -28,7 +40,7 @@ class Flatline(SeriesState):
     applies_to: tuple[str, ...] = ()
     name = "flatline"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: FlatlineSettings) -> None:
         super().__init__()
         self.window = settings.window
         self.tolerance = settings.tolerance

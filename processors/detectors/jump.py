@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, register_detector
-from processors.kernels import jump_kernel
-from processors.series import GrowableArray
+from citytel.config import Positive, Rate, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector
+from citytel.processors.kernels import jump_kernel
+from citytel.processors.series import GrowableArray
 
 __all__ = ["Jump"]
 
 REASONS = ("", "jump_up", "jump_down")
 
 
-@register_detector("jump")
+class JumpSettings(Strict, frozen=True):
+    """[detectors.jump]"""
+
+    alpha: Rate = 0.05
+    """Weight of the newest step in the usual step size."""
+    threshold: Positive = 6.0
+    """A step this many times the usual step is a jump."""
+    warmup: int = 30
+    exclude_metrics: list[str] = msgspec.field(default_factory=list)
+    """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
+
+
+@register_detector("jump", JumpSettings)
 class Jump(SeriesState):
     """Rate-of-change spikes: the step from the previous reading, divided by an exponentially
     weighted mean of the series' absolute steps, above ``threshold`` (after ``warmup`` steps).
@@ -26,7 +39,7 @@ class Jump(SeriesState):
     applies_to: tuple[str, ...] = ()
     name = "jump"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: JumpSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold

@@ -10,18 +10,25 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, companion, register_detector
-from processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
-from processors.series import GrowableArray
+from citytel.config import Count, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, companion, register_detector
+from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
 
 _NEVER = np.iinfo(np.int64).min
 
 
-@register_detector("over_capacity")
+class OverCapacitySettings(Strict, frozen=True):
+    """[detectors.over_capacity]"""
+
+    tolerance: float = 0.0
+    """Bays of slack before a count above capacity is flagged."""
+
+
+@register_detector("over_capacity", OverCapacitySettings)
 class OverCapacity(SeriesState):
     """A lot's occupied or free bay count above its capacity (from the same message), beyond
     ``tolerance`` bays: a miscounting gate or a misconfigured lot. Flagged when it starts, once
@@ -30,7 +37,7 @@ class OverCapacity(SeriesState):
     applies_to: tuple[str, ...] = ("occupied_bays", "free_bays")
     name = "over_capacity"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: OverCapacitySettings) -> None:
         super().__init__()
         self.tolerance = settings.tolerance
         self.over = GrowableArray(np.bool_)
@@ -48,7 +55,15 @@ class OverCapacity(SeriesState):
         return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "over_capacity"))
 
 
-@register_detector("bay_flapping")
+class BayFlappingSettings(Strict, frozen=True):
+    """[detectors.bay_flapping]"""
+
+    max_toggles: Count = 8
+    """Changes of a bay's flag within window_seconds that count as flapping."""
+    window_seconds: float = 600.0
+
+
+@register_detector("bay_flapping", BayFlappingSettings)
 class BayFlapping(SeriesState):
     """A bay whose occupied flag changes ``max_toggles`` times within ``window_seconds`` (a
     failing magnetometer, or a car parked on the edge): flagged once per window, so a flapping
@@ -58,7 +73,7 @@ class BayFlapping(SeriesState):
     applies_to: tuple[str, ...] = ("occupied",)
     name = "bay_flapping"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: BayFlappingSettings) -> None:
         super().__init__()
         self.max_toggles = settings.max_toggles
         self.window_us = int(settings.window_seconds * 1e6)
@@ -90,7 +105,14 @@ class BayFlapping(SeriesState):
         return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "flapping"))
 
 
-@register_detector("lot_stuck")
+class LotStuckSettings(Strict, frozen=True):
+    """[detectors.lot_stuck]"""
+
+    stuck_seconds: float = 3600.0
+    """A lot full or empty and unchanged this long while its district's lots change."""
+
+
+@register_detector("lot_stuck", LotStuckSettings)
 class LotStuck(SeriesState):
     """A lot whose free-bay count has not moved for ``stuck_seconds`` while at full (0 free) or
     empty (free = capacity), while another lot of its district changed within the last half of
@@ -101,7 +123,7 @@ class LotStuck(SeriesState):
     applies_to: tuple[str, ...] = ("free_bays",)
     name = "lot_stuck"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: LotStuckSettings) -> None:
         super().__init__()
         self.stuck_us = int(settings.stuck_seconds * 1e6)
         self.last_value = GrowableArray(np.float64, fill=np.nan)

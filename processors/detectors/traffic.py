@@ -7,14 +7,15 @@ time a vehicle is over the loop) in one message.
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.detectors import SeriesState, blank_verdicts, companion, register_detector
-from processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
-from processors.series import GrowableArray
+from citytel.config import Count, Positive, Rate, Strict
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.detectors import SeriesState, blank_verdicts, companion, register_detector
+from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
+from citytel.processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
 
@@ -25,7 +26,22 @@ _SLOTS = 48  # 24 hours of a working day, then 24 of a weekend day
 _MAD_TO_SIGMA = 1.25
 
 
-@register_detector("traffic_profile")
+class TrafficProfileSettings(Strict, frozen=True):
+    """[detectors.traffic_profile]"""
+
+    alpha: Rate = 0.05
+    """Weight of a reading in its hour-of-week slot."""
+    threshold: Positive = 6.0
+    """Sigmas from the slot's mean."""
+    warmup: int = 30
+    """Readings a slot needs before it is scored."""
+    utc_offset_hours: float = 8.0
+    """Hours of the week are local to the city."""
+    metrics: list[str] = msgspec.field(default_factory=list)
+    """Only these metrics (empty: every metric not excluded)."""
+
+
+@register_detector("traffic_profile", TrafficProfileSettings)
 class TrafficProfile(SeriesState):
     """Each counter learns its own week: the mean of every hour of a working day and of a
     weekend day (48 slots, exponentially weighted with ``alpha``), and one noise scale (the
@@ -38,7 +54,7 @@ class TrafficProfile(SeriesState):
     applies_to: tuple[str, ...] = ("vehicle_count", "mean_speed")
     name = "traffic_profile"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: TrafficProfileSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.threshold = settings.threshold
@@ -88,7 +104,21 @@ class TrafficProfile(SeriesState):
         self.counts.view[:, slots[present]] = np.asarray(arrays["profile_counts"])[present].T
 
 
-@register_detector("traffic_zero")
+class TrafficZeroSettings(Strict, frozen=True):
+    """[detectors.traffic_zero]"""
+
+    alpha: Rate = 0.05
+    """Weight of the newest reading in a counter's usual flow."""
+    warmup: int = 30
+    min_flow: float = 10.0
+    """Vehicles per reading a counter must usually see."""
+    jam_occupancy: Positive = 40.0
+    """A zero count with the loop this covered (%) is an incident, not a failure."""
+    min_readings: Count = 3
+    """Zeros in a row: a quiet night may give one."""
+
+
+@register_detector("traffic_zero", TrafficZeroSettings)
 class TrafficZero(SeriesState):
     """A counter whose usual flow (weighted mean of its non-zero counts) is at least
     ``min_flow`` reports zero vehicles. Told apart by the loop's occupancy in the same message:
@@ -100,7 +130,7 @@ class TrafficZero(SeriesState):
     applies_to: tuple[str, ...] = ("vehicle_count",)
     name = "traffic_zero"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: TrafficZeroSettings) -> None:
         super().__init__()
         self.alpha = settings.alpha
         self.warmup = settings.warmup
@@ -134,7 +164,16 @@ class TrafficZero(SeriesState):
         )
 
 
-@register_detector("congestion")
+class CongestionSettings(Strict, frozen=True):
+    """[detectors.congestion]"""
+
+    jam_speed_kmh: float = 15.0
+    """Mean speed (km/h) of stopped traffic."""
+    jam_occupancy: Positive = 40.0
+    """Occupancy (%) of stopped traffic."""
+
+
+@register_detector("congestion", CongestionSettings)
 class Congestion(SeriesState):
     """Stopped or crawling traffic: mean speed at or below ``jam_speed_kmh`` with occupancy (same
     message) at or above ``jam_occupancy``. Flagged when a jam starts, once; it ends when either
@@ -144,7 +183,7 @@ class Congestion(SeriesState):
     applies_to: tuple[str, ...] = ("mean_speed",)
     name = "congestion"
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: CongestionSettings) -> None:
         super().__init__()
         self.jam_speed = settings.jam_speed_kmh
         self.jam_occupancy = settings.jam_occupancy

@@ -9,13 +9,13 @@ after every sink returns, so a crash in between replays the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from config import Settings
-from processors.batch import DetectorResult, ReadingBatch
-from processors.series import SeriesIndex
+from citytel.config import Settings, unknown_component
+from citytel.processors.batch import DetectorResult, ReadingBatch
+from citytel.processors.series import SeriesIndex
 
-__all__ = ["SINKS", "Sink", "build_sink", "register_sink"]
+__all__ = ["SINKS", "Maintained", "Sink", "build_sink", "check_sinks", "register_sink"]
 
 
 class Sink(Protocol):
@@ -24,6 +24,19 @@ class Sink(Protocol):
     async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Maintained(Protocol):
+    """A sink whose store needs periodic upkeep (rollups, retention). The processor calls
+    ``maintain_once`` in a worker thread every ``maintenance_interval_seconds``; several processors
+    may call it at once, so it must share the work (or skip) on its own."""
+
+    maintenance_interval_seconds: float
+
+    def maintain_once(self) -> str | None:
+        """One pass; a line worth logging at debug level, or None. Raises on a failed pass."""
+        ...
 
 
 SINKS: dict[str, Callable[[Settings, SeriesIndex], Sink]] = {}
@@ -39,10 +52,22 @@ def register_sink(
     return add
 
 
-def build_sink(name: str, settings: Settings, index: SeriesIndex) -> Sink:
-    from processors.sinks import timescale  # noqa: F401 - registers itself
+def _registry() -> dict[str, Callable[[Settings, SeriesIndex], Sink]]:
+    from citytel.processors.sinks import timescale  # noqa: F401 - registers itself
 
-    try:
-        return SINKS[name](settings, index)
-    except KeyError:
-        raise ValueError(f"no sink named {name!r}; known: {sorted(SINKS)}") from None
+    return SINKS
+
+
+def check_sinks(settings: Settings) -> None:
+    """Every name in ``processor.sinks`` is a registered sink: checked at start-up."""
+    if not settings.processor.sinks:
+        raise unknown_component("processor.sinks", "sink", "", _registry())
+    for position, name in enumerate(settings.processor.sinks):
+        if name not in _registry():
+            raise unknown_component(f"processor.sinks[{position}]", "sink", name, _registry())
+
+
+def build_sink(name: str, settings: Settings, index: SeriesIndex) -> Sink:
+    if name not in _registry():
+        raise unknown_component("processor.sinks", "sink", name, _registry())
+    return _registry()[name](settings, index)

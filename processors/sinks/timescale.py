@@ -17,13 +17,14 @@ import numpy as np
 import psycopg
 from numpy.typing import NDArray
 
-from citytel import metrics
-from citytel.errors import PermanentError, RetryableError
-from config import Settings
-from processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from processors.series import SeriesIndex
-from processors.sinks import register_sink
-from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+from citytel.config import Settings
+from citytel.core import metrics
+from citytel.core.errors import PermanentError, RetryableError
+from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
+from citytel.processors.series import SeriesIndex
+from citytel.processors.sinks import register_sink
+from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+from citytel.processors.storage.maintenance import maintain
 
 __all__ = ["TimescaleSink"]
 
@@ -53,6 +54,7 @@ class TimescaleSink:
 
     def __init__(self, settings: Settings, index: SeriesIndex) -> None:
         self._conninfo = settings.database.conninfo()
+        self._storage = settings.storage
         self._index = index
         self._connection: psycopg.AsyncConnection | None = None
 
@@ -62,6 +64,17 @@ class TimescaleSink:
             await self._connection.execute(_STAGING.encode())
             await self._connection.commit()
         return self._connection
+
+    @property
+    def maintenance_interval_seconds(self) -> float:
+        return self._storage.maintenance_interval_seconds
+
+    def maintain_once(self) -> str | None:
+        """Rollups and retention; processors share the work through an advisory lock, so only
+        one runs a pass at a time."""
+        with psycopg.connect(self._conninfo, autocommit=True) as connection:
+            report = maintain(connection, self._storage)
+        return str(report) if report is not None and report.buckets_refreshed else None
 
     async def close(self) -> None:
         if self._connection is not None:

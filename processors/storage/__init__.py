@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import psycopg
 
-from config import StorageSettings
-from processors.storage.maintenance import rollups_for
-from processors.storage.migrate import Migration, migrate
+from citytel.config import StorageSettings
+from citytel.processors.storage.maintenance import rollups_for
+from citytel.processors.storage.migrate import Migration, migrate
 
 __all__ = ["prepare_database"]
 

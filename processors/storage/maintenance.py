@@ -17,7 +17,7 @@ from typing import Protocol
 
 import psycopg
 
-from config import StorageSettings
+from citytel.config import StorageSettings
 
 __all__ = [
     "ContinuousAggregates",

@@ -17,10 +17,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from citytel.simulate import Message, publish
-from config import Settings
-from ingest.topics import reading_topic
-from processors.storage import prepare_database
+from citytel.config import Settings
+from citytel.devtools.simulate import Message, publish
+from citytel.ingest.topics import reading_topic
+from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, read_topic, wait_for, wait_ready
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from citytel.bench_e2e import bench_e2e, plot
+from citytel.devtools.bench_e2e import bench_e2e, plot
 
 pytestmark = pytest.mark.integration
 

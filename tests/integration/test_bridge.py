@@ -15,11 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from citytel import stack
-from citytel.simulate import City, publish
-from config import Settings
-from ingest.envelope import decode_envelope
-from ingest.topics import reading_topic
+from citytel.config import Settings
+from citytel.core.envelope import decode_envelope
+from citytel.devtools import stack
+from citytel.devtools.simulate import City, publish
+from citytel.ingest.topics import reading_topic
 from tests.helpers import citytel_process, envelope_identity, read_topic, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from citytel import stack
-from citytel.simulate import City, publish
-from config import Settings
+from citytel.config import Settings
+from citytel.devtools import stack
+from citytel.devtools.simulate import City, publish
 from tests.helpers import citytel_process, envelope_identity, read_topic, wait_ready
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from citytel.simulate import City, Message, publish
-from config import Settings
-from processors.storage import prepare_database
+from citytel.config import Settings
+from citytel.devtools.simulate import City, Message, publish
+from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, wait_for, wait_ready
 

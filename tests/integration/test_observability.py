@@ -18,9 +18,11 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from citytel import metrics, stack
-from config import Settings
-from processors.storage import prepare_database
+from citytel.config import Settings
+from citytel.core import metrics
+from citytel.devtools import stack
+from citytel.devtools.settings import DevSettings, SimulatorSettings
+from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, wait_for, wait_ready
 
@@ -97,16 +99,18 @@ def test_every_panel_and_rule_returns_data_against_a_live_prometheus(
     settings = msgspec.structs.replace(
         settings,
         storage=msgspec.structs.replace(settings.storage, maintenance_interval_seconds=2.0),
-        simulator=msgspec.structs.replace(
-            settings.simulator, rate_per_second=300.0, spike_probability=0.01, devices_per_kind=6
-        ),
+    )
+    dev = DevSettings(
+        simulator=SimulatorSettings(
+            rate_per_second=300.0, spike_probability=0.01, devices_per_kind=6, metrics_port=stack.free_port()
+        )
     )
     with database.connect() as connection:
         prepare_database(connection, settings.storage)
     targets = {
         "citytel-bridge": f"127.0.0.1:{settings.metrics.bridge_port}",
         "citytel-processor": f"127.0.0.1:{settings.metrics.processor_port}",
-        "citytel-simulator": f"127.0.0.1:{settings.metrics.simulator_port}",
+        "citytel-simulator": f"127.0.0.1:{dev.simulator.metrics_port}",
     }
     prometheus = stack.start_prometheus(
         run_dir / f"prom-{time.monotonic_ns()}",
@@ -122,7 +126,7 @@ def test_every_panel_and_rule_returns_data_against_a_live_prometheus(
         ):
             wait_ready(settings.metrics.processor_port)
             wait_ready(settings.metrics.bridge_port)
-            with citytel_process(settings, tmp_path, "simulate", "--duration", "120"):
+            with citytel_process(settings, tmp_path, "simulate", "--duration", "120", dev=dev):
                 # A few malformed messages, so dead-letter panels have something to show.
                 import paho.mqtt.publish as mqtt_publish
 

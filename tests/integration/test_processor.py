@@ -12,11 +12,13 @@ import msgspec
 import numpy as np
 import pytest
 
-from citytel import stack
-from citytel.kafka import ensure_topics
-from config import Settings
-from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-from processors.storage import prepare_database
+from citytel.config import Settings
+from citytel.core.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+from citytel.core.kafka import ensure_topics
+from citytel.devtools import stack
+from citytel.processors.detectors import detector_settings
+from citytel.processors.detectors.dropout import DropoutSettings
+from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, produce, read_topic, wait_for, wait_ready
 
@@ -209,7 +211,9 @@ def test_a_silent_device_raises_one_dropout_stamped_when_it_went_quiet(
     # air-000 goes quiet after step 99 while the other 39 go on for 100 more seconds.
     silent = [(key, value) for key, value in records if key != b"air-000" or decode_step(value) < 100]
     produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, silent)
-    timeout_us = int(settings.detector("dropout").min_silence_seconds * 1e6)  # 5 one-second intervals are less
+    dropout = detector_settings("dropout", settings.detectors.get("dropout"))
+    assert isinstance(dropout, DropoutSettings)
+    timeout_us = int(dropout.min_silence_seconds * 1e6)  # 5 one-second intervals are less
 
     def dropouts() -> list[tuple[str, int, str, float]]:
         with database.connect() as connection:
@@ -228,6 +232,6 @@ def test_a_silent_device_raises_one_dropout_stamped_when_it_went_quiet(
 
 
 def decode_step(value: bytes) -> int:
-    from ingest.envelope import decode_envelope
+    from citytel.core.envelope import decode_envelope
 
     return decode_envelope(value).sequence

@@ -15,15 +15,15 @@ import numpy as np
 import psycopg
 import pytest
 
-from citytel import stack
-from config import Settings, StorageSettings, dump_settings
-from processors.batch import ReadingBatch
-from processors.series import SeriesIndex
-from processors.sinks.timescale import TimescaleSink
-from processors.storage import prepare_database
-from processors.storage.devices import DeviceError, import_devices, read_devices
-from processors.storage.maintenance import ManualRollups, drop_old_chunks, edition, maintain, tsl_statements
-from processors.storage.migrate import MigrationError, migrate
+from citytel.config import Settings, StorageSettings, dump_settings
+from citytel.devtools import stack
+from citytel.processors.batch import ReadingBatch
+from citytel.processors.series import SeriesIndex
+from citytel.processors.sinks.timescale import TimescaleSink
+from citytel.processors.storage import prepare_database
+from citytel.processors.storage.devices import DeviceError, import_devices, read_devices
+from citytel.processors.storage.maintenance import ManualRollups, drop_old_chunks, edition, maintain, tsl_statements
+from citytel.processors.storage.migrate import MigrationError, migrate
 from tests.conftest import ScratchDatabase
 
 pytestmark = pytest.mark.integration

@@ -11,10 +11,10 @@ import lxml.etree
 import numpy as np
 import pytest
 
-from config import AlertRule, Settings, load_settings
-from processors.alerts.cap import cap_xml, message_json
-from processors.alerts.engine import departments_for
-from processors.alerts.rules import Alert, Observed, Transition, step_rule
+from citytel.config import AlertRule, Settings, load_settings
+from citytel.processors.alerts.cap import cap_xml, message_json
+from citytel.processors.alerts.engine import departments_for
+from citytel.processors.alerts.rules import Alert, Observed, Transition, step_rule
 
 MINUTE = 60_000_000
 HOUR = 60 * MINUTE

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from citytel.errors import PermanentError
-from config import load_settings
-from ingest.codecs import get_codec
-from ingest.topics import reading_topic
-from ingest.validate import Validator
+from citytel.config import load_settings
+from citytel.core.errors import PermanentError
+from citytel.ingest.codecs import get_codec
+from citytel.ingest.topics import reading_topic
+from citytel.ingest.validate import Validator
 
 SETTINGS = load_settings()
 NOW = time.time()

@@ -14,15 +14,15 @@ import msgspec
 import numpy as np
 import pytest
 
-from citytel.evaluate import kafka_records
-from citytel.simulate import City
-from config import load_settings
-from processors.checkpoint import export_partition, import_partition
-from processors.decode import decode_batch
-from processors.detection import DetectionStage, warm_up
-from processors.detectors import SeriesState, air, drift
-from processors.kernels import ewma_flatline_kernel
-from processors.series import SERIES_BLOCK, SeriesIndex
+from citytel.config import load_settings
+from citytel.devtools.evaluate import kafka_records
+from citytel.devtools.simulate import City
+from citytel.processors.checkpoint import export_partition, import_partition
+from citytel.processors.decode import decode_batch
+from citytel.processors.detection import DetectionStage, warm_up
+from citytel.processors.detectors import SeriesState, air, drift
+from citytel.processors.kernels import ewma_flatline_kernel
+from citytel.processors.series import SERIES_BLOCK, SeriesIndex
 
 SETTINGS = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
 
@@ -88,7 +88,7 @@ def test_a_detector_keeps_slots_for_the_series_of_its_metrics_only() -> None:
         assert isinstance(detector, SeriesState)
         has_slots = detector.block_slot[: len(metric_of_block)] >= 0
         expected = (
-            ~np.isin(metric_of_block, SETTINGS.detector(name).exclude_metrics)
+            ~np.isin(metric_of_block, SETTINGS.detectors.get(name, {}).get("exclude_metrics", []))
             if metrics is None
             else np.isin(metric_of_block, metrics)
         )
@@ -148,7 +148,7 @@ def test_no_kernel_compiles_again_after_the_warm_up() -> None:
     dispatchers = {
         f"{name}.{attribute}": value
         for name, module in list(sys.modules.items())
-        if name.startswith("processors") and module is not None
+        if name.startswith("citytel.processors") and module is not None
         for attribute, value in vars(module).items()
         if isinstance(value, CPUDispatcher)
     }
@@ -260,7 +260,7 @@ def test_a_pair_configured_with_different_metrics_walks_alone() -> None:
         SETTINGS,
         detectors={
             **SETTINGS.detectors,
-            "flatline": msgspec.structs.replace(SETTINGS.detector("flatline"), exclude_metrics=["capacity"]),
+            "flatline": SETTINGS.detectors["flatline"] | {"exclude_metrics": ["capacity"]},
         },
     )
     paired, alone = DetectionStage(settings), DetectionStage(settings)

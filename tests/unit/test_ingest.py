@@ -5,12 +5,12 @@ import time
 
 import pytest
 
-from citytel.errors import PermanentError
-from config import IngestSettings, KindSettings, MetricRange
-from ingest.codecs import get_codec, parse_time_us
-from ingest.envelope import Envelope, decode_envelope, decode_envelopes, encode_envelope
-from ingest.topics import parse_topic, reading_topic, subscription_filter
-from ingest.validate import Validator
+from citytel.config import IngestSettings, KindSettings, MetricRange
+from citytel.core.envelope import Envelope, decode_envelope, decode_envelopes, encode_envelope
+from citytel.core.errors import PermanentError
+from citytel.ingest.codecs import get_codec, parse_time_us
+from citytel.ingest.topics import parse_topic, reading_topic, subscription_filter
+from citytel.ingest.validate import Validator
 
 KINDS = {
     "air": KindSettings(
@@ -130,8 +130,8 @@ def test_the_bridge_acknowledges_batches_in_the_order_received_whichever_kafka_h
     at once, a later batch may be held first. Kafka is faked here: only the ordering is tested."""
     import asyncio
 
-    from config import load_settings
-    from ingest.bridge import Bridge, _Received
+    from citytel.config import load_settings
+    from citytel.ingest.bridge import Bridge, _Received
 
     bridge = Bridge(load_settings())
     acks: list[int] = []

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from citytel.nab import NabFile, Weights, score_corpus, score_file
+from citytel.devtools.nab import NabFile, Weights, score_corpus, score_file
 
 STANDARD = Weights(true_positive=1.0, false_positive=0.11, false_negative=1.0)
 

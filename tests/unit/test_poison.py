@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from citytel import metrics
-from config import Settings, load_settings
-from ingest.codecs import CODECS, MAX_NESTING, Decoded, get_codec, nesting_depth
-from ingest.validate import Validator
+from citytel.config import Settings, load_settings
+from citytel.core import metrics
+from citytel.ingest.codecs import CODECS, MAX_NESTING, Decoded, get_codec, nesting_depth
+from citytel.ingest.validate import Validator
 
 SETTINGS: Settings = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
 NOW = time.time()

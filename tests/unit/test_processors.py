@@ -6,14 +6,21 @@ import struct
 import numpy as np
 import pytest
 
-from config import DetectorSettings
-from ingest.envelope import Envelope, encode_envelope
-from processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
-from processors.decode import decode_batch
-from processors.detectors import build_detector, companion
-from processors.kernels import AHEAD, advance_clocks, fetch_ahead, group_percentile, ordered, out_of_step, time_order
-from processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
-from processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
+from citytel.core.envelope import Envelope, encode_envelope
+from citytel.processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
+from citytel.processors.decode import decode_batch
+from citytel.processors.detectors import build_detector, companion
+from citytel.processors.kernels import (
+    AHEAD,
+    advance_clocks,
+    fetch_ahead,
+    group_percentile,
+    ordered,
+    out_of_step,
+    time_order,
+)
+from citytel.processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
+from citytel.processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
 
 
 class FakeRecord:
@@ -147,7 +154,7 @@ def test_companion_reads_a_devices_other_metric_of_the_same_message_and_time() -
 
 
 def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
-    detector = build_detector("ewma_zscore", DetectorSettings(alpha=0.05, threshold=6.0, warmup=30))
+    detector = build_detector("ewma_zscore", dict(alpha=0.05, threshold=6.0, warmup=30))
     rng = np.random.default_rng(1)
     count = 200
     values = 50 + rng.standard_normal((count, 3))
@@ -168,7 +175,7 @@ def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
 
 
 def test_a_late_reading_is_scored_but_does_not_move_the_state() -> None:
-    detector = build_detector("ewma_zscore", DetectorSettings(alpha=0.1, threshold=6.0, warmup=5))
+    detector = build_detector("ewma_zscore", dict(alpha=0.1, threshold=6.0, warmup=5))
     detector.process(batch_of([0] * 50, list(range(100, 150)), [10.0 + (i % 2) * 0.1 for i in range(50)]), 1)
     state_before = detector.mean.view.copy(), detector.variance.view.copy()  # type: ignore[attr-defined]
     late = detector.process(batch_of([0], [5], [1000.0]), 1)
@@ -183,7 +190,7 @@ def test_ewma_state_follows_its_recurrence_to_the_bit_before_and_after_the_weigh
 ) -> None:
     # The kernel reads its weights from tables up to the count where they settle (200 for
     # alpha 0.05), and divides past 4,096 counts when they never settle there (alpha 1e-4).
-    detector = build_detector("ewma_zscore", DetectorSettings(alpha=alpha, threshold=1e9, warmup=5))
+    detector = build_detector("ewma_zscore", dict(alpha=alpha, threshold=1e9, warmup=5))
     values = 20 + np.random.default_rng(7).standard_normal(readings)
     detector.process(batch_of([0] * readings, list(range(readings)), values.tolist()), 1)
     mean = variance = slow_variance = 0.0
@@ -218,7 +225,7 @@ def test_binary_copy_rows_have_postgres_wire_layout() -> None:
 
 
 def test_flatline_flags_a_stuck_series_once_and_leaves_excluded_metrics_alone() -> None:
-    detector = build_detector("flatline", DetectorSettings(window=20, exclude_metrics=["capacity"]))
+    detector = build_detector("flatline", dict(window=20, exclude_metrics=["capacity"]))
     rng = np.random.default_rng(4)
     noisy = (50 + rng.standard_normal(40)).tolist()
     stuck = [42.0] * 30
@@ -241,7 +248,7 @@ def test_flatline_flags_a_stuck_series_once_and_leaves_excluded_metrics_alone() 
 
 
 def test_jump_flags_a_level_shift_once_at_the_step() -> None:
-    detector = build_detector("jump", DetectorSettings(alpha=0.05, threshold=10.0, warmup=30))
+    detector = build_detector("jump", dict(alpha=0.05, threshold=10.0, warmup=30))
     rng = np.random.default_rng(5)
     values = 30 + 0.5 * rng.standard_normal(120)
     values[80:] += 25  # the sensor's level moves by 50 usual steps and stays there
@@ -408,7 +415,7 @@ def test_a_result_lists_only_rows_with_a_verdict_and_splits_with_its_batch() -> 
 def test_retain_freed_memory_takes_effect_with_glibc() -> None:
     import ctypes.util
 
-    from processors.memory import retain_freed_memory
+    from citytel.processors.memory import retain_freed_memory
 
     assert retain_freed_memory() is (ctypes.util.find_library("c") is not None)
 

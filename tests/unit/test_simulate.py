@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from citytel.simulate import FAULTS, City, replay_csv
-from config import load_settings
-from ingest.codecs import get_codec
-from ingest.validate import Validator
+from citytel.config import load_settings
+from citytel.devtools.simulate import FAULTS, City, replay_csv
+from citytel.ingest.codecs import get_codec
+from citytel.ingest.validate import Validator
 
 SETTINGS = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
 

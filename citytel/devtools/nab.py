@@ -13,16 +13,17 @@ import csv
 import datetime as dt
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from config import DetectorSettings
-from processors.batch import ReadingBatch
-from processors.detectors import build_detector
+from citytel.processors.batch import ReadingBatch
+from citytel.processors.detectors import build_detector, detector_settings
 
 __all__ = ["NabFile", "Weights", "load_corpus", "run_detector", "score_corpus"]
 
@@ -76,12 +77,16 @@ def load_weights(root: Path, profile: str) -> Weights:
     return Weights(matrix["tpWeight"], matrix["fpWeight"], matrix["fnWeight"])
 
 
-def run_detector(name: str, settings: DetectorSettings, file: NabFile) -> NDArray[np.float32]:
-    """The detector's score for every row of the file (one series named "value")."""
+def run_detector(name: str, table: Mapping[str, Any] | None, file: NabFile) -> NDArray[np.float32]:
+    """The detector's score for every row of the file (one series named "value"), with the
+    settings of its ``[detectors.<name>]`` table."""
     # One series called "value": metric filters from the city's configuration do not apply.
-    detector = build_detector(
-        name, msgspec.structs.replace(settings, metrics=["value"] if settings.metrics else [], exclude_metrics=[])
-    )
+    settings = msgspec.to_builtins(detector_settings(name, table))
+    if settings.get("metrics"):
+        settings["metrics"] = ["value"]
+    if "exclude_metrics" in settings:
+        settings["exclude_metrics"] = []
+    detector = build_detector(name, settings)
     scores = np.zeros(len(file.value), np.float32)
     for start in range(0, len(file.value), _BATCH_ROWS):
         rows = slice(start, start + _BATCH_ROWS)

@@ -47,13 +47,13 @@ import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
-from citytel import stack
-from citytel.bench import _bare_drain, _create_session, _drop_session
-from citytel.evaluate import kafka_records
-from citytel.localstack import spawn_citytel
-from citytel.simulate import City, Message, publish
-from config import Settings, dump_settings, load_settings
-from ingest.topics import reading_topic
+from citytel.config import Settings, dump_settings, load_settings
+from citytel.devtools import stack
+from citytel.devtools.bench import _bare_drain, _create_session, _drop_session
+from citytel.devtools.evaluate import kafka_records
+from citytel.devtools.localstack import spawn_citytel
+from citytel.devtools.simulate import City, Message, publish
+from citytel.ingest.topics import reading_topic
 
 __all__ = ["bench_e2e"]
 
@@ -150,7 +150,7 @@ class _ProcessSampler:
 def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> dict[str, float]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from citytel.kafka import ensure_topics
+    from citytel.core.kafka import ensure_topics
 
     topic_settings = msgspec.structs.replace(
         settings.kafka,
@@ -190,7 +190,7 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
 
 
 def _copy_reference(conninfo: str, readings: int) -> float:
-    from processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+    from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
 
     rng = np.random.default_rng(0)
     series = 2000
@@ -562,12 +562,11 @@ def bench_e2e(
                 base.metrics,
                 bridge_port=stack.free_port(),
                 processor_port=stack.free_port(),
-                simulator_port=stack.free_port(),
                 alerter_port=stack.free_port(),
             ),
         )
         conninfo = settings.database.conninfo()
-        from processors.storage import prepare_database
+        from citytel.processors.storage import prepare_database
 
         with psycopg.connect(conninfo, autocommit=True) as connection:
             prepare_database(connection, settings.storage)

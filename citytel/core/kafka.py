@@ -7,7 +7,7 @@ import contextlib
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from config import KafkaSettings
+from citytel.config import KafkaSettings
 
 __all__ = ["DEADLETTER_HEADERS", "deadletter_headers", "ensure_topics"]
 

@@ -1,5 +1,5 @@
 """Detector evaluation against ground truth: the simulator's labelled faults (``simulated``)
-and NAB-format files (``nab``, in ``citytel/nab.py``).
+and NAB-format files (``nab``, in ``citytel/devtools/nab.py``).
 
 The simulated run feeds the simulator's messages through the processors' own path (bridge
 envelope → ``decode_batch`` → ``DetectionStage``) in memory, with no servers, so it scores
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from citytel.simulate import DURATION, City, Label, Message
-from config import Settings
-from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-from processors.decode import Record, decode_batch
-from processors.detection import DetectionStage
+from citytel.config import Settings
+from citytel.core.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+from citytel.devtools.simulate import DURATION, City, Label, Message
+from citytel.processors.decode import Record, decode_batch
+from citytel.processors.detection import DetectionStage
 
 __all__ = ["FAULT_DETECTORS", "Found", "TypeScore", "detect_offline", "score_faults", "simulated_run"]
 

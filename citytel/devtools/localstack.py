@@ -19,8 +19,9 @@ from pathlib import Path
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from citytel import stack
-from config import Settings
+from citytel.config import Settings
+from citytel.devtools import stack
+from citytel.devtools.settings import DevSettings
 
 __all__ = ["down", "run_city", "scrape", "status", "up"]
 
@@ -35,29 +36,29 @@ def _kafka_port(settings: Settings) -> int:
     return int(settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
 
 
-def _ports(settings: Settings) -> dict[str, int]:
+def _ports(settings: Settings, dev: DevSettings) -> dict[str, int]:
     return {
         "mosquitto": settings.mqtt.port,
         "kafka": _kafka_port(settings),
         "postgres": settings.database.port,
-        "prometheus": settings.stack.prometheus_port,
+        "prometheus": dev.stack.prometheus_port,
     }
 
 
-def _run_dir(settings: Settings) -> Path:
-    run_dir = Path(settings.stack.run_dir).resolve()
+def _run_dir(dev: DevSettings) -> Path:
+    run_dir = Path(dev.stack.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o755)
     return run_dir
 
 
-def up(settings: Settings) -> None:
-    run_dir = _run_dir(settings)
-    ports = _ports(settings)
+def up(settings: Settings, dev: DevSettings) -> None:
+    run_dir = _run_dir(dev)
+    ports = _ports(settings, dev)
     metrics = settings.metrics
     starters: dict[str, Callable[[], stack.Server]] = {
         "mosquitto": lambda: stack.start_mosquitto(run_dir, ports["mosquitto"]),
-        "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], settings.stack.kafka_controller_port),
+        "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], dev.stack.kafka_controller_port),
         "postgres": lambda: stack.start_postgres(
             run_dir, ports["postgres"], settings.database.dbname, settings.database.user
         ),
@@ -67,10 +68,10 @@ def up(settings: Settings) -> None:
             {
                 "citytel-bridge": f"{metrics.host}:{metrics.bridge_port}",
                 "citytel-processor": f"{metrics.host}:{metrics.processor_port}",
-                "citytel-simulator": f"{metrics.host}:{metrics.simulator_port}",
+                "citytel-simulator": f"{metrics.host}:{dev.simulator.metrics_port}",
                 "citytel-alerter": f"{metrics.host}:{metrics.alerter_port}",
             },
-            settings.stack.scrape_interval_seconds,
+            dev.stack.scrape_interval_seconds,
         ),
     }
     for name in _NAMES:
@@ -88,8 +89,8 @@ def up(settings: Settings) -> None:
     _say(f"stack is up; data and logs under {run_dir}")
 
 
-def down(settings: Settings) -> None:
-    run_dir = _run_dir(settings)
+def down(dev: DevSettings) -> None:
+    run_dir = _run_dir(dev)
     for name in reversed(_NAMES):
         pid_file = run_dir / name / "server.pid"
         try:
@@ -101,10 +102,10 @@ def down(settings: Settings) -> None:
         _say(f"{name:<10} stopped (pid {pid})")
 
 
-def status(settings: Settings) -> bool:
-    run_dir = _run_dir(settings)
+def status(settings: Settings, dev: DevSettings) -> bool:
+    run_dir = _run_dir(dev)
     all_up = True
-    for name, port in _ports(settings).items():
+    for name, port in _ports(settings, dev).items():
         running = stack.running_server(name, run_dir / name, port)
         all_up &= running is not None
         print(f"{name:<10} {'up, pid ' + str(running.pid) if running else 'down':<16} port {port}")
@@ -148,18 +149,18 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_city(settings: Settings, config_path: Path | None, duration_s: float | None) -> int:
+def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, duration_s: float | None) -> int:
     # Ctrl-C and a supervisor's SIGTERM both mean "stop the children cleanly". SIGINT is set
     # explicitly because a job started in the background by a script inherits it ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    up(settings)
-    from processors.storage import prepare_database
+    up(settings, dev)
+    from citytel.processors.storage import prepare_database
 
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
         applied = prepare_database(connection, settings.storage)
     _say(f"database schema: {len(applied)} migration(s) applied" if applied else "database schema: up to date")
-    log_dir = _run_dir(settings) / "citytel"
+    log_dir = _run_dir(dev) / "citytel"
     log_dir.mkdir(exist_ok=True)
     children = {
         "processor": spawn_citytel(["process"], config_path, log_dir, "processor"),
@@ -169,7 +170,7 @@ def run_city(settings: Settings, config_path: Path | None, duration_s: float | N
     time.sleep(2.0)
     # A few faults per hour and device: the detectors and alerts have something to find.
     children["simulator"] = spawn_citytel(["simulate", "--fault-rate", "0.0005"], config_path, log_dir, "simulator")
-    simulator = settings.simulator
+    simulator = dev.simulator
     _say(
         f"simulating {4 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"
         f" logs in {log_dir}; Ctrl-C stops"

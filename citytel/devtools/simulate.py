@@ -29,8 +29,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from citytel import metrics
-from ingest.topics import reading_topic
+from citytel.core import metrics
+from citytel.ingest.topics import reading_topic
 
 __all__ = ["CODECS", "DISTRICTS", "DURATION", "FAULTS", "City", "Device", "Label", "Message", "publish", "replay_csv"]
 

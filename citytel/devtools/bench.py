@@ -33,12 +33,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import REGISTRY
 
-from citytel import stack
-from citytel.simulate import City, Message, publish
-from config import Settings, load_settings
+from citytel.config import Settings, load_settings
+from citytel.devtools import stack
+from citytel.devtools.simulate import City, Message, publish
 
 if TYPE_CHECKING:
-    from processors.detection import DetectionStage
+    from citytel.processors.detection import DetectionStage
 
 __all__ = ["BridgeResult", "bench_bridge"]
 
@@ -121,7 +121,7 @@ def _bare_drain(port: int, client_id: str, protocol: str, count: int, receive_ma
 
 
 def _bridge_drain(settings: Settings, count: int) -> float:
-    from ingest.bridge import Bridge
+    from citytel.ingest.bridge import Bridge
 
     async def run() -> float:
         stop = asyncio.Event()
@@ -219,8 +219,8 @@ def _rate(function: Callable[[], object], items: int, repeats: int = 3) -> float
 def bench_codecs(count: int = 100_000) -> dict[str, dict[str, float]]:
     import orjson
 
-    from ingest.codecs import get_codec
-    from ingest.envelope import ENVELOPE_VERSION, Envelope, decode_envelopes, encode_envelope
+    from citytel.core.envelope import ENVELOPE_VERSION, Envelope, decode_envelopes, encode_envelope
+    from citytel.ingest.codecs import get_codec
 
     city = City(devices_per_kind=200, seed=2, spike_probability=0.0)
     messages = list(itertools.islice(city.messages(time.time()), count))
@@ -325,11 +325,11 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
     database. Private Kafka and PostgreSQL, started and stopped here."""
     from aiokafka import AIOKafkaProducer
 
-    from citytel.kafka import ensure_topics
-    from ingest.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
-    from processors.consumer import Processor
-    from processors.detection import warm_up
-    from processors.storage import prepare_database
+    from citytel.core.envelope import ENVELOPE_VERSION, Envelope, encode_envelope
+    from citytel.core.kafka import ensure_topics
+    from citytel.processors.consumer import Processor
+    from citytel.processors.detection import warm_up
+    from citytel.processors.storage import prepare_database
 
     run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-"))
     os.chmod(run_dir, 0o755)
@@ -454,9 +454,8 @@ def bench_detectors(
     """Each shipped detector over ``series`` series of a metric it looks at, one core, batches
     with 1, 2 and 10 readings per series (a minute apart) in shuffled order, so the detector
     must restore time order itself. Best of 3 after one warm-up batch that fills the state."""
-    from config import DetectorSettings
-    from processors.batch import ReadingBatch
-    from processors.detectors import build_detector
+    from citytel.processors.batch import ReadingBatch
+    from citytel.processors.detectors import build_detector, detector_settings
 
     settings = load_settings()
     rng = np.random.default_rng(0)
@@ -464,9 +463,10 @@ def bench_detectors(
     for name in settings.processor.detectors:
         for per_series in readings_per_series:
             count = series * per_series
-            detector = build_detector(name, settings.detectors.get(name, DetectorSettings()))
+            detector = build_detector(name, settings.detectors.get(name))
+            chosen = getattr(detector_settings(name, settings.detectors.get(name)), "metrics", [])
             # Every reading of a metric the detector looks at, so none is skipped as not its own.
-            metric = (detector.applies_to or tuple(settings.detector(name).metrics) or ("pm2_5",))[0]
+            metric = (detector.applies_to or tuple(chosen) or ("pm2_5",))[0]
             order = rng.permutation(count)
             series_column = np.tile(np.arange(series, dtype=np.int64), per_series)[order]
             values = rng.normal(50, 5, count)
@@ -523,13 +523,17 @@ def bench_stage(
     in, which is the order of their series' state. ``shuffled`` shuffles each minute's messages
     instead, as a live city's come once devices' clocks and reconnections have moved them
     around: the detectors then read their state out of order."""
-    from citytel.evaluate import kafka_records
-    from processors.decode import decode_batch
+    from citytel.devtools.evaluate import kafka_records
+    from citytel.processors.decode import decode_batch
+    from citytel.processors.detectors import detector_settings
 
     city, messages, stage = _stage_city(devices_per_kind)
     if warm_minutes is None:
         settings = load_settings()
-        warm_minutes = 1 + max(settings.detector(name).warmup for name in settings.processor.detectors)
+        warm_minutes = 1 + max(
+            getattr(detector_settings(name, settings.detectors.get(name)), "warmup", 0)
+            for name in settings.processor.detectors
+        )
     records = kafka_records(messages, 6)
     sizes: list[int] = []
     seconds: list[float] = []
@@ -569,8 +573,8 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
     """State bytes per series, in use and allocated, for the simulated city when its devices
     join in ``waves`` equal groups, one a minute (as a live city's do), rather than all in the
     first batch: the state arrays then grow many times, and their unused capacity shows."""
-    from citytel.evaluate import kafka_records
-    from processors.decode import decode_batch
+    from citytel.devtools.evaluate import kafka_records
+    from citytel.processors.decode import decode_batch
 
     city, messages, stage = _stage_city(devices_per_kind)
     wave = -(-len(city.devices) // waves)
@@ -586,7 +590,7 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
 def _stage_city(devices_per_kind: int) -> tuple[City, Iterator[Message], DetectionStage]:
     """The simulated city of the stage benchmarks, its messages a minute apart, and a fresh
     detection stage."""
-    from processors.detection import DetectionStage
+    from citytel.processors.detection import DetectionStage
 
     city = City(devices_per_kind, seed=3, spike_probability=0.0005)
     return city, city.messages(1_795_000_000.0, interval_s=60.0), DetectionStage(load_settings())
@@ -606,7 +610,7 @@ def _state_per_series(stage: DetectionStage) -> dict[str, float | int]:
 
 
 def main_detectors(output: Path | None, city_devices: int = 6250) -> int:
-    from processors.memory import retain_freed_memory
+    from citytel.processors.memory import retain_freed_memory
 
     # As the processor does (``run_processor``): the stage is timed as it runs there.
     retain_freed_memory()

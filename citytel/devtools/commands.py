@@ -1,0 +1,242 @@
+"""The ``citytel`` subcommands of the development tools: stack, simulate, eval, bench, run.
+
+``citytel.cli`` finds ``register`` through the ``citytel.commands`` entry point group, so the
+runtime CLI never names this package, and an image without it simply lacks these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from citytel.devtools.settings import load_dev_settings
+from citytel.devtools.stack import StackError
+from citytel.startup import load_checked_settings
+
+__all__ = ["register"]
+
+_Handler = Callable[[argparse.Namespace], int]
+
+
+def _reporting_stack_errors(handler: _Handler) -> _Handler:
+    @functools.wraps(handler)
+    def run(arguments: argparse.Namespace) -> int:
+        try:
+            return handler(arguments)
+        except StackError as error:
+            print(f"citytel: {error}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_reporting_stack_errors
+def _stack(arguments: argparse.Namespace) -> int:
+    from citytel.devtools import localstack
+
+    settings, dev = load_checked_settings(arguments.config), load_dev_settings()
+    if arguments.action == "up":
+        localstack.up(settings, dev)
+    elif arguments.action == "down":
+        localstack.down(dev)
+    else:
+        return 0 if localstack.status(settings, dev) else 1
+    return 0
+
+
+def _simulate(arguments: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
+    from citytel.core import metrics
+    from citytel.devtools.simulate import City, Message, publish, replay_csv
+
+    settings = load_checked_settings(arguments.config)
+    simulator = load_dev_settings().simulator
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = metrics.serve_metrics(settings.metrics.host, simulator.metrics_port)
+    city = City(
+        simulator.devices_per_kind,
+        arguments.seed if arguments.seed is not None else simulator.seed,
+        settings.mqtt.topic_prefix,
+        simulator.spike_probability,
+        fault_rate=arguments.fault_rate,
+        codec=arguments.codec,
+    )
+    messages: Iterator[Message] = city.messages(time.time(), clock=time.time)
+    if arguments.replay is not None:
+        messages = replay_csv(
+            arguments.replay,
+            arguments.replay_device,
+            kind=arguments.replay_kind,
+            metric=arguments.replay_metric,
+            topic_prefix=settings.mqtt.topic_prefix,
+        )
+    try:
+        sent = publish(
+            messages,
+            settings.mqtt.host,
+            settings.mqtt.port,
+            qos=arguments.qos,
+            rate_per_second=arguments.rate or simulator.rate_per_second,
+            count=arguments.count,
+            duration_s=arguments.duration,
+            max_inflight=simulator.max_inflight,
+            stop=stop,
+        )
+    finally:
+        server.shutdown()
+        if arguments.labels is not None:
+            city.write_labels(arguments.labels)
+    print(
+        f"published {sent} messages"
+        + (f"; {len(city.labels)} labelled faults in {arguments.labels}" if arguments.labels else "")
+    )
+    return 0
+
+
+def _eval(arguments: argparse.Namespace) -> int:
+    import json
+
+    settings = load_checked_settings(arguments.config)
+    results: dict[str, object] = {}
+    if arguments.corpus in ("simulated", "all"):
+        from citytel.devtools.evaluate import simulated_run
+
+        scores, messages, found = simulated_run(
+            settings,
+            devices_per_kind=arguments.devices,
+            hours=arguments.hours,
+            interval_s=arguments.interval,
+            fault_rate=arguments.fault_rate,
+            seed=arguments.seed,
+        )
+        print(f"simulated city: {messages} messages, {found} anomalies; per fault type:")
+        print(
+            f"  {'fault':22} {'labels':>6} {'found':>6} {'precision':>9} {'recall':>7} {'F1':>6} {'median delay':>12}"
+        )
+        for score in scores:
+            print(
+                f"  {score.fault:22} {score.labels:6d} {score.detected:6d} {score.precision:9.3f}"
+                f" {score.recall:7.3f} {score.f1:6.3f} {score.median_delay_s:11.0f}s"
+            )
+        results["simulated"] = [
+            {
+                "fault": score.fault,
+                "labels": score.labels,
+                "detected": score.detected,
+                "precision": score.precision,
+                "recall": score.recall,
+                "f1": score.f1,
+                "median_delay_s": score.median_delay_s,
+            }
+            for score in scores
+        ]
+    if arguments.corpus in ("nab", "all"):
+        from citytel.devtools.nab import load_corpus, load_weights, run_detector, score_corpus
+
+        corpus = load_corpus(arguments.nab)
+        weights = load_weights(arguments.nab, arguments.profile)
+        print(f"NAB ({len(corpus)} files, {arguments.profile} profile):")
+        nab: dict[str, object] = {}
+        for name in arguments.detectors:
+            scores_per_file = [run_detector(name, settings.detectors.get(name), file) for file in corpus]
+            normalised, threshold, raw = score_corpus(corpus, scores_per_file, weights)
+            print(f"  {name:18} score {normalised:6.1f}  (threshold {threshold:.3f}, raw {raw:.2f})")
+            nab[name] = {"score": normalised, "threshold": threshold, "raw": raw}
+        results["nab"] = nab
+    if arguments.output is not None:
+        arguments.output.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+@_reporting_stack_errors
+def _bench(arguments: argparse.Namespace) -> int:
+    from citytel.devtools import bench
+
+    if arguments.scenario == "e2e":
+        from citytel.devtools import bench_e2e
+
+        return bench_e2e.main_e2e(arguments.messages, arguments.output, arguments.plot, arguments.step_seconds)
+    if arguments.scenario == "codecs":
+        return bench.main_codecs(arguments.messages, arguments.output)
+    if arguments.scenario == "processor":
+        return bench.main_processor(arguments.messages, arguments.output)
+    if arguments.scenario == "detectors":
+        return bench.main_detectors(arguments.output, arguments.city_devices)
+    return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
+
+
+@_reporting_stack_errors
+def _run(arguments: argparse.Namespace) -> int:
+    from citytel.devtools import localstack
+
+    return localstack.run_city(
+        load_checked_settings(arguments.config), load_dev_settings(), arguments.config, arguments.duration
+    )
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add the development tools' subcommands; ``common`` carries the options every command takes."""
+    stack = commands.add_parser(
+        "stack", parents=[common], help="the local servers: Mosquitto, Kafka, TimescaleDB, Prometheus"
+    )
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.set_defaults(handler=_stack)
+
+    simulate = commands.add_parser("simulate", parents=[common], help="publish simulated city sensors over MQTT")
+    simulate.add_argument("--rate", type=float, default=None, help="messages per second (default: config)")
+    simulate.add_argument("--count", type=int, default=None)
+    simulate.add_argument("--duration", type=float, default=None, help="seconds")
+    simulate.add_argument("--qos", type=int, choices=[0, 1], default=1)
+    simulate.add_argument("--seed", type=int, default=None, help="default: config")
+    simulate.add_argument("--codec", choices=["json", "senml", "fiware"], default="json", help="payload format")
+    simulate.add_argument("--fault-rate", type=float, default=0.0, help="chance per device and reading of a fault")
+    simulate.add_argument("--labels", type=Path, default=None, help="write the injected faults here (JSON lines)")
+    simulate.add_argument("--replay", type=Path, default=None, help="publish a timestamp,value CSV instead")
+    simulate.add_argument("--replay-device", default="traffic-replay")
+    simulate.add_argument("--replay-kind", default="traffic")
+    simulate.add_argument("--replay-metric", default="occupancy")
+    simulate.set_defaults(handler=_simulate)
+
+    evaluate = commands.add_parser(
+        "eval", parents=[common], help="score the detectors against labelled faults and NAB data"
+    )
+    evaluate.add_argument("corpus", choices=["simulated", "nab", "all"], nargs="?", default="all")
+    evaluate.add_argument("--devices", type=int, default=24, help="simulated devices of each sort")
+    evaluate.add_argument("--hours", type=float, default=48.0, help="simulated hours")
+    evaluate.add_argument("--interval", type=float, default=60.0, help="seconds between a device's readings")
+    evaluate.add_argument("--fault-rate", type=float, default=0.002)
+    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument("--nab", type=Path, default=Path("../shared/data/nab"), help="NAB-format corpus")
+    evaluate.add_argument(
+        "--profile", default="standard", choices=["standard", "reward_low_FP_rate", "reward_low_FN_rate"]
+    )
+    evaluate.add_argument("--detectors", nargs="+", default=["ewma_zscore", "jump", "traffic_profile"])
+    evaluate.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    evaluate.set_defaults(handler=_eval)
+
+    bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
+    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors"])
+    bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
+    bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
+    bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    bench.add_argument("--plot", type=Path, default=None, help="e2e: write a PNG of throughput and latency here")
+    bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
+    bench.add_argument(
+        "--city-devices",
+        type=int,
+        default=6250,
+        help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
+    )
+    bench.set_defaults(handler=_bench)
+
+    run = commands.add_parser("run", parents=[common], help="bring the stack up and run simulated sensors end to end")
+    run.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    run.set_defaults(handler=_run)
