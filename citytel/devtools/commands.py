@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
+
 from citytel.devtools.settings import load_dev_settings
 from citytel.devtools.stack import StackError
 from citytel.startup import load_checked_settings
@@ -139,17 +141,31 @@ def _eval(arguments: argparse.Namespace) -> int:
             for score in scores
         ]
     if arguments.corpus in ("nab", "all"):
-        from citytel.devtools.nab import load_corpus, load_weights, run_detector, score_corpus
+        from citytel.devtools.nab import PROFILES, evaluate
 
-        corpus = load_corpus(arguments.nab)
-        weights = load_weights(arguments.nab, arguments.profile)
-        print(f"NAB ({len(corpus)} files, {arguments.profile} profile):")
+        reports = evaluate(arguments.detectors, settings.detectors, arguments.data, arguments.results)
+        print(f"NAB ({arguments.data}), normalised as NAB does; optimal: each profile at its best threshold,")
+        print("shipped: the readings each detector flags at the threshold in its config")
+        short = {"standard": "standard", "reward_low_FP_rate": "low FP", "reward_low_FN_rate": "low FN"}
+        header = " / ".join(short[profile] for profile in PROFILES)
+        print(f"  {'detector':18} {'optimal ' + header:>34}   {'shipped ' + header:>34}")
         nab: dict[str, object] = {}
-        for name in arguments.detectors:
-            scores_per_file = [run_detector(name, settings.detectors.get(name), file) for file in corpus]
-            normalised, threshold, raw = score_corpus(corpus, scores_per_file, weights)
-            print(f"  {name:18} score {normalised:6.1f}  (threshold {threshold:.3f}, raw {raw:.2f})")
-            nab[name] = {"score": normalised, "threshold": threshold, "raw": raw}
+        for report in reports:
+            optimal = " / ".join(f"{report.optimal[profile].normalised:5.1f}" for profile in PROFILES)
+            shipped = (
+                " / ".join(f"{report.shipped[profile].normalised:5.1f}" for profile in PROFILES)
+                if report.shipped is not None
+                else "-"
+            )
+            print(f"  {report.detector:18} {optimal:>34}   {shipped:>34}")
+            nab[report.detector] = {
+                "optimal": {profile: msgspec.to_builtins(score) for profile, score in report.optimal.items()},
+                "shipped": None
+                if report.shipped is None
+                else {profile: msgspec.to_builtins(score) for profile, score in report.shipped.items()},
+            }
+        if arguments.results is not None:
+            print(f"NAB result files written under {arguments.results}")
         results["nab"] = nab
     if arguments.output is not None:
         arguments.output.write_text(json.dumps(results, indent=2))
@@ -214,11 +230,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     evaluate.add_argument("--interval", type=float, default=60.0, help="seconds between a device's readings")
     evaluate.add_argument("--fault-rate", type=float, default=0.002)
     evaluate.add_argument("--seed", type=int, default=1)
-    evaluate.add_argument("--nab", type=Path, default=Path("../shared/data/nab"), help="NAB-format corpus")
     evaluate.add_argument(
-        "--profile", default="standard", choices=["standard", "reward_low_FP_rate", "reward_low_FN_rate"]
+        "--data",
+        "--nab",
+        type=Path,
+        default=Path("../shared/data/nab"),
+        help="a corpus in NAB's layout: data/<category>/*.csv and labels/combined_windows.json",
     )
-    evaluate.add_argument("--detectors", nargs="+", default=["ewma_zscore", "jump", "traffic_profile"])
+    evaluate.add_argument(
+        "--results", type=Path, default=None, help="write NAB result files here (<results>/<name>/<category>/...)"
+    )
+    evaluate.add_argument(
+        "--detectors",
+        nargs="+",
+        default=["ewma_zscore", "jump", "flatline", "traffic_profile", "windowed_gaussian"],
+        help="registered detectors, or windowed_gaussian (NAB's baseline)",
+    )
     evaluate.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     evaluate.set_defaults(handler=_eval)
 

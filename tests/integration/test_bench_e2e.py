@@ -52,21 +52,28 @@ def test_eval_and_simulate_commands_run(tmp_path: Path) -> None:
     scores = {row["fault"]: row for row in json.loads(output.read_text())["simulated"]}
     assert scores["dropout"]["labels"] > 0
     assert scores["dropout"]["recall"] >= 0.9
+    # A corpus in NAB's own layout; its result files are written where NAB's scorer reads them.
     nab = tmp_path / "nab"
     (nab / "data" / "demo").mkdir(parents=True)
+    (nab / "labels").mkdir()
     rows = ["timestamp,value"] + [
         f"2015-01-01 {h:02d}:{m:02d}:00,{(h * 60 + m) % 7}" for h in range(24) for m in (0, 30)
     ]
     (nab / "data" / "demo" / "a.csv").write_text("\n".join(rows) + "\n")
-    (nab / "combined_windows.json").write_text(
+    (nab / "labels" / "combined_windows.json").write_text(
         json.dumps({"demo/a.csv": [["2015-01-01 20:00:00.000000", "2015-01-01 21:00:00.000000"]]})
     )
-    (nab / "profiles.json").write_text(
-        json.dumps({"standard": {"CostMatrix": {"tpWeight": 1.0, "fpWeight": 0.11, "fnWeight": 1.0}}})
-    )
+    results = tmp_path / "results"
     finished = subprocess.run(
-        [sys.executable, "-m", "citytel", "eval", "nab", "--nab", str(nab), "--detectors", "ewma_zscore"],
+        [sys.executable, "-m", "citytel", "eval", "nab", "--data", str(nab), "--results", str(results),
+         "--detectors", "ewma_zscore", "windowed_gaussian"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert "ewma_zscore" in finished.stdout
-    assert "score" in finished.stdout
+    assert "standard / low FP / low FN" in finished.stdout
+    for name in ("ewmaZscore", "windowedGaussian"):
+        written = (results / name / "demo" / f"{name}_a.csv").read_text().splitlines()
+        assert written[0] == "timestamp,value,anomaly_score,label"
+        assert len(written) == len(rows)
+        assert written[41].startswith("2015-01-01 20:00:00,")
+        assert written[41].endswith(",1")
