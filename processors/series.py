@@ -49,9 +49,12 @@ class GrowableArray:
         if size <= self._size:
             return
         current = self._data.shape[-1]
-        if size > current:
+        # A table keeps a spare column: its view [:, :size] then never spans the whole array, so
+        # it is never C-contiguous and compiled kernels always see one array layout (a full one
+        # would compile a second signature of every kernel that takes it, mid-stream).
+        if size + (1 if self._rows else 0) > current:
             step = current if current < _DOUBLE_UNTIL else current // 8
-            capacity = max(size, current + step)
+            capacity = max(size + (1 if self._rows else 0), current + step)
             grown = np.full((self._rows, capacity) if self._rows else capacity, self._fill, dtype=self._data.dtype)
             grown[..., : self._size] = self._data[..., : self._size]
             self._data = grown
@@ -63,12 +66,18 @@ class GrowableArray:
         return self._view
 
     @property
+    def rows(self) -> int:
+        """0 for a plain array; for a table, its rows (one column per series slot)."""
+        return self._rows
+
+    @property
     def allocated_bytes(self) -> int:
         return int(self._data.nbytes)
 
     def blank(self, size: int) -> NDArray[Any]:
-        """``size`` elements at the start value, of this array's type."""
-        return np.full(size, self._fill, dtype=self._data.dtype)
+        """``size`` elements at the start value, of this array's type (for a table, ``size`` rows
+        of its row count: one per series, as a checkpoint holds them)."""
+        return np.full((size, self._rows) if self._rows else size, self._fill, dtype=self._data.dtype)
 
     def __len__(self) -> int:
         return self._size
@@ -192,7 +201,14 @@ def held_bytes(owner: object, allocated: bool = False) -> int:
     """The bytes of the numpy arrays an object holds (its growable arrays' used part, or with
     ``allocated`` their whole capacity), a series index's included: how much state it keeps."""
     total = 0
-    for value in vars(owner).values():
+    seen: set[int] = set()
+    # Arrays held directly or in a dict (a detector's ``state``), each counted once.
+    values = list(vars(owner).values())
+    values += [item for value in values if isinstance(value, dict) for item in value.values()]
+    for value in values:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         if isinstance(value, GrowableArray):
             total += value.allocated_bytes if allocated else value.view.nbytes
         elif isinstance(value, np.ndarray):

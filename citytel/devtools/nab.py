@@ -305,6 +305,8 @@ def normalise(corpus: list[NabFile], sweeps: list[Sweep], raw: float, weights: W
     window with a scorable row); perfect is A_TP for every labelled window."""
     perfect = weights.true_positive * sum(len(file.windows) for file in corpus)
     null = -weights.false_negative * sum(len(np.unique(part.window[part.window >= 0])) for part in sweeps)
+    if perfect == null:
+        return math.nan  # no labelled window: nothing to normalise against (a file of normal data)
     return 100.0 * (raw - null) / (perfect - null)
 
 
@@ -352,6 +354,8 @@ def run_detector(name: str, table: Mapping[str, Any] | None, file: NabFile) -> R
         settings["metrics"] = ["value"]
     if "exclude_metrics" in settings:
         settings["exclude_metrics"] = []
+    if "utc_offset_hours" in settings:
+        settings["utc_offset_hours"] = 0.0  # NAB's timestamps are local times already
     detector = build_detector(name, settings)
     scores = np.zeros(len(file.value), np.float64)
     flagged = np.zeros(len(file.value), np.bool_)

@@ -181,7 +181,8 @@ class SeriesState:
         arrays: dict[str, NDArray[np.generic]] = {}
         for name, array in self.state.items():
             values = array.blank(len(dense))
-            values[present] = array.view[slots[present]]
+            # A table keeps a series' values in a column; a checkpoint keeps them in a row.
+            values[present] = array.view[:, slots[present]].T if array.rows else array.view[slots[present]]
             arrays[name] = values
         # Series with no state are left out on import, so a restore keeps the state sparse.
         arrays["present"] = present
@@ -196,7 +197,9 @@ class SeriesState:
         slots, _ = self.slots(dense[present])
         for name, array in self.state.items():
             # A checkpoint from before a state field existed leaves that field at its start value.
-            if name in arrays:
+            if name in arrays and array.rows:
+                array.view[:, slots] = np.asarray(arrays[name])[present].T
+            elif name in arrays:
                 array.view[slots] = arrays[name][present]
 
 
@@ -244,7 +247,17 @@ def register_pair(first: str, second: str) -> Callable[[PairWalk], PairWalk]:
 
 def _registry() -> dict[str, Registered]:
     # Importing the implementations registers them.
-    from citytel.processors.detectors import air, drift, dropout, ewma, flatline, jump, parking, traffic  # noqa: F401
+    from citytel.processors.detectors import (  # noqa: F401
+        air,
+        drift,
+        dropout,
+        ewma,
+        flatline,
+        jump,
+        likelihood,
+        parking,
+        traffic,
+    )
 
     return DETECTORS
 

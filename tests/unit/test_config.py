@@ -81,7 +81,7 @@ BAD_CONFIGS = [
     (
         "an unknown detector in the list",
         SHIPPED_TEXT.replace('"ewma_zscore", "flatline",', '"ewma_zscore", "flatlin",'),
-        r"processor\.detectors\[1\]: no detector named 'flatlin' \(did you mean \"flatline\"\?\)",
+        r"processor\.detectors\[2\]: no detector named 'flatlin' \(did you mean \"flatline\"\?\)",
     ),
     (
         "an unknown sink",
