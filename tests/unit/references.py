@@ -1,0 +1,179 @@
+"""Per-series detectors written plainly, one reading at a time: the specifications their compiled
+kernels are held to (tests/unit/test_references.py). Each ``learn_one`` gives the verdict a reading
+gets from the state before it, then learns it (or not: late readings, as each detector's rule
+says). Where a kernel keeps state in float32, the reference rounds to float32 where it stores."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from citytel.processors.detectors.ewma import EwmaZScoreSettings
+from citytel.processors.detectors.flatline import FlatlineSettings
+from citytel.processors.detectors.jump import JumpSettings
+from citytel.processors.detectors.traffic import TrafficProfileSettings
+
+NEVER = -(2**63)
+HOUR_US = 3_600_000_000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float
+    flagged: bool
+    reason: str
+
+
+NONE = Verdict(0.0, False, "")
+
+
+def scored(score: float, flagged: bool, reason_if_flagged: str) -> Verdict:
+    return Verdict(score, flagged, reason_if_flagged if flagged else "")
+
+
+def float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+class EwmaZScoreReference:
+    """The distance from the series' exponentially weighted mean, in its standard deviations
+    (at least a quarter of the long-run variance), scored z / (z + threshold). A late reading
+    is scored but not learned; a warm series learns a reading only up to the threshold."""
+
+    LONG_RUN_SHARE = 0.25
+
+    def __init__(self, settings: EwmaZScoreSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, float]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"mean": 0.0, "variance": 0.0, "slow": 0.0, "seen": 0, "last": NEVER})
+        spread = max(m["variance"], self.LONG_RUN_SHARE * m["slow"])
+        deviation = math.sqrt(spread) + 1e-6 + 1e-3 * abs(m["mean"])
+        z = (value - m["mean"]) / deviation
+        verdict = NONE
+        if m["seen"] >= s.warmup:
+            flagged = abs(z) >= s.threshold
+            verdict = Verdict(
+                abs(z) / (abs(z) + s.threshold), flagged, ("zscore_high" if z > 0 else "zscore_low") if flagged else ""
+            )
+        if time_us > m["last"]:
+            learned = value
+            if m["seen"] >= s.warmup:
+                learned = min(max(value, m["mean"] - s.threshold * deviation), m["mean"] + s.threshold * deviation)
+            seen = int(m["seen"])
+            weight = max(s.alpha, 1.0 / (seen + 1))
+            difference = learned - m["mean"]
+            increment = weight * difference
+            m["mean"] += increment
+            m["variance"] = 0.0 if seen == 0 else (1 - weight) * (m["variance"] + difference * increment)
+            if seen > 0:
+                m["slow"] += max(weight / 10, 1.0 / seen) * (difference * difference - m["slow"])
+            m["seen"] = seen + 1
+            m["last"] = time_us
+        return verdict
+
+
+class JumpReference:
+    """The step from the previous reading over the usual step (its weighted mean, floored), scored
+    ratio / (ratio + threshold); late readings are neither scored nor learned."""
+
+    def __init__(self, settings: JumpSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, float]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"last_value": math.nan, "mean_step": 0.0, "seen": 0, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        step = value - m["last_value"]
+        usual = m["mean_step"] + 1e-6 + 1e-3 * abs(value)
+        ratio = abs(step) / usual if math.isfinite(step) else 0.0
+        verdict = NONE
+        if m["seen"] >= s.warmup:
+            flagged = ratio >= s.threshold
+            verdict = Verdict(
+                ratio / (ratio + s.threshold), flagged, ("jump_up" if step > 0 else "jump_down") if flagged else ""
+            )
+        if math.isfinite(step):
+            learned = min(abs(step), s.threshold * usual)
+            weight = max(s.alpha, 1.0 / (m["seen"] + 1))
+            m["mean_step"] = float32(m["mean_step"] + weight * (learned - m["mean_step"]))
+            m["seen"] += 1
+        m["last_value"] = value
+        m["last"] = time_us
+        return verdict
+
+
+class FlatlineReference:
+    """Counts readings in a row within ``tolerance`` of the one before; flags the reading that
+    makes the run ``window`` long (score 1), once per run. Late readings change nothing."""
+
+    def __init__(self, settings: FlatlineSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, float]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        m = self.memory.setdefault(series, {"last_value": math.nan, "run": 0, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        m["run"] = m["run"] + 1 if abs(value - m["last_value"]) <= self.settings.tolerance else 1
+        m["last_value"] = value
+        m["last"] = time_us
+        return Verdict(1.0, True, "stuck") if m["run"] == self.settings.window else NONE
+
+
+@dataclass
+class _Profile:
+    means: list[float] = field(default_factory=lambda: [0.0] * 48)
+    counts: list[int] = field(default_factory=lambda: [0] * 48)
+    scale: float = 0.0
+    last: int = NEVER
+
+
+class TrafficProfileReference:
+    """Each hour of a working day and of a weekend day has a mean; one noise scale per series. A
+    reading is scored by its distance from its hour's mean in noise sigmas once the hour has
+    ``warmup`` readings (late ones too, against the profile as it is), and learned (winsorised
+    when warm) only when it is not late. Means and scale are float32, counts saturate at 255."""
+
+    MAD_TO_SIGMA = 1.25
+
+    def __init__(self, settings: TrafficProfileSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, _Profile] = {}
+
+    def hour_slot(self, time_us: int) -> int:
+        hours = (time_us + int(self.settings.utc_offset_hours * HOUR_US)) // HOUR_US
+        return hours % 24 + (24 if (hours // 24 + 3) % 7 >= 5 else 0)
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        s = self.settings
+        p = self.memory.setdefault(series, _Profile())
+        slot = self.hour_slot(time_us)
+        mean, seen = p.means[slot], p.counts[slot]
+        sigma = p.scale * self.MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
+        z = (value - mean) / sigma
+        warm = seen >= s.warmup
+        verdict = NONE
+        if warm:
+            flagged = abs(z) >= s.threshold
+            verdict = Verdict(
+                abs(z) / (abs(z) + s.threshold),
+                flagged,
+                ("above_profile" if z > 0 else "below_profile") if flagged else "",
+            )
+        if time_us <= p.last:
+            return verdict
+        learned = min(max(value, mean - s.threshold * sigma), mean + s.threshold * sigma) if warm else value
+        weight = max(s.alpha, 1.0 / (seen + 1.0))
+        p.means[slot] = float32(mean + weight * (learned - mean))
+        p.counts[slot] = min(seen + 1, 255)
+        deviation = abs(learned - mean) if warm else p.scale
+        p.scale = float32(p.scale + 0.02 * (deviation - p.scale))
+        p.last = time_us
+        return verdict
