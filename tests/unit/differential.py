@@ -123,3 +123,133 @@ def compare(
             detector.import_state(dense, saved, SERIES)
             restore_at = None
     return flags
+
+
+# A device's message: its time, its device number and the values of its metrics.
+Message = tuple[int, int, dict[str, float]]
+
+
+class CompanionReference(Protocol):
+    def learn_one(self, series: int, time_us: int, value: float, companion: float) -> Verdict | None: ...
+
+
+def message_batch(messages: list[Message], metrics: tuple[str, ...]) -> ReadingBatch:
+    """A batch as the decoder builds one: a message's readings adjacent, with device and message
+    numbers, so a detector finds a reading's companion (a lot's capacity) in its own message."""
+    times, series, values, metric, device, message = [], [], [], [], [], []
+    for number, (time, one_device, readings) in enumerate(messages):
+        for name, value in readings.items():
+            code = metrics.index(name)
+            times.append(time)
+            series.append(one_device * len(metrics) + code)
+            values.append(value)
+            metric.append(code)
+            device.append(one_device)
+            message.append(number)
+    count = len(values)
+    return ReadingBatch(
+        np.array(times, np.int64),
+        np.array(series, np.int64),
+        np.array(values, np.float64),
+        np.zeros(count, np.int64),
+        {},
+        metric=np.array(metric, np.int64),
+        metric_names=metrics,
+        device=np.array(device, np.int64),
+        district=np.zeros(count, np.int64),
+        district_names=("jinshui",),
+        message=np.array(message, np.int64),
+    )
+
+
+def compare_messages(
+    name: str,
+    table: dict[str, Any],
+    reference: CompanionReference,
+    messages: list[Message],
+    seed: int,
+    primary: str,
+    companion: str | None,
+    metrics: tuple[str, ...],
+) -> int:
+    """As ``compare``, for a detector of ``primary`` readings that also reads ``companion`` from
+    the same message (NaN when the message has none)."""
+    generator = np.random.default_rng(seed + 2000)
+    detector = build_detector(name, table)
+    position = flags = 0
+    devices = 1 + max(device for _, device, _ in messages)
+    while position < len(messages):
+        size = int(generator.integers(1, 300))
+        chunk = messages[position : position + size]
+        if generator.random() < 0.5:
+            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
+        position += len(chunk)
+        batch_ = message_batch(chunk, metrics)
+        result = detector.process(batch_, devices * len(metrics))
+        expected: dict[int, Verdict | None] = {}
+        row = 0
+        rows_of: list[int] = []
+        for _, _, readings in chunk:
+            rows_of.append(row + list(readings).index(primary) if primary in readings else -1)
+            row += len(readings)
+        for k in sorted(range(len(chunk)), key=lambda number: chunk[number][0]):
+            time, device, readings = chunk[k]
+            value = readings.get(primary, math.nan)
+            if math.isfinite(value):
+                other = readings.get(companion, math.nan) if companion else math.nan
+                expected[rows_of[k]] = reference.learn_one(device, time, value, other)
+        score, flagged = result.score, result.flagged
+        reasons = [result.reasons[code] for code in result.reason]
+        for k in range(len(batch_)):
+            verdict = expected.get(k)
+            want = 0.0 if verdict is None else verdict.score
+            assert score[k] == pytest.approx(np.float32(want), abs=1e-9), (name, position, k)
+            assert bool(flagged[k]) == (verdict is not None and verdict.flagged), (name, position, k)
+            if flagged[k]:
+                assert verdict is not None
+                assert reasons[k] == verdict.reason
+                flags += 1
+    return flags
+
+
+def messages(seed: int, shape: str, length: int = 2500, devices: int = 5) -> list[Message]:
+    """Device messages in arrival order, with late and repeated ones, for one kind of sensor:
+    ``lot`` (counts and a capacity, episodes over it), ``bay`` (a flag, with flapping bursts),
+    ``counter`` (vehicle counts, occupancy and speed, with zero stretches and jams)."""
+    generator = np.random.default_rng(seed)
+    clocks = [T0 + int(generator.integers(0, 600)) * 1_000_000 for _ in range(devices)]
+    burst = [0] * devices
+    rows: list[Message] = []
+    for _ in range(length):
+        device = int(generator.integers(devices))
+        clocks[device] += MINUTE * (int(generator.integers(30, 300)) if generator.random() < 0.005 else 1)
+        if generator.random() < 0.02:
+            burst[device] = int(generator.integers(5, 30))
+        in_burst = burst[device] > 0
+        burst[device] = max(burst[device] - 1, 0)
+        readings: dict[str, float]
+        if shape == "lot":
+            capacity = 100.0 + 20 * (device % 2)
+            occupied = float(generator.integers(110, 140) if in_burst else generator.integers(20, 100))
+            readings = {"occupied_bays": occupied, "free_bays": capacity - occupied}
+            if generator.random() < 0.9:
+                readings["capacity"] = capacity
+        elif shape == "bay":
+            flag = float(generator.integers(0, 2)) if in_burst else float(generator.random() < 0.02)
+            readings = {"occupied": flag}
+        else:
+            count = 0.0 if in_burst and generator.random() < 0.8 else float(generator.integers(5, 60))
+            jammed = in_burst and generator.random() < 0.5
+            readings = {
+                "vehicle_count": count,
+                "mean_speed": float(generator.uniform(3, 14) if jammed else generator.uniform(20, 70)),
+            }
+            if generator.random() < 0.9:
+                readings["occupancy"] = float(generator.uniform(45, 90) if jammed else generator.uniform(2, 50))
+        time = clocks[device]
+        if generator.random() < 0.01:
+            time -= MINUTE * int(generator.integers(1, 5))  # late
+        rows.append((time, device, readings))
+        if generator.random() < 0.01:
+            rows.append((time, device, readings))  # repeated
+    return rows

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
-from citytel.processors.detectors.traffic import TrafficProfileSettings
+from citytel.processors.detectors.parking import BayFlappingSettings, OverCapacitySettings
+from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
 
 NEVER = -(2**63)
 HOUR_US = 3_600_000_000
@@ -177,3 +179,101 @@ class TrafficProfileReference:
         p.scale = float32(p.scale + 0.02 * (deviation - p.scale))
         p.last = time_us
         return verdict
+
+
+class OverCapacityReference:
+    """A lot's count above its capacity (same message) beyond ``tolerance``: scored by how far,
+    late readings too; flagged when an episode starts, once. No capacity: no verdict, no change."""
+
+    def __init__(self, settings: OverCapacitySettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float, capacity: float) -> Verdict:
+        m = self.memory.setdefault(series, {"over": False, "last": NEVER})
+        if not math.isfinite(capacity):
+            return NONE
+        excess = value - capacity - self.settings.tolerance
+        over = excess > 0
+        score = 0.5 + 0.5 * min(excess / max(capacity, 1.0), 1.0) if over else 0.0
+        if time_us <= m["last"]:
+            return Verdict(score, False, "")
+        starts = over and not m["over"]
+        m["over"], m["last"] = over, time_us
+        return Verdict(score, starts, "over_capacity" if starts else "")
+
+
+class BayFlappingReference:
+    """Counts a bay's changes of flag; a change more than ``window_seconds`` after the window
+    opened opens a new one (counting 1). Scored toggles / max_toggles; flagged at the change
+    that reaches ``max_toggles``. Late readings change nothing."""
+
+    def __init__(self, settings: BayFlappingSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float, companion: float = math.nan) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"last_value": math.nan, "start": 0, "toggles": 0, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        toggled = math.isfinite(m["last_value"]) and value != m["last_value"]
+        if toggled:
+            if time_us - m["start"] > int(s.window_seconds * 1e6):
+                m["toggles"], m["start"] = 1, time_us
+            else:
+                m["toggles"] += 1
+        m["last_value"], m["last"] = value, time_us
+        flagged = toggled and m["toggles"] == s.max_toggles
+        return Verdict(min(m["toggles"] / s.max_toggles, 1.0), flagged, "flapping" if flagged else "")
+
+
+class TrafficZeroReference:
+    """A counter whose usual flow (weighted mean of non-zero counts, float32) is at least
+    ``min_flow`` reports zeros: flagged at the ``min_readings``-th in a row, as an incident when
+    the loop's occupancy (same message) is at least ``jam_occupancy``, else a failed sensor."""
+
+    def __init__(self, settings: TrafficZeroSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float, occupancy: float) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"flow": 0.0, "count": 0, "zeros": 0, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        zero = value <= 0
+        usual = m["count"] >= s.warmup and m["flow"] >= s.min_flow
+        zeros = m["zeros"] + 1 if zero else 0
+        needed = max(s.min_readings, 1)
+        verdict = Verdict(min(zeros / needed, 1.0), False, "") if zero and usual else NONE
+        if usual and zeros == needed:
+            reason = "zero_incident" if occupancy >= s.jam_occupancy else "zero_sensor_failure"
+            verdict = Verdict(verdict.score, True, reason)
+        m["zeros"] = zeros
+        if not zero:
+            weight = max(s.alpha, 1.0 / (m["count"] + 1))
+            m["flow"] = float32(m["flow"] + weight * (value - m["flow"]))
+            m["count"] += 1
+        m["last"] = time_us
+        return verdict
+
+
+class CongestionReference:
+    """Mean speed at most ``jam_speed_kmh`` with occupancy (same message) at least
+    ``jam_occupancy``: a jam, flagged when it starts. No occupancy or late: no verdict."""
+
+    def __init__(self, settings: CongestionSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def learn_one(self, series: int, time_us: int, speed: float, occupancy: float) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"jammed": False, "last": NEVER})
+        if time_us <= m["last"] or not math.isfinite(occupancy):
+            return NONE
+        jam = speed <= s.jam_speed_kmh and occupancy >= s.jam_occupancy
+        starts = jam and not m["jammed"]
+        m["jammed"], m["last"] = jam, time_us
+        score = 1.0 if jam else 0.5 * min(occupancy / s.jam_occupancy, 1.0) * 0.99
+        return Verdict(score, starts, "congestion" if starts else "")

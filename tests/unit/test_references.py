@@ -11,9 +11,19 @@ import pytest
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
-from citytel.processors.detectors.traffic import TrafficProfileSettings
-from tests.unit.differential import compare, stream
-from tests.unit.references import EwmaZScoreReference, FlatlineReference, JumpReference, TrafficProfileReference
+from citytel.processors.detectors.parking import BayFlappingSettings, OverCapacitySettings
+from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
+from tests.unit.differential import compare, compare_messages, messages, stream
+from tests.unit.references import (
+    BayFlappingReference,
+    CongestionReference,
+    EwmaZScoreReference,
+    FlatlineReference,
+    JumpReference,
+    OverCapacityReference,
+    TrafficProfileReference,
+    TrafficZeroReference,
+)
 
 # Settings that reach scoring and flags within a short stream.
 CASES: dict[str, tuple[Any, type[Any], str, dict[str, Any]]] = {
@@ -37,4 +47,34 @@ def test_the_kernel_gives_the_references_verdict_on_every_reading(name: str, see
     reference = reference_type(settings_type(**table))
     rows = stream(seed, stuck=name == "flatline")
     flags = compare(name, table, reference, rows, seed, metric, restore_at=1500 if restore else None)
+    assert flags > 0, "the stream reached flags, so the comparison covered them"
+
+
+# Detectors of one metric that read another of the same message: (settings, reference, stream
+# shape, metric walked, companion read, metrics of the sensor, settings table).
+COMPANIONS: dict[str, tuple[Any, type[Any], str, str, str | None, tuple[str, ...], dict[str, Any]]] = {
+    "over_capacity": (
+        OverCapacitySettings, OverCapacityReference, "lot", "occupied_bays", "capacity",
+        ("capacity", "free_bays", "occupied_bays"), {},
+    ),
+    "bay_flapping": (
+        BayFlappingSettings, BayFlappingReference, "bay", "occupied", None, ("occupied",), {"max_toggles": 5},
+    ),
+    "traffic_zero": (
+        TrafficZeroSettings, TrafficZeroReference, "counter", "vehicle_count", "occupancy",
+        ("mean_speed", "occupancy", "vehicle_count"), {"warmup": 10, "min_readings": 2},
+    ),
+    "congestion": (
+        CongestionSettings, CongestionReference, "counter", "mean_speed", "occupancy",
+        ("mean_speed", "occupancy", "vehicle_count"), {},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(COMPANIONS))
+@pytest.mark.parametrize("seed", range(4))
+def test_the_kernel_gives_the_references_verdict_reading_its_companion(name: str, seed: int) -> None:
+    settings_type, reference_type, shape, primary, companion, metrics, table = COMPANIONS[name]
+    reference = reference_type(settings_type(**table))
+    flags = compare_messages(name, table, reference, messages(seed, shape), seed, primary, companion, metrics)
     assert flags > 0, "the stream reached flags, so the comparison covered them"
