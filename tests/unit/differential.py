@@ -43,14 +43,16 @@ def batch(times: list[int], series: list[int], values: list[float], metric: str 
     )
 
 
-def stream(seed: int, length: int = 3000, stuck: bool = False) -> list[tuple[int, int, float]]:
+def stream(seed: int, length: int = 3000, stuck: bool = False, episodes: bool = False) -> list[tuple[int, int, float]]:
     """(time, series, value) in arrival order: daily swings, noise, spikes, NaN, repeated and late
-    readings, gaps, and series that report at different paces; ``stuck``: stretches of one value."""
+    readings, gaps, and series that report at different paces; ``stuck``: stretches of one value;
+    ``episodes``: stretches far above the usual level (a pollution episode)."""
     generator = np.random.default_rng(seed)
     rows: list[tuple[int, int, float]] = []
     clocks = [T0 + int(generator.integers(0, 3600)) * 1_000_000 for _ in range(SERIES)]
     paces = [int(generator.choice([1, 5, 15, 60])) * MINUTE for _ in range(SERIES)]
     held = [0] * SERIES
+    raised = [0] * SERIES
     for _ in range(length):
         s = int(generator.integers(SERIES))
         clocks[s] += paces[s] * (int(generator.integers(20, 200)) if generator.random() < 0.005 else 1)
@@ -63,6 +65,11 @@ def stream(seed: int, length: int = 3000, stuck: bool = False) -> list[tuple[int
         if held[s]:
             held[s] -= 1
             value = 33.0
+        if episodes and generator.random() < 0.01:
+            raised[s] = int(generator.integers(20, 150))
+        if raised[s]:
+            raised[s] -= 1
+            value += 250.0
         if generator.random() < 0.005:
             value = math.nan
         time = clocks[s]

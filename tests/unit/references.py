@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings, iaqi
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
@@ -277,3 +278,86 @@ class CongestionReference:
         m["jammed"], m["last"] = jam, time_us
         score = 1.0 if jam else 0.5 * min(occupancy / s.jam_occupancy, 1.0) * 0.99
         return Verdict(score, starts, "congestion" if starts else "")
+
+
+# The AQI category names, by category 1..6 (upper bounds 50, 100, 150, 200, 300).
+AQI_LEVELS = {
+    "hj633": ("aqi_excellent", "aqi_good", "aqi_lightly_polluted", "aqi_moderately_polluted",
+              "aqi_heavily_polluted", "aqi_severely_polluted"),
+    "us_epa": ("aqi_good", "aqi_moderate", "aqi_unhealthy_for_sensitive_groups", "aqi_unhealthy",
+               "aqi_very_unhealthy", "aqi_hazardous"),
+}  # fmt: skip
+
+
+class AqiReference:
+    """Each reading gets the IAQI of its series' mean over the current local hour (score IAQI /
+    500); the hour is flagged once, at the first reading where it holds ``min_readings``
+    readings and the IAQI reaches ``aqi_level``, with the AQI category as the reason. Late
+    readings are skipped."""
+
+    def __init__(self, settings: AqiSettings, pollutant: str) -> None:
+        self.settings = settings
+        self.pollutant = pollutant
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        s = self.settings
+        m = self.memory.setdefault(series, {"hour": -1, "total": 0.0, "count": 0, "flagged_hour": -1, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        hour = (time_us + int(s.utc_offset_hours * HOUR_US)) // HOUR_US
+        if hour != m["hour"]:
+            m["hour"], m["total"], m["count"] = hour, 0.0, 0
+        m["total"] += value
+        m["count"] += 1
+        m["last"] = time_us
+        index = float(iaqi(s.standard, self.pollutant, np.array([m["total"] / m["count"]]))[0])
+        if m["count"] >= s.min_readings and index >= s.aqi_level and m["flagged_hour"] != hour:
+            m["flagged_hour"] = hour
+            category = 1 + sum(index > bound for bound in (50.0, 100.0, 150.0, 200.0, 300.0))
+            return Verdict(index / 500.0, True, AQI_LEVELS[s.standard][category - 1])
+        return Verdict(index / 500.0, False, "")
+
+
+# GB 3095-2012 grade II limits (µg/m³; CO mg/m³): hourly and daily; None where there is none.
+LIMITS = {
+    "pm2_5": (None, 75.0), "pm10": (None, 150.0), "so2": (500.0, 150.0),
+    "no2": (200.0, 80.0), "co": (10.0, 4.0), "o3": (200.0, None),
+}  # fmt: skip
+
+
+class ExceedanceReference:
+    """When a reading leaves its series' local hour (or day), that hour's (day's) mean over its
+    limit, if the hour held ``min_readings`` readings; the reading scores the worse ratio / 2 and
+    is flagged above 1, a day's exceedance before the hour's. Late readings are skipped."""
+
+    def __init__(self, settings: ExceedanceSettings, pollutant: str) -> None:
+        self.settings = settings
+        self.limit_hour, self.limit_day = LIMITS[pollutant]
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def _close(self, m: dict[str, Any], span: str, now: int, limit: float | None) -> float:
+        """The ratio of the span the reading leaves (0 if it stays, or it does not count)."""
+        ratio = 0.0
+        if now != m[span]:
+            if m[span] >= 0 and m[span + "_count"] >= self.settings.min_readings and limit is not None:
+                ratio = m[span + "_total"] / m[span + "_count"] / limit
+            m[span], m[span + "_total"], m[span + "_count"] = now, 0.0, 0
+        return ratio
+
+    def learn_one(self, series: int, time_us: int, value: float) -> Verdict:
+        blank = {"hour": -1, "hour_total": 0.0, "hour_count": 0, "day": -1, "day_total": 0.0, "day_count": 0}
+        m = self.memory.setdefault(series, {**blank, "last": NEVER})
+        if time_us <= m["last"]:
+            return NONE
+        local = time_us + int(self.settings.utc_offset_hours * HOUR_US)
+        hourly = self._close(m, "hour", local // HOUR_US, self.limit_hour)
+        m["hour_total"] += value
+        m["hour_count"] += 1
+        daily = self._close(m, "day", local // (24 * HOUR_US), self.limit_day)
+        m["day_total"] += value
+        m["day_count"] += 1
+        m["last"] = time_us
+        worst = max(hourly, daily)
+        reason = "exceed_24h" if daily > 1.0 else ("exceed_1h" if hourly > 1.0 else "")
+        return Verdict(min(worst / 2.0, 1.0), worst > 1.0, reason)

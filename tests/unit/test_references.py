@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
@@ -15,9 +16,11 @@ from citytel.processors.detectors.parking import BayFlappingSettings, OverCapaci
 from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
 from tests.unit.differential import compare, compare_messages, messages, stream
 from tests.unit.references import (
+    AqiReference,
     BayFlappingReference,
     CongestionReference,
     EwmaZScoreReference,
+    ExceedanceReference,
     FlatlineReference,
     JumpReference,
     OverCapacityReference,
@@ -37,6 +40,26 @@ CASES: dict[str, tuple[Any, type[Any], str, dict[str, Any]]] = {
         {"warmup": 3, "threshold": 3.0},
     ),
 }
+
+
+# Pollutant detectors, on one pollutant each: (settings, reference, pollutant, settings table).
+AIR: dict[str, tuple[Any, type[Any], str, dict[str, Any]]] = {
+    "aqi": (AqiSettings, AqiReference, "pm2_5", {"aqi_level": 151}),
+    "aqi_us_epa": (AqiSettings, AqiReference, "o3", {"standard": "us_epa", "aqi_level": 101}),
+    "exceedance": (ExceedanceSettings, ExceedanceReference, "no2", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AIR))
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("restore", [False, True], ids=["straight", "restored"])
+def test_air_kernels_give_the_references_verdict_on_every_reading(case: str, seed: int, restore: bool) -> None:
+    settings_type, reference_type, pollutant, table = AIR[case]
+    name = case.split("_us_")[0]
+    reference = reference_type(settings_type(**table), pollutant)
+    rows = stream(seed, episodes=True)
+    flags = compare(name, table, reference, rows, seed, pollutant, restore_at=1500 if restore else None)
+    assert flags > 0, "the stream reached flags, so the comparison covered them"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
