@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings, iaqi
+from citytel.processors.detectors.dropout import DropoutSettings
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
@@ -361,3 +362,55 @@ class ExceedanceReference:
         worst = max(hourly, daily)
         reason = "exceed_24h" if daily > 1.0 else ("exceed_1h" if hourly > 1.0 else "")
         return Verdict(min(worst / 2.0, 1.0), worst > 1.0, reason)
+
+
+@dataclass(frozen=True)
+class Event:
+    series: int
+    time_us: int
+    score: float
+
+
+class DropoutReference:
+    """Learns each series' usual interval (float32) from the gaps between its readings, not from
+    gaps past its timeout (``timeout_factor`` intervals, at least ``min_silence_seconds``) once
+    warm. A warm series quiet past its timeout is a dropout, stamped when the timeout passed:
+    found by a sweep at the stream's clock, or by the reading that ends a silence no sweep saw."""
+
+    def __init__(self, settings: DropoutSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+
+    def timeout(self, interval: float) -> int:
+        return int(max(self.settings.timeout_factor * interval, float(int(self.settings.min_silence_seconds * 1e6))))
+
+    def learn_one(self, series: int, time_us: int) -> Event | None:
+        s = self.settings
+        m = self.memory.setdefault(series, {"last": NEVER, "interval": 0.0, "count": 0, "silent": False})
+        if time_us <= m["last"]:
+            return None
+        event = None
+        seen = m["count"]
+        if seen == 0:
+            m["interval"] = 0.0
+        else:
+            gap = float(time_us - m["last"])
+            timeout = max(s.timeout_factor * m["interval"], float(int(s.min_silence_seconds * 1e6)))
+            if seen > s.warmup and not m["silent"] and gap >= timeout:
+                event = Event(series, m["last"] + int(timeout), float32(gap / (gap + timeout)))
+            if gap < timeout or seen <= s.warmup:
+                m["interval"] = float32(m["interval"] + max(s.alpha, 1.0 / seen) * (gap - m["interval"]))
+        m["count"], m["last"], m["silent"] = seen + 1, time_us, False
+        return event
+
+    def sweep(self, clock_us: int) -> list[Event]:
+        found = []
+        for series, m in self.memory.items():
+            if m["count"] <= self.settings.warmup or m["silent"]:
+                continue
+            timeout = self.timeout(m["interval"])
+            quiet = clock_us - m["last"]
+            if quiet >= timeout:
+                m["silent"] = True
+                found.append(Event(series, m["last"] + timeout, float32(quiet / (quiet + timeout))))
+        return found

@@ -4,21 +4,27 @@ interleaved, a checkpoint restored mid-stream), every verdict compared."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pytest
 
+from citytel.processors.detectors import AnomalyEvents, Sweeper, build_detector
 from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings
+from citytel.processors.detectors.dropout import DropoutSettings
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
 from citytel.processors.detectors.parking import BayFlappingSettings, OverCapacitySettings
 from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
-from tests.unit.differential import compare, compare_messages, messages, stream
+from tests.unit.differential import SERIES, batch, compare, compare_messages, messages, stream
 from tests.unit.references import (
+    NEVER,
     AqiReference,
     BayFlappingReference,
     CongestionReference,
+    DropoutReference,
     EwmaZScoreReference,
     ExceedanceReference,
     FlatlineReference,
@@ -101,3 +107,46 @@ def test_the_kernel_gives_the_references_verdict_reading_its_companion(name: str
     reference = reference_type(settings_type(**table))
     flags = compare_messages(name, table, reference, messages(seed, shape), seed, primary, companion, metrics)
     assert flags > 0, "the stream reached flags, so the comparison covered them"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dropout_finds_the_references_silences_by_reading_and_by_sweep(seed: int) -> None:
+    """Batches as the processor takes them, each followed by a sweep at the stream's clock (the
+    latest time seen): every dropout found, by either path, with its time and score."""
+    generator = np.random.default_rng(seed + 3000)
+    table: dict[str, Any] = {"warmup": 5, "min_silence_seconds": 120.0}
+    detector = build_detector("dropout", table)
+    assert isinstance(detector, Sweeper)
+    reference = DropoutReference(DropoutSettings(**table))
+    rows = [row for row in stream(seed) if math.isfinite(row[2])]
+    clock = NEVER
+    position = found = 0
+    while position < len(rows):
+        size = int(generator.integers(1, 300))
+        chunk = rows[position : position + size]
+        if generator.random() < 0.5:
+            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
+        position += len(chunk)
+        times, series, values = (list(column) for column in zip(*chunk, strict=True))
+        result = detector.process(batch(times, series, values), SERIES)
+        got = events_of(result.events)
+        expected = {
+            (event.series, event.time_us, event.score)
+            for time, one_series, _ in sorted(chunk, key=lambda row: row[0])
+            if (event := reference.learn_one(one_series, time)) is not None
+        }
+        assert got == expected
+        clock = max(clock, *times)
+        swept = detector.sweep(np.zeros(SERIES, np.int32), np.array([clock], np.int64))
+        assert events_of(swept) == {(event.series, event.time_us, event.score) for event in reference.sweep(clock)}
+        found += len(got) + len(swept.series)
+    assert found > 0, "the stream held silences, so the comparison covered them"
+
+
+def events_of(events: AnomalyEvents | None) -> set[tuple[int, int, float]]:
+    if events is None:
+        return set()
+    return {
+        (int(series), int(time), float(score))
+        for series, time, score in zip(events.series, events.time_us, events.score, strict=True)
+    }
