@@ -4,6 +4,7 @@ and comparing every verdict (tests/unit/test_references.py, tests/unit/test_like
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -140,7 +141,7 @@ class CompanionReference(Protocol):
     def learn_one(self, series: int, time_us: int, value: float, companion: float) -> Verdict | None: ...
 
 
-def message_batch(messages: list[Message], metrics: tuple[str, ...]) -> ReadingBatch:
+def message_batch(messages: list[Message], metrics: tuple[str, ...], districts: int = 1) -> ReadingBatch:
     """A batch as the decoder builds one: a message's readings adjacent, with device and message
     numbers, so a detector finds a reading's companion (a lot's capacity) in its own message."""
     times, series, values, metric, device, message = [], [], [], [], [], []
@@ -163,8 +164,8 @@ def message_batch(messages: list[Message], metrics: tuple[str, ...]) -> ReadingB
         metric=np.array(metric, np.int64),
         metric_names=metrics,
         device=np.array(device, np.int64),
-        district=np.zeros(count, np.int64),
-        district_names=("jinshui",),
+        district=np.array(device, np.int64) % districts,
+        district_names=("jinshui", "erqi", "zhongyuan")[:districts],
         message=np.array(message, np.int64),
     )
 
@@ -259,4 +260,104 @@ def messages(seed: int, shape: str, length: int = 2500, devices: int = 5) -> lis
         rows.append((time, device, readings))
         if generator.random() < 0.01:
             rows.append((time, device, readings))  # repeated
+    return rows
+
+
+class BatchReference(Protocol):
+    def learn_batch(self, readings: list[Any]) -> list[Any]: ...
+
+
+def compare_batches(
+    name: str,
+    table: dict[str, Any],
+    reference: BatchReference,
+    messages_: list[Message],
+    seed: int,
+    primary: str,
+    companion: str | None,
+    metrics: tuple[str, ...],
+    districts: int,
+    reading: Callable[..., Any],
+) -> int:
+    """As ``compare_messages``, for detectors that work a batch at a time (peers, districts): the
+    reference takes each batch's ``primary`` readings whole, in time order, built by ``reading``
+    (series, time, value, district, companion)."""
+    generator = np.random.default_rng(seed + 4000)
+    detector = build_detector(name, table)
+    devices = 1 + max(device for _, device, _ in messages_)
+    position = flags = 0
+    while position < len(messages_):
+        size = int(generator.integers(1, 300))
+        chunk = messages_[position : position + size]
+        if generator.random() < 0.5:
+            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
+        position += len(chunk)
+        batch_ = message_batch(chunk, metrics, districts)
+        result = detector.process(batch_, devices * len(metrics))
+        rows_of, row = [], 0
+        for _, _, values in chunk:
+            rows_of.append(row + list(values).index(primary) if primary in values else -1)
+            row += len(values)
+        order = [k for k in sorted(range(len(chunk)), key=lambda number: chunk[number][0]) if rows_of[k] >= 0]
+        readings = [
+            reading(
+                chunk[k][1] * len(metrics) + metrics.index(primary),
+                chunk[k][0],
+                chunk[k][2][primary],
+                chunk[k][1] % districts,
+                chunk[k][2].get(companion, math.nan) if companion else math.nan,
+            )
+            for k in order
+        ]
+        expected = dict(zip((rows_of[k] for k in order), reference.learn_batch(readings), strict=True))
+        score, flagged = result.score, result.flagged
+        reasons = [result.reasons[code] for code in result.reason]
+        for k in range(len(batch_)):
+            verdict = expected.get(k)
+            want = 0.0 if verdict is None else verdict.score
+            assert score[k] == pytest.approx(np.float32(want), abs=1e-9), (name, position, k)
+            assert bool(flagged[k]) == (verdict is not None and verdict.flagged), (name, position, k)
+            if flagged[k]:
+                assert verdict is not None
+                assert reasons[k] == verdict.reason
+                flags += 1
+    return flags
+
+
+def lots_and_sensors(seed: int, shape: str, length: int = 4000, devices: int = 8) -> list[Message]:
+    """``lots``: free-bay counts and capacities, some lots stuck full or empty for hours while
+    others move; ``sensors``: PM2.5 monitors sharing their district's level, some drifting away
+    slowly. Every device reports first at T0, so each is known from the first batch on."""
+    generator = np.random.default_rng(seed)
+    clocks = [T0] * devices
+    stuck = [0] * devices
+    drift = [0.0] * devices
+    rows: list[Message] = []
+    for device in range(devices):
+        rows.append((T0, device, {"free_bays": 50.0, "capacity": 100.0} if shape == "lots" else {"pm2_5": 40.0}))
+    for _ in range(length):
+        device = int(generator.integers(devices))
+        clocks[device] += 5 * MINUTE
+        readings: dict[str, float]
+        if shape == "lots":
+            if stuck[device] == 0 and generator.random() < 0.01:
+                stuck[device] = int(generator.integers(20, 120))
+            if stuck[device]:
+                stuck[device] -= 1
+                free = 0.0 if device % 2 else 100.0
+            else:
+                free = float(generator.integers(1, 99))
+            readings = {"free_bays": free}
+            if generator.random() < 0.9:
+                readings["capacity"] = 100.0
+        else:
+            if generator.random() < 0.003:
+                drift[device] = float(generator.choice([-1, 1])) * 0.05
+            level = 40 + 15 * math.sin(clocks[device] / (86_400e6) * 2 * math.pi)
+            drift_so_far = drift[device] * ((clocks[device] - T0) / (5 * MINUTE)) * (1 if drift[device] else 0)
+            readings = {"pm2_5": level + drift_so_far + float(generator.normal(0, 1))}
+        time = clocks[device]
+        if generator.random() < 0.01:
+            time -= MINUTE * int(generator.integers(1, 20))  # late
+        rows.append((time, device, readings))
     return rows

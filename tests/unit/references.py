@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings, iaqi
+from citytel.processors.detectors.drift import DriftSettings
 from citytel.processors.detectors.dropout import DropoutSettings
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
-from citytel.processors.detectors.parking import BayFlappingSettings, OverCapacitySettings
+from citytel.processors.detectors.parking import BayFlappingSettings, LotStuckSettings, OverCapacitySettings
 from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
 
 NEVER = -(2**63)
@@ -414,3 +415,151 @@ class DropoutReference:
                 m["silent"] = True
                 found.append(Event(series, m["last"] + timeout, float32(quiet / (quiet + timeout))))
         return found
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading as a batch-level reference takes it."""
+
+    series: int
+    time_us: int
+    value: float
+    district: int = 0
+    companion: float = math.nan
+
+
+class LotStuckReference:
+    """A lot's free-bay count unchanged for ``stuck_seconds`` while full (0 free) or empty (free
+    = capacity, same message), while some lot of its district changed within the last half of
+    that time: flagged once until the count moves. Works a batch at a time, as the detector
+    does: first every lot's reading is taken in (its last change, its district's), then each
+    reading is judged against its district's latest change. Late readings: no verdict."""
+
+    def __init__(self, settings: LotStuckSettings) -> None:
+        self.stuck_us = int(settings.stuck_seconds * 1e6)
+        self.memory: dict[int, dict[str, Any]] = {}
+        self.district_latest: dict[int, int] = {}
+
+    def learn_batch(self, readings: list[Reading]) -> list[Verdict]:
+        """Verdicts in the order given (each series' readings in time order)."""
+        since: list[int | None] = []
+        for reading in readings:
+            blank = {"last_value": math.nan, "changed": NEVER, "reported": False, "last": NEVER}
+            m = self.memory.setdefault(reading.series, blank)
+            m["district"] = reading.district
+            if reading.time_us <= m["last"]:
+                since.append(None)
+                continue
+            if reading.value != m["last_value"]:
+                m["changed"], m["reported"] = reading.time_us, False
+            m["last_value"], m["last"] = reading.value, reading.time_us
+            since.append(m["changed"])
+        for reading in readings:
+            m = self.memory[reading.series]
+            self.district_latest[m["district"]] = max(self.district_latest.get(m["district"], NEVER), m["changed"])
+        verdicts = []
+        for reading, unchanged_since in zip(readings, since, strict=True):
+            m = self.memory[reading.series]
+            capacity = reading.companion
+            full_or_empty = reading.value <= 0 or (math.isfinite(capacity) and reading.value >= capacity)
+            if unchanged_since is None or not full_or_empty:
+                verdicts.append(NONE)
+                continue
+            quiet = reading.time_us - unchanged_since
+            latest = self.district_latest[m["district"]]
+            neighbours_moved = latest >= reading.time_us - self.stuck_us // 2 and latest > unchanged_since
+            flagged = quiet >= self.stuck_us and neighbours_moved and not m["reported"]
+            if flagged:
+                m["reported"] = True
+            reason = ("stuck_full" if reading.value <= 0 else "stuck_empty") if flagged else ""
+            verdicts.append(Verdict(min(quiet / (2.0 * self.stuck_us), 1.0), flagged, reason))
+        return verdicts
+
+
+class DriftReference:
+    """A sensor's offset from the mean latest reading of its district's other sensors (those not
+    drifting), its noise scale from consecutive offsets, and a two-sided CUSUM of its deviations
+    from its usual offset (float32 state), flagged when a sum first reaches ``cusum_limit``.
+    A batch goes in rounds, round r holding each series' r-th reading: the round's readings
+    first update the district sums, then each is judged. Late readings are scored only."""
+
+    MAX_STEP_Z = 4.0
+    STEP_WEIGHT = 0.05
+    STEP_TO_SIGMA = 1.128
+
+    def __init__(self, settings: DriftSettings) -> None:
+        self.settings = settings
+        self.memory: dict[int, dict[str, Any]] = {}
+        self.group_sum: dict[int, float] = {}
+        self.group_members: dict[int, int] = {}
+
+    def _memory(self, series: int) -> dict[str, Any]:
+        blank = {"baseline": 0.0, "step": 0.0, "last_offset": math.nan, "upper": 0.0, "lower": 0.0}
+        return self.memory.setdefault(series, {**blank, "count": 0, "last": NEVER, "latest": math.nan, "member": False})
+
+    def learn_batch(self, readings: list[Reading]) -> list[Verdict | None]:
+        rank: dict[int, int] = {}
+        rounds: dict[int, list[int]] = {}
+        for position, reading in enumerate(readings):
+            r = rank.get(reading.series, 0)
+            rank[reading.series] = r + 1
+            rounds.setdefault(r, []).append(position)
+        verdicts: list[Verdict | None] = [None] * len(readings)
+        for r in sorted(rounds):
+            for position in rounds[r]:
+                self._take_in(readings[position])
+            for position in rounds[r]:
+                verdicts[position] = self._judge(readings[position])
+        return verdicts
+
+    def _take_in(self, reading: Reading) -> None:
+        m = self._memory(reading.series)
+        g = reading.district
+        fresh = reading.time_us > m["last"]
+        drifting = max(m["upper"], m["lower"]) >= self.settings.cusum_limit
+        if drifting and m["member"]:
+            self.group_sum[g] -= m["latest"]
+            self.group_members[g] -= 1
+            m["member"] = False
+        if fresh and not drifting:
+            if m["member"]:
+                self.group_sum[g] += reading.value - m["latest"]
+            else:
+                self.group_sum[g] = self.group_sum.get(g, 0.0) + reading.value
+                self.group_members[g] = self.group_members.get(g, 0) + 1
+                m["member"] = True
+        if fresh:
+            m["latest"] = reading.value
+
+    def _judge(self, reading: Reading) -> Verdict | None:
+        s, m, g = self.settings, self._memory(reading.series), reading.district
+        peers = self.group_members.get(g, 0) - (1 if m["member"] else 0)
+        if peers < 1:
+            return None
+        own = m["latest"] if m["member"] else 0.0
+        offset = reading.value - (self.group_sum[g] - own) / peers
+        seen = m["count"]
+        warm = seen >= s.warmup
+        sigma = m["step"] / self.STEP_TO_SIGMA + 1e-9 + 1e-4 * abs(m["baseline"])
+        z = min(max((offset - m["baseline"]) / sigma, -self.MAX_STEP_Z), self.MAX_STEP_Z)
+        upper = max(m["upper"] + z - s.slack, 0.0) if warm else 0.0
+        lower = max(m["lower"] - z - s.slack, 0.0) if warm else 0.0
+        worst = max(upper, lower)
+        score = min(worst / (2 * s.cusum_limit), 1.0)
+        if reading.time_us <= m["last"]:
+            return Verdict(score, False, "")
+        flagged = warm and worst >= s.cusum_limit and max(m["upper"], m["lower"]) < s.cusum_limit
+        reason = ("drift_up" if upper >= lower else "drift_down") if flagged else ""
+        if math.isfinite(m["last_offset"]):
+            weight = max(self.STEP_WEIGHT, 1.0 / max(seen, 1))
+            m["step"] = float32(m["step"] + weight * (abs(offset - m["last_offset"]) - m["step"]))
+        else:
+            m["step"] = 0.0
+        level_weight = 1.0 / (seen + 1) if seen < s.warmup else (0.0 if worst >= s.cusum_limit else s.alpha / 10)
+        m["baseline"] = float32(m["baseline"] + level_weight * (offset - m["baseline"]))
+        m["upper"] = float32(min(upper, 2 * s.cusum_limit))
+        m["lower"] = float32(min(lower, 2 * s.cusum_limit))
+        m["last_offset"] = float32(offset)
+        m["count"] = seen + 1
+        m["last"] = reading.time_us
+        return Verdict(score, flagged, reason)

@@ -12,24 +12,37 @@ import pytest
 
 from citytel.processors.detectors import AnomalyEvents, Sweeper, build_detector
 from citytel.processors.detectors.air import AqiSettings, ExceedanceSettings
+from citytel.processors.detectors.drift import DriftSettings
 from citytel.processors.detectors.dropout import DropoutSettings
 from citytel.processors.detectors.ewma import EwmaZScoreSettings
 from citytel.processors.detectors.flatline import FlatlineSettings
 from citytel.processors.detectors.jump import JumpSettings
-from citytel.processors.detectors.parking import BayFlappingSettings, OverCapacitySettings
+from citytel.processors.detectors.parking import BayFlappingSettings, LotStuckSettings, OverCapacitySettings
 from citytel.processors.detectors.traffic import CongestionSettings, TrafficProfileSettings, TrafficZeroSettings
-from tests.unit.differential import SERIES, batch, compare, compare_messages, messages, stream
+from tests.unit.differential import (
+    SERIES,
+    batch,
+    compare,
+    compare_batches,
+    compare_messages,
+    lots_and_sensors,
+    messages,
+    stream,
+)
 from tests.unit.references import (
     NEVER,
     AqiReference,
     BayFlappingReference,
     CongestionReference,
+    DriftReference,
     DropoutReference,
     EwmaZScoreReference,
     ExceedanceReference,
     FlatlineReference,
     JumpReference,
+    LotStuckReference,
     OverCapacityReference,
+    Reading,
     TrafficProfileReference,
     TrafficZeroReference,
 )
@@ -150,3 +163,24 @@ def events_of(events: AnomalyEvents | None) -> set[tuple[int, int, float]]:
         (int(series), int(time), float(score))
         for series, time, score in zip(events.series, events.time_us, events.score, strict=True)
     }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lot_stuck_judges_each_batch_as_the_reference_does(seed: int) -> None:
+    table: dict[str, Any] = {"stuck_seconds": 3600.0}
+    reference = LotStuckReference(LotStuckSettings(**table))
+    messages_ = lots_and_sensors(seed, "lots")
+    metrics = ("capacity", "free_bays")
+    flags = compare_batches(
+        "lot_stuck", table, reference, messages_, seed, "free_bays", "capacity", metrics, 2, Reading
+    )
+    assert flags > 0, "lots got stuck while their neighbours moved, so the comparison covered flags"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_drift_judges_each_round_as_the_reference_does(seed: int) -> None:
+    table: dict[str, Any] = {"warmup": 10, "cusum_limit": 20.0}
+    reference = DriftReference(DriftSettings(**table))
+    messages_ = lots_and_sensors(seed, "sensors")
+    flags = compare_batches("drift", table, reference, messages_, seed, "pm2_5", None, ("pm2_5",), 2, Reading)
+    assert flags > 0, "sensors drifted, so the comparison covered flags"
