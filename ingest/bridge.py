@@ -46,8 +46,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.envelope import encode_envelope
+from citytel.core.errors import short
 from citytel.core.kafka import deadletter_headers, ensure_topics
-from citytel.ingest.codecs import get_codec, short
+from citytel.ingest.codecs import get_codec
 from citytel.ingest.topics import subscription_filter
 from citytel.ingest.validate import DeadLetter, Validator
 

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from citytel.config import Settings, unknown_component
-from citytel.core.errors import PermanentError
+from citytel.core.errors import PermanentError, short
 
 __all__ = [
     "CODECS",
@@ -133,12 +133,6 @@ def parse_time_us(value: object) -> int:
     if parsed.tzinfo is None:
         raise PermanentError("bad_time", f"time {value!r} has no time zone")
     return seconds_to_us(parsed.timestamp())
-
-
-def short(value: object, limit: int = 80) -> str:
-    """A value's repr cut to ``limit`` characters: reasons and logs quote what a sender chose."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text)} chars)"
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from citytel.config import IngestSettings, KindSettings
 from citytel.core import metrics
 from citytel.core.envelope import ENVELOPE_VERSION, Envelope
-from citytel.core.errors import PermanentError
-from citytel.ingest.codecs import Codec, is_number, short
+from citytel.core.errors import PermanentError, short
+from citytel.ingest.codecs import Codec, is_number
 from citytel.ingest.topics import TopicParts, parse_topic
 
 __all__ = ["DeadLetter", "Validated", "Validator"]

@@ -38,7 +38,7 @@ from citytel.core.errors import PermanentError, RetryableError
 from citytel.core.kafka import deadletter_headers, ensure_topics
 from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
 from citytel.processors.checkpoint import StateStore, export_partition, import_partition
-from citytel.processors.decode import BadRecord, decode_batch
+from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
 from citytel.processors.detection import DetectionStage, warm_up
 from citytel.processors.memory import retain_freed_memory
 from citytel.processors.sinks import Maintained, Sink, build_sink
@@ -71,6 +71,8 @@ class Processor:
         self.index = self.stage.index
         self.detectors = self.stage.detectors
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in settings.processor.sinks]
+        # Records are checked again here: anyone who can write to the topic bypasses the bridge.
+        self._rules = EnvelopeRules(settings)
         self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -196,9 +198,9 @@ class Processor:
         futures = []
         for record in bad:
             source = f"{record.topic}/{record.partition}@{record.offset}"
-            headers = deadletter_headers(STAGE, "undecodable", record.reason, source, 0)
+            headers = deadletter_headers(STAGE, record.reason_code, record.reason, source, 0)
             futures.append(await self._producer.send(topic, record.value, key=record.key, headers=headers))
-            metrics.DEADLETTERED.labels(STAGE, "undecodable").inc()
+            metrics.DEADLETTERED.labels(STAGE, record.reason_code).inc()
         await asyncio.gather(*futures)
 
     async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
@@ -207,7 +209,7 @@ class Processor:
         checkpoint). False if stopping before the previous batch was written."""
         async with self._lock:
             started = time.perf_counter()
-            batch, bad = decode_batch(records, self.index, offsets)
+            batch, bad = decode_batch(records, self.index, offsets, self._rules)
             if bad:
                 await self._dead_letter(bad)
             if self._checkpoint_due():

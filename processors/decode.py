@@ -8,19 +8,26 @@ of each envelope, never per reading.
 
 from __future__ import annotations
 
+import math
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Protocol
 
 import msgspec
 import numpy as np
+from numpy.typing import NDArray
 
+from citytel.config import Settings
+from citytel.core import metrics
 from citytel.core.envelope import Envelope, decode_envelope, decode_envelopes
+from citytel.core.errors import short
 from citytel.processors.batch import Offsets, ReadingBatch
 from citytel.processors.series import SeriesIndex
 
-__all__ = ["BadRecord", "Record", "decode_batch"]
+__all__ = ["BadRecord", "EnvelopeRules", "Record", "decode_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +37,81 @@ class BadRecord:
     offset: int
     key: bytes | None
     value: bytes
+    reason_code: str
     reason: str
+
+
+class EnvelopeRules:
+    """What a record from Kafka must hold to be stored, checked again by the processor: anyone
+    who can write to the readings topic could bypass the bridge's validation. Declared kinds and
+    metrics, finite values within their ranges, reading times within the configured window of
+    the bridge's receipt, no receipt in the future, device ids of the configured pattern."""
+
+    def __init__(self, settings: Settings, wall_clock: bool = True) -> None:
+        # Without the wall clock (offline evaluations, which replay or simulate any time), a
+        # receipt "in the future" is not checked; everything else is.
+        self.wall_clock = wall_clock
+        self.kind_codes = {kind: code for code, kind in enumerate(sorted(settings.kinds))}
+        names = sorted({metric for kind in settings.kinds.values() for metric in kind.metrics})
+        self.metric_codes = {name: code for code, name in enumerate(names)}
+        # Bounds by (kind, metric) code; NaN where the kind does not declare the metric, so a
+        # comparison with them fails like one with a value out of range.
+        self.low = np.full((len(self.kind_codes) + 1, len(names) + 1), np.nan)
+        self.high = np.full_like(self.low, np.nan)
+        for kind, kind_code in self.kind_codes.items():
+            for metric, bounds in settings.kinds[kind].metrics.items():
+                self.low[kind_code, self.metric_codes[metric]] = bounds.min
+                self.high[kind_code, self.metric_codes[metric]] = bounds.max
+        self.max_age_us = round(settings.ingest.max_age_seconds * 1e6)
+        self.max_future_us = round(settings.ingest.max_future_skew_seconds * 1e6)
+        self.device_id = re.compile(settings.ingest.device_id_pattern)
+        self._checked_ids: set[str] = set()
+
+    def envelope_problem(self, envelope: Envelope, now_us: int) -> tuple[str, str] | None:
+        """What is wrong with the envelope as a whole (its kind, device, receipt), if anything."""
+        if envelope.kind not in self.kind_codes:
+            return "unknown_kind", f"kind {short(envelope.kind)} is not declared"
+        if envelope.device_id not in self._checked_ids:
+            for what, text in (("device id", envelope.device_id), ("district", envelope.district)):
+                if not self.device_id.fullmatch(text):
+                    return "bad_device_id", f"{what} {short(text)} does not match {self.device_id.pattern!r}"
+            if len(self._checked_ids) < 1_000_000:  # bounded: ids come from the outside world
+                self._checked_ids.add(envelope.device_id)
+        if self.wall_clock and envelope.received_us > now_us + self.max_future_us:
+            return "bad_time", f"received at {envelope.received_us / 1e6:.0f}s, after the processor's clock"
+        return None
+
+    def reading_problems(
+        self,
+        kind_codes: NDArray[np.int64],
+        metric_names: list[str],
+        values: NDArray[np.float64],
+        times: NDArray[np.int64],
+        received: NDArray[np.int64],
+    ) -> NDArray[np.bool_]:
+        """Per reading, whether it breaks a rule (columns, one numpy pass each)."""
+        metric = np.fromiter(map(self.metric_codes.get, metric_names, repeat(-1)), np.int64, len(metric_names))
+        low, high = self.low[kind_codes, metric], self.high[kind_codes, metric]
+        in_range = (values >= low) & (values <= high)  # False for NaN, inf and undeclared metrics
+        in_time = (times >= received - self.max_age_us) & (times <= received + self.max_future_us)
+        bad: NDArray[np.bool_] = ~(in_range & in_time)
+        return bad
+
+    def reading_problem(self, envelope: Envelope) -> tuple[str, str]:
+        """The first reading problem of an envelope known to have one: for its dead letter."""
+        declared = self.kind_codes[envelope.kind]
+        for reading_time, metric, value in zip(envelope.times_us, envelope.metrics, envelope.values, strict=True):
+            code = self.metric_codes.get(metric, -1)
+            if code < 0 or np.isnan(self.low[declared, code]):
+                return "unknown_metric", f"metric {short(metric)} is not declared for kind {envelope.kind!r}"
+            if not math.isfinite(value):
+                return "not_finite", f"metric {metric!r} value {value!r} is not finite"
+            if not self.low[declared, code] <= value <= self.high[declared, code]:
+                return "out_of_range", f"metric {metric!r} value {value!r} is outside its declared range"
+            received = envelope.received_us
+            if not received - self.max_age_us <= reading_time <= received + self.max_future_us:
+                return "bad_time", f"reading time {reading_time / 1e6:.0f}s is outside the window of its receipt"
+        return "internal_error", "a reading failed a check no rule names"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,43 +141,120 @@ class _RecordLike(Protocol):
     def value(self) -> bytes: ...
 
 
-def _decode_all(
-    values: list[bytes], records: Sequence[_RecordLike]
-) -> tuple[list[Envelope], list[int], list[BadRecord]]:
-    """Envelopes, the partition each came from, and the records that could not be decoded."""
+def _bad(record: _RecordLike, reason_code: str, reason: str) -> BadRecord:
+    return BadRecord(record.topic, record.partition, record.offset, record.key, record.value, reason_code, reason)
+
+
+def _decode_all(records: Sequence[_RecordLike]) -> tuple[list[Envelope], list[int], list[BadRecord]]:
+    """Envelopes, the position of the record each came from, and the records that could not be
+    decoded."""
     try:
-        return decode_envelopes(values), [record.partition for record in records], []
+        return decode_envelopes([record.value for record in records]), list(range(len(records))), []
     except (msgspec.DecodeError, msgspec.ValidationError):
         pass
     # Some record is bad: decode one by one to set aside only the bad ones.
     good: list[Envelope] = []
-    partitions: list[int] = []
+    positions: list[int] = []
     bad: list[BadRecord] = []
-    for record in records:
+    for position, record in enumerate(records):
         try:
             good.append(decode_envelope(record.value))
-            partitions.append(record.partition)
+            positions.append(position)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            bad.append(_bad(record, "undecodable", f"undecodable envelope: {short(str(error))}"))
+    return good, positions, bad
+
+
+def _checked(
+    records: Sequence[_RecordLike], rules: EnvelopeRules, index: SeriesIndex
+) -> tuple[list[Envelope], list[int], list[BadRecord]]:
+    """The envelopes that pass every rule and fit the series index, the record position of each,
+    and the records set aside, each with its reason."""
+    envelopes, positions, bad = _decode_all(records)
+    now_us = time.time_ns() // 1000
+    whole = [rules.envelope_problem(envelope, now_us) for envelope in envelopes]
+    keep = [problem is None for problem in whole]
+    for envelope_position, problem in enumerate(whole):
+        if problem is not None:
+            bad.append(_bad(records[positions[envelope_position]], *problem))
+    if any(keep) and not all(keep):
+        envelopes = [envelope for envelope, kept in zip(envelopes, keep, strict=True) if kept]
+        positions = [position for position, kept in zip(positions, keep, strict=True) if kept]
+    elif not any(keep):
+        return [], [], bad
+    # The readings, as columns: one check per rule for the whole batch.
+    counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
+    kinds = np.fromiter((rules.kind_codes[envelope.kind] for envelope in envelopes), np.int64, len(envelopes))
+    problems = rules.reading_problems(
+        np.repeat(kinds, counts),
+        list(chain.from_iterable(envelope.metrics for envelope in envelopes)),
+        np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, int(counts.sum())),
+        np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, int(counts.sum())),
+        np.repeat(np.fromiter((envelope.received_us for envelope in envelopes), np.int64, len(envelopes)), counts),
+    )
+    if problems.any():
+        # A record the bridge would never have written is suspect as a whole: set aside whole.
+        owner = np.repeat(np.arange(len(envelopes)), counts)
+        rejected = set(np.unique(owner[problems]).tolist())
+        for number in sorted(rejected):
+            bad.append(_bad(records[positions[number]], *rules.reading_problem(envelopes[number])))
+        envelopes = [envelope for number, envelope in enumerate(envelopes) if number not in rejected]
+        positions = [position for number, position in enumerate(positions) if number not in rejected]
+    return _within_series_limit(records, envelopes, positions, bad, index)
+
+
+def _within_series_limit(
+    records: Sequence[_RecordLike],
+    envelopes: list[Envelope],
+    positions: list[int],
+    bad: list[BadRecord],
+    index: SeriesIndex,
+) -> tuple[list[Envelope], list[int], list[BadRecord]]:
+    """Envelopes whose new series would take the index past ``max_series`` are set aside: the
+    series already known keep flowing, whoever invents device ids."""
+    new = [envelope for envelope in envelopes if envelope.device_id not in index.device_codes]
+    if not new:
+        return envelopes, positions, bad
+    room = index.max_series - len(index)
+    # Metrics that are new to a known device add series too, but a known device's metrics are
+    # its kind's, declared and few: only new devices are counted against the room.
+    needed = sum(len(set(envelope.metrics)) for envelope in new)
+    if needed <= room:
+        return envelopes, positions, bad
+    kept_envelopes, kept_positions = [], []
+    admitted: set[str] = set()
+    for envelope, position in zip(envelopes, positions, strict=True):
+        if envelope.device_id in index.device_codes or envelope.device_id in admitted:
+            kept_envelopes.append(envelope)
+            kept_positions.append(position)
+            continue
+        series = len(set(envelope.metrics))
+        if series <= room:
+            room -= series
+            admitted.add(envelope.device_id)
+            kept_envelopes.append(envelope)
+            kept_positions.append(position)
+        else:
+            metrics.SERIES_REFUSED.inc(series)
             bad.append(
-                BadRecord(
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    record.key,
-                    record.value,
-                    f"undecodable envelope: {error}",
+                _bad(
+                    records[position],
+                    "series_limit",
+                    f"the processor holds processor.max_series={index.max_series} series; device"
+                    f" {short(envelope.device_id)} would add {series} more",
                 )
             )
-    return good, partitions, bad
+    return kept_envelopes, kept_positions, bad
 
 
 def decode_batch(
-    records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets
+    records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets, rules: EnvelopeRules
 ) -> tuple[ReadingBatch, list[BadRecord]]:
-    values = [record.value for record in records]
-    envelopes, partitions, bad = _decode_all(values, records)
+    """The batch of the records that pass ``rules``, and the records set aside with a reason."""
+    envelopes, positions, bad = _checked(records, rules, index)
     if not envelopes:
         return ReadingBatch.empty(offsets), bad
+    partitions = [records[position].partition for position in positions]
     counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
     total = int(counts.sum())
     device_codes = np.fromiter(

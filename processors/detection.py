@@ -13,6 +13,7 @@ import numpy as np
 
 from citytel.config import Settings
 from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch, Selection
+from citytel.processors.decode import EnvelopeRules
 from citytel.processors.detectors import PAIRS, Detector, PairWalk, Sweeper, build_detector
 from citytel.processors.kernels import advance_clocks
 from citytel.processors.series import GrowableArray, SeriesIndex, held_bytes
@@ -26,6 +27,9 @@ _CLOCK_SAMPLE = 2048
 class DetectionStage:
     def __init__(self, settings: Settings) -> None:
         self.index = SeriesIndex(settings.processor.max_series, metric_blocks=True)
+        # For offline runs (evaluation, benchmarks, the warm-up), which replay or simulate any
+        # time: every rule but the processor's wall clock (the processor has its own rules).
+        self.rules = EnvelopeRules(settings, wall_clock=False)
         self.detectors: list[Detector] = [
             build_detector(name, settings.detectors.get(name)) for name in settings.processor.detectors
         ]
@@ -191,6 +195,6 @@ def warm_up(settings: Settings, devices_per_kind: int = 64) -> tuple[DetectionSt
                     )  # fmt: skip
                     records.append(Record("warm-up", 0, offset, device_id.encode(), encode_envelope(envelope)))
                     offset += 1
-        batch, _bad = decode_batch(records, stage.index, {})
+        batch, _bad = decode_batch(records, stage.index, {}, stage.rules)
         stage.detect(batch)
     return stage, time.perf_counter() - started

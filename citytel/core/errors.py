@@ -11,7 +11,7 @@ Every error a stage meets is one of these, on purpose:
 
 from __future__ import annotations
 
-__all__ = ["CitytelError", "PermanentError", "RetryableError"]
+__all__ = ["CitytelError", "PermanentError", "RetryableError", "short"]
 
 
 class CitytelError(Exception):
@@ -29,3 +29,9 @@ class PermanentError(CitytelError):
         super().__init__(f"{reason_code}: {reason}")
         self.reason_code = reason_code
         self.reason = reason
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A value's repr cut to ``limit`` characters: reasons and logs quote what a sender chose."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text)} chars)"

@@ -39,6 +39,7 @@ __all__ = [
     "RETRIES",
     "ROWS_WRITTEN",
     "SENT",
+    "SERIES_REFUSED",
     "SIMULATOR_PUBLISHED",
     "STATE_BYTES",
     "BulkHistogram",
@@ -83,6 +84,10 @@ PROCESSOR_PARTITIONS = Gauge(
     "citytel_processor_partitions_items", "Kafka partitions this processor holds (0 until it joins its group)."
 )
 PROCESSOR_SERIES = Gauge("citytel_processor_series_items", "Series (device, metric) a processor keeps state for.")
+SERIES_REFUSED = Counter(
+    "citytel_processor_series_refused_total",
+    "New series refused because the processor holds processor.max_series (their records are dead-lettered).",
+)
 STATE_BYTES = Gauge(
     "citytel_processor_state_bytes",
     "Bytes of per-series state a processor keeps, by detector and series index.",

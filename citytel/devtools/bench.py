@@ -543,7 +543,7 @@ def bench_stage(
         chunk = list(itertools.islice(records, len(city.devices)))
         if shuffled:
             chunk = [chunk[position] for position in order.permutation(len(chunk))]
-        batch, _bad = decode_batch(chunk, stage.index, {})
+        batch, _bad = decode_batch(chunk, stage.index, {}, stage.rules)
         started = time.perf_counter()
         stage.detect(batch)
         if number >= warm_minutes:
@@ -583,7 +583,7 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
         # One minute of the city: a message from every device, of which only those joined so far.
         minute_messages = itertools.islice(messages, len(city.devices))
         records = list(kafka_records((m for m in minute_messages if m.device_id in joined), 6))
-        stage.detect(decode_batch(records, stage.index, {})[0])
+        stage.detect(decode_batch(records, stage.index, {}, stage.rules)[0])
     return {"waves": waves, **_state_per_series(stage)}
 
 

@@ -106,7 +106,7 @@ def detect_offline(
     found: list[Found] = []
     records = kafka_records(messages, partitions)
     while chunk := list(itertools.islice(records, batch_records)):
-        batch, bad = decode_batch(chunk, stage.index, {})
+        batch, bad = decode_batch(chunk, stage.index, {}, stage.rules)
         if bad:
             raise ValueError(f"undecodable simulated record: {bad[0].reason}")
         for result in stage.detect(batch):

@@ -40,8 +40,8 @@ def test_drift_single_round_matches_its_rounds_when_no_series_repeats() -> None:
     fast, rounds = DetectionStage(SETTINGS), DetectionStage(SETTINGS)
     scored = compared = 0
     for records in city_batches(240, one_minute_each=True):
-        first, _ = decode_batch(records, fast.index, {})
-        second, _ = decode_batch(records, rounds.index, {})
+        first, _ = decode_batch(records, fast.index, {}, fast.rules)
+        second, _ = decode_batch(records, rounds.index, {}, rounds.rules)
         # A batch holds as many messages as there are devices; a silent device (a dropout)
         # shifts the minutes so that some hold a device twice, and those take the rounds anyway.
         compared += not first.repeats()
@@ -64,8 +64,8 @@ def test_state_in_metric_blocks_scores_as_state_for_every_series() -> None:
     plain.index = SeriesIndex(SETTINGS.processor.max_series)
     flagged = 0
     for records in city_batches(40):
-        first, _ = decode_batch(records, blocked.index, {})
-        second, _ = decode_batch(records, plain.index, {})
+        first, _ = decode_batch(records, blocked.index, {}, blocked.rules)
+        second, _ = decode_batch(records, plain.index, {}, plain.rules)
         assert first.block_metric is not None
         assert second.block_metric is None
         for mine, theirs in zip(blocked.detect(first), plain.detect(second), strict=True):
@@ -79,7 +79,7 @@ def test_state_in_metric_blocks_scores_as_state_for_every_series() -> None:
 def test_a_detector_keeps_slots_for_the_series_of_its_metrics_only() -> None:
     stage = DetectionStage(SETTINGS)
     for records in city_batches(3, one_minute_each=True):
-        stage.detect(decode_batch(records, stage.index, {})[0])
+        stage.detect(decode_batch(records, stage.index, {}, stage.rules)[0])
     index = stage.index
     metric_of_block = np.array(index.metrics)[index.block_metric.view]
     by_name = {detector.name: detector for detector in stage.detectors}
@@ -99,7 +99,7 @@ def test_a_detector_keeps_slots_for_the_series_of_its_metrics_only() -> None:
 def test_a_checkpoint_restores_state_for_the_series_that_had_some() -> None:
     stage = DetectionStage(SETTINGS)
     for records in city_batches(3, one_minute_each=True):
-        stage.detect(decode_batch(records, stage.index, {})[0])
+        stage.detect(decode_batch(records, stage.index, {}, stage.rules)[0])
     restored = DetectionStage(SETTINGS)
     for partition in range(6):
         blob, _ = export_partition(stage.index, stage.detectors, partition)
@@ -163,7 +163,7 @@ def test_no_kernel_compiles_again_after_the_warm_up() -> None:
         chunk = list(itertools.islice(records, minutes * len(city.devices)))
         if shuffled:
             chunk = [chunk[position] for position in order.permutation(len(chunk))]
-        batch, _ = decode_batch(chunk, stage.index, {})
+        batch, _ = decode_batch(chunk, stage.index, {}, stage.rules)
         stage.detect(batch)
     assert len(dispatchers) > 20, sorted(dispatchers)
     grew = [name for name, dispatcher in dispatchers.items() if len(dispatcher.signatures) > compiled[name]]
@@ -177,7 +177,7 @@ def test_last_seconds_times_every_part_of_each_batch() -> None:
     stage = DetectionStage(SETTINGS)
     assert stage.last_seconds == {}
     for records in city_batches(3, one_minute_each=True):
-        batch, _ = decode_batch(records, stage.index, {})
+        batch, _ = decode_batch(records, stage.index, {}, stage.rules)
         started = time.perf_counter()
         stage.detect(batch)
         elapsed = time.perf_counter() - started
@@ -207,7 +207,7 @@ def test_a_pair_walking_together_gives_what_each_gives_alone(restored: bool) -> 
     batches = city_batches(60)
     if restored:
         for stage in (paired, alone):
-            decode_batch(batches[0], stage.index, {})  # the series, in the index
+            decode_batch(batches[0], stage.index, {}, stage.rules)  # the series, in the index
             for detector in stage.detectors:
                 if detector.name in ("flatline", "exceedance"):
                     # The later half of the series first: their blocks get the first slots.
@@ -223,8 +223,8 @@ def test_a_pair_walking_together_gives_what_each_gives_alone(restored: bool) -> 
             records = batches[number - 1]  # delivered again: late, or as new as the latest
         elif number % 3 == 0:
             records = [records[k] for k in rng.permutation(len(records))]
-        ours, _ = decode_batch(records, paired.index, {})
-        theirs, _ = decode_batch(records, alone.index, {})
+        ours, _ = decode_batch(records, paired.index, {}, paired.rules)
+        theirs, _ = decode_batch(records, alone.index, {}, alone.rules)
         mine_results = paired.detect(ours)
         compiled = {kernel: set(kernel.signatures) for kernel in (ewma_flatline_kernel, air._air_kernel)}
         reference_results = alone.detect(theirs)
@@ -267,8 +267,8 @@ def test_a_pair_configured_with_different_metrics_walks_alone() -> None:
     alone._pairs = {}
     scored = 0
     for records in city_batches(40):
-        ours, _ = decode_batch(records, paired.index, {})
-        theirs, _ = decode_batch(records, alone.index, {})
+        ours, _ = decode_batch(records, paired.index, {}, paired.rules)
+        theirs, _ = decode_batch(records, alone.index, {}, alone.rules)
         for mine, reference in zip(paired.detect(ours), alone.detect(theirs), strict=True):
             np.testing.assert_array_equal(mine.score, reference.score, err_msg=mine.detector)
             np.testing.assert_array_equal(mine.flagged, reference.flagged, err_msg=mine.detector)

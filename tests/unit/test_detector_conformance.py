@@ -211,7 +211,7 @@ def city_records() -> list[Record]:
 def found_by(stage: DetectionStage, records: list[Record]) -> set[tuple[str, str, str, int, str, float]]:
     """(detector, device, metric, time, reason, score) of every anomaly the stage finds."""
     found = set()
-    batch, bad = decode_batch(records, stage.index, {})
+    batch, bad = decode_batch(records, stage.index, {}, stage.rules)
     assert not bad
     for result in stage.detect(batch):
         rows, score, reason = result.anomalies()

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from citytel.config import load_settings
 from citytel.core.envelope import Envelope, encode_envelope
 from citytel.processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
-from citytel.processors.decode import decode_batch
+from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
 from citytel.processors.detectors import build_detector, companion
 from citytel.processors.kernels import (
     AHEAD,
@@ -21,6 +24,9 @@ from citytel.processors.kernels import (
 )
 from citytel.processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
 from citytel.processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
+
+SETTINGS = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
+RULES = EnvelopeRules(SETTINGS)
 
 
 class FakeRecord:
@@ -114,16 +120,16 @@ def test_time_order_puts_each_series_in_time_order_keeping_ties_in_arrival_order
 def test_decode_batch_builds_columns_and_sets_aside_a_bad_record() -> None:
     index = SeriesIndex(1000)
     good = [
-        Envelope(1, f"dev-{n % 3}", "air", "erqi", 100 + n, "t", n, [n, n], ["pm2_5", "noise"], [n, -n])
+        Envelope(1, f"dev-{n % 3}", "air", "erqi", 100 + n, "t", n, [n, n], ["pm2_5", "noise"], [n, 30 + n])
         for n in range(6)
     ]
     records = [FakeRecord(n, encode_envelope(envelope)) for n, envelope in enumerate(good)]
     records.insert(3, FakeRecord(99, b"\xc1 not msgpack"))
-    batch, bad = decode_batch(records, index, {("readings", 0): 7})
+    batch, bad = decode_batch(records, index, {("readings", 0): 7}, RULES)
     assert [record.offset for record in bad] == [99]
     assert len(batch) == 12
     assert batch.time_us.tolist() == [n for n in range(6) for _ in range(2)]
-    assert batch.value.tolist() == [v for n in range(6) for v in (n, -n)]
+    assert batch.value.tolist() == [v for n in range(6) for v in (n, 30 + n)]
     assert len(index) == 6  # 3 devices × 2 metrics
     described = index.describe(batch.series[:2])
     assert described == [("dev-0", "air", "erqi", "pm2_5"), ("dev-0", "air", "erqi", "noise")]
@@ -139,7 +145,7 @@ def test_companion_reads_a_devices_other_metric_of_the_same_message_and_time() -
         Envelope(1, "lot-1", "parking", "erqi", 7, "t", 2, [6, 7, 7], ["free_bays"] * 2 + ["capacity"], [1, 2, 90]),
         Envelope(1, "lot-3", "parking", "erqi", 7, "t", 1, [7], ["free_bays"], [3.0]),
     ]  # fmt: skip
-    batch, _ = decode_batch([FakeRecord(n, encode_envelope(e)) for n, e in enumerate(envelopes)], index, {})
+    batch, _ = decode_batch([FakeRecord(n, encode_envelope(e)) for n, e in enumerate(envelopes)], index, {}, RULES)
     expected = [100.0, 100.0, 50.0, 50.0, np.nan, 90.0, 90.0, np.nan]
     every = np.arange(len(batch))
     np.testing.assert_array_equal(companion(batch, "capacity", every), expected)
@@ -454,3 +460,66 @@ def test_fetch_ahead_names_the_row_ahead_and_its_slot_and_stops_at_the_last_row(
     # State is fetched only when the slots are not in step with the rows.
     assert not out_of_step(np.uint64(AHEAD + 7), np.uint64(7))
     assert out_of_step(np.uint64(3), np.uint64(7))
+
+
+NOW_US = time.time_ns() // 1000
+
+
+def envelope(
+    device: str = "air-1",
+    kind: str = "air",
+    times: list[int] | None = None,
+    metrics: list[str] | None = None,
+    values: list[float] | None = None,
+    received: int = NOW_US,
+) -> Envelope:
+    """A good air reading pair by default; each argument spoils one thing."""
+    return Envelope(
+        1, device, kind, "erqi", received, "t", 1, times or [NOW_US] * 2, metrics or ["pm2_5", "noise"],
+        values or [30.0, 55.0],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason_code"),
+    [
+        (envelope(values=[float("nan"), 55.0]), "not_finite"),
+        (envelope(values=[float("inf"), 55.0]), "not_finite"),
+        (envelope(values=[30.0, 9e9]), "out_of_range"),
+        (envelope(kind="radar"), "unknown_kind"),
+        (envelope(metrics=["pm2_5", "radon"]), "unknown_metric"),
+        (envelope(metrics=["pm2_5", "occupied"]), "unknown_metric"),  # a parking metric on an air sensor
+        (envelope(times=[NOW_US, 4_611_686_018_427_387_903]), "bad_time"),  # the year 148108
+        (envelope(received=4_611_686_018_427_387_903, times=[4_611_686_018_427_387_903] * 2), "bad_time"),
+        (envelope(times=[NOW_US - 30 * 86_400_000_000] * 2), "bad_time"),
+        (envelope(device="air\u202e1"), "bad_device_id"),
+    ],
+    ids=["nan", "infinity", "out of range", "undeclared kind", "undeclared metric", "another kind's metric",
+         "year 148108", "received in the far future", "a month old", "right-to-left override"],
+)  # fmt: skip
+def test_the_processor_sets_aside_records_the_bridge_would_never_have_written(bad: Envelope, reason_code: str) -> None:
+    index = SeriesIndex(1000)
+    records = [FakeRecord(0, encode_envelope(envelope())), FakeRecord(1, encode_envelope(bad))]
+    batch, rejected = decode_batch(records, index, {}, RULES)
+    assert [(record.offset, record.reason_code) for record in rejected] == [(1, reason_code)]
+    assert all(record.reason for record in rejected)
+    assert len(batch) == 2, "the good record goes on"
+    assert {device for device, *_ in index.devices} == {"air-1"}, "nothing of the bad record enters the index"
+
+
+def test_new_series_beyond_max_series_are_refused_and_known_ones_flow() -> None:
+    index = SeriesIndex(4)
+    first = [FakeRecord(n, encode_envelope(envelope(device=f"air-{n}"))) for n in range(2)]
+    batch, rejected = decode_batch(first, index, {}, RULES)
+    assert (len(batch), rejected) == (4, [])
+    more = [FakeRecord(10 + n, encode_envelope(envelope(device=f"air-{n}"))) for n in range(4)]
+    batch, rejected = decode_batch(more, index, {}, RULES)
+    assert [record.offset for record in batch_offsets(more, rejected)] == [10, 11]
+    assert [(record.offset, record.reason_code) for record in rejected] == [(12, "series_limit"), (13, "series_limit")]
+    assert len(batch) == 4
+    assert len(index) == 4
+
+
+def batch_offsets(records: list[FakeRecord], rejected: list[BadRecord]) -> list[FakeRecord]:
+    refused = {record.offset for record in rejected}
+    return [record for record in records if record.offset not in refused]
