@@ -12,16 +12,32 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from citytel.config import Settings
+from citytel.core.errors import short
 
-__all__ = ["list_alerts", "tail"]
+__all__ = ["describe", "list_alerts", "tail"]
+
+
+_FIELDS = ("time", "state", "severity", "district", "event", "alert_id", "sequence")
 
 
 def _line(message: dict[str, object]) -> str:
     where = f"{message['district']}" + (f"/{message['device_id']}" if message.get("device_id") else "")
     return (
-        f"{message['time']}  {str(message['state']).upper():7} {message['severity']:8} {where:28}"
+        f"{message['time']}  {str(message['state']).upper():7} {message['severity']!s:8} {where:28}"
         f" {message['event']}  [{message['alert_id']} #{message['sequence']}]"
     )
+
+
+def describe(value: bytes | None, as_json: bool) -> str:
+    """One alert record as a line; a record that is not an alert message (not JSON, not an
+    object, fields missing) as a line that says so, so one bad record never stops the feed."""
+    try:
+        message = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError) as error:
+        return f"(not an alert message: {short(str(error))})"
+    if not isinstance(message, dict) or any(field not in message for field in _FIELDS):
+        return f"(not an alert message: {short(message)})"
+    return json.dumps(message, ensure_ascii=False) if as_json else _line(message)
 
 
 def tail(
@@ -64,10 +80,7 @@ def tail(
                 idle = 0.0
                 for records in batches.values():
                     for record in records:
-                        message = json.loads(record.value)
-                        print(
-                            json.dumps(message, ensure_ascii=False) if as_json else _line(message), file=out, flush=True
-                        )
+                        print(describe(record.value, as_json), file=out, flush=True)
                         shown += 1
         finally:
             await consumer.stop()

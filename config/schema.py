@@ -135,7 +135,9 @@ class ProcessorSettings(Strict, frozen=True):
     sinks: list[str] = msgspec.field(default_factory=lambda: ["timescaledb"])
     max_series: int = 1_000_000
     retry_initial_seconds: float = 0.5
-    retry_max_seconds: float = 30.0
+    # The longest wait between two tries at a server that is down: work resumes at most this
+    # long after it answers again.
+    retry_max_seconds: float = 2.0
     # Detector state is saved per partition at most this often (and on every rebalance and
     # clean stop); after a crash the partition is replayed from the last save.
     checkpoint_interval_seconds: float = 30.0

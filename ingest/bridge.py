@@ -48,6 +48,7 @@ from citytel.core import metrics
 from citytel.core.envelope import encode_envelope
 from citytel.core.errors import short
 from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.core.outage import Outage
 from citytel.ingest.codecs import get_codec
 from citytel.ingest.topics import subscription_filter
 from citytel.ingest.validate import DeadLetter, Validator
@@ -108,6 +109,8 @@ class Bridge:
         # A failed send replaces the producer once, whichever batch notices first.
         self._producer_generation = 0
         self._replace_lock = asyncio.Lock()
+        self._kafka_outage = Outage(log, "Kafka")
+        self._mqtt_outage = Outage(log, "MQTT broker")
 
     # --- MQTT side, driven by the asyncio loop -----------------------------------------------
 
@@ -171,6 +174,7 @@ class Bridge:
         # Ready only now: a message published before the broker confirmed the subscription of a
         # brand-new session would not be routed to us.
         self._mqtt_connected = True
+        self._mqtt_outage.recovered()
         metrics.BRIDGE_CONNECTED.labels("mqtt").set(1)
 
     def _on_disconnect(
@@ -184,7 +188,13 @@ class Bridge:
         self._generation += 1
         self._mqtt_connected = False
         metrics.BRIDGE_CONNECTED.labels("mqtt").set(0)
-        log.warning("MQTT disconnected (%s); unacknowledged messages will be redelivered", reason_code)
+        if reason_code.is_failure:
+            # Unacknowledged messages stay with the broker, which redelivers them on reconnect.
+            self._mqtt_outage.failed(
+                ConnectionError(f"disconnected: {reason_code}"), self._settings.processor.retry_max_seconds
+            )
+        else:
+            log.info("MQTT disconnected (%s)", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         self._pending.append(
@@ -257,20 +267,21 @@ class Bridge:
     async def _keep_connected(self, stop: asyncio.Event) -> None:
         """paho's housekeeping (keepalive pings) and reconnects with backoff."""
         config = self._settings.mqtt
-        delay = 1.0
+        longest = self._settings.processor.retry_max_seconds
+        delay = min(1.0, longest)
         while not stop.is_set():
             if self._client.is_connected() or self._client.socket() is not None:
                 self._client.loop_misc()
-                delay = 1.0
+                delay = min(1.0, longest)
             else:
                 try:
                     self._connect()
                     log.info("MQTT reconnecting to %s:%d", config.host, config.port)
                 except OSError as error:
                     metrics.ERRORS.labels(STAGE, "retryable").inc()
-                    log.warning("MQTT connect failed (%s); retrying in %.0fs", error, delay)
+                    self._mqtt_outage.failed(error, longest)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, longest)
                     continue
             await asyncio.sleep(0.5)
 
@@ -308,11 +319,12 @@ class Bridge:
                 await producer.start()
                 metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
                 self._kafka_ok = True
+                self._kafka_outage.recovered()
                 return producer
             except (KafkaError, OSError) as error:
                 await producer.stop()
                 metrics.ERRORS.labels(STAGE, "retryable").inc()
-                log.warning("Kafka not reachable (%s); retrying in %.1fs", error, delay)
+                self._kafka_outage.failed(error, self._settings.processor.retry_max_seconds)
                 if stop.is_set():
                     raise
                 await asyncio.sleep(delay)
@@ -375,13 +387,14 @@ class Bridge:
                 metrics.BRIDGE_CONNECTED.labels("kafka").set(0)
                 metrics.ERRORS.labels(STAGE, "retryable").inc()
                 metrics.RETRIES.labels(STAGE).inc()
-                log.warning("Kafka produce failed (%s); retrying %d records in %.1fs", error, len(records), delay)
+                self._kafka_outage.failed(error, self._settings.processor.retry_max_seconds)
                 if stop.is_set():
                     return False  # not acknowledged: the broker redelivers the batch to our session
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
                 await self._replace_producer(stop, generation)
         self._kafka_ok = True
+        self._kafka_outage.recovered()
         metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
         if previous_acked is not None:
             await previous_acked

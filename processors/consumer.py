@@ -36,6 +36,7 @@ from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
 from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.core.outage import Outage
 from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
 from citytel.processors.checkpoint import StateStore, export_partition, import_partition
 from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
@@ -73,6 +74,8 @@ class Processor:
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in settings.processor.sinks]
         # Records are checked again here: anyone who can write to the topic bypasses the bridge.
         self._rules = EnvelopeRules(settings)
+        self._sink_outage = Outage(log, "the database (sinks)")
+        self._kafka_outage = Outage(log, "Kafka")
         self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -115,12 +118,13 @@ class Processor:
                     for sink in self.sinks:
                         await sink.write(batch, results)
                     self._healthy = True
+                    self._sink_outage.recovered()
                     return
                 except RetryableError as error:
                     self._healthy = False
                     metrics.ERRORS.labels(STAGE, "retryable").inc()
                     metrics.RETRIES.labels(STAGE).inc()
-                    log.warning("sink failed (%s); retrying the same batch in %.1fs", error, delay)
+                    self._sink_outage.failed(error, self._settings.processor.retry_max_seconds)
                     if not paused:
                         self._consumer.pause(*self._consumer.assignment())
                         paused = True
@@ -360,9 +364,10 @@ class Processor:
         while True:
             try:
                 await ensure_topics(config)
+                self._kafka_outage.recovered()
                 break
             except (KafkaError, OSError) as error:
-                log.warning("Kafka not reachable (%s); retrying in %.1fs", error, delay)
+                self._kafka_outage.failed(error, self._settings.processor.retry_max_seconds)
                 if stop.is_set():
                     return False
                 await asyncio.sleep(delay)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import psycopg
 import pytest
 
 from citytel.config import Settings
@@ -235,3 +236,50 @@ def decode_step(value: bytes) -> int:
     from citytel.core.envelope import decode_envelope
 
     return decode_envelope(value).sequence
+
+
+def test_rows_resume_within_5_seconds_of_postgresql_answering_again(
+    settings: Settings, run_dir: Path, tmp_path: Path
+) -> None:
+    """PostgreSQL stops under a running processor while readings keep coming; once it answers
+    again the held batch is written within 5 s, every reading once, and the outage is two log
+    lines (when it began; when it ended, with its duration)."""
+    server = stack.start_postgres(run_dir / f"pg-outage-{time.monotonic_ns()}", stack.free_port())
+    try:
+        settings = msgspec.structs.replace(
+            settings, database=msgspec.structs.replace(settings.database, port=server.port, dbname="citytel")
+        )
+        asyncio.run(ensure_topics(settings.kafka))
+        with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+            prepare_database(connection, settings.storage)
+        with citytel_process(settings, tmp_path, "process"):
+            wait_ready(settings.metrics.processor_port)
+            produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, envelopes(0, 20, set(), seed=1))
+            wait_for(lambda: count_rows(settings) == 20 * len(DEVICES), 60, "the first readings")
+            server.stop()
+            produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, envelopes(20, 20, set(), seed=2))
+            time.sleep(8.0)  # the processor holds the batch and keeps trying
+            restarted = stack.start_postgres(server.directory.parent, server.port)
+            server.pid, server.process = restarted.pid, restarted.process
+            answering = time.monotonic()
+            wait_for(lambda: count_rows(settings) == 40 * len(DEVICES), 30, "the readings held during the outage")
+            resumed = time.monotonic() - answering
+        assert resumed <= 5.0, f"rows resumed {resumed:.1f}s after PostgreSQL answered"
+        with psycopg.connect(settings.database.conninfo()) as connection:
+            distinct = connection.execute("SELECT count(DISTINCT (series_id, time)) FROM readings").fetchone()
+        assert distinct == (40 * len(DEVICES),)
+        log = "\n".join(path.read_text() for path in tmp_path.glob("process-*.log"))
+        assert log.count("unavailable (") == 1, log[-3000:]
+        assert log.count("available again after") == 1, log[-3000:]
+    finally:
+        if stack.pid_alive(server.pid):
+            server.stop()
+
+
+def count_rows(settings: Settings) -> int:
+    try:
+        with psycopg.connect(settings.database.conninfo(), connect_timeout=2) as connection:
+            row = connection.execute("SELECT count(*) FROM readings").fetchone()
+    except psycopg.OperationalError:
+        return -1
+    return int(row[0]) if row else 0

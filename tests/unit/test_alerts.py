@@ -11,6 +11,7 @@ import lxml.etree
 import numpy as np
 import pytest
 
+from citytel.alerts import describe
 from citytel.config import AlertRule, Settings, load_settings
 from citytel.processors.alerts.cap import cap_xml, message_json
 from citytel.processors.alerts.engine import departments_for
@@ -131,3 +132,24 @@ def test_the_schema_check_can_fail() -> None:
         "<scope>Public</scope></alert>"
     )
     assert not _schema().validate(lxml.etree.fromstring(broken.encode()))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"\xff\xfe", b"not json", b"[1, 2]", b'"text"', b'{"state": "open"}', None],
+    ids=["empty", "invalid utf-8", "not json", "a list", "a string", "fields missing", "no value"],
+)
+def test_alerts_tail_describes_a_bad_record_instead_of_crashing(value: bytes | None) -> None:
+    line = describe(value, as_json=False)
+    assert line.startswith("(not an alert message")
+
+
+def test_alerts_tail_shows_a_good_record() -> None:
+    message = {
+        "time": "2026-12-03T10:00:00+08:00", "state": "open", "severity": "Severe", "district": "jinshui",
+        "event": "Air pollution", "alert_id": "a1", "sequence": 1, "device_id": None,
+    }  # fmt: skip
+    line = describe(json.dumps(message).encode(), as_json=False)
+    assert "OPEN" in line
+    assert "jinshui" in line
+    assert "[a1 #1]" in line
