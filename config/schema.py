@@ -42,7 +42,7 @@ class MqttSettings(Strict, frozen=True):
     share_group: str = ""
     qos: int = 1
     # "5" or "3.1.1". MQTT 5 adds Receive Maximum and session expiry; paho parses MQTT 5
-    # properties on every message, which costs about half the receive rate (measured).
+    # properties on every message, which costs receive rate (docs/bench/design-measurements.md).
     protocol: str = "5"
     # Messages the bridge holds unacknowledged (each waits for Kafka): it stops reading beyond
     # this, and with MQTT 5 also tells the broker (Receive Maximum).

@@ -10,8 +10,8 @@ Nothing is acknowledged that Kafka does not hold, so a crash at any point loses 
 broker redelivers what was not acknowledged.
 
 Why one thread: with paho on its own thread, every acknowledgement from the asyncio thread
-wakes paho with a syscall, and the two threads hand the GIL back and forth on every message;
-measured, that halved the forwarding rate.
+wakes paho with a syscall, and the two threads hand the GIL back and forth on every message,
+which costs much of the forwarding rate (docs/bench/design-measurements.md).
 
 Bounds: at most ``mqtt.max_inflight`` messages are held unacknowledged. The bridge stops
 reading its MQTT socket when it holds that many (TCP pushes back on the broker), whatever the

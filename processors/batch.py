@@ -326,8 +326,8 @@ _NO_VERDICTS = (
 
 
 # Not frozen, though nothing changes one once made: a frozen dataclass sets each field through
-# object.__setattr__, which made each of the dozen results of a batch cost 18 µs rather than 11
-# in the detection stage (where it comes right after a kernel, from a cold cache).
+# object.__setattr__, which makes each of the dozen results of a batch dearer to make in the
+# detection stage (where it comes right after a kernel, from a cold cache).
 @dataclass(slots=True)
 class DetectorResult:
     """One detector's verdict on a batch of ``size`` rows.

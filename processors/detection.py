@@ -112,12 +112,12 @@ class DetectionStage:
         # and a high one, so the last batch of a backlog brings the clock near its end.
         # From an even sample of at most about 2,048 rows: a clock needs no more (a few hundred
         # per partition put the percentile within a few points), and sorting the whole batch's
-        # times costs as much as a detector; 8,192 cost 0.05 ms more per batch of 100,000. (A
+        # times costs as much as a detector, and a larger sample costs more for nothing. (A
         # partition with only a few rows in a large batch may keep its clock until a later
         # batch; it never goes back.)
         step = max(1, len(batch) // _CLOCK_SAMPLE)
         # In one compiled call: the sample, its percentiles and the clocks (a dozen lines of
-        # Python and numpy here took 0.15 ms a batch in the stage, from a cold cache).
+        # Python and numpy here cost more, run from a cold cache after the kernels).
         while True:
             latest, needed = advance_clocks(
                 self.index.partition.view, batch.series, batch.time_us, step, 90.0, self._clock.view

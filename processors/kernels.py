@@ -19,8 +19,8 @@ Every kernel, here and in the detectors' modules, is compiled by ``compiled``:
 
 Kernels index arrays with unsigned integers (``np.uint64(rows[k])``, ``slot_of``): numba
 handles a signed index that may be negative by counting from the end, a compare and a move at
-every access; with unsigned ones that code goes, and the loops over a batch ran 15-30% faster
-(``citytel bench detectors``). An unsigned index is only ever used to index: arithmetic mixing
+every access; with unsigned ones that code goes, and the loops run faster (figures:
+docs/bench/design-measurements.md). An unsigned index is only ever used to index: arithmetic mixing
 it with signed integers would give floats in numba.
 
 Kernels ask for the memory of the reading ``AHEAD`` rows on before they need it
@@ -30,9 +30,8 @@ devices reported. Each read that misses the cache waits for memory, and the CPU 
 independent ones in a long loop body to overlap them; a fetch started 16 rows early has arrived
 by then. The state is fetched only when the slots are not already in step (a state row 16 on
 when its reading is 16 rows on: devices reporting in the order they first did, which the CPU's
-own prefetcher streams). With each minute's messages shuffled, as devices' clocks drift in a
-real city, the stage ran at about half its speed in their first order without this, and at
-about two thirds with it (``citytel bench detectors``).
+own prefetcher streams). It matters most when each minute's messages arrive shuffled, as
+devices' clocks drift in a real city (figures: docs/bench/design-measurements.md).
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ def slot_of(block_slot: NDArray[np.int64], series: int) -> np.uint64:
 def period(time: int, length: int) -> tuple[int, int, int]:
     """The number of the period of ``length`` (an hour, a day) that holds ``time``, and its start
     and end. Kernels keep all three and call this again only for a time outside: a batch's
-    readings nearly all fall in one or two hours, and the divisions took up to 45% of a loop.
+    readings nearly all fall in one or two hours, and the divisions were a large share of a loop.
     Scalars only, so inlining it costs nothing (arrays passed to a helper are counted)."""
     number = time // length
     start = number * length
@@ -286,11 +285,10 @@ def ewma_flatline_kernel(
 ) -> NDArray[np.int64]:
     """ewma_zscore (if ``ewma``) and flatline (if ``flatline``) in one walk over the rows, each
     with its own slots and state. The two walk the same rows in the usual configuration, and
-    one walk reads and fetches each row, its series, time and value once for both: the pair
-    took about a fifth less time than two walks (``DetectionStage`` pairs them). One kernel
-    for the pair and for each alone, so each detector's logic is written once (a helper
-    taking the state arrays was 17 times slower on a captured batch: numba counts references
-    to each array on every call).
+    one walk reads and fetches each row, its series, time and value once for both, which costs
+    less than two walks (``DetectionStage`` pairs them). One kernel for the pair and for each
+    alone, so each detector's logic is written once (not a helper taking the state arrays:
+    numba counts references to each array on every call, which made that far slower).
 
     ewma_zscore: ``weights`` and ``slow_weights`` are, per count, the weights of the mean and
     variance and of the long-run variance (``detectors.ewma.weight_tables``); beyond them,
@@ -300,8 +298,7 @@ def ewma_flatline_kernel(
     flatline: returns the positions in ``rows`` of the readings that complete a stuck window
     (collected here, few as they are, rather than flagged in an array as long as the rows).
     Only that reading: one anomaly per stuck stretch. ``same_slots``: both detectors run and
-    their slot tables are equal (so are their slots, and flatline's need not be worked out:
-    6% of the pair's time on a captured batch)."""
+    their slot tables are equal (so are their slots, and flatline's need not be worked out)."""
     hits = np.empty(rows.shape[0] if flatline else 0, np.int64)
     found = 0
     # The slots of one or the other, to fetch ahead by (each hands out slots alike, a block at a

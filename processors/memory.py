@@ -20,8 +20,8 @@ def retain_freed_memory() -> bool:
 
     By default glibc maps each block above 128 KiB afresh and unmaps it on free. A processor's
     batch arrays (a column, a detector's scores) are just above that, so every batch paid a page
-    fault for each 4 KiB it touched: about 300 per batch of 100,000 readings, 5% of the
-    detection stage's time (``citytel bench detectors``). The memory kept is bounded by the
+    fault for each 4 KiB it touched, hundreds per batch (figures:
+    docs/bench/design-measurements.md). The memory kept is bounded by the
     largest batch's working set. Returns False where glibc is not the C library (nothing
     changes there)."""
     name = ctypes.util.find_library("c")

@@ -360,8 +360,8 @@ def _air_kernel(
     its pair, and for the same reasons (``detectors.PAIRS``); ``same_slots`` as there. Late
     readings are skipped."""
     table = block_slot if aqi else exceedance_block_slot
-    # The local hour (and day) worked out last, its number and [start, end) (``period``; their
-    # divisions took a sixth of this loop). Each detector has its own UTC offset. Empty to start.
+    # The local hour (and day) worked out last, its number and [start, end) (``period``: dividing
+    # for every reading was a share of this loop). Each detector has its own UTC offset. Empty to start.
     aqi_hour, aqi_start, aqi_end = 0, 1, 0
     this_hour, hour_start, hour_end = 0, 1, 0
     this_day, day_start, day_end = 0, 1, 0
@@ -418,8 +418,7 @@ def _air_kernel(
                 # The hour and the day the reading leaves, if it does, are closed: their mean /
                 # limit where that counts (else 0); then the reading goes into its own hour and
                 # day. (Written out twice rather than as a helper: numba counts references to
-                # the state arrays on every call of a helper, which made this loop ten times
-                # slower.)
+                # the state arrays on every call of a helper, which made this loop far slower.)
                 hourly = 0.0
                 if local < hour_start or local >= hour_end:
                     this_hour, hour_start, hour_end = period(local, _HOUR_US)

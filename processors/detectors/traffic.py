@@ -225,8 +225,8 @@ def _profile_kernel(
     flagged: NDArray[np.bool_],
     reason: NDArray[np.uint8],
 ) -> None:
-    # The local hour worked out last, [hour_start, hour_end) (``period``: the divisions took 45%
-    # of this loop), and its slot. Empty to start.
+    # The local hour worked out last, [hour_start, hour_end) (``period``: dividing for every
+    # reading was a large share of this loop), and its slot. Empty to start.
     hour_start, hour_end, hour_slot = 1, 0, 0
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
