@@ -39,6 +39,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CITYTEL_CACHE", Path.home() / ".cache" / "citytel"))
 
 
+def durable_mosquitto() -> Path | None:
+    """The Mosquitto 2.1 that deploy/local/install.sh builds (with its SQLite persistence), or
+    None where it was not built: the system's 2.0 then runs, which loses what it acknowledged
+    since its last snapshot if it crashes."""
+    home = cache_dir() / "mosquitto-2.1"
+    ready = (home / "mosquitto").exists() and (home / "mosquitto_persist_sqlite.so").exists()
+    return home if ready else None
+
+
 def kafka_libs() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
 
@@ -232,6 +241,18 @@ def start_mosquitto(
             f"keyfile {tls.key_file}",
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
         ]
+    durable = durable_mosquitto()
+    if durable is not None:
+        # Every message written to SQLite before it is acknowledged (flush period 0): a broker
+        # killed at any moment still holds what it acknowledged. The plugin refuses
+        # "persistence true", which is 2.0's in-memory store with snapshots.
+        persistence = [
+            f"plugin {durable / 'mosquitto_persist_sqlite.so'}",
+            "plugin_opt_flush_period 0",
+            f"persistence_location {directory / 'data'}/",
+        ]
+    else:
+        persistence = ["persistence true", f"persistence_location {directory / 'data'}/", "autosave_interval 5"]
     config.write_text(
         "\n".join(
             [
@@ -239,9 +260,7 @@ def start_mosquitto(
                 *security,
                 # Mosquitto drops root privileges to 'mosquitto' unless told to keep this user.
                 f"user {user}",
-                "persistence true",
-                f"persistence_location {directory / 'data'}/",
-                "autosave_interval 5",
+                *persistence,
                 f"log_dest file {directory / 'mosquitto.log'}",
                 "log_type error",
                 "log_type warning",
@@ -257,7 +276,9 @@ def start_mosquitto(
             ]
         )
     )
-    server = _spawn("mosquitto", ["mosquitto", "-c", str(config)], directory, port)
+    binary = str(durable / "mosquitto") if durable is not None else "mosquitto"
+    environment = {**os.environ, "LD_LIBRARY_PATH": str(durable)} if durable is not None else None
+    server = _spawn("mosquitto", [binary, "-c", str(config)], directory, port, env=environment)
     _wait_ready(server, lambda: mqtt_roundtrip(port, probe=probe), timeout)
     return server
 

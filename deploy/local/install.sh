@@ -27,6 +27,7 @@ debian_packages=(
   "postgresql-$pg_major" "postgresql-client-$pg_major" "postgresql-server-dev-$pg_major"
   openjdk-17-jre-headless maven          # Kafka broker runtime, and the jar fetcher
   dpkg-dev cmake gcc make libssl-dev     # to unpack and build TimescaleDB's source package
+  libcjson-dev libsqlite3-dev libargon2-dev libedit-dev libmicrohttpd-dev uthash-dev  # Mosquitto 2.1's
   python3-venv
 )
 missing=()
@@ -107,6 +108,45 @@ if ! ls "$pg_libdir"/timescaledb-2.*.so >/dev/null 2>&1 || \
   step "TimescaleDB $(basename "$source_dir") built and installed in $(elapsed $started)"
 else
   step "TimescaleDB: already installed ($(basename "$(ls "$pg_libdir"/timescaledb-2.*.so | tail -n1)"))"
+fi
+
+# --- Mosquitto 2.1 with its SQLite persistence ----------------------------------------------
+# Mosquitto 2.0 (bookworm) keeps queued messages in memory and snapshots them every few seconds:
+# a broker crash loses what it had acknowledged since. 2.1's persist-sqlite plugin writes each
+# message before the acknowledgement. Debian sid carries its source; it is built here against
+# bookworm's libraries (sid's binaries would want a newer libc) and kept in the cache, not
+# installed system-wide: the local stack runs it from there.
+mosquitto_home="$cache/mosquitto-2.1"
+if [ ! -x "$mosquitto_home/mosquitto" ] || [ ! -f "$mosquitto_home/mosquitto_persist_sqlite.so" ]; then
+  step "building Mosquitto 2.1 with SQLite persistence from Debian sid's source (~1-2 min, once)"
+  started=$SECONDS
+  build="$cache/mosquitto-build"
+  apt_state="$build/apt"
+  mkdir -p "$apt_state/lists/partial" "$build/src" "$mosquitto_home"
+  mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+            | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
+  if [ -z "$mirror" ]; then
+    echo "no Debian mirror found in the machine's apt configuration: Mosquitto's source comes from it" >&2
+    exit 1
+  fi
+  printf 'deb-src %s sid main\n' "$mirror" >"$apt_state/sources.list"
+  apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
+  as_root apt-get "${apt_opts[@]}" update -qq
+  (cd "$build/src" && rm -rf mosquitto-* && apt-get "${apt_opts[@]}" source -qq --download-only mosquitto >/dev/null \
+     && dpkg-source -x --no-check mosquitto_*.dsc >/dev/null)
+  source_dir="$(find "$build/src" -maxdepth 1 -type d -name 'mosquitto-*' | head -n1)"
+  (cd "$source_dir" && rm -rf build && mkdir build && cd build \
+     && cmake .. -DWITH_TESTS=OFF -DWITH_DOCS=OFF -DCMAKE_BUILD_TYPE=Release >"$build/cmake.log" 2>&1 \
+     && make -j"$(nproc)" >"$build/make.log" 2>&1) \
+    || { echo "Mosquitto build failed; logs in $build/*.log" >&2; exit 1; }
+  cp "$source_dir/build/src/mosquitto" "$mosquitto_home/mosquitto"
+  cp "$(find "$source_dir/build" -name 'mosquitto_persist_sqlite.so' | head -n1)" "$mosquitto_home/"
+  # The broker links its own shared library (libmosquitto_common or similar) from the build.
+  find "$source_dir/build" -name 'libmosquitto*.so*' -exec cp -P {} "$mosquitto_home/" \;
+  step "Mosquitto $(basename "$source_dir") built in $(elapsed $started), kept in $mosquitto_home"
+else
+  step "Mosquitto 2.1: already built in $mosquitto_home"
 fi
 
 # --- Python environment ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -9,12 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings
+from citytel.core.kafka import ensure_topics
 from citytel.devtools import stack
 from citytel.devtools.simulate import City, publish
-from tests.helpers import citytel_process, envelope_identity, read_topic, wait_ready
+from citytel.processors.storage import prepare_database
+from tests.conftest import ScratchDatabase
+from tests.helpers import citytel_process, envelope_identity, read_topic, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -205,3 +211,57 @@ def test_mqtt_3_1_1_bridges_forward_every_message_too(settings: Settings, tmp_pa
         wait_ready(settings.metrics.bridge_port)
         publish(city.messages(time.time() - 600, interval_s=0.01), "127.0.0.1", settings.mqtt.port, qos=1, count=5000)
         assert len(forwarded_sequences(settings, 5000)) == 5000
+
+
+def test_messages_the_broker_acknowledged_survive_its_kill_9_and_reach_the_database_once(
+    settings: Settings, private_mosquitto: stack.Server, database: ScratchDatabase, tmp_path: Path
+) -> None:
+    """The bridge is away, the broker acknowledges 10,000 QoS 1 messages for its session and is
+    killed -9; restarted, it still holds them all, and bridge and processor store each once."""
+    assert stack.durable_mosquitto() is not None, "deploy/local/install.sh builds the durable broker"
+    port = private_mosquitto.port
+    settings = msgspec.structs.replace(settings, mqtt=msgspec.structs.replace(settings.mqtt, port=port))
+    asyncio.run(ensure_topics(settings.kafka))
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+    # The bridge's persistent session and subscription exist; then the bridge goes away.
+    with citytel_process(settings, tmp_path, "bridge"):
+        wait_ready(settings.metrics.bridge_port)
+    total = 10_000
+    start = time.time() - 900
+    topic = f"{settings.mqtt.topic_prefix}/jinshui/air/air-durable/up"
+    body = '{{"device_id": "air-durable", "time": {time:.3f}, "seq": {seq}, "values": {{"pm2_5": 30.0}}}}'
+    publish_raw(port, [(topic, body.format(time=start + n * 0.05, seq=n).encode()) for n in range(total)])
+    broker = private_mosquitto.process
+    assert broker is not None
+    broker.kill()  # kill -9, with every message acknowledged to the publisher
+    broker.wait()
+    restarted = stack.start_mosquitto(private_mosquitto.directory.parent, port)
+    private_mosquitto.pid, private_mosquitto.process = restarted.pid, restarted.process
+    with citytel_process(settings, tmp_path, "process"), citytel_process(settings, tmp_path, "bridge"):
+        wait_ready(settings.metrics.processor_port)
+
+        def stored() -> int:
+            with database.connect() as connection:
+                row = connection.execute("SELECT count(*) FROM readings").fetchone()
+            return int(row[0]) if row else 0
+
+        wait_for(lambda: stored() >= total, 120, f"{total} readings in the database")
+    with database.connect() as connection:
+        count, distinct = connection.execute("SELECT count(*), count(DISTINCT time) FROM readings").fetchone() or (0, 0)
+    assert (count, distinct) == (total, total)
+
+
+def publish_raw(port: int, messages: list[tuple[str, bytes]]) -> None:
+    """QoS 1 publishes, each acknowledged by the broker before this returns."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        sent = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in sent:
+            info.wait_for_publish(timeout=30)
+        assert all(info.is_published() for info in sent)
+    finally:
+        client.disconnect()
+        client.loop_stop()
