@@ -74,7 +74,8 @@ class Processor:
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in settings.processor.sinks]
         # Records are checked again here: anyone who can write to the topic bypasses the bridge.
         self._rules = EnvelopeRules(settings)
-        self._sink_outage = Outage(log, "the database (sinks)")
+        # Sinks and checkpoints share it: both are the database today.
+        self._database_outage = Outage(log, "the database")
         self._kafka_outage = Outage(log, "Kafka")
         self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
         self._consumer: AIOKafkaConsumer | None = None
@@ -118,13 +119,13 @@ class Processor:
                     for sink in self.sinks:
                         await sink.write(batch, results)
                     self._healthy = True
-                    self._sink_outage.recovered()
+                    self._database_outage.recovered()
                     return
                 except RetryableError as error:
                     self._healthy = False
                     metrics.ERRORS.labels(STAGE, "retryable").inc()
                     metrics.RETRIES.labels(STAGE).inc()
-                    self._sink_outage.failed(error, self._settings.processor.retry_max_seconds)
+                    self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
                     if not paused:
                         self._consumer.pause(*self._consumer.assignment())
                         paused = True
@@ -283,17 +284,30 @@ class Processor:
         """Save the state of these partitions, then commit their offsets to Kafka: the committed
         offset is never ahead of saved state."""
         saved: Offsets = {}
-        for topic, partition in partitions:
-            position = self._positions.get((topic, partition))
-            if position is None:
-                continue  # nothing read from it since it was assigned
-            blob, series = export_partition(self.index, self.detectors, partition)
-            await self._state.save(topic, partition, position, blob, series)
-            self._unsaved.discard((topic, partition))
-            saved[(topic, partition)] = position
+        failed = False
+        try:
+            for topic, partition in partitions:
+                position = self._positions.get((topic, partition))
+                if position is None:
+                    continue  # nothing read from it since it was assigned
+                blob, series = export_partition(self.index, self.detectors, partition)
+                await self._state.save(topic, partition, position, blob, series)
+                self._unsaved.discard((topic, partition))
+                saved[(topic, partition)] = position
+        except psycopg.Error as error:
+            # The database is away: the partitions not saved stay unsaved (their offsets
+            # uncommitted), and the checkpoint is tried again once the retry wait has passed.
+            failed = True
+            self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
         if saved:
             await self._commit(saved)
         self._last_checkpoint = time.monotonic()
+        if failed:
+            self._last_checkpoint -= max(
+                self._settings.processor.checkpoint_interval_seconds - self._settings.processor.retry_max_seconds, 0.0
+            )
+        else:
+            self._database_outage.recovered()
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:

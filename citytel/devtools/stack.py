@@ -269,6 +269,9 @@ def start_mosquitto(
                 # still queued when it comes back: the default of 1000 queued messages per client
                 # would silently drop the rest.
                 "max_queued_messages 2000000",
+                # Larger packets are refused at the edge (the client is disconnected); what gets
+                # through but exceeds ingest.max_payload_bytes the bridge dead-letters as too_large.
+                "max_packet_size 2097152",
                 "max_queued_bytes 0",
                 "max_inflight_messages 0",
                 "persistent_client_expiration 1d",

@@ -64,7 +64,7 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_good_input_still_f
         ("bad_type", air, reading(values={"pm2_5": "thirty"})),
         ("malformed", air, b'{"device_id": "air-1", "time": 1, "values": {"pm2_5": NaN}}'),
         ("malformed", air, b'{"device_id": "air-1", "time": 1, "values": {"pm2_5": Infinity}}'),
-        ("too_large", air, b"x" * (10 * 1024 * 1024)),
+        ("too_large", air, b"x" * (1024 * 1024)),  # over ingest.max_payload_bytes, under the broker's limit
         ("unknown_kind", reading_topic(prefix, "jinshui", "radar", "r-1"), reading(device_id="r-1")),
         ("unknown_metric", air, reading(values={"radon": 3.0})),
         ("empty_payload", air, b""),
