@@ -132,17 +132,27 @@ def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[T
     stored: list[tuple[Transition, list[str]]] = []
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(hashtext('citytel-alerter'))")
-        newest = connection.execute("SELECT (extract(epoch FROM max(time)) * 1e6)::bigint FROM readings").fetchone()
+        # The newest reading no later than the database's clock allows: a row stored by hand in
+        # the far future must not drag event time there (ingest refuses such readings).
+        skew_s = settings.ingest.max_future_skew_seconds
+        newest = connection.execute(
+            "SELECT (extract(epoch FROM max(time)) * 1e6)::bigint FROM readings"
+            " WHERE time <= now() + make_interval(secs => %s)",
+            (skew_s,),
+        ).fetchone()
         if newest is None or newest[0] is None:
             return []
         watermark = int(newest[0]) - int(alerts_settings.lateness_seconds * 1e6)
         progress = connection.execute(
-            "SELECT (extract(epoch FROM evaluated_until) * 1e6)::bigint FROM alerter_progress WHERE name = %s",
-            (_PROGRESS,),
+            "SELECT (extract(epoch FROM least(evaluated_until, now() + make_interval(secs => %s))) * 1e6)::bigint"
+            " FROM alerter_progress WHERE name = %s",
+            (skew_s, _PROGRESS),
         ).fetchone()
         longest = max((_lookback_us(rule) for rule in alerts_settings.rules.values()), default=0)
-        # A first run starts far enough back to see episodes in progress.
-        start = int(progress[0]) if progress else (watermark - longest) // step_us * step_us
+        # A first run starts far enough back to see episodes in progress; progress that ran
+        # ahead of the newest reading (past bad rows) goes back to it.
+        first = (watermark - longest) // step_us * step_us
+        start = min(int(progress[0]), watermark // step_us * step_us) if progress else first
         if watermark < start + step_us:
             return []
         steps = np.arange(start + step_us, watermark + 1, step_us, dtype=np.int64)[:_MAX_STEPS_PER_PASS]

@@ -100,6 +100,16 @@ class ManualRollups:
                 " INSERT INTO rollup_claimed (bucket) SELECT bucket FROM moved ON CONFLICT (bucket) DO NOTHING"
             )
         with connection.transaction():
+            # A bucket no reading can have (a row stored by hand, past what ingest accepts) is
+            # dropped here, in SQL: fetched into Python it would fail the pass, and the claim
+            # would stay to fail every pass after it.
+            dropped = connection.execute(
+                "DELETE FROM rollup_claimed WHERE bucket > now() + INTERVAL '1 day'"
+                " OR bucket < '1970-01-01'::timestamptz RETURNING 1"
+            ).fetchall()
+            if dropped:
+                log.warning("dropped %d rollup claims for buckets no valid reading can be in", len(dropped))
+        with connection.transaction():
             # Claims left by a pass that died are taken up here too.
             claimed = [row[0] for row in connection.execute("DELETE FROM rollup_claimed RETURNING bucket").fetchall()]
             if not claimed:

@@ -17,6 +17,7 @@ import pytest
 
 from citytel.config import Settings, StorageSettings, dump_settings
 from citytel.devtools import stack
+from citytel.processors.alerts.engine import evaluate
 from citytel.processors.batch import ReadingBatch
 from citytel.processors.series import SeriesIndex
 from citytel.processors.sinks.timescale import TimescaleSink
@@ -313,3 +314,44 @@ def test_a_replayed_or_overlapping_batch_adds_only_the_new_rows(settings: Settin
     )
     assert dirty is not None
     assert dirty[0] >= 1, "the rollups learn which minutes changed"
+
+
+def test_a_row_from_the_year_148108_breaks_neither_rollups_nor_retention_nor_the_alerter(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    """Ingest refuses such readings, but a row stored by other means (by hand, by an old
+    version) must not stop maintenance or the alerter for good."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    keys = [("air-1", "air", "erqi", "pm2_5")]
+    index = SeriesIndex(1000)
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        write(
+            settings,
+            index,
+            keys * 3,
+            [int((now - timedelta(minutes=m)).timestamp() * 1e6) for m in (3, 2, 1)],
+            [40.0] * 3,
+        )
+        series_id = connection.execute("SELECT series_id FROM series LIMIT 1").fetchone()
+        assert series_id is not None
+        connection.execute(
+            "INSERT INTO readings (time, series_id, value) VALUES ('148108-01-01 00:00:00+00', %s, 1.0)", series_id
+        )
+        connection.execute("INSERT INTO rollup_claimed (bucket) VALUES ('148108-01-01 00:00:00+00')")
+        connection.execute(
+            "INSERT INTO rollup_dirty (bucket) VALUES ('148108-01-01 00:00:00+00') ON CONFLICT DO NOTHING"
+        )
+        for _ in range(2):  # the second pass must find nothing stuck
+            report = maintain(connection, settings.storage)
+            assert report is not None
+        claims = connection.execute("SELECT count(*) FROM rollup_claimed").fetchone()
+        assert claims == (0,), "no claim left to fail every pass"
+        rolled = connection.execute("SELECT count(*) FROM rollup_1m").fetchone()
+        assert rolled is not None
+        assert rolled[0] >= 1, "the real readings are rolled up"
+        # The alerter's event time stays with the real readings.
+        stored = evaluate(connection, settings)
+        assert isinstance(stored, list)
+        progress = connection.execute("SELECT evaluated_until FROM alerter_progress").fetchone()
+        assert progress is None or progress[0] <= now + timedelta(minutes=10)
