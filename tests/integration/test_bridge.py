@@ -143,6 +143,11 @@ def test_no_message_is_lost_when_kafka_stops_for_ten_seconds_mid_stream(
         restarted = stack.start_kafka(private_kafka.directory.parent, private_kafka.port, controller_port)
         outage["restarted"] = time.monotonic()
         private_kafka.pid, private_kafka.process = restarted.pid, restarted.process
+        # How soon after Kafka answers again the bridge forwards again.
+        held = forwarded()
+        while forwarded() <= held and time.monotonic() - outage["restarted"] < 60:
+            time.sleep(0.05)
+        outage["resumed"] = time.monotonic()
 
     with citytel_process(settings, tmp_path, "bridge"):
         wait_ready(settings.metrics.bridge_port)
@@ -164,6 +169,9 @@ def test_no_message_is_lost_when_kafka_stops_for_ten_seconds_mid_stream(
 
         # Nothing is acknowledged to MQTT while Kafka cannot hold it.
         assert outage["forwarded_late"] == outage["forwarded_early"] < total
+        resumed = outage["resumed"] - outage["restarted"]
+        print(f"the bridge forwarded again {resumed:.2f}s after Kafka answered")
+        assert resumed <= 5.0, f"the bridge forwarded again only {resumed:.1f}s after Kafka answered"
         wait_for(lambda: forwarded() >= total, timeout=120, what=f"the bridge to forward {total} messages")
 
     # Count distinct messages: redelivered duplicates must not end the reading early.
