@@ -17,7 +17,6 @@ import os
 import resource
 import struct
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,14 +26,11 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from prometheus_client import REGISTRY
 
 from citytel.config import Settings, load_settings
 from citytel.devtools import stack
+from citytel.devtools.mqtt_sessions import bare_drain, create_session, drop_session
 from citytel.devtools.simulate import City, Message, publish
 
 if TYPE_CHECKING:
@@ -52,41 +48,6 @@ class BridgeResult:
     ratio: float
 
 
-def _persistent_session(port: int, client_id: str, protocol: str, receive_maximum: int) -> mqtt.Client:
-    if protocol == "3.1.1":
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
-        )
-        client.connect("127.0.0.1", port)
-        return client
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = 3600
-    properties.ReceiveMaximum = receive_maximum
-    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
-    return client
-
-
-def _create_session(port: int, client_id: str, protocol: str, topic_filter: str, receive_maximum: int) -> None:
-    """Connect once and subscribe, so the broker queues messages for this session while away."""
-    subscribed = threading.Event()
-    client = _persistent_session(port, client_id, protocol, receive_maximum)
-    client.on_subscribe = lambda *_args: subscribed.set()
-    client.loop_start()
-    client.subscribe(topic_filter, qos=1)
-    if not subscribed.wait(timeout=10):
-        raise RuntimeError("the broker did not confirm the benchmark subscription")
-    client.disconnect()
-    client.loop_stop()
-
-
-def _drop_session(port: int, client_id: str) -> None:
-    """Offline sessions with queued messages cost the broker CPU: remove them when done."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
-    client.connect("127.0.0.1", port)
-    client.disconnect()
-
-
 def _backlog(port: int, prefix: str, count: int) -> None:
     city = City(devices_per_kind=200, seed=11, topic_prefix=prefix, spike_probability=0.0)
     sent = publish(
@@ -94,30 +55,6 @@ def _backlog(port: int, prefix: str, count: int) -> None:
     )
     if sent != count:
         raise RuntimeError(f"published only {sent} of {count} messages")
-
-
-def _bare_drain(port: int, client_id: str, protocol: str, count: int, receive_maximum: int) -> float:
-    done = threading.Event()
-    received = 0
-    first: list[float] = []
-
-    def on_message(_client: mqtt.Client, _userdata: object, _message: mqtt.MQTTMessage) -> None:
-        nonlocal received
-        if not first:
-            first.append(time.perf_counter())
-        received += 1
-        if received >= count:
-            done.set()
-
-    client = _persistent_session(port, client_id, protocol, receive_maximum)
-    client.on_message = on_message
-    client.loop_start()
-    if not done.wait(timeout=600):
-        raise RuntimeError(f"bare subscriber received only {received} of {count}")
-    elapsed = time.perf_counter() - first[0]
-    client.disconnect()
-    client.loop_stop()
-    return count / elapsed
 
 
 def _bridge_drain(settings: Settings, count: int) -> float:
@@ -177,15 +114,15 @@ def bench_bridge(
         topic_filter = f"{prefix}/+/+/+/up"
         bare_id = f"bench-bare-{unique}"
 
-        _create_session(port, bare_id, protocol, topic_filter, inflight)
+        create_session(port, bare_id, protocol, topic_filter, inflight)
         _backlog(port, prefix, count)
-        bare = _bare_drain(port, bare_id, protocol, count, inflight)
-        _drop_session(port, bare_id)
+        bare = bare_drain(port, bare_id, protocol, count, inflight)
+        drop_session(port, bare_id)
 
-        _create_session(port, settings.mqtt.client_id, protocol, topic_filter, inflight)
+        create_session(port, settings.mqtt.client_id, protocol, topic_filter, inflight)
         _backlog(port, prefix, count)
         bridged = _bridge_drain(settings, count)
-        _drop_session(port, settings.mqtt.client_id)
+        drop_session(port, settings.mqtt.client_id)
         return BridgeResult(count, protocol, round(bare), round(bridged), round(bridged / bare, 3))
     finally:
         for server in reversed(servers):

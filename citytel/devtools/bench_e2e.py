@@ -49,9 +49,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings, dump_settings, load_settings
 from citytel.devtools import stack
-from citytel.devtools.bench import _bare_drain, _create_session, _drop_session
 from citytel.devtools.evaluate import kafka_records
 from citytel.devtools.localstack import spawn_citytel
+from citytel.devtools.mqtt_sessions import bare_drain, create_session, drop_session
 from citytel.devtools.simulate import City, Message, publish
 from citytel.ingest.topics import reading_topic
 
@@ -233,7 +233,7 @@ def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -
     readings = _readings_in(messages)
     client_id = f"naive-{uuid.uuid4().hex[:6]}"
     topic_filter = f"{prefix}/+/+/+/up"
-    _create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, 1000)
+    create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, 1000)
     publish(iter(messages), "127.0.0.1", settings.mqtt.port, qos=1)
     connection = psycopg.connect(conninfo, autocommit=True)
     done = threading.Event()
@@ -264,7 +264,7 @@ def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -
     client.disconnect()
     client.loop_stop()
     connection.close()
-    _drop_session(settings.mqtt.port, client_id)
+    drop_session(settings.mqtt.port, client_id)
     return rate
 
 
@@ -580,10 +580,10 @@ def bench_e2e(
 
         # References.
         bare_id = f"bench-bare-{unique}"
-        _create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight)
+        create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight)
         publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
-        bare = _bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
-        _drop_session(port, bare_id)
+        bare = bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
+        drop_session(port, bare_id)
         # The records the bridge would have produced for the same backlog.
         records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
         kafka = _kafka_reference(settings, records)
@@ -605,7 +605,7 @@ def bench_e2e(
         # stalled the timed drain for 6-7 s in the middle). Then, with the bridge stopped, the
         # backlog to time queues in its session, and the drain is timed from the restarted
         # bridge's first message.
-        _create_session(port, settings.mqtt.client_id, settings.mqtt.protocol, topic_filter, settings.mqtt.max_inflight)
+        create_session(port, settings.mqtt.client_id, settings.mqtt.protocol, topic_filter, settings.mqtt.max_inflight)
         warm_up = list(itertools.islice(_city_messages(prefix, 12, time.time() - 3000), max(100, messages // 20)))
         publish(iter(warm_up), "127.0.0.1", port, qos=1, max_inflight=1000)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))

@@ -48,3 +48,24 @@ def test_the_runtime_cli_works_without_the_development_tools(tmp_path: Path) -> 
     assert "bridge" in result.stdout
     assert "bench" not in result.stdout
     assert "simulate" not in result.stdout
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A leading underscore means "this module's own": another module reaching for it couples
+    the two behind the interface's back (as the benchmarks once did)."""
+    import ast
+
+    reaching = []
+    files = {
+        path.resolve()
+        for folder in ("citytel", "ingest", "processors", "config")
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    for path in sorted(files):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("citytel"):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                if private:
+                    reaching.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(private)}")
+    assert reaching == []

@@ -1,0 +1,74 @@
+"""MQTT persistent sessions for the benchmarks: a session that queues a backlog while away, a
+bare paho subscriber that drains it (the reference a bridge is measured against), and the
+clean-up. Shared by ``bench`` and ``bench_e2e``."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = ["bare_drain", "create_session", "drop_session"]
+
+
+def _persistent_session(port: int, client_id: str, protocol: str, receive_maximum: int) -> mqtt.Client:
+    if protocol == "3.1.1":
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
+        )
+        client.connect("127.0.0.1", port)
+        return client
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 3600
+    properties.ReceiveMaximum = receive_maximum
+    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+    return client
+
+
+def create_session(port: int, client_id: str, protocol: str, topic_filter: str, receive_maximum: int) -> None:
+    """Connect once and subscribe, so the broker queues messages for this session while away."""
+    subscribed = threading.Event()
+    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.loop_start()
+    client.subscribe(topic_filter, qos=1)
+    if not subscribed.wait(timeout=10):
+        raise RuntimeError("the broker did not confirm the benchmark subscription")
+    client.disconnect()
+    client.loop_stop()
+
+
+def drop_session(port: int, client_id: str) -> None:
+    """Offline sessions with queued messages cost the broker CPU: remove them when done."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.disconnect()
+
+
+def bare_drain(port: int, client_id: str, protocol: str, count: int, receive_maximum: int) -> float:
+    done = threading.Event()
+    received = 0
+    first: list[float] = []
+
+    def on_message(_client: mqtt.Client, _userdata: object, _message: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        if not first:
+            first.append(time.perf_counter())
+        received += 1
+        if received >= count:
+            done.set()
+
+    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client.on_message = on_message
+    client.loop_start()
+    if not done.wait(timeout=600):
+        raise RuntimeError(f"bare subscriber received only {received} of {count}")
+    elapsed = time.perf_counter() - first[0]
+    client.disconnect()
+    client.loop_stop()
+    return count / elapsed
