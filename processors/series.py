@@ -101,7 +101,6 @@ class SeriesIndex:
         self._sorted_keys = np.empty(0, np.int64)
         self._sorted_dense = np.empty(0, np.int32)  # dense indices stay below max_series
         self.series_key = GrowableArray(np.int64, fill=-1)  # -1: a gap at the end of a block
-        self.db_id = GrowableArray(np.int32)  # 0 until the database has assigned an id
         self.partition = GrowableArray(np.int32, fill=-1)  # the Kafka partition the series arrives on
 
     def __len__(self) -> int:
@@ -153,7 +152,6 @@ class SeriesIndex:
             dense[~found] = new_dense
             self._count += len(new_keys)
             self.series_key.resize(self.extent)
-            self.db_id.resize(self.extent)
             self.partition.resize(self.extent)
             self.series_key.view[new_dense] = new_keys
             merged_keys = np.concatenate([self._sorted_keys, new_keys])

@@ -21,7 +21,7 @@ from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
 from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from citytel.processors.series import SeriesIndex
+from citytel.processors.series import GrowableArray, SeriesIndex
 from citytel.processors.sinks import register_sink
 from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
 from citytel.processors.storage.maintenance import maintain
@@ -56,6 +56,9 @@ class TimescaleSink:
         self._conninfo = settings.database.conninfo()
         self._storage = settings.storage
         self._index = index
+        # The database's id of each series, by dense index (0 until assigned): this sink's own
+        # table, next to the shared index rather than in it.
+        self._series_ids = GrowableArray(np.int32)
         self._connection: psycopg.AsyncConnection | None = None
 
     async def _connect(self) -> psycopg.AsyncConnection:
@@ -91,10 +94,11 @@ class TimescaleSink:
                 # A swept series may be one this process has not seen since it restored its
                 # state: it needs its id too.
                 every_series = np.concatenate([batch.series, *(event.series for event in events)])
+                self._series_ids.resize(self._index.extent)
                 new_series, new_ids = await self._resolve_series(connection, every_series)
                 # Ids of series first seen here live only in this transaction until it commits:
-                # the shared index learns them after the commit, never from a rolled-back one.
-                series_id = self._index.db_id.view[every_series]
+                # the table of ids learns them after the commit, never from a rolled-back one.
+                series_id = self._series_ids.view[every_series]
                 if len(new_series):
                     position = np.minimum(np.searchsorted(new_series, every_series), len(new_series) - 1)
                     is_new = new_series[position] == every_series
@@ -114,7 +118,7 @@ class TimescaleSink:
             metrics.ERRORS.labels(STAGE, "retryable").inc()
             await self.close()
             raise RetryableError(f"database write failed: {error}") from error
-        self._index.db_id.view[new_series] = new_ids
+        self._series_ids.view[new_series] = new_ids
         metrics.SENT.labels(STAGE, "readings").inc(len(batch))
         metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
         metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - started)
@@ -129,8 +133,8 @@ class TimescaleSink:
         self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
     ) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
         """Database ids for the series seen for the first time (rare after warm-up): returns
-        their dense indices and ids, without touching the shared index."""
-        missing = np.unique(series[self._index.db_id.view[series] == 0])
+        their dense indices and ids, without touching the table of known ids."""
+        missing = np.unique(series[self._series_ids.view[series] == 0])
         if not len(missing):
             return missing, np.empty(0, np.int32)
         described = self._index.describe(missing)
