@@ -11,6 +11,7 @@ from pathlib import Path
 
 from citytel.config import ConfigError, Settings, default_config_path, load_settings
 from citytel.ingest.codecs import check_codec
+from citytel.processors.checkpoint import check_checkpoint_store
 from citytel.processors.detectors import check_detectors
 from citytel.processors.sinks import check_sinks
 
@@ -21,6 +22,7 @@ def check_components(settings: Settings) -> None:
     check_codec(settings)
     check_detectors(settings)
     check_sinks(settings)
+    check_checkpoint_store(settings)
 
 
 def load_checked_settings(path: Path | str | None = None) -> Settings:

@@ -133,6 +133,8 @@ class ProcessorSettings(Strict, frozen=True):
     detectors: list[str] = msgspec.field(default_factory=lambda: ["ewma_zscore"])
     # Where scored batches go, by registered sink name; offsets are committed once all hold it.
     sinks: list[str] = msgspec.field(default_factory=lambda: ["timescaledb"])
+    # Where detector state is kept per partition, by registered name.
+    checkpoint_store: str = "postgresql"
     max_series: int = 1_000_000
     retry_initial_seconds: float = 0.5
     # The longest wait between two tries at a server that is down: work resumes at most this

@@ -1,4 +1,5 @@
-"""Detector state per Kafka partition: export, import, and its store in PostgreSQL.
+"""Detector state per Kafka partition: export, import, and where it is kept (a
+``CheckpointStore``, chosen by ``processor.checkpoint_store``; PostgreSQL's is the one shipped).
 
 A device's records all go to one partition (they are keyed by device), so every series belongs
 to exactly one partition and a partition's state can move on its own. The saved form uses
@@ -10,15 +11,38 @@ state arrays for those series.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import psycopg
 from numpy.typing import NDArray
 
+from citytel.config import Settings, unknown_component
+from citytel.core.errors import RetryableError
 from citytel.processors.detectors import Detector
 from citytel.processors.series import SeriesIndex
 
-__all__ = ["StateStore", "export_partition", "import_partition"]
+__all__ = [
+    "CHECKPOINT_STORES",
+    "CheckpointStore",
+    "StateStore",
+    "build_checkpoint_store",
+    "check_checkpoint_store",
+    "export_partition",
+    "import_partition",
+]
+
+
+class CheckpointStore(Protocol):
+    """Where partitions' detector state is kept between processes. Both methods raise
+    ``RetryableError`` while the store cannot be reached; the processor then waits and retries."""
+
+    async def save(self, topic: str, partition: int, next_offset: int, blob: bytes, series: int) -> None: ...
+
+    async def load(self, topic: str, partition: int) -> tuple[int, bytes] | None:
+        """The saved (next offset, state) of a partition, or None if none was saved."""
+        ...
 
 
 def export_partition(index: SeriesIndex, detectors: list[Detector], partition: int) -> tuple[bytes, int]:
@@ -75,21 +99,44 @@ class StateStore:
         self._group = consumer_group
 
     async def save(self, topic: str, partition: int, next_offset: int, blob: bytes, series: int) -> None:
-        async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
-            await connection.execute(
-                "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
-                " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
-                " saved_at = now()",
-                (self._group, topic, partition, next_offset, series, blob),
-            )
+        try:
+            async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
+                await connection.execute(
+                    "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
+                    " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
+                    " saved_at = now()",
+                    (self._group, topic, partition, next_offset, series, blob),
+                )
+        except psycopg.Error as error:
+            raise RetryableError(f"saving partition {partition}'s state failed: {error}") from error
 
     async def load(self, topic: str, partition: int) -> tuple[int, bytes] | None:
-        async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
-            cursor = await connection.execute(
-                "SELECT next_offset, state FROM detector_state"
-                " WHERE consumer_group = %s AND topic = %s AND partition = %s",
-                (self._group, topic, partition),
-            )
-            row = await cursor.fetchone()
+        try:
+            async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
+                cursor = await connection.execute(
+                    "SELECT next_offset, state FROM detector_state"
+                    " WHERE consumer_group = %s AND topic = %s AND partition = %s",
+                    (self._group, topic, partition),
+                )
+                row = await cursor.fetchone()
+        except psycopg.Error as error:
+            raise RetryableError(f"loading partition {partition}'s state failed: {error}") from error
         return (int(row[0]), bytes(row[1])) if row else None
+
+
+CHECKPOINT_STORES: dict[str, Callable[[Settings], CheckpointStore]] = {
+    "postgresql": lambda settings: StateStore(settings.database.conninfo(), settings.kafka.consumer_group),
+}
+
+
+def check_checkpoint_store(settings: Settings) -> None:
+    """``processor.checkpoint_store`` names a registered store: checked at start-up."""
+    if settings.processor.checkpoint_store not in CHECKPOINT_STORES:
+        name = settings.processor.checkpoint_store
+        raise unknown_component("processor.checkpoint_store", "checkpoint store", name, CHECKPOINT_STORES)
+
+
+def build_checkpoint_store(settings: Settings) -> CheckpointStore:
+    check_checkpoint_store(settings)
+    return CHECKPOINT_STORES[settings.processor.checkpoint_store](settings)

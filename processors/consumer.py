@@ -38,7 +38,7 @@ from citytel.core.errors import PermanentError, RetryableError
 from citytel.core.kafka import deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
-from citytel.processors.checkpoint import StateStore, export_partition, import_partition
+from citytel.processors.checkpoint import build_checkpoint_store, export_partition, import_partition
 from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
 from citytel.processors.detection import DetectionStage, warm_up
 from citytel.processors.memory import retain_freed_memory
@@ -77,7 +77,7 @@ class Processor:
         # Sinks and checkpoints share it: both are the database today.
         self._database_outage = Outage(log, "the database")
         self._kafka_outage = Outage(log, "Kafka")
-        self._state = StateStore(settings.database.conninfo(), settings.kafka.consumer_group)
+        self._state = build_checkpoint_store(settings)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._healthy = False
@@ -294,8 +294,8 @@ class Processor:
                 await self._state.save(topic, partition, position, blob, series)
                 self._unsaved.discard((topic, partition))
                 saved[(topic, partition)] = position
-        except psycopg.Error as error:
-            # The database is away: the partitions not saved stay unsaved (their offsets
+        except RetryableError as error:
+            # The store is away: the partitions not saved stay unsaved (their offsets
             # uncommitted), and the checkpoint is tried again once the retry wait has passed.
             failed = True
             self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
@@ -323,12 +323,25 @@ class Processor:
         if revoked:
             log.info("partitions revoked, state saved: %s", sorted(tp.partition for tp in revoked))
 
+    async def _load_state(self, tp: TopicPartition) -> tuple[int, bytes] | None:
+        """A partition's saved state; while the store is away, waits and tries again (a partition
+        scored without its state would score as if its devices were new)."""
+        while True:
+            try:
+                saved = await self._state.load(tp.topic, tp.partition)
+            except RetryableError as error:
+                self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
+                await asyncio.sleep(self._settings.processor.retry_max_seconds)
+                continue
+            self._database_outage.recovered()
+            return saved
+
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
         metrics.PROCESSOR_PARTITIONS.set(len(self._consumer.assignment()))
         async with self._lock:
             for tp in assigned:
-                saved = await self._state.load(tp.topic, tp.partition)
+                saved = await self._load_state(tp)
                 if saved is None:
                     continue
                 next_offset, blob = saved

@@ -84,8 +84,13 @@ BAD_CONFIGS = [
         r"processor\.detectors\[2\]: no detector named 'flatlin' \(did you mean \"flatline\"\?\)",
     ),
     (
+        "an unknown checkpoint store",
+        SHIPPED_TEXT.replace('checkpoint_store = "postgresql"', 'checkpoint_store = "postgres"'),
+        r"processor\.checkpoint_store: no checkpoint store named 'postgres' \(did you mean \"postgresql\"\?\)",
+    ),
+    (
         "an unknown sink",
-        SHIPPED_TEXT.replace("[processor]\n", '[processor]\nsinks = ["timescale"]\n'),
+        SHIPPED_TEXT.replace('sinks = ["timescaledb"]', 'sinks = ["timescale"]'),
         r"processor\.sinks\[0\]: no sink named 'timescale' \(did you mean \"timescaledb\"\?\)",
     ),
 ]
