@@ -248,6 +248,8 @@ class Settings(Strict, frozen=True):
     # [detectors.<name>] tables, each checked by its detector against its own settings struct
     # when the detection stage is built (config/components.py).
     detectors: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # [sinks.<name>] tables, likewise checked by each sink.
+    sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)

@@ -9,13 +9,22 @@ after every sink returns, so a crash in between replays the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
-from citytel.config import Settings, unknown_component
+from citytel.config import Settings, Strict, component_settings, unknown_component
 from citytel.processors.batch import DetectorResult, ReadingBatch
 from citytel.processors.series import SeriesIndex
 
-__all__ = ["SINKS", "Maintained", "Sink", "build_sink", "check_sinks", "register_sink"]
+__all__ = [
+    "SINKS",
+    "Maintained",
+    "RegisteredSink",
+    "Sink",
+    "build_sink",
+    "check_sinks",
+    "register_sink",
+    "sink_settings",
+]
 
 
 class Sink(Protocol):
@@ -39,35 +48,56 @@ class Maintained(Protocol):
         ...
 
 
-SINKS: dict[str, Callable[[Settings, SeriesIndex], Sink]] = {}
+_S = TypeVar("_S", bound=Strict)
+
+
+class RegisteredSink(NamedTuple):
+    """A sink by name: how to build it (from the whole settings, its own ``[sinks.<name>]``
+    table as its settings struct, and the series index), and that struct's type."""
+
+    factory: Callable[[Settings, Any, SeriesIndex], Sink]
+    settings: type[Strict]
+
+
+SINKS: dict[str, RegisteredSink] = {}
 
 
 def register_sink(
-    name: str,
-) -> Callable[[Callable[[Settings, SeriesIndex], Sink]], Callable[[Settings, SeriesIndex], Sink]]:
-    def add(factory: Callable[[Settings, SeriesIndex], Sink]) -> Callable[[Settings, SeriesIndex], Sink]:
-        SINKS[name] = factory
+    name: str, settings: type[_S]
+) -> Callable[[Callable[[Settings, _S, SeriesIndex], Sink]], Callable[[Settings, _S, SeriesIndex], Sink]]:
+    """Register a sink under ``name`` with its own settings struct (``[sinks.<name>]``)."""
+
+    def add(factory: Callable[[Settings, _S, SeriesIndex], Sink]) -> Callable[[Settings, _S, SeriesIndex], Sink]:
+        SINKS[name] = RegisteredSink(factory, settings)
         return factory
 
     return add
 
 
-def _registry() -> dict[str, Callable[[Settings, SeriesIndex], Sink]]:
+def _registry() -> dict[str, RegisteredSink]:
     from citytel.processors.sinks import timescale  # noqa: F401 - registers itself
 
     return SINKS
 
 
+def sink_settings(name: str, settings: Settings) -> Strict:
+    """A sink's ``[sinks.<name>]`` table, checked against its own settings struct."""
+    if name not in _registry():
+        raise unknown_component(f"sinks.{name}", "sink", name, _registry())
+    return component_settings(_registry()[name].settings, settings.sinks.get(name, {}), f"sinks.{name}")
+
+
 def check_sinks(settings: Settings) -> None:
-    """Every name in ``processor.sinks`` is a registered sink: checked at start-up."""
+    """Every name in ``processor.sinks`` is a registered sink, and every ``[sinks.*]`` table
+    names one and fits its settings: checked at start-up."""
     if not settings.processor.sinks:
         raise unknown_component("processor.sinks", "sink", "", _registry())
     for position, name in enumerate(settings.processor.sinks):
         if name not in _registry():
             raise unknown_component(f"processor.sinks[{position}]", "sink", name, _registry())
+    for name in settings.sinks:
+        sink_settings(name, settings)
 
 
 def build_sink(name: str, settings: Settings, index: SeriesIndex) -> Sink:
-    if name not in _registry():
-        raise unknown_component("processor.sinks", "sink", name, _registry())
-    return _registry()[name](settings, index)
+    return _registry()[name].factory(settings, sink_settings(name, settings), index)

@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 from numpy.typing import NDArray
 
-from citytel.config import Settings
+from citytel.config import Settings, Strict
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
 from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
@@ -48,11 +48,16 @@ CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
 _PERMANENT = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.SyntaxErrorOrAccessRuleViolation)
 
 
-@register_sink("timescaledb")
+class TimescaleSinkSettings(Strict, frozen=True):
+    """[sinks.timescaledb]: none of its own yet; it writes to ``[database]`` and keeps rollups
+    and retention as ``[storage]`` says."""
+
+
+@register_sink("timescaledb", TimescaleSinkSettings)
 class TimescaleSink:
     name = "timescaledb"
 
-    def __init__(self, settings: Settings, index: SeriesIndex) -> None:
+    def __init__(self, settings: Settings, own: TimescaleSinkSettings, index: SeriesIndex) -> None:
         self._conninfo = settings.database.conninfo()
         self._storage = settings.storage
         self._index = index

@@ -20,7 +20,7 @@ from citytel.devtools import stack
 from citytel.processors.alerts.engine import evaluate
 from citytel.processors.batch import ReadingBatch
 from citytel.processors.series import SeriesIndex
-from citytel.processors.sinks.timescale import TimescaleSink
+from citytel.processors.sinks.timescale import TimescaleSink, TimescaleSinkSettings
 from citytel.processors.storage import prepare_database
 from citytel.processors.storage.devices import DeviceError, import_devices, read_devices
 from citytel.processors.storage.maintenance import ManualRollups, drop_old_chunks, edition, maintain, tsl_statements
@@ -53,7 +53,7 @@ def write(
     )
 
     async def go() -> None:
-        sink = TimescaleSink(settings, index)
+        sink = TimescaleSink(settings, TimescaleSinkSettings(), index)
         try:
             await sink.write(batch, [])
         finally:

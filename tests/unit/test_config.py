@@ -89,6 +89,11 @@ BAD_CONFIGS = [
         r"processor\.checkpoint_store: no checkpoint store named 'postgres' \(did you mean \"postgresql\"\?\)",
     ),
     (
+        "a key the sink does not take",
+        SHIPPED_TEXT + "\n[sinks.timescaledb]\nbatch_rows = 5\n",
+        r"sinks\.timescaledb: unknown key 'batch_rows'; keys it takes: none",
+    ),
+    (
         "an unknown sink",
         SHIPPED_TEXT.replace('sinks = ["timescaledb"]', 'sinks = ["timescale"]'),
         r"processor\.sinks\[0\]: no sink named 'timescale' \(did you mean \"timescaledb\"\?\)",
