@@ -4,7 +4,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -135,6 +135,11 @@ class ProcessorSettings(Strict, frozen=True):
     sinks: list[str] = msgspec.field(default_factory=lambda: ["timescaledb"])
     # Where detector state is kept per partition, by registered name.
     checkpoint_store: str = "postgresql"
+    # Records of devices not in the device registry (or registered as another kind) are set
+    # aside to the dead-letter topic as unregistered_device: "auto" does so once the registry
+    # holds any device, "on" always, "off" never. The registry is re-read this often.
+    quarantine_unregistered: Literal["auto", "on", "off"] = "auto"
+    registry_refresh_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_series: int = 1_000_000
     retry_initial_seconds: float = 0.5
     # The longest wait between two tries at a server that is down: work resumes at most this

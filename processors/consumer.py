@@ -43,6 +43,7 @@ from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
 from citytel.processors.detection import DetectionStage, warm_up
 from citytel.processors.memory import retain_freed_memory
 from citytel.processors.sinks import Maintained, Sink, build_sink
+from citytel.processors.storage.devices import registered_kinds
 
 __all__ = ["Processor", "run_processor"]
 
@@ -385,6 +386,28 @@ class Processor:
             if report is not None:
                 log.debug("maintenance: %s", report)
 
+    async def _refresh_registry(self, stop: asyncio.Event) -> None:
+        """Read the device registry into the rules (``processor.quarantine_unregistered``); at
+        start-up, until it can be read: a record of an unknown device must not slip through."""
+        mode = self._settings.processor.quarantine_unregistered
+        if mode == "off":
+            return
+        while not stop.is_set():
+            try:
+                devices = await asyncio.to_thread(registered_kinds, self._settings.database.conninfo())
+            except psycopg.Error as error:
+                self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
+                await asyncio.sleep(self._settings.processor.retry_max_seconds)
+                continue
+            self._database_outage.recovered()
+            self._rules.use_registry(devices if devices or mode == "on" else None)
+            return
+
+    async def _keep_registry(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self._settings.processor.registry_refresh_seconds)
+            await self._refresh_registry(stop)
+
     async def _start(self, stop: asyncio.Event) -> bool:
         config = self._settings.kafka
         delay = self._settings.processor.retry_initial_seconds
@@ -422,9 +445,11 @@ class Processor:
         assert self._consumer is not None
         assert self._producer is not None
         settings = self._settings.processor
+        await self._refresh_registry(stop)
         maintenance = [
             asyncio.create_task(self._maintain(sink, stop)) for sink in self.sinks if isinstance(sink, Maintained)
         ]
+        maintenance.append(asyncio.create_task(self._keep_registry(stop)))
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(

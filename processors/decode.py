@@ -66,6 +66,13 @@ class EnvelopeRules:
         self.max_future_us = round(settings.ingest.max_future_skew_seconds * 1e6)
         self.device_id = re.compile(settings.ingest.device_id_pattern)
         self._checked_ids: set[str] = set()
+        # The device registry's kind of each registered device, when records of others are
+        # quarantined (None: they are not). Replaced whole by ``use_registry``.
+        self.registered: dict[str, str] | None = None
+
+    def use_registry(self, devices: dict[str, str] | None) -> None:
+        """Quarantine records of devices not in ``devices`` (device id -> kind), or none (None)."""
+        self.registered = devices
 
     def envelope_problem(self, envelope: Envelope, now_us: int) -> tuple[str, str] | None:
         """What is wrong with the envelope as a whole (its kind, device, receipt), if anything."""
@@ -77,6 +84,12 @@ class EnvelopeRules:
                     return "bad_device_id", f"{what} {short(text)} does not match {self.device_id.pattern!r}"
             if len(self._checked_ids) < 1_000_000:  # bounded: ids come from the outside world
                 self._checked_ids.add(envelope.device_id)
+        if self.registered is not None:
+            registered_kind = self.registered.get(envelope.device_id)
+            if registered_kind is None:
+                return "unregistered_device", f"device {short(envelope.device_id)} is not in the device registry"
+            if registered_kind != envelope.kind:
+                return "unregistered_device", f"device {envelope.device_id!r} is registered as a {registered_kind!r}"
         if self.wall_clock and envelope.received_us > now_us + self.max_future_us:
             return "bad_time", f"received at {envelope.received_us / 1e6:.0f}s, after the processor's clock"
         return None

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-__all__ = ["Device", "DeviceError", "import_devices", "read_devices"]
+__all__ = ["Device", "DeviceError", "import_devices", "read_devices", "registered_kinds"]
 
 
 class DeviceError(ValueError):
@@ -76,3 +76,9 @@ def import_devices(connection: psycopg.Connection, devices: list[Device]) -> int
             [(d.device_id, d.kind, d.district, d.latitude, d.longitude, d.capacity, d.installed) for d in devices],
         )
     return len(devices)
+
+
+def registered_kinds(conninfo: str) -> dict[str, str]:
+    """Every registered device id, with its kind."""
+    with psycopg.connect(conninfo) as connection:
+        return dict(connection.execute("SELECT device_id, kind FROM devices").fetchall())

@@ -20,6 +20,7 @@ from citytel.devtools import stack
 from citytel.processors.detectors import detector_settings
 from citytel.processors.detectors.dropout import DropoutSettings
 from citytel.processors.storage import prepare_database
+from citytel.processors.storage.devices import Device, import_devices
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, produce, read_topic, wait_for, wait_ready
 
@@ -300,3 +301,22 @@ def count_rows(settings: Settings) -> int:
     except psycopg.OperationalError:
         return -1
     return int(row[0]) if row else 0
+
+
+def test_records_of_devices_missing_from_a_registry_are_quarantined(
+    settings: Settings, database: ScratchDatabase, tmp_path: Path
+) -> None:
+    """Once devices are registered, a record from any other device id goes to the dead-letter
+    topic (unregistered_device) instead of the database."""
+    prepare(settings, database)
+    with database.connect() as connection:
+        import_devices(connection, [Device(device, "air", "erqi") for device in DEVICES[:20]])
+    with citytel_process(settings, tmp_path, "process"):
+        wait_ready(settings.metrics.processor_port)
+        produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, envelopes(0, 5, set(), seed=4))
+        dead = read_topic(settings.kafka.bootstrap_servers, settings.kafka.deadletter_topic, 5 * 20, 60)
+        wait_for(lambda: len(stored(database, "readings")) >= 5 * 20, 60, "the registered devices' readings")
+    assert {device for device, _ in stored(database, "readings")} == set(DEVICES[:20])
+    reasons = {dict(record.headers)["citytel-reason-code"].decode() for record in dead}
+    assert reasons == {"unregistered_device"}
+    assert {record.key.decode() for record in dead} == set(DEVICES[20:])

@@ -523,3 +523,23 @@ def test_new_series_beyond_max_series_are_refused_and_known_ones_flow() -> None:
 def batch_offsets(records: list[FakeRecord], rejected: list[BadRecord]) -> list[FakeRecord]:
     refused = {record.offset for record in rejected}
     return [record for record in records if record.offset not in refused]
+
+
+def test_once_a_registry_is_used_records_of_unregistered_devices_are_quarantined() -> None:
+    rules = EnvelopeRules(SETTINGS)
+    rules.use_registry({"air-1": "air", "lot-1": "parking"})
+    records = [
+        FakeRecord(0, encode_envelope(envelope(device="air-1"))),
+        FakeRecord(1, encode_envelope(envelope(device="air-2"))),  # not registered
+        FakeRecord(2, encode_envelope(envelope(device="lot-1"))),  # registered as a parking lot
+    ]
+    batch, rejected = decode_batch(records, SeriesIndex(1000), {}, rules)
+    assert len(batch) == 2
+    assert [(record.offset, record.reason_code) for record in rejected] == [
+        (1, "unregistered_device"),
+        (2, "unregistered_device"),
+    ]
+    assert "registered as a 'parking'" in rejected[1].reason
+    rules.use_registry(None)
+    batch, rejected = decode_batch(records, SeriesIndex(1000), {}, rules)
+    assert (len(batch), rejected) == (6, [])
