@@ -106,6 +106,12 @@ def _bridge(arguments: argparse.Namespace) -> int:
 
 
 def _process(arguments: argparse.Namespace) -> int:
+    if arguments.warm_up_only:
+        from citytel.processors.detection import warm_up
+
+        _stage, seconds = warm_up(_settings(arguments))
+        print(f"detectors compiled (or found in numba's cache) in {seconds:.1f}s")
+        return 0
     from citytel.processors.consumer import run_processor
 
     run_processor(_settings(arguments))
@@ -195,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     query.set_defaults(handler=_query)
 
     commands.add_parser("bridge", parents=[common], help="run an MQTT → Kafka bridge").set_defaults(handler=_bridge)
-    commands.add_parser(
-        "process", parents=[common], help="run a processor (Kafka → detectors → TimescaleDB)"
-    ).set_defaults(handler=_process)
+    process = commands.add_parser("process", parents=[common], help="run a processor (Kafka → detectors → TimescaleDB)")
+    process.add_argument(
+        "--warm-up-only",
+        action="store_true",
+        help="compile the detectors into numba's on-disk cache and exit (the installer does this once)",
+    )
+    process.set_defaults(handler=_process)
 
     alerts = commands.add_parser("alerts", parents=[common], help="alerts for city departments")
     alerts.add_argument("action", choices=["run", "tail", "list"], help="run: the alerter process")

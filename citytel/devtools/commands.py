@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from citytel.devtools.settings import load_dev_settings
+from citytel.devtools.simulate import DURATION
 from citytel.devtools.stack import StackError
 from citytel.startup import load_checked_settings
 
@@ -50,6 +51,7 @@ def _stack(arguments: argparse.Namespace) -> int:
 
 
 def _simulate(arguments: argparse.Namespace) -> int:
+    import itertools
     import signal
     import threading
     import time
@@ -71,7 +73,17 @@ def _simulate(arguments: argparse.Namespace) -> int:
         fault_rate=arguments.fault_rate,
         codec=arguments.codec,
     )
-    messages: Iterator[Message] = city.messages(time.time(), clock=time.time)
+    for fault in arguments.incident:
+        device = city.force_fault(fault)
+        print(f"scripted incident: {fault} on {device.device_id}", flush=True)
+    now = time.time()
+    messages: Iterator[Message] = city.messages(now, clock=time.time)
+    if arguments.history_minutes > 0:
+        # The recent past first, a reading per device every 10 s: the detectors and the alerter
+        # have history to work on from the first seconds, then the city goes on live.
+        rounds = int(arguments.history_minutes * 6)
+        past = city.messages(now - arguments.history_minutes * 60, interval_s=10.0)
+        messages = itertools.chain(itertools.islice(past, rounds * len(city.devices)), messages)
     if arguments.replay is not None:
         messages = replay_csv(
             arguments.replay,
@@ -215,6 +227,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     simulate.add_argument("--codec", choices=["json", "senml", "fiware"], default="json", help="payload format")
     simulate.add_argument("--fault-rate", type=float, default=0.0, help="chance per device and reading of a fault")
     simulate.add_argument("--labels", type=Path, default=None, help="write the injected faults here (JSON lines)")
+    simulate.add_argument(
+        "--history-minutes",
+        type=float,
+        default=0.0,
+        help="first publish this many minutes of the city's recent past (a reading per device every 10 s)",
+    )
+    simulate.add_argument(
+        "--incident",
+        action="append",
+        default=[],
+        choices=sorted(DURATION),
+        help="a fault to give the first device that can have it, once warm (may repeat)",
+    )
     simulate.add_argument("--replay", type=Path, default=None, help="publish a timestamp,value CSV instead")
     simulate.add_argument("--replay-device", default="traffic-replay")
     simulate.add_argument("--replay-kind", default="traffic")

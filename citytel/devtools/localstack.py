@@ -145,6 +145,31 @@ def spawn_citytel(
         return subprocess.Popen([*command, *arguments], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_for_processor(settings: Settings, processor: subprocess.Popen[bytes], log_dir: Path) -> None:
+    """Until the processor is ready, say what it is doing: on a machine's first run it compiles
+    its detectors (numba), which the installer normally did already."""
+    started = time.monotonic()
+    said = 0.0
+    while not stack.port_open(settings.metrics.processor_port) or not _ready(settings.metrics.processor_port):
+        if processor.poll() is not None:
+            raise stack.StackError(
+                f"the processor exited with code {processor.returncode}; see {log_dir / 'processor.log'}"
+            )
+        waited = time.monotonic() - started
+        if waited - said >= 5.0:
+            said = waited
+            _say(f"processor starting: compiling its detectors and joining its group ({waited:.0f}s so far)")
+        time.sleep(0.5)
+    _say(f"processor ready in {time.monotonic() - started:.1f}s")
+
+
+def _ready(port: int) -> bool:
+    try:
+        return stack.http_get(f"http://127.0.0.1:{port}/readyz", timeout=1).startswith(b"ready")
+    except stack.StackError:
+        return False
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -167,9 +192,12 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
         "bridge": spawn_citytel(["bridge"], config_path, log_dir, "bridge"),
         "alerter": spawn_citytel(["alerts", "run"], config_path, log_dir, "alerter"),
     }
-    time.sleep(2.0)
+    _wait_for_processor(settings, children["processor"], log_dir)
     # A few faults per hour and device: the detectors and alerts have something to find.
-    children["simulator"] = spawn_citytel(["simulate", "--fault-rate", "0.0005"], config_path, log_dir, "simulator")
+    # Ten minutes of recent past with a traffic incident in it: the detectors and the alerter
+    # have something to show in the first minute (a transport alert), then the city goes live.
+    simulate = ["simulate", "--fault-rate", "0.0005", "--history-minutes", "10", "--incident", "traffic_incident"]
+    children["simulator"] = spawn_citytel(simulate, config_path, log_dir, "simulator")
     simulator = dev.simulator
     _say(
         f"simulating {4 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"

@@ -187,6 +187,17 @@ class City:
         self._episodes: dict[str, tuple[int, int]] = {}  # district -> (readings done, label start)
         self._episode_labels: dict[str, list[int]] = {}
         self.labels: list[Label] = []
+        # Faults asked for by name (``force_fault``), by device: they start once it is warm.
+        self._forced: dict[str, str] = {}
+
+    def force_fault(self, fault: str) -> Device:
+        """Give the first device that can suffer ``fault`` that fault, as soon as it is past its
+        warm-up (a scripted incident for demonstrations); returns the device."""
+        for device in self.devices:
+            if fault in FAULTS[device.sort] and device.device_id not in self._forced:
+                self._forced[device.device_id] = fault
+                return device
+        raise ValueError(f"no simulated device can suffer {fault!r}; faults: {sorted(DURATION)}")
 
     def write_labels(self, path: Path) -> None:
         path.write_text("".join(label.as_json() + "\n" for label in self.labels))
@@ -242,15 +253,15 @@ class City:
         return 1.0 + (_EPISODE_PEAK - 1.0) * math.sin(math.pi * (done + 0.5) / DURATION["pollution_episode"])
 
     def _maybe_start_fault(self, device: Device, sequence: int, time_s: float) -> None:
-        if (
-            self.fault_rate <= 0
-            or device.device_id in self._faults
-            or sequence < self.warmup_messages
-            or self._random.random() >= self.fault_rate
-        ):
+        if device.device_id in self._faults or sequence < self.warmup_messages:
             return
-        choices = FAULTS[device.sort]
-        name = choices[int(self._random.integers(len(choices)))]
+        if device.device_id in self._forced:
+            name = self._forced.pop(device.device_id)
+        elif self.fault_rate <= 0 or self._random.random() >= self.fault_rate:
+            return
+        else:
+            choices = FAULTS[device.sort]
+            name = choices[int(self._random.integers(len(choices)))]
         metric = ""
         if name in ("stuck", "drift"):
             metrics_of = list(_AIR) if device.sort == "air" else list(_TRAFFIC_NOISE)

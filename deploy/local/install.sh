@@ -20,6 +20,30 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Unpack the source package $2 of Debian suite $1 into $3/src and print its folder. The suite
+# goes in a private sources file and lists dir, so the system's binary sources never see it
+# (newer suites' binaries want a newer libc). The mirror is the machine's own (its first
+# non-security Debian one, from either sources format): this script names no package host.
+source_package() {
+  local suite="$1" package="$2" build="$3" mirror apt_state
+  mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+            | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
+  if [ -z "$mirror" ]; then
+    echo "no Debian mirror found in /etc/apt/sources.list or /etc/apt/sources.list.d/: $package's source" >&2
+    echo "package comes from the machine's own mirror; add one to apt's configuration and run again" >&2
+    exit 1
+  fi
+  apt_state="$build/apt"
+  mkdir -p "$apt_state/lists/partial" "$build/src"
+  printf 'deb-src %s %s main\n' "$mirror" "$suite" >"$apt_state/sources.list"
+  local apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                  -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
+  as_root apt-get "${apt_opts[@]}" update -qq >&2
+  (cd "$build/src" && rm -rf "$package"-* && apt-get "${apt_opts[@]}" source -qq --download-only "$package" >/dev/null \
+     && dpkg-source -x --no-check "$package"_*.dsc >/dev/null) || { echo "fetching $package's source failed" >&2; exit 1; }
+  find "$build/src" -maxdepth 1 -type d -name "$package-*" | head -n1
+}
+
 # --- Debian packages -------------------------------------------------------------------------
 debian_packages=(
   mosquitto mosquitto-clients            # MQTT broker and its CLI tools
@@ -80,25 +104,7 @@ if ! ls "$pg_libdir"/timescaledb-2.*.so >/dev/null 2>&1 || \
   step "building TimescaleDB (Apache edition) from Debian trixie's source for PostgreSQL $pg_major (~1-2 min, once)"
   started=$SECONDS
   build="$cache/timescaledb-build"
-  apt_state="$build/apt"
-  mkdir -p "$apt_state/lists/partial" "$build/src"
-  # Trixie serves the source package only; it goes in a private sources file and lists dir so
-  # the system's binary sources never see trixie (its binaries want a newer libc).
-  # The machine's own Debian mirror (first non-security one), from either sources format.
-  mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
-            | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
-  if [ -z "$mirror" ]; then
-    echo "no Debian mirror found in /etc/apt/sources.list or /etc/apt/sources.list.d/: TimescaleDB's source" >&2
-    echo "package comes from the machine's own mirror; add one to apt's configuration and run again" >&2
-    exit 1
-  fi
-  printf 'deb-src %s trixie main\n' "$mirror" >"$apt_state/sources.list"
-  apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
-            -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
-  as_root apt-get "${apt_opts[@]}" update -qq
-  (cd "$build/src" && rm -rf timescaledb-* && apt-get "${apt_opts[@]}" source -qq --download-only timescaledb >/dev/null \
-     && dpkg-source -x --no-check timescaledb_*.dsc >/dev/null)
-  source_dir="$(find "$build/src" -maxdepth 1 -type d -name 'timescaledb-*' | head -n1)"
+  source_dir="$(source_package trixie timescaledb "$build")"
   (cd "$source_dir" && rm -rf build && mkdir build && cd build \
      && cmake .. -DPG_CONFIG="$pg_bin/pg_config" -DAPACHE_ONLY=ON -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
           -DWARNINGS_AS_ERRORS=OFF -DCMAKE_BUILD_TYPE=Release >"$build/cmake.log" 2>&1 \
@@ -121,21 +127,8 @@ if [ ! -x "$mosquitto_home/mosquitto" ] || [ ! -f "$mosquitto_home/mosquitto_per
   step "building Mosquitto 2.1 with SQLite persistence from Debian sid's source (~1-2 min, once)"
   started=$SECONDS
   build="$cache/mosquitto-build"
-  apt_state="$build/apt"
-  mkdir -p "$apt_state/lists/partial" "$build/src" "$mosquitto_home"
-  mirror="$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
-            | awk '/^[^#]*(deb |URIs:)/ { for (i = 1; i <= NF; i++) if ($i ~ /^https?:\/\/.*debian/ && $i !~ /security/) { print $i; exit } }')"
-  if [ -z "$mirror" ]; then
-    echo "no Debian mirror found in the machine's apt configuration: Mosquitto's source comes from it" >&2
-    exit 1
-  fi
-  printf 'deb-src %s sid main\n' "$mirror" >"$apt_state/sources.list"
-  apt_opts=(-o "Dir::Etc::SourceList=$apt_state/sources.list" -o Dir::Etc::SourceParts=/dev/null
-            -o "Dir::State::Lists=$apt_state/lists" -o APT::Sandbox::User=root)
-  as_root apt-get "${apt_opts[@]}" update -qq
-  (cd "$build/src" && rm -rf mosquitto-* && apt-get "${apt_opts[@]}" source -qq --download-only mosquitto >/dev/null \
-     && dpkg-source -x --no-check mosquitto_*.dsc >/dev/null)
-  source_dir="$(find "$build/src" -maxdepth 1 -type d -name 'mosquitto-*' | head -n1)"
+  mkdir -p "$mosquitto_home"
+  source_dir="$(source_package sid mosquitto "$build")"
   (cd "$source_dir" && rm -rf build && mkdir build && cd build \
      && cmake .. -DWITH_TESTS=OFF -DWITH_DOCS=OFF -DCMAKE_BUILD_TYPE=Release >"$build/cmake.log" 2>&1 \
      && make -j"$(nproc)" >"$build/make.log" 2>&1) \
@@ -168,3 +161,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 else
   step "Python environment: up to date"
 fi
+
+# --- The detectors, compiled once ---------------------------------------------------------------
+# numba compiles the detectors' kernels on first use and keeps the machine code on disk; doing it
+# here spares the first `make run` (and the first test) a silent minute. Later runs find the cache.
+step "compiling the detectors (first time on this machine: about a minute)"
+started=$SECONDS
+"$venv/bin/citytel" process --warm-up-only >/dev/null \
+  || { echo "compiling the detectors failed: run $venv/bin/citytel process --warm-up-only" >&2; exit 1; }
+step "detectors ready in $(elapsed $started)"

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 
-from citytel.processors.batch import ReadingBatch
+from citytel.processors.batch import DetectorResult, ReadingBatch
 from citytel.processors.detectors import SeriesState, build_detector
 
 T0 = 1_795_000_000_000_000  # 2026-11-18, µs
@@ -42,6 +42,21 @@ def batch(times: list[int], series: list[int], values: list[float], metric: str 
         metric=np.zeros(count, np.int64),
         metric_names=(metric,),
     )
+
+
+def check_verdicts(result: DetectorResult, expected: dict[int, Any], where: tuple[object, ...]) -> int:
+    """Every row of the batch has the reference's verdict (rows missing from ``expected``: none);
+    returns how many rows were flagged."""
+    reasons = [result.reasons[code] for code in result.reason]
+    for row, (score, flagged) in enumerate(zip(result.score, result.flagged, strict=True)):
+        verdict = expected.get(row)
+        want = 0.0 if verdict is None else verdict.score
+        assert score == pytest.approx(np.float32(want), abs=1e-9), (*where, row)
+        assert bool(flagged) == (verdict is not None and verdict.flagged), (*where, row)
+        if flagged:
+            assert verdict is not None
+            assert reasons[row] == verdict.reason, (*where, row)
+    return int(result.flagged.sum())
 
 
 def stream(seed: int, length: int = 3000, stuck: bool = False, episodes: bool = False) -> list[tuple[int, int, float]]:
@@ -112,16 +127,7 @@ def compare(
             time, one_series, value = chunk[k]
             if math.isfinite(value):
                 expected[k] = reference.learn_one(one_series, time, value)
-        score, flagged = result.score, result.flagged
-        reasons = [result.reasons[code] for code in result.reason]
-        for k, verdict in enumerate(expected):
-            want = 0.0 if verdict is None else verdict.score
-            assert score[k] == pytest.approx(np.float32(want), abs=1e-9), (name, position, k, chunk[k])
-            assert bool(flagged[k]) == (verdict is not None and verdict.flagged), (name, position, k, chunk[k])
-            if flagged[k]:
-                assert verdict is not None
-                assert reasons[k] == verdict.reason
-                flags += 1
+        flags += check_verdicts(result, dict(enumerate(expected)), (name, position))
         if restore_at is not None and position >= restore_at:
             assert isinstance(detector, SeriesState)
             dense = np.arange(SERIES, dtype=np.int64)
@@ -206,17 +212,7 @@ def compare_messages(
             if math.isfinite(value):
                 other = readings.get(companion, math.nan) if companion else math.nan
                 expected[rows_of[k]] = reference.learn_one(device, time, value, other)
-        score, flagged = result.score, result.flagged
-        reasons = [result.reasons[code] for code in result.reason]
-        for k in range(len(batch_)):
-            verdict = expected.get(k)
-            want = 0.0 if verdict is None else verdict.score
-            assert score[k] == pytest.approx(np.float32(want), abs=1e-9), (name, position, k)
-            assert bool(flagged[k]) == (verdict is not None and verdict.flagged), (name, position, k)
-            if flagged[k]:
-                assert verdict is not None
-                assert reasons[k] == verdict.reason
-                flags += 1
+        flags += check_verdicts(result, expected, (name, position))
     return flags
 
 
@@ -310,17 +306,7 @@ def compare_batches(
             for k in order
         ]
         expected = dict(zip((rows_of[k] for k in order), reference.learn_batch(readings), strict=True))
-        score, flagged = result.score, result.flagged
-        reasons = [result.reasons[code] for code in result.reason]
-        for k in range(len(batch_)):
-            verdict = expected.get(k)
-            want = 0.0 if verdict is None else verdict.score
-            assert score[k] == pytest.approx(np.float32(want), abs=1e-9), (name, position, k)
-            assert bool(flagged[k]) == (verdict is not None and verdict.flagged), (name, position, k)
-            if flagged[k]:
-                assert verdict is not None
-                assert reasons[k] == verdict.reason
-                flags += 1
+        flags += check_verdicts(result, expected, (name, position))
     return flags
 
 

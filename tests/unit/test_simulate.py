@@ -62,3 +62,16 @@ def test_a_csv_replays_as_one_device_keeping_its_spacing(tmp_path: Path) -> None
     assert [m.values for m in messages] == [{"occupancy": 6.1}, {"occupancy": 7.5}, {"occupancy": 2.0}]
     assert [m.time_s for m in messages] == [1_795_000_000.0 - 900, 1_795_000_000.0 - 600, 1_795_000_000.0]
     assert messages[0].topic == "city/jinshui/traffic/loop-6005/up"
+
+
+def test_a_forced_fault_starts_on_the_first_device_that_can_have_it_once_warm() -> None:
+    city = City(devices_per_kind=3, seed=8, warmup_messages=5)
+    device = city.force_fault("traffic_incident")
+    assert device.sort == "traffic"
+    messages = list(itertools.islice(city.messages(1_795_000_000.0, 10.0), 20 * len(city.devices)))
+    assert len(messages) > 0
+    [label] = city.labels
+    assert (label.fault, label.device_id) == ("traffic_incident", device.device_id)
+    assert label.start_us == round((1_795_000_000.0 + 5 * 10.0) * 1e6), "at its first reading past the warm-up"
+    with pytest.raises(ValueError, match="no simulated device can suffer"):
+        city.force_fault("no_such_fault")
