@@ -320,3 +320,37 @@ def test_records_of_devices_missing_from_a_registry_are_quarantined(
     reasons = {dict(record.headers)["citytel-reason-code"].decode() for record in dead}
     assert reasons == {"unregistered_device"}
     assert {record.key.decode() for record in dead} == set(DEVICES[20:])
+
+
+def test_rows_resume_within_5_seconds_of_kafka_answering_again(
+    settings: Settings, database: ScratchDatabase, run_dir: Path, tmp_path: Path
+) -> None:
+    """Kafka stops under a running processor for 10 s; records produced as soon as it answers
+    again are in the database within 5 s of that."""
+    directory = run_dir / f"kafka-outage-{time.monotonic_ns()}"
+    kafka = stack.start_kafka(directory, stack.free_port(), stack.free_port())
+    controller_port = int(
+        (kafka.directory / "server.properties").read_text().split("CONTROLLER://127.0.0.1:")[1].split("\n")[0]
+    )
+    try:
+        settings = msgspec.structs.replace(
+            settings, kafka=msgspec.structs.replace(settings.kafka, bootstrap_servers=f"127.0.0.1:{kafka.port}")
+        )
+        prepare(settings, database)
+        with citytel_process(settings, tmp_path, "process"):
+            wait_ready(settings.metrics.processor_port)
+            produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, envelopes(0, 5, set(), seed=5))
+            wait_for(lambda: len(stored(database, "readings")) == 5 * len(DEVICES), 60, "the first readings")
+            kafka.stop()
+            time.sleep(10.0)
+            restarted = stack.start_kafka(directory, kafka.port, controller_port)
+            kafka.pid, kafka.process = restarted.pid, restarted.process
+            answering = time.monotonic()
+            produce(settings.kafka.bootstrap_servers, settings.kafka.readings_topic, envelopes(5, 5, set(), seed=6))
+            wait_for(lambda: len(stored(database, "readings")) == 10 * len(DEVICES), 60, "readings after the outage")
+            resumed = time.monotonic() - answering
+        print(f"rows resumed {resumed:.2f}s after Kafka answered")
+        assert resumed <= 5.0, f"rows resumed {resumed:.1f}s after Kafka answered"
+    finally:
+        if stack.pid_alive(kafka.pid):
+            kafka.stop()
