@@ -184,7 +184,36 @@ class _JsonReading(msgspec.Struct, forbid_unknown_fields=True):
     device_id: str
     time: float | int | str
     values: dict[str, Any]
-    seq: int = -1
+    # UNSET when absent, so the keys a payload held can be counted (``check_unique_keys``).
+    seq: int | msgspec.UnsetType = msgspec.UNSET
+
+
+_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:')
+_QUOTE_THEN_SPACE = re.compile(rb'"\s')
+
+
+def count_keys(value: object) -> int:
+    """The object keys in a decoded JSON value, at every depth."""
+    if isinstance(value, dict):
+        return len(value) + sum(count_keys(item) for item in value.values() if isinstance(item, dict | list))
+    if isinstance(value, list):
+        return sum(count_keys(item) for item in value if isinstance(item, dict | list))
+    return 0
+
+
+def check_unique_keys(payload: bytes, decoded_keys: int) -> None:
+    """Refuse a payload in which some object repeats a key: JSON decoders keep the last one
+    silently, so a reading could be replaced inside its own message. The keys the text spells
+    out must be as many as the decoder kept. Counting ``":`` is one C pass and right for JSON
+    with no space between a key and its colon (a quote then a space is rare otherwise); any other
+    payload is counted exactly, by a pattern that skips string contents."""
+    if payload.count(b'":') == decoded_keys and _QUOTE_THEN_SPACE.search(payload) is None:
+        return
+    spelled = len(_KEY.findall(payload))
+    if spelled != decoded_keys:
+        raise PermanentError(
+            "duplicate_key", f"the JSON holds {spelled - decoded_keys} repeated key(s); the decoder would keep the last"
+        )
 
 
 @register_codec("json")
@@ -208,17 +237,22 @@ class JsonCodec:
         items = decoded if isinstance(decoded, list) else [decoded]
         if not items:
             raise PermanentError("empty_payload", "the JSON list holds no readings")
+        keys = sum(3 + (item.seq is not msgspec.UNSET) + count_keys(item.values) for item in items)
+        check_unique_keys(payload, keys)
         readings, problems = [], []
         for item in items:
+            sequence = -1 if item.seq is msgspec.UNSET else item.seq
             try:
-                readings.append(RawReading(item.device_id, parse_time_us(item.time), item.values, item.seq))
+                readings.append(RawReading(item.device_id, parse_time_us(item.time), item.values, sequence))
             except PermanentError as error:
                 problems.append(error)
         return Decoded(readings, problems)
 
 
 def _decode_json(payload: bytes) -> Any:
-    return decode_json_text(msgspec.json.decode, payload)
+    decoded = decode_json_text(msgspec.json.decode, payload)
+    check_unique_keys(payload, count_keys(decoded))
+    return decoded
 
 
 # --- SenML (RFC 8428), JSON representation ---------------------------------------------------

@@ -345,3 +345,35 @@ def test_nesting_just_within_the_limit_is_parsed() -> None:
     payload = json.dumps({"device_id": "air-0001", "time": NOW, "values": {"pm2_5": value}}).encode()
     result = VALIDATORS["json"].validate(TOPIC, payload, NOW_US)
     assert [dead.reason_code for dead in result.dead_letters] == ["bad_type"]
+
+
+@pytest.mark.parametrize(
+    ("codec", "payload"),
+    [
+        ("json", b'{"device_id": "air-0001", "time": %d, "values": {"pm2_5": 30, "pm2_5": 999}}' % NOW),
+        ("json", b'{"device_id": "air-0001", "device_id": "air-0002", "time": %d, "values": {"pm2_5": 3}}' % NOW),
+        ("json", b'{"device_id":"air-0001","time":%d,"values":{"pm2_5" :30,"pm2_5":999}}' % NOW),
+        ("senml", b'[{"bn": "air-0001/", "bt": %d, "n": "pm2_5", "v": 30, "v": 999}]' % NOW),
+        (
+            "fiware",
+            b'{"id": "a:air-0001", "type": "AirQualityObserved", "dateObserved": %d, "pm25": 1, "pm25": 900}' % NOW,
+        ),
+    ],
+    ids=["a value twice", "the device twice", "with a space before a colon", "SenML", "FIWARE"],
+)
+def test_a_key_given_twice_is_dead_lettered_not_silently_overwritten(codec: str, payload: bytes) -> None:
+    for name in (codec, "auto"):
+        result = VALIDATORS[name].validate(TOPIC, payload, NOW_US)
+        assert result.envelope is None, name
+        assert [dead.reason_code for dead in result.dead_letters] == ["duplicate_key"], (name, result.dead_letters)
+
+
+def test_keys_spelled_inside_strings_are_not_taken_for_repeats() -> None:
+    payload = json.dumps(
+        {"device_id": "air-0001", "time": NOW, "values": {"pm2_5": 30.0, 'odd"key:': 1}}, separators=(",", ":")
+    ).encode()
+    result = VALIDATORS["json"].validate(TOPIC, payload, NOW_US)
+    assert [dead.reason_code for dead in result.dead_letters] == ["unknown_metric"]
+    assert result.envelope is not None
+    spaced = json.dumps({"device_id": "air-0001", "time": NOW, "values": {"pm2_5": 30.0}}, indent=2).encode()
+    assert VALIDATORS["json"].validate(TOPIC, spaced, NOW_US).dead_letters == []
