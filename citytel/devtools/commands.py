@@ -185,6 +185,13 @@ def _eval(arguments: argparse.Namespace) -> int:
 
 
 @_reporting_stack_errors
+def _chaos(arguments: argparse.Namespace) -> int:
+    from citytel.devtools.chaos import main_chaos
+
+    return main_chaos(arguments.minutes, arguments.seed, arguments.output)
+
+
+@_reporting_stack_errors
 def _bench(arguments: argparse.Namespace) -> int:
     from citytel.devtools import bench
 
@@ -288,6 +295,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
         help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
     )
     bench.set_defaults(handler=_bench)
+
+    chaos = commands.add_parser(
+        "chaos", parents=[common], help="kill -9 a random component every 20-60 s under load; check nothing is lost"
+    )
+    chaos.add_argument("--minutes", type=float, default=3.0)
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--output", type=Path, default=None, help="write the report as JSON here")
+    chaos.set_defaults(handler=_chaos)
 
     run = commands.add_parser("run", parents=[common], help="bring the stack up and run simulated sensors end to end")
     run.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
