@@ -199,6 +199,10 @@ def _bench(arguments: argparse.Namespace) -> int:
         from citytel.devtools import bench_e2e
 
         return bench_e2e.main_e2e(arguments.messages, arguments.output, arguments.plot, arguments.step_seconds)
+    if arguments.scenario == "fuzz":
+        from citytel.devtools.fuzz import main_fuzz
+
+        return main_fuzz(arguments.messages, arguments.output)
     if arguments.scenario == "codecs":
         return bench.main_codecs(arguments.messages, arguments.output)
     if arguments.scenario == "processor":
@@ -282,7 +286,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors"])
+    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz"])
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
