@@ -31,10 +31,25 @@ from citytel.core.kafka import ensure_topics
 from citytel.devtools import stack
 from citytel.devtools.localstack import spawn_citytel
 
-__all__ = ["FuzzResult", "fuzz_payloads", "run_fuzz"]
+__all__ = ["FuzzResult", "fuzz_payloads", "mutate", "run_fuzz"]
 
 # Pieces a mutation splices in: the shapes that once crashed the bridge, and their kin.
 _SPLICES = (b"1e303", b"-1e303", b"[[[[[[", b"]]", b"\xff\xfe", b'"', b"{}", b"null", b"9" * 40, b"\\u0000", b":")
+
+
+def mutate(payload: bytes, generator: random.Random) -> bytes:
+    """One to four random edits: overwrite a byte, splice in a hostile piece, or cut a few bytes."""
+    edited = bytearray(payload)
+    for _ in range(generator.randint(1, 4)):
+        at = generator.randrange(len(edited)) if edited else 0
+        action = generator.random()
+        if action < 0.4 and edited:
+            edited[at] = generator.randrange(256)
+        elif action < 0.7:
+            edited[at:at] = generator.choice(_SPLICES)
+        else:
+            del edited[at : at + generator.randint(1, 6)]
+    return bytes(edited)
 
 
 def fuzz_payloads(count: int, seed: int, now: float | None = None) -> Iterator[tuple[int, bytes]]:
@@ -55,17 +70,8 @@ def fuzz_payloads(count: int, seed: int, now: float | None = None) -> Iterator[t
             entity = {"id": f"urn:ngsi:{device}", "type": "AirQualityObserved", "dateObserved": now, "pm25": 20}
             payload = json.dumps(entity).encode()
         elif choice < 0.8:
-            base = bytearray(json.dumps({"device_id": device, "time": now, "values": {"pm2_5": 30.0}}).encode())
-            for _ in range(generator.randint(1, 4)):
-                at = generator.randrange(len(base))
-                action = generator.random()
-                if action < 0.4:
-                    base[at] = generator.randrange(256)
-                elif action < 0.7:
-                    base[at:at] = generator.choice(_SPLICES)
-                else:
-                    del base[at : at + generator.randint(1, 6)]
-            payload = bytes(base)
+            valid = json.dumps({"device_id": device, "time": now, "values": {"pm2_5": 30.0}}).encode()
+            payload = mutate(valid, generator)
         elif choice < 0.95:
             payload = generator.randbytes(generator.randint(0, 200))
         else:
