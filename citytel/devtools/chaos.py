@@ -54,21 +54,28 @@ class ChaosReport:
     missing: int = 0
     duplicate_readings: int = 0
     duplicate_anomalies: int = 0
+    alert_transitions: int = 0
+    duplicate_alerts: int = 0
     faults: list[Fault] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         recovered = all(fault.recovered_s >= 0 for fault in self.faults)
-        return self.missing == 0 and self.duplicate_readings == 0 and self.duplicate_anomalies == 0 and recovered
+        repeated = self.duplicate_readings + self.duplicate_anomalies + self.duplicate_alerts
+        return self.missing == 0 and repeated == 0 and recovered
 
 
 class _Publisher:
     """Air monitors sending a reading each, QoS 1, at a steady rate; it keeps the (device,
-    time) of every message the broker acknowledged, and reconnects when the broker goes."""
+    time) of every message the broker acknowledged, and reconnects when the broker goes.
+
+    Every tenth message is a parking bay's: a new bay flaps each minute, so the alerter opens a
+    ``flapping_bay`` alert about every minute while components die around it."""
 
     def __init__(self, port: int, prefix: str, rate_per_second: float) -> None:
         self.acknowledged: set[tuple[str, int]] = set()
         self._pending: dict[int, tuple[str, int]] = {}
+        self._early: set[int] = set()  # acknowledged before publish() returned its mid to us
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._port, self._prefix, self._interval = port, prefix, 1.0 / rate_per_second
@@ -80,7 +87,9 @@ class _Publisher:
     def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int, *_rest: object) -> None:
         with self._lock:
             sent = self._pending.pop(mid, None)
-            if sent is not None:
+            if sent is None:
+                self._early.add(mid)
+            else:
                 self.acknowledged.add(sent)
 
     def start(self) -> None:
@@ -90,14 +99,25 @@ class _Publisher:
 
     def _run(self) -> None:
         number = 0
+        started = time.monotonic()
         while not self._stop.is_set():
-            device = f"air-{number % DEVICES:03d}"
+            kind, device, values = "air", f"air-{number % DEVICES:03d}", {"pm2_5": 30.0 + number % 7}
+            if number % 10 == 9:
+                minute = int((time.monotonic() - started) // 60)
+                kind, device, values = "parking", f"bay-{minute:03d}", {"occupied": float(number // 10 % 2)}
             stamp = round(time.time(), 6)
-            body = {"device_id": device, "time": stamp, "seq": number, "values": {"pm2_5": 30.0 + number % 7}}
-            with self._lock:
-                info = self._client.publish(f"{self._prefix}/jinshui/air/{device}/up", json.dumps(body), qos=1)
-                if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                    self._pending[info.mid] = (device, round(stamp * 1e6))
+            body = {"device_id": device, "time": stamp, "seq": number, "values": values}
+            # Never call into paho holding our lock: its network thread holds paho's own locks
+            # while it runs on_publish, which takes ours (the two orders deadlocked a run).
+            info = self._client.publish(f"{self._prefix}/jinshui/{kind}/{device}/up", json.dumps(body), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                key = (device, round(stamp * 1e6))
+                with self._lock:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                        self.acknowledged.add(key)
+                    else:
+                        self._pending[info.mid] = key
             number += 1
             time.sleep(self._interval)
 
@@ -109,17 +129,38 @@ class _Publisher:
         self._client.loop_stop()
 
 
-def _stored(conninfo: str) -> tuple[set[tuple[str, int]], int, int]:
-    """(device, time) of every reading stored, how many rows repeat one, and repeated anomalies."""
+@dataclass
+class _Stored:
+    keys: set[tuple[str, int]]  # (device, time) of every reading stored
+    repeated_readings: int  # rows that repeat a (device, time)
+    repeated_anomalies: int  # rows that repeat a (series, time, detector)
+    alert_transitions: int
+    repeated_alerts: int  # transitions that repeat an (alert, sequence), or a second open alert of one scope
+
+
+def _stored(conninfo: str) -> _Stored:
     with psycopg.connect(conninfo, connect_timeout=3) as connection:
         rows = connection.execute(
             "SELECT device_id, (extract(epoch FROM time) * 1e6)::bigint FROM readings_named"
         ).fetchall()
-        repeated_anomalies = connection.execute(
+        anomalies = connection.execute(
             "SELECT count(*) - count(DISTINCT (series_id, time, detector)) FROM anomalies"
         ).fetchone()
+        alerts = connection.execute(
+            "SELECT count(*), count(*) - count(DISTINCT (alert_id, sequence)) FROM alerts"
+        ).fetchone()
+        opened_twice = connection.execute(
+            "SELECT count(*) FROM (SELECT rule FROM alerts WHERE sequence = 1"
+            " GROUP BY rule, coalesce(device_id, district) HAVING count(DISTINCT alert_id) > 1) AS twice"
+        ).fetchone()
     keys = {(device, int(time_us)) for device, time_us in rows}
-    return keys, len(rows) - len(keys), int(repeated_anomalies[0]) if repeated_anomalies else 0
+    return _Stored(
+        keys,
+        len(rows) - len(keys),
+        int(anomalies[0]) if anomalies else 0,
+        int(alerts[0]) if alerts else 0,
+        (int(alerts[1]) if alerts else 0) + (int(opened_twice[0]) if opened_twice else 0),
+    )
 
 
 def _count(conninfo: str) -> int:
@@ -159,6 +200,9 @@ def run_chaos(
             alerter_port=stack.free_port(),
         ),
         processor=msgspec.structs.replace(base.processor, checkpoint_interval_seconds=5.0),
+        # One processor writes every partition here, so little lateness is needed, and alerts
+        # then open within the first minutes of even a short run.
+        alerts=msgspec.structs.replace(base.alerts, lateness_seconds=15.0),
     )
     conninfo = settings.database.conninfo()
     with psycopg.connect(conninfo, autocommit=True) as connection:
@@ -216,15 +260,17 @@ def run_chaos(
         publisher.stop()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            keys, repeated, repeated_anomalies = _stored(conninfo)
-            if publisher.acknowledged <= keys:
+            stored = _stored(conninfo)
+            if publisher.acknowledged <= stored.keys:
                 break
             time.sleep(1.0)
         report.acknowledged = len(publisher.acknowledged)
-        report.stored = len(keys)
-        report.missing = len(publisher.acknowledged - keys)
-        report.duplicate_readings = repeated
-        report.duplicate_anomalies = repeated_anomalies
+        report.stored = len(stored.keys)
+        report.missing = len(publisher.acknowledged - stored.keys)
+        report.duplicate_readings = stored.repeated_readings
+        report.duplicate_anomalies = stored.repeated_anomalies
+        report.alert_transitions = stored.alert_transitions
+        report.duplicate_alerts = stored.repeated_alerts
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -245,7 +291,8 @@ def main_chaos(minutes: float, seed: int, output: Path | None) -> int:
     print(
         f"{report.minutes:g} minutes, {len(report.faults)} faults: {report.acknowledged:,} readings acknowledged by"
         f" the broker, {report.missing} missing, {report.duplicate_readings} stored twice,"
-        f" {report.duplicate_anomalies} repeated anomalies; recovery"
+        f" {report.duplicate_anomalies} repeated anomalies, {report.alert_transitions} alert transitions"
+        f" ({report.duplicate_alerts} repeated); recovery"
         + (f" median {recoveries[len(recoveries) // 2]:.1f}s, worst {recoveries[-1]:.1f}s" if recoveries else " -")
     )
     if output is not None:

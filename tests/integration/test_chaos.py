@@ -19,5 +19,7 @@ def test_three_minutes_of_kill_9_lose_and_repeat_nothing() -> None:
     assert report.missing == 0, f"{report.missing} acknowledged readings never stored"
     assert report.duplicate_readings == 0
     assert report.duplicate_anomalies == 0
+    assert report.alert_transitions >= 1  # the flapping bays were alerted on, through the faults
+    assert report.duplicate_alerts == 0
     for fault in report.faults:
         assert fault.recovered_s >= 0, f"no reading written within 90 s of killing {fault.component}"
