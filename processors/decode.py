@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from typing import Protocol
 
 import msgspec
@@ -178,42 +178,86 @@ def _decode_all(records: Sequence[_RecordLike]) -> tuple[list[Envelope], list[in
     return good, positions, bad
 
 
+@dataclass(frozen=True, slots=True)
+class _Readings:
+    """The readings of a list of envelopes as columns, built once per batch: the rules check
+    the same columns the batch is then made of."""
+
+    counts: NDArray[np.int64]  # readings per envelope
+    metric_names: list[str]
+    time_us: NDArray[np.int64]
+    value: NDArray[np.float64]
+    received_us: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, envelopes: list[Envelope]) -> _Readings:
+        counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
+        total = int(counts.sum())
+        received = np.fromiter((envelope.received_us for envelope in envelopes), np.int64, len(envelopes))
+        return cls(
+            counts,
+            list(chain.from_iterable(envelope.metrics for envelope in envelopes)),
+            np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, total),
+            np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, total),
+            np.repeat(received, counts),
+        )
+
+    def kept(self, keep: NDArray[np.bool_]) -> _Readings:
+        """The readings of the envelopes ``keep`` marks."""
+        rows = np.repeat(keep, self.counts)
+        return _Readings(
+            self.counts[keep],
+            list(compress(self.metric_names, rows)),
+            self.time_us[rows],
+            self.value[rows],
+            self.received_us[rows],
+        )
+
+
 def _checked(
     records: Sequence[_RecordLike], rules: EnvelopeRules, index: SeriesIndex
-) -> tuple[list[Envelope], list[int], list[BadRecord]]:
+) -> tuple[list[Envelope], list[int], _Readings, list[BadRecord]]:
     """The envelopes that pass every rule and fit the series index, the record position of each,
-    and the records set aside, each with its reason."""
+    their readings, and the records set aside, each with its reason."""
     envelopes, positions, bad = _decode_all(records)
     now_us = time.time_ns() // 1000
     whole = [rules.envelope_problem(envelope, now_us) for envelope in envelopes]
-    keep = [problem is None for problem in whole]
-    for envelope_position, problem in enumerate(whole):
-        if problem is not None:
-            bad.append(_bad(records[positions[envelope_position]], *problem))
-    if any(keep) and not all(keep):
-        envelopes = [envelope for envelope, kept in zip(envelopes, keep, strict=True) if kept]
-        positions = [position for position, kept in zip(positions, keep, strict=True) if kept]
-    elif not any(keep):
-        return [], [], bad
-    # The readings, as columns: one check per rule for the whole batch.
-    counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
+    if any(problem is not None for problem in whole):
+        for envelope_position, problem in enumerate(whole):
+            if problem is not None:
+                bad.append(_bad(records[positions[envelope_position]], *problem))
+        envelopes = [envelope for envelope, problem in zip(envelopes, whole, strict=True) if problem is None]
+        positions = [position for position, problem in zip(positions, whole, strict=True) if problem is None]
+    readings = _Readings.of(envelopes)
+    if not envelopes:
+        return envelopes, positions, readings, bad
+    # One check per rule for the whole batch.
     kinds = np.fromiter((rules.kind_codes[envelope.kind] for envelope in envelopes), np.int64, len(envelopes))
     problems = rules.reading_problems(
-        np.repeat(kinds, counts),
-        list(chain.from_iterable(envelope.metrics for envelope in envelopes)),
-        np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, int(counts.sum())),
-        np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, int(counts.sum())),
-        np.repeat(np.fromiter((envelope.received_us for envelope in envelopes), np.int64, len(envelopes)), counts),
+        np.repeat(kinds, readings.counts),
+        readings.metric_names,
+        readings.value,
+        readings.time_us,
+        readings.received_us,
     )
     if problems.any():
         # A record the bridge would never have written is suspect as a whole: set aside whole.
-        owner = np.repeat(np.arange(len(envelopes)), counts)
-        rejected = set(np.unique(owner[problems]).tolist())
-        for number in sorted(rejected):
+        keep = np.ones(len(envelopes), np.bool_)
+        keep[np.repeat(np.arange(len(envelopes)), readings.counts)[problems]] = False
+        for number in np.flatnonzero(~keep).tolist():
             bad.append(_bad(records[positions[number]], *rules.reading_problem(envelopes[number])))
-        envelopes = [envelope for number, envelope in enumerate(envelopes) if number not in rejected]
-        positions = [position for number, position in enumerate(positions) if number not in rejected]
-    return _within_series_limit(records, envelopes, positions, bad, index)
+        envelopes, positions, readings = _kept(envelopes, positions, readings, keep)
+    keep_within = _within_series_limit(records, envelopes, positions, bad, index)
+    if keep_within is not None:
+        envelopes, positions, readings = _kept(envelopes, positions, readings, keep_within)
+    return envelopes, positions, readings, bad
+
+
+def _kept(
+    envelopes: list[Envelope], positions: list[int], readings: _Readings, keep: NDArray[np.bool_]
+) -> tuple[list[Envelope], list[int], _Readings]:
+    numbers = np.flatnonzero(keep).tolist()
+    return [envelopes[number] for number in numbers], [positions[number] for number in numbers], readings.kept(keep)
 
 
 def _within_series_limit(
@@ -222,72 +266,68 @@ def _within_series_limit(
     positions: list[int],
     bad: list[BadRecord],
     index: SeriesIndex,
-) -> tuple[list[Envelope], list[int], list[BadRecord]]:
-    """Envelopes whose new series would take the index past ``max_series`` are set aside: the
-    series already known keep flowing, whoever invents device ids."""
+) -> NDArray[np.bool_] | None:
+    """Which envelopes to keep (None: all) when the new series of some would take the index
+    past ``max_series``; the others are set aside. The series already known keep flowing,
+    whoever invents device ids."""
     new = [envelope for envelope in envelopes if envelope.device_id not in index.device_codes]
     if not new:
-        return envelopes, positions, bad
+        return None
     room = index.max_series - len(index)
     # Metrics that are new to a known device add series too, but a known device's metrics are
     # its kind's, declared and few: only new devices are counted against the room.
     needed = sum(len(set(envelope.metrics)) for envelope in new)
     if needed <= room:
-        return envelopes, positions, bad
-    kept_envelopes, kept_positions = [], []
+        return None
+    keep = np.ones(len(envelopes), np.bool_)
     admitted: set[str] = set()
-    for envelope, position in zip(envelopes, positions, strict=True):
+    for number, envelope in enumerate(envelopes):
         if envelope.device_id in index.device_codes or envelope.device_id in admitted:
-            kept_envelopes.append(envelope)
-            kept_positions.append(position)
             continue
         series = len(set(envelope.metrics))
         if series <= room:
             room -= series
             admitted.add(envelope.device_id)
-            kept_envelopes.append(envelope)
-            kept_positions.append(position)
         else:
+            keep[number] = False
             metrics.SERIES_REFUSED.inc(series)
             bad.append(
                 _bad(
-                    records[position],
+                    records[positions[number]],
                     "series_limit",
                     f"the processor holds processor.max_series={index.max_series} series; device"
                     f" {short(envelope.device_id)} would add {series} more",
                 )
             )
-    return kept_envelopes, kept_positions, bad
+    return keep
 
 
 def decode_batch(
     records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets, rules: EnvelopeRules
 ) -> tuple[ReadingBatch, list[BadRecord]]:
     """The batch of the records that pass ``rules``, and the records set aside with a reason."""
-    envelopes, positions, bad = _checked(records, rules, index)
+    envelopes, positions, readings, bad = _checked(records, rules, index)
     if not envelopes:
         return ReadingBatch.empty(offsets), bad
     partitions = [records[position].partition for position in positions]
-    counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
-    total = int(counts.sum())
+    counts = readings.counts
     device_codes = np.fromiter(
         (index.device_code(envelope.device_id, envelope.kind, envelope.district) for envelope in envelopes),
         np.int64,
         len(envelopes),
     )
-    received = np.fromiter((envelope.received_us for envelope in envelopes), np.int64, len(envelopes))
-    metric_names = list(chain.from_iterable(envelope.metrics for envelope in envelopes))
+    metric_names = readings.metric_names
     index.add_metrics(set(metric_names))
-    metric_codes = np.fromiter(map(index.metric_codes.__getitem__, metric_names), np.int64, total)
+    metric_codes = np.fromiter(map(index.metric_codes.__getitem__, metric_names), np.int64, len(metric_names))
     devices = np.repeat(device_codes, counts)
     series = index.lookup(SeriesIndex.keys(devices, metric_codes))
     # Which partition each series lives on, so its state can be checkpointed with that partition.
     index.partition.view[series] = np.repeat(np.array(partitions, np.int32), counts)
     batch = ReadingBatch(
-        time_us=np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, total),
+        time_us=readings.time_us,
         series=series,
-        value=np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, total),
-        received_us=np.repeat(received, counts),
+        value=readings.value,
+        received_us=readings.received_us,
         offsets=offsets,
         metric=metric_codes,
         metric_names=tuple(index.metrics),
