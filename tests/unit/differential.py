@@ -4,8 +4,8 @@ and comparing every verdict (tests/unit/test_references.py, tests/unit/test_like
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pytest
@@ -42,6 +42,21 @@ def batch(times: list[int], series: list[int], values: list[float], metric: str 
         metric=np.zeros(count, np.int64),
         metric_names=(metric,),
     )
+
+
+Item = TypeVar("Item")
+
+
+def random_batches(items: list[Item], generator: np.random.Generator, largest: int) -> Iterator[tuple[int, list[Item]]]:
+    """The items in consecutive batches of 1 to ``largest - 1``, half of them shuffled, each with
+    how many items have been handed out by its end."""
+    position = 0
+    while position < len(items):
+        chunk = items[position : position + int(generator.integers(1, largest))]
+        if generator.random() < 0.5:
+            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
+        position += len(chunk)
+        yield position, chunk
 
 
 def check_verdicts(result: DetectorResult, expected: dict[int, Any], where: tuple[object, ...]) -> int:
@@ -111,13 +126,8 @@ def compare(
     and go on with a fresh one that loads it. Returns how many rows were flagged."""
     generator = np.random.default_rng(seed + 1000)
     detector = build_detector(name, table)
-    position = flags = 0
-    while position < len(rows):
-        size = int(generator.integers(1, 400))
-        chunk = rows[position : position + size]
-        if generator.random() < 0.5:
-            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
-        position += len(chunk)
+    flags = 0
+    for position, chunk in random_batches(rows, generator, 400):
         times, series, values = (list(column) for column in zip(*chunk, strict=True))
         result = detector.process(batch(times, series, values, metric), SERIES)
         # A batch reaches a detector in each series' time order (the Detector contract); the
@@ -190,14 +200,9 @@ def compare_messages(
     the same message (NaN when the message has none)."""
     generator = np.random.default_rng(seed + 2000)
     detector = build_detector(name, table)
-    position = flags = 0
+    flags = 0
     devices = 1 + max(device for _, device, _ in messages)
-    while position < len(messages):
-        size = int(generator.integers(1, 300))
-        chunk = messages[position : position + size]
-        if generator.random() < 0.5:
-            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
-        position += len(chunk)
+    for position, chunk in random_batches(messages, generator, 300):
         batch_ = message_batch(chunk, metrics)
         result = detector.process(batch_, devices * len(metrics))
         expected: dict[int, Verdict | None] = {}
@@ -281,13 +286,8 @@ def compare_batches(
     generator = np.random.default_rng(seed + 4000)
     detector = build_detector(name, table)
     devices = 1 + max(device for _, device, _ in messages_)
-    position = flags = 0
-    while position < len(messages_):
-        size = int(generator.integers(1, 300))
-        chunk = messages_[position : position + size]
-        if generator.random() < 0.5:
-            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
-        position += len(chunk)
+    flags = 0
+    for position, chunk in random_batches(messages_, generator, 300):
         batch_ = message_batch(chunk, metrics, districts)
         result = detector.process(batch_, devices * len(metrics))
         rows_of, row = [], 0

@@ -27,6 +27,7 @@ from tests.unit.differential import (
     compare_messages,
     lots_and_sensors,
     messages,
+    random_batches,
     stream,
 )
 from tests.unit.references import (
@@ -133,13 +134,8 @@ def test_dropout_finds_the_references_silences_by_reading_and_by_sweep(seed: int
     reference = DropoutReference(DropoutSettings(**table))
     rows = [row for row in stream(seed) if math.isfinite(row[2])]
     clock = NEVER
-    position = found = 0
-    while position < len(rows):
-        size = int(generator.integers(1, 300))
-        chunk = rows[position : position + size]
-        if generator.random() < 0.5:
-            chunk = [chunk[k] for k in generator.permutation(len(chunk))]
-        position += len(chunk)
+    found = 0
+    for _, chunk in random_batches(rows, generator, 300):
         times, series, values = (list(column) for column in zip(*chunk, strict=True))
         result = detector.process(batch(times, series, values), SERIES)
         got = events_of(result.events)
