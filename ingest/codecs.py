@@ -188,7 +188,7 @@ class _JsonReading(msgspec.Struct, forbid_unknown_fields=True):
     seq: int | msgspec.UnsetType = msgspec.UNSET
 
 
-_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:')
+_KEY = re.compile(_STRING.pattern + rb"\s*:")  # a string, then its colon: an object key
 _QUOTE_THEN_SPACE = re.compile(rb'"\s')
 
 

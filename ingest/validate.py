@@ -154,7 +154,7 @@ class Validator:
         earliest = received_us - round(self._settings.max_age_seconds * 1e6)
         latest = received_us + round(self._settings.max_future_skew_seconds * 1e6)
         times_us: list[int] = []
-        metrics_: list[str] = []
+        metric_names: list[str] = []
         values: list[float] = []
         for reading in readings:
             if reading.device_id is not None and reading.device_id != parts.device_id:
@@ -194,9 +194,9 @@ class Validator:
                     )
                 else:
                     times_us.append(reading.time_us)
-                    metrics_.append(metric)
+                    metric_names.append(metric)
                     values.append(float(value))
-        if metrics_:
+        if metric_names:
             # One record per MQTT message: the device's readings stay together and in order.
             result.envelope = Envelope(
                 ENVELOPE_VERSION,
@@ -207,6 +207,6 @@ class Validator:
                 topic,
                 readings[0].sequence,
                 times_us,
-                metrics_,
+                metric_names,
                 values,
             )
