@@ -279,7 +279,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     evaluate.add_argument(
         "--detectors",
         nargs="+",
-        default=["ewma_zscore", "jump", "flatline", "traffic_profile", "windowed_gaussian"],
+        default=["anomaly_likelihood", "ewma_zscore", "jump", "flatline", "traffic_profile", "windowed_gaussian"],
         help="registered detectors, or windowed_gaussian (NAB's baseline)",
     )
     evaluate.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
