@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,14 +25,25 @@ __all__ = ["register"]
 _Handler = Callable[[argparse.Namespace], int]
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _reporting_stack_errors(handler: _Handler) -> _Handler:
+    """Reports a stack error in one line; and makes SIGTERM (a supervisor, ``timeout``) unwind
+    the tool like an exception, so the ``finally`` that stops its private servers runs (by
+    default SIGTERM ends the process at once and leaves them running)."""
+
     @functools.wraps(handler)
     def run(arguments: argparse.Namespace) -> int:
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             return handler(arguments)
         except StackError as error:
             print(f"citytel: {error}", file=sys.stderr)
             return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return run
 

@@ -1,0 +1,44 @@
+"""The development tools' command wrapper: what happens around every bench, chaos and run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+
+import pytest
+
+from citytel.devtools.commands import _reporting_stack_errors
+from citytel.devtools.stack import StackError
+
+
+def test_sigterm_unwinds_a_tool_so_that_its_finally_stops_its_servers() -> None:
+    stopped: list[str] = []
+
+    @_reporting_stack_errors
+    def tool(_arguments: argparse.Namespace) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # interrupted at once by the handler's exception
+            return 0
+        finally:
+            stopped.append("private servers")
+
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        tool(argparse.Namespace())
+    assert stopped == ["private servers"]
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGTERM) is before, "the caller's handler is put back"
+
+
+def test_a_stack_error_is_one_line_and_exit_status_1(capsys: pytest.CaptureFixture[str]) -> None:
+    @_reporting_stack_errors
+    def tool(_arguments: argparse.Namespace) -> int:
+        raise StackError("kafka did not start: port 9092 in use")
+
+    assert tool(argparse.Namespace()) == 1
+    assert capsys.readouterr().err == "citytel: kafka did not start: port 9092 in use\n"
