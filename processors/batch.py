@@ -18,6 +18,8 @@ __all__ = ["AnomalyEvents", "DetectorResult", "Offsets", "ReadingBatch", "Select
 Offsets = dict[tuple[str, int], int]
 # Which metrics a detector applies to: (include, exclude), each sorted; an empty include: any.
 Selection = tuple[tuple[str, ...], tuple[str, ...]]
+_NO_ROWS = np.empty(0, np.int64)
+_NO_ROWS.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +36,16 @@ class ReadingBatch:
     received_us: NDArray[np.int64]
     offsets: Offsets
     # Each reading's metric code, and the names those codes stand for (the series index's
-    # table), so a detector can apply to some metrics only. None: unknown, apply to all.
-    metric: NDArray[np.int64] | None = None
-    metric_names: tuple[str, ...] = ()
+    # table), so a detector can apply to some metrics only.
+    metric: NDArray[np.int64]
+    metric_names: tuple[str, ...]
     # Each reading's device code and district code (the series index's numbering), for
     # detectors that look across the metrics of one device or the devices of one district.
-    # None: unknown, every series is its own device in one district.
-    device: NDArray[np.int64] | None = None
-    district: NDArray[np.int64] | None = None
-    district_names: tuple[str, ...] = ()
+    device: NDArray[np.int64]
+    district: NDArray[np.int64]
+    district_names: tuple[str, ...]
     # Each reading's message (Kafka record) number in the batch; a message's rows are adjacent.
-    # None: unknown, a device's readings of one time are matched across the batch instead.
-    message: NDArray[np.int64] | None = None
+    message: NDArray[np.int64]
     # The metric code of each block of series indices when the index hands them out in blocks of
     # one metric (``SeriesIndex(metric_blocks=True)``). None: blocks may mix metrics.
     block_metric: NDArray[np.int64] | None = None
@@ -85,31 +85,12 @@ class ReadingBatch:
         self.memoized("time_order", lambda: order)
         self.memoized("repeats", lambda: np.array(repeats))
 
-    def device_time_keys(self) -> NDArray[np.int64]:
-        """One int64 per row naming (device, time): equal for the metrics of one message, for
-        every detector that reads a device's other metrics."""
-
-        def keys() -> NDArray[np.int64]:
-            # Rank the times so (device, time rank) fits one int64 key.
-            _, time_rank = np.unique(self.time_us, return_inverse=True)
-            result: NDArray[np.int64] = (self.devices() << 32) | time_rank.reshape(-1)
-            return result
-
-        return self.memoized("device_time_keys", keys)
-
-    def devices(self) -> NDArray[np.int64]:
-        return self.series if self.device is None else self.device
-
-    def districts(self) -> NDArray[np.int64]:
-        return np.zeros(len(self.value), np.int64) if self.district is None else self.district
-
     def rows(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> NDArray[np.int64]:
         """The rows a detector applies to, grouped by metric and each series' in time order: a
         finite value, and a metric among ``include`` (any, if empty) and not among ``exclude``.
         A detector walks only these, so one that watches a single metric costs in proportion to
         that metric's rows, not the batch's. Once per batch for each selection (detectors often
-        share one); read-only. With no metric codes, ``include`` matches nothing and
-        ``exclude`` nothing."""
+        share one); read-only."""
         selection = (tuple(sorted(include)), tuple(sorted(exclude)))
         if selection not in self._rows:
             self.select_rows([selection])
@@ -130,24 +111,19 @@ class ReadingBatch:
         new = [selection for selection in dict.fromkeys(selections) if selection not in self._rows]
         if not new:
             return
-        if self.metric is None:
-            order = self.time_order()
-            is_finite = np.isfinite(self.value)
-            finite = order if is_finite.all() else order[is_finite[order]]
+        if not len(self):
             for selection in new:
-                rows = np.empty(0, np.int64) if selection[0] else finite
-                rows.flags.writeable = False
-                self._rows[selection] = rows
-        else:
-            if "grouped_rows" not in self._memo:
-                self._group(tuple(new))
-            grouped, starts, rank = (self._memo[key] for key in ("grouped_rows", "grouped_starts", "group_rank"))
-            bounds = starts.tolist()
-            for selection, runs in zip(new, selection_runs(self.metric_names, rank.tobytes(), tuple(new)), strict=True):
-                pieces = [grouped[bounds[first] : bounds[last]] for first, last in runs if bounds[last] > bounds[first]]
-                rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, np.int64)])
-                rows.flags.writeable = False
-                self._rows[selection] = rows
+                self._rows[selection] = _NO_ROWS
+            return
+        if "grouped_rows" not in self._memo:
+            self._group(tuple(new))
+        grouped, starts, rank = (self._memo[key] for key in ("grouped_rows", "grouped_starts", "group_rank"))
+        bounds = starts.tolist()
+        for selection, runs in zip(new, selection_runs(self.metric_names, rank.tobytes(), tuple(new)), strict=True):
+            pieces = [grouped[bounds[first] : bounds[last]] for first, last in runs if bounds[last] > bounds[first]]
+            rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.empty(0, np.int64)])
+            rows.flags.writeable = False
+            self._rows[selection] = rows
 
     def selections(self) -> list[Selection]:
         """The selections asked for so far (``rows``, ``select_rows``)."""
@@ -156,7 +132,6 @@ class ReadingBatch:
     def _group(self, selections: tuple[Selection, ...]) -> None:
         from citytel.processors.kernels import CODE_BEYOND_TABLE, group_arrival_rows, group_rows
 
-        assert self.metric is not None
         rank = group_ranks(self.metric_names, len(self.metric_names), selections)
         # The index's blocks bound its series (and cost no pass over the batch to find).
         if self.block_metric is not None:
@@ -171,7 +146,8 @@ class ReadingBatch:
                 self.series, self.time_us, self.metric, self.value, rank, series_count
             )
         if state == CODE_BEYOND_TABLE:
-            # Codes beyond the names (batches built by hand): a group each as well.
+            # Codes beyond the names (not from the decoder, which names every code it gives):
+            # a group each as well, rather than an index beyond the kernel's table.
             rank = group_ranks(self.metric_names, int(self.metric.max()) + 1, selections)
             state = 0
         if state:
@@ -193,19 +169,67 @@ class ReadingBatch:
             self.value[rows],
             self.received_us[rows],
             self.offsets,
-            None if self.metric is None else self.metric[rows],
+            self.metric[rows],
             self.metric_names,
-            None if self.device is None else self.device[rows],
-            None if self.district is None else self.district[rows],
+            self.device[rows],
+            self.district[rows],
             self.district_names,
-            None if self.message is None else self.message[rows],
+            self.message[rows],
             self.block_metric,
         )
 
     @classmethod
     def empty(cls, offsets: Offsets | None = None) -> ReadingBatch:
+        nothing = np.empty(0, np.int64)
+        return cls(nothing, nothing, np.empty(0), nothing, offsets or {}, nothing, (), nothing, nothing, (), nothing)
+
+    @classmethod
+    def of(
+        cls,
+        time_us: Sequence[int] | NDArray[np.int64],
+        series: Sequence[int] | NDArray[np.int64],
+        value: Sequence[float] | NDArray[np.float64],
+        *,
+        metric: Sequence[int] | NDArray[np.int64] | None = None,
+        metric_names: tuple[str, ...] = ("value",),
+        device: Sequence[int] | NDArray[np.int64] | None = None,
+        district: Sequence[int] | NDArray[np.int64] | None = None,
+        district_names: tuple[str, ...] = ("district",),
+        message: Sequence[int] | NDArray[np.int64] | None = None,
+        received_us: Sequence[int] | NDArray[np.int64] | None = None,
+    ) -> ReadingBatch:
+        """A batch built by hand (tools, tests, replays of files), with what it leaves out filled
+        in as the decoder would have it: every reading of metric code 0, each series its own
+        device, every device in district 0, received when measured, and one message per device
+        and time, numbered in order. A message's rows must be adjacent, as a decoded batch's
+        are (detectors look for a reading's companions within its message)."""
+        times = np.asarray(time_us, np.int64)
+        series_column = np.asarray(series, np.int64)
+        size = len(times)
+        metric_column = np.zeros(size, np.int64) if metric is None else np.asarray(metric, np.int64)
+        if len(metric_column) and int(metric_column.max()) >= len(metric_names):
+            raise ValueError(f"metric codes go up to {int(metric_column.max())}, beyond the {len(metric_names)} names")
+        devices = series_column if device is None else np.asarray(device, np.int64)
+        if message is None:
+            # A new message wherever the device or the time changes from the row before.
+            changes = (devices[1:] != devices[:-1]) | (times[1:] != times[:-1])
+            messages = np.concatenate(([0], np.cumsum(changes))).astype(np.int64) if size else np.empty(0, np.int64)
+        else:
+            messages = np.asarray(message, np.int64)
+        if len(messages) > 1 and len(np.unique(messages)) != 1 + int((messages[1:] != messages[:-1]).sum()):
+            raise ValueError("a message's rows must be adjacent")
         return cls(
-            np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64), offsets or {}
+            times,
+            series_column,
+            np.asarray(value, np.float64),
+            times if received_us is None else np.asarray(received_us, np.int64),
+            {},
+            metric_column,
+            metric_names,
+            devices,
+            np.zeros(size, np.int64) if district is None else np.asarray(district, np.int64),
+            district_names,
+            messages,
         )
 
 

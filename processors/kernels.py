@@ -23,8 +23,13 @@ every access; with unsigned ones that code goes, and the loops run faster (figur
 docs/bench/design-measurements.md). An unsigned index is only ever used to index: arithmetic mixing
 it with signed integers would give floats in numba.
 
+Kernels take their inputs as named bundles (NamedTuples): the batch's ``Readings``, a
+detector's state arrays and its parameters, and the ``Verdicts`` it fills. numba compiles
+a field access to the same load as a loose argument; the names keep two arrays or two floats
+from being swapped unnoticed, which 30 positional arguments did not.
+
 Kernels ask for the memory of the reading ``AHEAD`` rows on before they need it
-(``fetch_ahead``, ``prefetch``). A detector's rows are a metric's readings in arrival order, so
+(``fetch_ahead``, ``prefetch_row``). A detector's rows are a metric's readings in arrival order, so
 they read the batch's columns a few rows apart, and the state of series in whatever order their
 devices reported. Each read that misses the cache waits for memory, and the CPU finds too few
 independent ones in a long loop body to overlap them; a fetch started 16 rows early has arrived
@@ -37,7 +42,7 @@ devices' clocks drift in a real city (figures: docs/bench/design-measurements.md
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from llvmlite import ir
@@ -52,6 +57,16 @@ from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS
 __all__ = [
     "AHEAD",
     "CODE_BEYOND_TABLE",
+    "EWMA_OFF",
+    "FLATLINE_OFF",
+    "EwmaParams",
+    "EwmaPart",
+    "EwmaState",
+    "FlatlineParams",
+    "FlatlinePart",
+    "FlatlineState",
+    "Readings",
+    "Verdicts",
     "advance_clocks",
     "assign_slots",
     "compiled",
@@ -60,11 +75,10 @@ __all__ = [
     "group_arrival_rows",
     "group_percentile",
     "group_rows",
-    "jump_kernel",
     "ordered",
     "out_of_step",
     "period",
-    "prefetch",
+    "prefetch_row",
     "slot_of",
     "time_order",
 ]
@@ -104,49 +118,66 @@ AHEAD = 16
 _AHEAD = np.uint64(AHEAD)
 
 
-def _prefetch(typingctx: object, array: types.Type, index: types.Type) -> tuple[Signature, object] | None:
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+class Readings(NamedTuple):
+    """The batch's columns every per-series kernel reads, by row (``ReadingBatch``'s)."""
+
+    series: NDArray[np.int64]
+    time_us: NDArray[np.int64]
+    value: NDArray[np.float64]
+
+
+class Verdicts(NamedTuple):
+    """What a detector's kernel says of each row it walks, by position in its rows: a score in
+    [0, 1], whether the row is anomalous, and the reason's code (0: none)."""
+
+    score: NDArray[np.float32]
+    flagged: NDArray[np.bool_]
+    reason: NDArray[np.uint8]
+
+
+def _prefetch_row(typingctx: object, arrays: types.Type, index: types.Type) -> tuple[Signature, object] | None:
+    if not isinstance(arrays, types.BaseTuple) or not isinstance(index, types.Integer):
+        return None
+    if not all(isinstance(array, types.Array) for array in cast(Any, arrays).types):
         return None
 
     def codegen(context: Any, builder: Any, signature: Signature, args: tuple[Any, ...]) -> Any:
-        array_type, index_type = signature.args
-        data = context.make_array(array_type)(context, builder, args[0]).data
-        address = builder.gep(data, [context.cast(builder, args[1], index_type, types.intp)])
+        tuple_type, index_type = signature.args
+        position = context.cast(builder, args[1], index_type, types.intp)
         byte_pointer = ir.IntType(8).as_pointer()
         word = ir.IntType(32)
         function = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
             builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]), "llvm.prefetch.p0"
         )
-        # (address, 0: for reading, 3: keep in every cache level, 1: data)
-        builder.call(function, [builder.bitcast(address, byte_pointer), word(0), word(3), word(1)])
+        # One prefetch per array, unrolled here at compile time: no loop, no tuple at run time.
+        for number, array_type in enumerate(tuple_type.types):
+            array = context.make_array(array_type)(context, builder, builder.extract_value(args[0], number))
+            address = builder.gep(array.data, [position])
+            # (address, 0: for reading, 3: keep in every cache level, 1: data)
+            builder.call(function, [builder.bitcast(address, byte_pointer), word(0), word(3), word(1)])
         return context.get_dummy_value()
 
-    return types.void(array, index), codegen
+    return types.void(arrays, index), codegen
 
 
-# Start fetching the cache line of ``array[index]`` (in a kernel): LLVM's prefetch. Only a hint:
-# nothing is read, and an index out of range does no harm. (Typed for mypy by what it takes.)
-prefetch = cast(Callable[[NDArray[Any], "int | np.integer[Any]"], None], intrinsic(_prefetch))
+# Start fetching the cache line of ``array[index]`` for every array of a tuple (a detector's
+# state bundle, or a few columns), in a kernel: LLVM's prefetch. Only a hint: nothing is read,
+# and an index out of range does no harm. (Typed for mypy by what it takes.)
+prefetch_row = cast(Callable[[tuple[NDArray[Any], ...], "int | np.integer[Any]"], None], intrinsic(_prefetch_row))
 
 
 @njit(inline="always")
 def fetch_ahead(
-    rows: NDArray[np.int64],
-    k: int,
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    column: NDArray[Any],
+    rows: NDArray[np.int64], k: int, readings: Readings, block_slot: NDArray[np.int64]
 ) -> tuple[np.uint64, np.uint64]:
     """For the loop at ``rows[k]``: fetches the series of the row ``2 * AHEAD`` on, and the time
-    and ``column`` (the values, or another column the kernel reads at each row) of the row
-    ``AHEAD`` on, whose row and slot it returns (its series was fetched ``AHEAD`` rows ago).
-    Past the last row, the last."""
+    and value of the row ``AHEAD`` on, whose row and slot it returns (its series was fetched
+    ``AHEAD`` rows ago). Past the last row, the last."""
     last = rows.shape[0] - 1
-    prefetch(series, np.uint64(rows[min(k + 2 * AHEAD, last)]))
+    series, time_us, value = readings
+    prefetch_row((series,), np.uint64(rows[min(k + 2 * AHEAD, last)]))
     near = np.uint64(rows[min(k + AHEAD, last)])
-    prefetch(time_us, near)
-    prefetch(column, near)
+    prefetch_row((time_us, value), near)
     return near, slot_of(block_slot, series[near])
 
 
@@ -251,72 +282,117 @@ def ordered(series: NDArray[np.int64], time_us: NDArray[np.int64]) -> tuple[NDAr
     return order, bool((grouped[1:] == grouped[:-1]).any())
 
 
+class EwmaState(NamedTuple):
+    """ewma_zscore's state arrays, one element per series slot."""
+
+    mean: NDArray[np.float64]
+    variance: NDArray[np.float64]
+    slow_variance: NDArray[np.float64]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
+    last_time_us: NDArray[np.int64]
+
+
+class EwmaParams(NamedTuple):
+    alpha: float
+    threshold: float
+    warmup: int
+    long_run_share: float
+    # Per count, the weights of the mean and variance and of the long-run variance
+    # (``detectors.ewma.weight_tables``); beyond them, ``alpha`` and ``alpha / 10`` if
+    # ``settled``, else worked out in the kernel.
+    weights: NDArray[np.float64]
+    slow_weights: NDArray[np.float64]
+    settled: bool
+
+
+class EwmaPart(NamedTuple):
+    """ewma_zscore's part of ``ewma_flatline_kernel``; ``on`` False: the kernel leaves it alone."""
+
+    on: bool
+    block_slot: NDArray[np.int64]
+    state: EwmaState
+    params: EwmaParams
+    verdicts: Verdicts
+
+
+class FlatlineState(NamedTuple):
+    """flatline's state arrays, one element per series slot."""
+
+    last_value: NDArray[np.float64]
+    run: NDArray[np.int32]
+    last_time_us: NDArray[np.int64]
+
+
+class FlatlineParams(NamedTuple):
+    window: int
+    tolerance: float
+
+
+class FlatlinePart(NamedTuple):
+    """flatline's part of ``ewma_flatline_kernel``; ``on`` False: the kernel leaves it alone."""
+
+    on: bool
+    block_slot: NDArray[np.int64]
+    state: FlatlineState
+    params: FlatlineParams
+
+
+# Each part when it is off: empty arrays and zeros of its types (the kernel reads none of
+# them), so that every call of the kernel has one signature.
+EWMA_OFF = EwmaPart(
+    False,
+    np.empty(0, np.int64),
+    EwmaState(np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64)),
+    EwmaParams(0.0, 0.0, 0, 0.0, np.empty(0), np.empty(0), True),
+    Verdicts(np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8)),
+)
+FLATLINE_OFF = FlatlinePart(
+    False,
+    np.empty(0, np.int64),
+    FlatlineState(np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64)),
+    FlatlineParams(0, 0.0),
+)
+
+
 @compiled
 def ewma_flatline_kernel(
-    rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    ewma: bool,
-    block_slot: NDArray[np.int64],
-    mean: NDArray[np.float64],
-    variance: NDArray[np.float64],
-    slow_variance: NDArray[np.float64],
-    count: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    alpha: float,
-    threshold: float,
-    warmup: int,
-    long_run_share: float,
-    weights: NDArray[np.float64],
-    slow_weights: NDArray[np.float64],
-    settled: bool,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
-    flatline: bool,
-    same_slots: bool,
-    flatline_block_slot: NDArray[np.int64],
-    last_value: NDArray[np.float64],
-    run: NDArray[np.int32],
-    flatline_last_time: NDArray[np.int64],
-    window: int,
-    tolerance: float,
+    rows: NDArray[np.int64], readings: Readings, ewma: EwmaPart, flatline: FlatlinePart, same_slots: bool
 ) -> NDArray[np.int64]:
-    """ewma_zscore (if ``ewma``) and flatline (if ``flatline``) in one walk over the rows, each
-    with its own slots and state. The two walk the same rows in the usual configuration, and
-    one walk reads and fetches each row, its series, time and value once for both, which costs
-    less than two walks (``DetectionStage`` pairs them). One kernel for the pair and for each
-    alone, so each detector's logic is written once (not a helper taking the state arrays:
-    numba counts references to each array on every call, which made that far slower).
+    """ewma_zscore and flatline (each if ``on``) in one walk over the rows, each with its own
+    slots and state. The two walk the same rows in the usual configuration, and one walk reads
+    and fetches each row, its series, time and value once for both, which costs less than two
+    walks (``DetectionStage`` pairs them). One kernel for the pair and for each alone, so each
+    detector's logic is written once (not a helper taking the state arrays: numba counts
+    references to each array on every call, which made that far slower).
 
-    ewma_zscore: ``weights`` and ``slow_weights`` are, per count, the weights of the mean and
-    variance and of the long-run variance (``detectors.ewma.weight_tables``); beyond them,
-    ``alpha`` and ``alpha / 10`` if ``settled``, else worked out here. Its verdicts go to
-    ``score``, ``flagged`` and ``reason`` (by position in ``rows``).
-
-    flatline: returns the positions in ``rows`` of the readings that complete a stuck window
-    (collected here, few as they are, rather than flagged in an array as long as the rows).
-    Only that reading: one anomaly per stuck stretch. ``same_slots``: both detectors run and
-    their slot tables are equal (so are their slots, and flatline's need not be worked out)."""
-    hits = np.empty(rows.shape[0] if flatline else 0, np.int64)
+    ewma_zscore's verdicts go to its ``verdicts`` (by position in ``rows``). flatline returns
+    the positions in ``rows`` of the readings that complete a stuck window (collected here, few
+    as they are, rather than flagged in an array as long as the rows). Only that reading: one
+    anomaly per stuck stretch. ``same_slots``: both run and their slot tables are equal (so are
+    their slots, and flatline's need not be worked out)."""
+    series, time_us, value = readings
+    # Every array out of its bundle once, here, so the loop reads as the recurrence it computes.
+    run_ewma, ewma_slots, ewma_state = ewma.on, ewma.block_slot, ewma.state
+    mean, variance, slow_variance, count, last_time = ewma_state
+    alpha, threshold, warmup, long_run_share, weights, slow_weights, settled = ewma.params
+    score, flagged, reason = ewma.verdicts
+    run_flatline, flatline_slots, flatline_state = flatline.on, flatline.block_slot, flatline.state
+    last_value, run, flatline_last_time = flatline_state
+    window, tolerance = flatline.params
+    hits = np.empty(rows.shape[0] if run_flatline else 0, np.int64)
     found = 0
     # The slots of one or the other, to fetch ahead by (each hands out slots alike, a block at a
     # time as its metrics' series appear, so in a pair the two are in step).
-    table = block_slot if ewma else flatline_block_slot
+    table = ewma_slots if run_ewma else flatline_slots
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
-        _, ahead = fetch_ahead(rows, k, series, table, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, table)
         v = value[i]
         t = time_us[i]
-        if ewma:
-            s = slot_of(block_slot, series[i])
+        if run_ewma:
+            s = slot_of(ewma_slots, series[i])
             if out_of_step(ahead, s):
-                prefetch(mean, ahead)
-                prefetch(variance, ahead)
-                prefetch(slow_variance, ahead)
-                prefetch(count, ahead)
-                prefetch(last_time, ahead)
+                prefetch_row(ewma_state, ahead)
             m = mean[s]
             spread = max(variance[s], long_run_share * slow_variance[s])
             deviation = np.sqrt(spread) + 1e-6 + 1e-3 * abs(m)
@@ -350,12 +426,10 @@ def ewma_flatline_kernel(
                     slow_variance[s] += slow * (difference * difference - slow_variance[s])
                 count[s] = seen + 1
                 last_time[s] = t
-        if flatline:
-            f = s if same_slots else slot_of(flatline_block_slot, series[i])
+        if run_flatline:
+            f = s if same_slots else slot_of(flatline_slots, series[i])
             if out_of_step(ahead, f):
-                prefetch(last_value, ahead)
-                prefetch(run, ahead)
-                prefetch(flatline_last_time, ahead)
+                prefetch_row(flatline_state, ahead)
             # Late or repeated readings neither extend nor break a run.
             if t > flatline_last_time[f]:
                 run[f] = run[f] + 1 if abs(v - last_value[f]) <= tolerance else 1
@@ -365,52 +439,6 @@ def ewma_flatline_kernel(
                 last_value[f] = v
                 flatline_last_time[f] = t
     return hits[:found]
-
-
-@compiled
-def jump_kernel(
-    rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    last_value: NDArray[np.float64],
-    mean_step: NDArray[np.float32],
-    count: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    alpha: float,
-    threshold: float,
-    warmup: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
-) -> None:
-    for k in range(rows.shape[0]):
-        i = np.uint64(rows[k])
-        s = slot_of(block_slot, series[i])
-        # Steps are only defined between a series' readings in time order; late ones are
-        # neither scored nor learned.
-        if time_us[i] <= last_time[s]:
-            continue
-        v = value[i]
-        step = v - last_value[s]
-        has_step = np.isfinite(step)
-        # The floor keeps a series that never moved from flagging its first tiny change.
-        usual = mean_step[s] + 1e-6 + 1e-3 * abs(v)
-        ratio = abs(step) / usual if has_step else 0.0
-        if count[s] >= warmup:
-            score[k] = ratio / (ratio + threshold)
-            if ratio >= threshold:
-                flagged[k] = True
-                reason[k] = 1 if step > 0 else 2
-        if has_step:
-            # A jump is learned only up to the threshold.
-            learned = min(abs(step), threshold * usual)
-            weight = max(alpha, 1.0 / (count[s] + 1))
-            mean_step[s] += weight * (learned - mean_step[s])
-            count[s] += 1
-        last_value[s] = v
-        last_time[s] = time_us[i]
 
 
 @compiled

@@ -429,15 +429,11 @@ def bench_detectors(
                     + (np.repeat(np.arange(per_series, dtype=np.int64), series)[order] + round_number * per_series)
                     * 60_000_000
                 )
-                batch = ReadingBatch(
+                batch = ReadingBatch.of(
                     times,
                     series_column,
                     values,
-                    times,
-                    {},
-                    metric=np.zeros(count, np.int64),
                     metric_names=(metric,),
-                    device=series_column,
                     district=series_column % 6,
                     district_names=("jinshui", "erqi", "zhongyuan", "guancheng", "huiji", "zhengdong"),
                 )

@@ -361,16 +361,7 @@ def run_detector(name: str, table: Mapping[str, Any] | None, file: NabFile) -> R
     flagged = np.zeros(len(file.value), np.bool_)
     for start in range(0, len(file.value), _BATCH_ROWS):
         rows = slice(start, start + _BATCH_ROWS)
-        count = len(file.value[rows])
-        batch = ReadingBatch(
-            file.time_us[rows],
-            np.zeros(count, np.int64),
-            file.value[rows],
-            file.time_us[rows],
-            {},
-            metric=np.zeros(count, np.int64),
-            metric_names=("value",),
-        )
+        batch = ReadingBatch.of(file.time_us[rows], np.zeros(len(file.value[rows]), np.int64), file.value[rows])
         result = detector.process(batch, 1)
         scores[rows] = result.score
         flagged[rows] = result.flagged

@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 
 from citytel.config import Settings, Strict, component_settings, unknown_component
 from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
-from citytel.processors.kernels import AHEAD, assign_slots, compiled, prefetch
+from citytel.processors.kernels import AHEAD, Readings, Verdicts, assign_slots, compiled, prefetch_row
 from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "check_detectors",
     "companion",
     "detector_settings",
+    "readings",
     "register_detector",
     "register_pair",
 ]
@@ -127,7 +128,7 @@ class SeriesState:
         if series_count != self._walked_series:
             self._tables(series_count)
             self._walked_series = series_count
-        if batch.block_metric is not None and batch.metric is not None:
+        if batch.block_metric is not None:
             # One metric per block: a block gets slots when it first appears in the index if the
             # detector walks its metric, with no pass over the rows (and no work at all once
             # the index stops growing).
@@ -175,6 +176,11 @@ class SeriesState:
         first[known] = self.block_slot[block[known]]
         present = first >= 0
         return np.where(present, first | (dense & (SERIES_BLOCK - 1)), -1), present
+
+    def views(self) -> dict[str, NDArray[Any]]:
+        """The used part of each state array, by name: a kernel's state bundle is
+        ``XState(**self.views())`` when its fields are named as ``self.state``'s keys."""
+        return {name: array.view for name, array in self.state.items()}
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
         slots, present = self.slots(dense)
@@ -285,35 +291,26 @@ def check_detectors(settings: Settings) -> None:
         detector_settings(name, table)
 
 
-def blank_verdicts(size: int) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8]]:
+def blank_verdicts(size: int) -> Verdicts:
     """Score, flag and reason for ``size`` rows walked, zero (no verdict) until a kernel gives one."""
-    return np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8)
+    return Verdicts(np.zeros(size, np.float32), np.zeros(size, np.bool_), np.zeros(size, np.uint8))
+
+
+def readings(batch: ReadingBatch) -> Readings:
+    """The batch's columns a per-series kernel reads."""
+    return Readings(batch.series, batch.time_us, batch.value)
 
 
 def companion(batch: ReadingBatch, metric: str, rows: NDArray[np.int64]) -> NDArray[np.float64]:
     """For each of ``rows``, the value of ``metric`` that the same device reported at the same
-    time in this batch (NaN if none): how a detector reads a device's other metrics, such as a
-    lot's capacity beside its occupancy. A sensor's metrics travel in one message, so they
-    always share a batch; no state across batches is needed."""
-    if batch.metric is None or metric not in batch.metric_names or not len(rows):
+    time in the same message (NaN if none): how a detector reads a device's other metrics, such
+    as a lot's capacity beside its occupancy. A sensor's metrics travel in one message, so no
+    state across batches is needed, and only a row's own message (a few rows) is searched."""
+    if metric not in batch.metric_names or not len(rows):
         return np.full(len(rows), np.nan)
+    found = np.empty(len(rows))
     code = batch.metric_names.index(metric)
-    if batch.message is not None:
-        # Decoded batches: look only within each row's own message (a few rows).
-        found = np.empty(len(rows))
-        _companion_in_messages(rows, batch.message, batch.metric, code, batch.time_us, batch.value, found)
-        return found
-    found = np.full(len(rows), np.nan)
-    source = np.flatnonzero(batch.metric == code)
-    if not len(source):
-        return found
-    keys = batch.device_time_keys()
-    source_keys = keys[source]
-    order = np.argsort(source_keys)
-    sorted_keys = source_keys[order]
-    position = np.minimum(np.searchsorted(sorted_keys, keys[rows]), len(sorted_keys) - 1)
-    match = sorted_keys[position] == keys[rows]
-    found[match] = batch.value[source[order[position[match]]]]
+    _companion_in_messages(rows, batch.message, batch.metric, code, batch.time_us, batch.value, found)
     return found
 
 
@@ -338,9 +335,7 @@ def _companion_in_messages(
         # Fetch the columns of the row AHEAD on (see processors/kernels.py): the rows are
         # scattered over the batch, a cache line each.
         near = np.uint64(rows[min(k + AHEAD, last)])
-        prefetch(message, near)
-        prefetch(metric, near)
-        prefetch(time_us, near)
+        prefetch_row((message, metric, time_us), near)
         guess = i + distance
         same = 0 <= guess < size and message[guess] == message[i]
         if same and metric[guess] == code and time_us[guess] == time_us[i]:

@@ -8,15 +8,24 @@ Hours and days are the city's local ones (``utc_offset_hours``), as both standar
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from citytel.config import Count, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
-from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
+from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector, register_pair
+from citytel.processors.kernels import (
+    Readings,
+    Verdicts,
+    compiled,
+    fetch_ahead,
+    out_of_step,
+    period,
+    prefetch_row,
+    slot_of,
+)
 from citytel.processors.series import GrowableArray
 
 __all__ = ["Aqi", "Exceedance", "iaqi"]
@@ -102,8 +111,7 @@ def _slopes(breakpoints: NDArray[np.float64], indices: NDArray[np.float64]) -> N
 def _pollutant_codes(batch: ReadingBatch) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Each row's metric code, and each code's position in POLLUTANTS (or -1): the kernels look
     a row's pollutant up through both, only for the rows they walk."""
-    metric = np.zeros(len(batch), np.int64) if batch.metric is None else batch.metric
-    return metric, _pollutant_table(batch.metric_names)
+    return batch.metric, _pollutant_table(batch.metric_names)
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,43 +149,37 @@ class Aqi(SeriesState):
     def __init__(self, settings: AqiSettings) -> None:
         super().__init__()
         self.standard = settings.standard
-        self.level = settings.aqi_level
-        self.min_readings = settings.min_readings
-        self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
         # The standard's tables as arrays, one row per pollutant, for the compiled loop.
         table = _HJ633 if self.standard == "hj633" else _US_EPA
         self._breakpoints = np.array([table[name] for name in POLLUTANTS], np.float64)
         self._indices = np.array(_IAQI if self.standard == "hj633" else _EPA_AQI, np.float64)
-        self._slopes = _slopes(self._breakpoints, self._indices)
-        # Hours since the epoch fit int32 for 245,000 years.
-        self.hour = GrowableArray(np.int32, fill=-1)
-        self.total = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int32)
-        self.flagged_hour = GrowableArray(np.int32, fill=-1)
-        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
+        self.params = AqiParams(
+            breakpoints=self._breakpoints,
+            indices=self._indices,
+            slopes=_slopes(self._breakpoints, self._indices),
+            offset_us=int(settings.utc_offset_hours * _HOUR_US),
+            min_readings=settings.min_readings,
+            level=settings.aqi_level,
+        )
         self.state = {
-            "hour": self.hour,
-            "total": self.total,
-            "count": self.count,
-            "flagged_hour": self.flagged_hour,
-            "last_time_us": self.last_time_us,
+            # Hours since the epoch fit int32 for 245,000 years.
+            "hour": GrowableArray(np.int32, fill=-1),
+            "total": GrowableArray(np.float64),
+            "count": GrowableArray(np.int32),
+            "flagged_hour": GrowableArray(np.int32, fill=-1),
+            "last_time_us": GrowableArray(np.int64, fill=np.iinfo(np.int64).min),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        outputs = blank_verdicts(len(rows))
+        part = self.part(blank_verdicts(len(rows)))
         # The kernel it shares with exceedance, with exceedance's part off.
-        alone = (*_columns(batch), True, *self.kernel_args(), *outputs, False, False, *_NO_EXCEEDANCE)
-        _air_kernel(rows, *alone)
-        return DetectorResult(self.name, len(batch), rows, *outputs, _LEVELS[self.standard])
+        _air_kernel(rows, readings(batch), *_pollutant_codes(batch), part, _off()[1], same_slots=False)
+        return DetectorResult(self.name, len(batch), rows, *part.verdicts, _LEVELS[self.standard])
 
-    def kernel_args(self) -> tuple[Any, ...]:
-        """Its part of ``_air_kernel``'s arguments, between the flag and the outputs."""
-        return (
-            self.block_slot, self.hour.view, self.total.view, self.count.view, self.flagged_hour.view,
-            self.last_time_us.view, self._breakpoints, self._indices, self._slopes, self.offset_us,
-            self.min_readings, self.level,
-        )  # fmt: skip
+    def part(self, verdicts: Verdicts, on: bool = True) -> AqiPart:
+        """Its part of ``_air_kernel``'s arguments."""
+        return AqiPart(on, self.block_slot, AqiState(**self.views()), self.params, verdicts)
 
 
 class ExceedanceSettings(Strict, frozen=True):
@@ -202,42 +204,32 @@ class Exceedance(SeriesState):
 
     def __init__(self, settings: ExceedanceSettings) -> None:
         super().__init__()
-        self.min_readings = settings.min_readings
-        self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
-        self.limit_1h = np.array([_LIMIT_1H[name] for name in POLLUTANTS] + [np.nan])
-        self.limit_24h = np.array([_LIMIT_24H[name] for name in POLLUTANTS] + [np.nan])
-        self.hour = GrowableArray(np.int32, fill=-1)
-        self.hour_total = GrowableArray(np.float64)
-        self.hour_count = GrowableArray(np.int32)
-        self.day = GrowableArray(np.int32, fill=-1)
-        self.day_total = GrowableArray(np.float64)
-        self.day_count = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
+        self.params = ExceedanceParams(
+            limit_1h=np.array([_LIMIT_1H[name] for name in POLLUTANTS] + [np.nan]),
+            limit_24h=np.array([_LIMIT_24H[name] for name in POLLUTANTS] + [np.nan]),
+            offset_us=int(settings.utc_offset_hours * _HOUR_US),
+            min_readings=settings.min_readings,
+        )
         self.state = {
-            "hour": self.hour,
-            "hour_total": self.hour_total,
-            "hour_count": self.hour_count,
-            "day": self.day,
-            "day_total": self.day_total,
-            "day_count": self.day_count,
-            "last_time_us": self.last_time_us,
+            "hour": GrowableArray(np.int32, fill=-1),
+            "hour_total": GrowableArray(np.float64),
+            "hour_count": GrowableArray(np.int32),
+            "day": GrowableArray(np.int32, fill=-1),
+            "day_total": GrowableArray(np.float64),
+            "day_count": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=np.iinfo(np.int64).min),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, POLLUTANTS)
-        outputs = blank_verdicts(len(rows))
+        part = self.part(blank_verdicts(len(rows)))
         # The kernel it shares with aqi, with aqi's part off.
-        alone = (*_columns(batch), False, *_NO_AQI, True, False, *self.kernel_args(), *outputs)
-        _air_kernel(rows, *alone)
-        return DetectorResult(self.name, len(batch), rows, *outputs, EXCEEDANCE_REASONS)
+        _air_kernel(rows, readings(batch), *_pollutant_codes(batch), _off()[0], part, same_slots=False)
+        return DetectorResult(self.name, len(batch), rows, *part.verdicts, EXCEEDANCE_REASONS)
 
-    def kernel_args(self) -> tuple[Any, ...]:
-        """Its part of ``_air_kernel``'s arguments, between the flag and the outputs."""
-        return (
-            self.block_slot, self.hour.view, self.hour_total.view, self.hour_count.view, self.day.view,
-            self.day_total.view, self.day_count.view, self.last_time_us.view, self.limit_1h, self.limit_24h,
-            self.offset_us, self.min_readings,
-        )  # fmt: skip
+    def part(self, verdicts: Verdicts, on: bool = True) -> ExceedancePart:
+        """Its part of ``_air_kernel``'s arguments."""
+        return ExceedancePart(on, self.block_slot, ExceedanceState(**self.views()), self.params, verdicts)
 
 
 @register_pair(Aqi.name, Exceedance.name)
@@ -247,36 +239,74 @@ def aqi_and_exceedance(
     """Both detectors in one walk over the pollutant rows, which both always walk."""
     rows = aqi._walk(batch, series_count, POLLUTANTS)
     exceedance._walk(batch, series_count, POLLUTANTS)
-    aqi_outputs, exceedance_outputs = blank_verdicts(len(rows)), blank_verdicts(len(rows))
+    first, second = aqi.part(blank_verdicts(len(rows))), exceedance.part(blank_verdicts(len(rows)))
     # Equal slot tables give equal slots (see ``ewma.ewma_and_flatline``).
     same_slots = aqi.same_slots(exceedance)
-    parts = (
-        True, *aqi.kernel_args(), *aqi_outputs, True, same_slots, *exceedance.kernel_args(), *exceedance_outputs,
-    )  # fmt: skip
-    _air_kernel(rows, *_columns(batch), *parts)
+    _air_kernel(rows, readings(batch), *_pollutant_codes(batch), first, second, same_slots=same_slots)
     return (
-        DetectorResult(aqi.name, len(batch), rows, *aqi_outputs, _LEVELS[aqi.standard]),
-        DetectorResult(exceedance.name, len(batch), rows, *exceedance_outputs, EXCEEDANCE_REASONS),
+        DetectorResult(aqi.name, len(batch), rows, *first.verdicts, _LEVELS[aqi.standard]),
+        DetectorResult(exceedance.name, len(batch), rows, *second.verdicts, EXCEEDANCE_REASONS),
     )
 
 
-def _columns(batch: ReadingBatch) -> tuple[Any, ...]:
-    """The batch's part of ``_air_kernel``'s arguments, after the rows."""
-    metric, pollutant_of = _pollutant_codes(batch)
-    return metric, pollutant_of, batch.series, batch.time_us, batch.value
+@functools.cache
+def _off() -> tuple[AqiPart, ExceedancePart]:
+    """Each detector's part when it is off: a fresh detector's, over no rows, so that every call
+    of the kernel has one signature (the kernel reads none of it)."""
+    return (
+        Aqi(AqiSettings()).part(blank_verdicts(0), on=False),
+        Exceedance(ExceedanceSettings()).part(blank_verdicts(0), on=False),
+    )
 
 
-# Each detector's part of ``_air_kernel``'s arguments when it is off: empty arrays of its types
-# (the kernel reads none of them), so every call has one signature.
-_NONE = (np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8))
-_NO_AQI: tuple[Any, ...] = (
-    np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
-    np.empty(0, np.int64), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), 0, 0, 0, *_NONE,
-)  # fmt: skip
-_NO_EXCEEDANCE: tuple[Any, ...] = (
-    np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int32),
-    np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0), np.empty(0), 0, 0, *_NONE,
-)  # fmt: skip
+class AqiState(NamedTuple):
+    hour: NDArray[np.int32]
+    total: NDArray[np.float64]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    flagged_hour: NDArray[np.int32]
+    last_time_us: NDArray[np.int64]
+
+
+class AqiParams(NamedTuple):
+    breakpoints: NDArray[np.float64]  # one row per pollutant
+    indices: NDArray[np.float64]
+    slopes: NDArray[np.float64]  # ``_slopes(breakpoints, indices)``
+    offset_us: int
+    min_readings: int
+    level: int
+
+
+class AqiPart(NamedTuple):
+    on: bool
+    block_slot: NDArray[np.int64]
+    state: AqiState
+    params: AqiParams
+    verdicts: Verdicts
+
+
+class ExceedanceState(NamedTuple):
+    hour: NDArray[np.int32]
+    hour_total: NDArray[np.float64]
+    hour_count: NDArray[np.int32]
+    day: NDArray[np.int32]
+    day_total: NDArray[np.float64]
+    day_count: NDArray[np.int32]
+    last_time_us: NDArray[np.int64]
+
+
+class ExceedanceParams(NamedTuple):
+    limit_1h: NDArray[np.float64]  # by position in POLLUTANTS; NaN: no limit
+    limit_24h: NDArray[np.float64]
+    offset_us: int
+    min_readings: int
+
+
+class ExceedancePart(NamedTuple):
+    on: bool
+    block_slot: NDArray[np.int64]
+    state: ExceedanceState
+    params: ExceedanceParams
+    verdicts: Verdicts
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
@@ -316,50 +346,21 @@ def _iaqi_all(
 @compiled
 def _air_kernel(
     rows: NDArray[np.int64],
+    readings: Readings,
     metric: NDArray[np.int64],
     pollutant_of: NDArray[np.int64],
-    series: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    aqi: bool,
-    block_slot: NDArray[np.int64],
-    hour: NDArray[np.int32],
-    total: NDArray[np.float64],
-    count: NDArray[np.int32],
-    flagged_hour: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    breakpoints: NDArray[np.float64],
-    indices: NDArray[np.float64],
-    slopes: NDArray[np.float64],
-    offset_us: int,
-    min_readings: int,
-    aqi_level: float,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
-    exceedance: bool,
+    aqi: AqiPart,
+    exceedance: ExceedancePart,
     same_slots: bool,
-    exceedance_block_slot: NDArray[np.int64],
-    exceedance_hour: NDArray[np.int32],
-    hour_total: NDArray[np.float64],
-    hour_count: NDArray[np.int32],
-    day: NDArray[np.int32],
-    day_total: NDArray[np.float64],
-    day_count: NDArray[np.int32],
-    exceedance_last_time: NDArray[np.int64],
-    limit_1h: NDArray[np.float64],
-    limit_24h: NDArray[np.float64],
-    exceedance_offset_us: int,
-    exceedance_min_readings: int,
-    exceedance_score: NDArray[np.float32],
-    exceedance_flagged: NDArray[np.bool_],
-    exceedance_reason: NDArray[np.uint8],
 ) -> None:
-    """aqi (if ``aqi``) and exceedance (if ``exceedance``) in one walk over the pollutant rows,
-    each with its own slots, state and verdicts: as ``kernels.ewma_flatline_kernel`` does for
-    its pair, and for the same reasons (``detectors.PAIRS``); ``same_slots`` as there. Late
-    readings are skipped."""
-    table = block_slot if aqi else exceedance_block_slot
+    """aqi and exceedance (each if ``on``) in one walk over the pollutant rows, each with its
+    own slots, state and verdicts: as ``kernels.ewma_flatline_kernel`` does for its pair, and
+    for the same reasons (``detectors.PAIRS``); ``same_slots`` as there. A row's pollutant is
+    ``pollutant_of[metric[row]]``. Late readings are skipped."""
+    series, time_us, value = readings
+    a, p, verdicts = aqi.state, aqi.params, aqi.verdicts
+    x, limits, exceeded = exceedance.state, exceedance.params, exceedance.verdicts
+    table = aqi.block_slot if aqi.on else exceedance.block_slot
     # The local hour (and day) worked out last, its number and [start, end) (``period``: dividing
     # for every reading was a share of this loop). Each detector has its own UTC offset. Empty to start.
     aqi_hour, aqi_start, aqi_end = 0, 1, 0
@@ -368,53 +369,43 @@ def _air_kernel(
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         # Fetch ahead (see processors/kernels.py); both hand out slots alike.
-        near, ahead = fetch_ahead(rows, k, series, table, time_us, value)
-        prefetch(metric, near)
+        near, ahead = fetch_ahead(rows, k, readings, table)
+        prefetch_row((metric,), near)
         t = time_us[i]
         v = value[i]
-        p = pollutant_of[metric[i]]
-        if aqi:
-            s = slot_of(block_slot, series[i])
+        pollutant = pollutant_of[metric[i]]
+        if aqi.on:
+            s = slot_of(aqi.block_slot, series[i])
             if out_of_step(ahead, s):
-                prefetch(hour, ahead)
-                prefetch(total, ahead)
-                prefetch(count, ahead)
-                prefetch(flagged_hour, ahead)
-                prefetch(last_time, ahead)
-            if t > last_time[s]:
-                local_aqi = t + offset_us
+                prefetch_row(a, ahead)
+            if t > a.last_time_us[s]:
+                local_aqi = t + p.offset_us
                 if local_aqi < aqi_start or local_aqi >= aqi_end:
                     aqi_hour, aqi_start, aqi_end = period(local_aqi, _HOUR_US)
-                if aqi_hour != hour[s]:
-                    total[s] = 0.0
-                    count[s] = 0
-                    hour[s] = aqi_hour
-                total[s] += v
-                count[s] += 1
-                last_time[s] = t
-                index = _interp(total[s] / count[s], breakpoints, p, indices, slopes)
-                score[k] = index / 500.0
-                if count[s] >= min_readings and index >= aqi_level and flagged_hour[s] != aqi_hour:
-                    flagged[k] = True
+                if aqi_hour != a.hour[s]:
+                    a.total[s] = 0.0
+                    a.count[s] = 0
+                    a.hour[s] = aqi_hour
+                a.total[s] += v
+                a.count[s] += 1
+                a.last_time_us[s] = t
+                index = _interp(a.total[s] / a.count[s], p.breakpoints, pollutant, p.indices, p.slopes)
+                verdicts.score[k] = index / 500.0
+                if a.count[s] >= p.min_readings and index >= p.level and a.flagged_hour[s] != aqi_hour:
+                    verdicts.flagged[k] = True
                     # level(): 1..6, the category (upper bounds 50, 100, 150, 200, 300).
                     category = 1
                     for bound in (50.0, 100.0, 150.0, 200.0, 300.0):
                         if index > bound:
                             category += 1
-                    reason[k] = category
-                    flagged_hour[s] = aqi_hour
-        if exceedance:
-            e = s if same_slots else slot_of(exceedance_block_slot, series[i])
+                    verdicts.reason[k] = category
+                    a.flagged_hour[s] = aqi_hour
+        if exceedance.on:
+            e = s if same_slots else slot_of(exceedance.block_slot, series[i])
             if out_of_step(ahead, e):
-                prefetch(exceedance_hour, ahead)
-                prefetch(hour_total, ahead)
-                prefetch(hour_count, ahead)
-                prefetch(day, ahead)
-                prefetch(day_total, ahead)
-                prefetch(day_count, ahead)
-                prefetch(exceedance_last_time, ahead)
-            if t > exceedance_last_time[e]:
-                local = t + exceedance_offset_us
+                prefetch_row(x, ahead)
+            if t > x.last_time_us[e]:
+                local = t + limits.offset_us
                 # The hour and the day the reading leaves, if it does, are closed: their mean /
                 # limit where that counts (else 0); then the reading goes into its own hour and
                 # day. (Written out twice rather than as a helper: numba counts references to
@@ -422,32 +413,36 @@ def _air_kernel(
                 hourly = 0.0
                 if local < hour_start or local >= hour_end:
                     this_hour, hour_start, hour_end = period(local, _HOUR_US)
-                if this_hour != exceedance_hour[e]:
+                if this_hour != x.hour[e]:
                     if (
-                        exceedance_hour[e] >= 0
-                        and hour_count[e] >= exceedance_min_readings
-                        and np.isfinite(limit_1h[p])
+                        x.hour[e] >= 0
+                        and x.hour_count[e] >= limits.min_readings
+                        and np.isfinite(limits.limit_1h[pollutant])
                     ):
-                        hourly = hour_total[e] / hour_count[e] / limit_1h[p]
-                    hour_total[e] = 0.0
-                    hour_count[e] = 0
-                    exceedance_hour[e] = this_hour
-                hour_total[e] += v
-                hour_count[e] += 1
+                        hourly = x.hour_total[e] / x.hour_count[e] / limits.limit_1h[pollutant]
+                    x.hour_total[e] = 0.0
+                    x.hour_count[e] = 0
+                    x.hour[e] = this_hour
+                x.hour_total[e] += v
+                x.hour_count[e] += 1
                 daily = 0.0
                 if local < day_start or local >= day_end:
                     this_day, day_start, day_end = period(local, _DAY_US)
-                if this_day != day[e]:
-                    if day[e] >= 0 and day_count[e] >= exceedance_min_readings and np.isfinite(limit_24h[p]):
-                        daily = day_total[e] / day_count[e] / limit_24h[p]
-                    day_total[e] = 0.0
-                    day_count[e] = 0
-                    day[e] = this_day
-                day_total[e] += v
-                day_count[e] += 1
-                exceedance_last_time[e] = t
+                if this_day != x.day[e]:
+                    if (
+                        x.day[e] >= 0
+                        and x.day_count[e] >= limits.min_readings
+                        and np.isfinite(limits.limit_24h[pollutant])
+                    ):
+                        daily = x.day_total[e] / x.day_count[e] / limits.limit_24h[pollutant]
+                    x.day_total[e] = 0.0
+                    x.day_count[e] = 0
+                    x.day[e] = this_day
+                x.day_total[e] += v
+                x.day_count[e] += 1
+                x.last_time_us[e] = t
                 worst = max(hourly, daily)
-                exceedance_score[k] = min(worst / 2.0, 1.0)
-                exceedance_flagged[k] = worst > 1.0
+                exceeded.score[k] = min(worst / 2.0, 1.0)
+                exceeded.flagged[k] = worst > 1.0
                 # A day's exceedance wins over the hour's on the same reading.
-                exceedance_reason[k] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)
+                exceeded.reason[k] = 2 if daily > 1.0 else (1 if hourly > 1.0 else 0)

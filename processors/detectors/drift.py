@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -12,8 +13,17 @@ from numpy.typing import NDArray
 
 from citytel.config import Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector
-from citytel.processors.kernels import AHEAD, compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector
+from citytel.processors.kernels import (
+    AHEAD,
+    Readings,
+    Verdicts,
+    compiled,
+    fetch_ahead,
+    out_of_step,
+    prefetch_row,
+    slot_of,
+)
 from citytel.processors.series import GrowableArray, SeriesIndex
 
 __all__ = ["Drift"]
@@ -69,10 +79,9 @@ class Drift(SeriesState):
 
     def __init__(self, settings: DriftSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.slack = settings.slack
-        self.limit = settings.cusum_limit
-        self.warmup = settings.warmup
+        self.params = DriftParams(
+            alpha=settings.alpha, slack=settings.slack, limit=settings.cusum_limit, warmup=settings.warmup
+        )
         self.include = list(settings.metrics)
         self.exclude = list(settings.exclude_metrics)
         # Offsets, their scale and the sums in float32: they are compared with sigmas, not
@@ -135,23 +144,16 @@ class Drift(SeriesState):
 
     @staticmethod
     def _keys(batch: ReadingBatch) -> NDArray[np.int64]:
-        size = len(batch)
-        metric = np.zeros(size, np.int64) if batch.metric is None else batch.metric
-        pairs, inverse = np.unique((batch.districts() << 16) | metric, return_inverse=True)
+        pairs, inverse = np.unique((batch.district << 16) | batch.metric, return_inverse=True)
         keys = []
         for pair in pairs.tolist():
-            district_code, metric_code = pair >> 16, pair & 0xFFFF
-            district_name = batch.district_names[district_code] if batch.district_names else str(district_code)
-            metric_name = batch.metric_names[metric_code] if batch.metric_names else str(metric_code)
+            district_name, metric_name = batch.district_names[pair >> 16], batch.metric_names[pair & 0xFFFF]
             keys.append(zlib.crc32(f"{district_name}/{metric_name}".encode()))
         result: NDArray[np.int64] = np.array(keys, np.int64)[inverse.reshape(-1)]
         return result
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.include, self.exclude)
-        baseline, step, last_offset = self.baseline.view, self.step.view, self.last_offset.view
-        upper, lower, count, last_time = self.upper.view, self.lower.view, self.count.view, self.last_time_us.view
-        latest, member = self.latest.view, self._member.view
         if not len(rows):
             return DetectorResult.none(self.name, len(batch), REASONS)
         # A series' group never changes: only series new to this detector need theirs looked up.
@@ -163,16 +165,21 @@ class Drift(SeriesState):
         if series_count != self._grouped_extent:
             self._group_rows(batch, _ungrouped(rows, batch.series, self.block_slot, self._group.view))
             self._grouped_extent = series_count
-        score, flagged, reason = blank_verdicts(len(rows))
+        verdicts = blank_verdicts(len(rows))
+        peers = DriftPeers(
+            group=self._group.view,
+            member=self._member.view,
+            rank=self._rank.view,
+            group_sum=self._group_sum.view,
+            group_members=self._group_members.view,
+        )
+        state = DriftState(**self.views())
         by_round, ungrouped = _drift_kernel(
-            rows, batch.repeats(), batch.series, self.block_slot, batch.time_us, batch.value, self._group.view,
-            self._group_sum.view, self._group_members.view, member, latest, self._rank.view,
-            baseline, step, last_offset, upper, lower, count, last_time,
-            self.alpha, self.slack, self.limit, self.warmup, score, flagged, reason,
-        )  # fmt: skip
+            rows, batch.repeats(), readings(batch), self.block_slot, state, peers, self.params, verdicts
+        )
         if len(ungrouped):
             self._group_rows(batch, ungrouped)
-        return DetectorResult(self.name, len(batch), by_round, score, flagged, reason, REASONS)
+        return DetectorResult(self.name, len(batch), by_round, *verdicts, REASONS)
 
     def _group_rows(self, batch: ReadingBatch, rows: NDArray[np.int64]) -> None:
         """Look up the peer groups of these rows' series (which have none yet)."""
@@ -207,34 +214,49 @@ def _ungrouped(
     return found[:count]
 
 
+class DriftState(NamedTuple):
+    """``Drift.state``'s arrays, one element per series slot."""
+
+    baseline: NDArray[np.float32]
+    step: NDArray[np.float32]
+    last_offset: NDArray[np.float32]
+    upper: NDArray[np.float32]
+    lower: NDArray[np.float32]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    last_time_us: NDArray[np.int64]
+    latest: NDArray[np.float64]
+    group_key: NDArray[np.int64]
+
+
+class DriftPeers(NamedTuple):
+    """Per series slot: its peer group (-1: none yet), whether its latest reading is counted in
+    the group's sum, and scratch for numbering its readings; per peer group: that sum and how
+    many readings it holds. Not saved: rebuilt from the state on restore."""
+
+    group: NDArray[np.int32]
+    member: NDArray[np.bool_]
+    rank: NDArray[np.int32]
+    group_sum: NDArray[np.float64]
+    group_members: NDArray[np.int64]
+
+
+class DriftParams(NamedTuple):
+    alpha: float
+    slack: float
+    limit: float
+    warmup: int
+
+
 @compiled
 def _drift_kernel(
     rows: NDArray[np.int64],
     repeats: bool,
-    series: NDArray[np.int64],
+    readings: Readings,
     block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    group: NDArray[np.int32],
-    group_sum: NDArray[np.float64],
-    group_members: NDArray[np.int64],
-    member: NDArray[np.bool_],
-    latest: NDArray[np.float64],
-    rank: NDArray[np.int32],
-    baseline: NDArray[np.float32],
-    step: NDArray[np.float32],
-    last_offset: NDArray[np.float32],
-    upper: NDArray[np.float32],
-    lower: NDArray[np.float32],
-    count: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    alpha: float,
-    slack: float,
-    limit: float,
-    warmup: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    state: DriftState,
+    peers: DriftPeers,
+    params: DriftParams,
+    verdicts: Verdicts,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """The detector, compiled (see processors/kernels.py). Readings go in rounds: round k holds
     the k-th reading (by time) of every series that has one, so a sensor is compared with its
@@ -242,6 +264,11 @@ def _drift_kernel(
     round, the groups' sums take in every reading first, then each reading is scored. Returns
     the rows in the order walked (by round), which the outputs follow; and the rows of series
     with no peer group yet, which it left alone (no verdict, nothing learned)."""
+    series, time_us, value = readings
+    baseline, step, last_offset, upper, lower, count, last_time, latest, _ = state
+    group, member, rank, group_sum, group_members = peers
+    alpha, slack, limit, warmup = params
+    score, flagged, reason = verdicts
     size = rows.shape[0]
     # The usual case, no series twice in the batch: one round.
     rounds = 1
@@ -276,14 +303,9 @@ def _drift_kernel(
             i = np.uint64(by_round[k])
             s = slot[k] = slot_of(block_slot, series[i])
             # Fetch ahead (see processors/kernels.py).
-            _, ahead = fetch_ahead(by_round, k, series, block_slot, time_us, value)
+            _, ahead = fetch_ahead(by_round, k, readings, block_slot)
             if out_of_step(ahead, s):
-                prefetch(group, ahead)
-                prefetch(last_time, ahead)
-                prefetch(upper, ahead)
-                prefetch(lower, ahead)
-                prefetch(member, ahead)
-                prefetch(latest, ahead)
+                prefetch_row((group, last_time, upper, lower, member, latest), ahead)
             g = group[s]
             if g < 0:
                 if skipped == ungrouped.shape[0]:
@@ -316,18 +338,15 @@ def _drift_kernel(
             s = slot[k]
             ahead = slot[min(k + AHEAD, size - 1)]
             if out_of_step(ahead, s):
-                prefetch(count, ahead)
-                prefetch(step, ahead)
-                prefetch(baseline, ahead)
-                prefetch(last_offset, ahead)
+                prefetch_row((count, step, baseline, last_offset), ahead)
             g = group[s]
             if g < 0:
                 continue  # no peer group yet (see pass 1)
-            peers = group_members[g] - (1 if member[s] else 0)
-            if peers < 1:
+            others = group_members[g] - (1 if member[s] else 0)
+            if others < 1:
                 continue  # no peer reporting: not scored, not learned
             own = latest[s] if member[s] else 0.0
-            offset = value[i] - (group_sum[g] - own) / peers
+            offset = value[i] - (group_sum[g] - own) / others
             seen = count[s]
             warm = seen >= warmup
             sigma = step[s] / _STEP_TO_SIGMA + 1e-9 + 1e-4 * abs(baseline[s])

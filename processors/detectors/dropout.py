@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 import numpy as np
 from numba import njit
@@ -9,8 +11,8 @@ from numpy.typing import NDArray
 
 from citytel.config import Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import AnomalyEvents, SeriesState, register_detector
-from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.detectors import AnomalyEvents, SeriesState, readings, register_detector
+from citytel.processors.kernels import Readings, compiled, fetch_ahead, out_of_step, prefetch_row, slot_of
 from citytel.processors.series import SERIES_BLOCK, SERIES_BLOCK_BITS, GrowableArray
 
 __all__ = ["Dropout"]
@@ -56,22 +58,20 @@ class Dropout(SeriesState):
 
     def __init__(self, settings: DropoutSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.warmup = settings.warmup
-        self.factor = settings.timeout_factor
-        self.min_silence_us = int(settings.min_silence_seconds * 1e6)
+        self.params = DropoutParams(
+            alpha=settings.alpha,
+            warmup=settings.warmup,
+            factor=settings.timeout_factor,
+            min_silence_us=int(settings.min_silence_seconds * 1e6),
+        )
         self.sweep_every_us = int(settings.sweep_interval_seconds * 1e6)
         self.include = list(settings.metrics)
         self.exclude = list(settings.exclude_metrics)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
-        self.interval_us = GrowableArray(np.float32)  # a few microseconds of rounding at most
-        self.count = GrowableArray(np.int32)
-        self.silent = GrowableArray(np.bool_)
         self.state = {
-            "last_time_us": self.last_time_us,
-            "interval_us": self.interval_us,
-            "count": self.count,
-            "silent": self.silent,
+            "last_time_us": GrowableArray(np.int64, fill=_NEVER),
+            "interval_us": GrowableArray(np.float32),  # a few microseconds of rounding at most
+            "count": GrowableArray(np.int32),
+            "silent": GrowableArray(np.bool_),
         }
         self._last_sweep_us = _NEVER
         # No watched series can fall silent before this stream time (``_NEVER``: not known): the
@@ -82,36 +82,14 @@ class Dropout(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.include, self.exclude)
-        last_time, interval, count, silent = (
-            self.last_time_us.view,
-            self.interval_us.view,
-            self.count.view,
-            self.silent.view,
-        )
-        size = len(batch)
         # At most one closed silence per reading.
-        found_series = np.empty(len(rows), np.int64)
-        found_time = np.empty(len(rows), np.int64)
-        found_score = np.empty(len(rows), np.float32)
+        silences = Silences.blank(len(rows))
         found, earliest = _learn_kernel(
-            rows, batch.series, self.block_slot, batch.time_us,
-            last_time, interval, count, silent,
-            self.alpha, self.warmup, self.factor, self.min_silence_us,
-            found_series, found_time, found_score,
-        )  # fmt: skip
+            rows, readings(batch), self.block_slot, DropoutState(**self.views()), self.params, silences
+        )
         self._next_timeout_us = min(self._next_timeout_us, earliest)
-        events = None
-        if found:
-            events = AnomalyEvents(
-                self.name,
-                found_series[:found],
-                found_time[:found],
-                found_score[:found],
-                np.ones(found, np.uint8),
-                REASONS,
-            )
         # No verdict on any reading: a dropout is the absence of one.
-        return DetectorResult.none(self.name, size, REASONS, events)
+        return DetectorResult.none(self.name, len(batch), REASONS, silences.events(self.name, found) if found else None)
 
     def import_state(self, dense: NDArray[np.int64], arrays: dict[str, NDArray[np.generic]], series_count: int) -> None:
         super().import_state(dense, arrays, series_count)
@@ -127,17 +105,42 @@ class Dropout(SeriesState):
     def sweep(self, partition: NDArray[np.int32], clock: NDArray[np.int64]) -> AnomalyEvents:
         if len(clock):
             self._last_sweep_us = max(self._last_sweep_us, int(clock.max()))
-        slots = self.slot_count
-        found_series = np.empty(slots, np.int64)
-        found_time = np.empty(slots, np.int64)
-        found_score = np.empty(slots, np.float32)
+        silences = Silences.blank(self.slot_count)
         found, self._next_timeout_us = _sweep_kernel(
-            partition, clock, self._block_series.view,
-            self.last_time_us.view, self.interval_us.view, self.count.view, self.silent.view,
-            self.warmup, self.factor, self.min_silence_us, found_series, found_time, found_score,
-        )  # fmt: skip
+            partition, clock, self._block_series.view, DropoutState(**self.views()), self.params, silences
+        )
+        return silences.events(self.name, found)
+
+
+class DropoutState(NamedTuple):
+    last_time_us: NDArray[np.int64]
+    interval_us: NDArray[np.float32]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    silent: NDArray[np.bool_]
+
+
+class DropoutParams(NamedTuple):
+    alpha: float
+    warmup: int
+    factor: float
+    min_silence_us: int
+
+
+class Silences(NamedTuple):
+    """Where the kernels write the silences they find: the series, the time its timeout
+    passed, and the score; the first ``found`` of each are filled."""
+
+    series: NDArray[np.int64]
+    time_us: NDArray[np.int64]
+    score: NDArray[np.float32]
+
+    @classmethod
+    def blank(cls, size: int) -> Silences:
+        return cls(np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.float32))
+
+    def events(self, detector: str, found: int) -> AnomalyEvents:
         return AnomalyEvents(
-            self.name, found_series[:found], found_time[:found], found_score[:found], np.ones(found, np.uint8), REASONS
+            detector, self.series[:found], self.time_us[:found], self.score[:found], np.ones(found, np.uint8), REASONS
         )
 
 
@@ -151,36 +154,28 @@ def _timeout_us(interval: float, factor: float, min_silence_us: int) -> float:
 @compiled
 def _learn_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
+    readings: Readings,
     block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    last_time: NDArray[np.int64],
-    interval: NDArray[np.float32],
-    count: NDArray[np.int32],
-    silent: NDArray[np.bool_],
-    alpha: float,
-    warmup: int,
-    factor: float,
-    min_silence_us: int,
-    found_series: NDArray[np.int64],
-    found_time: NDArray[np.int64],
-    found_score: NDArray[np.float32],
+    state: DropoutState,
+    params: DropoutParams,
+    silences: Silences,
 ) -> tuple[int, int]:
     """Learns the intervals, per reading in time order per series (compiled: see
-    processors/kernels.py); writes the silences closed within the batch to ``found_*`` and
+    processors/kernels.py); writes the silences closed within the batch to ``silences`` and
     returns how many, and the earliest time a series it heard from can now fall silent."""
+    series, time_us, _ = readings
+    last_time, interval, count, silent = state
+    alpha, warmup, factor, min_silence_us = params
+    found_series, found_time, found_score = silences
     found = 0
     earliest = _FOREVER
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
-        # Fetch ahead (see processors/kernels.py); no values here, so the times stand in.
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, time_us)
+        # Fetch ahead (see processors/kernels.py).
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(last_time, ahead)
-            prefetch(interval, ahead)
-            prefetch(count, ahead)
-            prefetch(silent, ahead)
+            prefetch_row(state, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -212,20 +207,16 @@ def _sweep_kernel(
     partition: NDArray[np.int32],
     clock: NDArray[np.int64],
     block_series: NDArray[np.int64],
-    last_time: NDArray[np.int64],
-    interval: NDArray[np.float32],
-    count: NDArray[np.int32],
-    silent: NDArray[np.bool_],
-    warmup: int,
-    factor: float,
-    min_silence_us: int,
-    found_series: NDArray[np.int64],
-    found_time: NDArray[np.int64],
-    found_score: NDArray[np.float32],
+    state: DropoutState,
+    params: DropoutParams,
+    silences: Silences,
 ) -> tuple[int, int]:
     """One pass over the watched series (every slot): those quiet past their timeout, by their
-    partition's clock (see ``Sweeper.sweep``), are marked silent and written to ``found_*``;
+    partition's clock (see ``Sweeper.sweep``), are marked silent and written to ``silences``;
     returns how many, and the earliest time one of the others can fall silent."""
+    last_time, interval, count, silent = state
+    _, warmup, factor, min_silence_us = params
+    found_series, found_time, found_score = silences
     found = 0
     earliest = _FOREVER
     for s in range(count.shape[0]):

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
 from citytel.config import Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector, register_pair
+from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector, register_pair
 from citytel.processors.detectors.flatline import Flatline
-from citytel.processors.kernels import ewma_flatline_kernel
+from citytel.processors.kernels import (
+    FLATLINE_OFF,
+    EwmaParams,
+    EwmaPart,
+    EwmaState,
+    Verdicts,
+    ewma_flatline_kernel,
+)
 from citytel.processors.series import GrowableArray
 
 __all__ = ["EwmaZScore"]
@@ -76,51 +81,35 @@ class EwmaZScore(SeriesState):
 
     def __init__(self, settings: EwmaZScoreSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.threshold = settings.threshold
-        self.warmup = settings.warmup
         self.exclude = list(settings.exclude_metrics)
-        self._weights, self._slow_weights, self._settled = weight_tables(self.alpha)
-        self.mean = GrowableArray(np.float64)
-        self.variance = GrowableArray(np.float64)
-        self.count = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
-        self.slow_variance = GrowableArray(np.float64)
+        weights, slow_weights, settled = weight_tables(settings.alpha)
+        self.params = EwmaParams(
+            alpha=settings.alpha,
+            threshold=settings.threshold,
+            warmup=settings.warmup,
+            long_run_share=_LONG_RUN_SHARE,
+            weights=weights,
+            slow_weights=slow_weights,
+            settled=settled,
+        )
         self.state = {
-            "slow_variance": self.slow_variance,
-            "mean": self.mean,
-            "variance": self.variance,
-            "count": self.count,
-            "last_time_us": self.last_time_us,
+            "slow_variance": GrowableArray(np.float64),
+            "mean": GrowableArray(np.float64),
+            "variance": GrowableArray(np.float64),
+            "count": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=np.iinfo(np.int64).min),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        outputs = blank_verdicts(len(rows))
-        # The kernel it shares with flatline, with flatline's part off (``NO_FLATLINE``).
-        alone = (*self.kernel_args(), *outputs, False, False, *NO_FLATLINE)
-        ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *alone)
-        return DetectorResult(self.name, len(batch), rows, *outputs, REASONS)
+        part = self.part(blank_verdicts(len(rows)))
+        # The kernel it shares with flatline, with flatline's part off.
+        ewma_flatline_kernel(rows, readings(batch), part, FLATLINE_OFF, same_slots=False)
+        return DetectorResult(self.name, len(batch), rows, *part.verdicts, REASONS)
 
-    def kernel_args(self) -> tuple[Any, ...]:
-        """Its part of ``ewma_flatline_kernel``'s arguments, between the flag and the outputs."""
-        return (
-            self.block_slot, self.mean.view, self.variance.view, self.slow_variance.view, self.count.view,
-            self.last_time_us.view, self.alpha, self.threshold, self.warmup, _LONG_RUN_SHARE, self._weights,
-            self._slow_weights, self._settled,
-        )  # fmt: skip
-
-
-# flatline's part of ``ewma_flatline_kernel``'s arguments when it is off: empty arrays of its
-# types (the kernel reads none of them), so every call has one signature.
-NO_FLATLINE: tuple[Any, ...] = (
-    np.empty(0, np.int64),
-    np.empty(0),
-    np.empty(0, np.int32),
-    np.empty(0, np.int64),
-    0,
-    0.0,
-)
+    def part(self, verdicts: Verdicts, on: bool = True) -> EwmaPart:
+        """Its part of ``ewma_flatline_kernel``'s arguments."""
+        return EwmaPart(on, self.block_slot, EwmaState(**self.views()), self.params, verdicts)
 
 
 @register_pair(EwmaZScore.name, Flatline.name)
@@ -133,10 +122,8 @@ def ewma_and_flatline(
     rows = ewma._walk(batch, series_count, exclude=ewma.exclude)
     if flatline._walk(batch, series_count, exclude=flatline.exclude) is not rows:
         return None
-    outputs = blank_verdicts(len(rows))
+    part = ewma.part(blank_verdicts(len(rows)))
     # Equal tables, as two detectors of the same metrics hand out slots alike (a checkpoint
     # restored into one of them alone could order its blocks otherwise).
-    same_slots = ewma.same_slots(flatline)
-    both = (*ewma.kernel_args(), *outputs, True, same_slots, *flatline.kernel_args())
-    hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, True, *both)
-    return DetectorResult(ewma.name, len(batch), rows, *outputs, REASONS), flatline.result(batch, rows, hit)
+    hit = ewma_flatline_kernel(rows, readings(batch), part, flatline.part(), same_slots=ewma.same_slots(flatline))
+    return DetectorResult(ewma.name, len(batch), rows, *part.verdicts, REASONS), flatline.result(batch, rows, hit)

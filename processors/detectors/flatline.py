@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
 from citytel.config import Count, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, register_detector
-from citytel.processors.kernels import ewma_flatline_kernel
+from citytel.processors.detectors import SeriesState, readings, register_detector
+from citytel.processors.kernels import EWMA_OFF, FlatlineParams, FlatlinePart, FlatlineState, ewma_flatline_kernel
 from citytel.processors.series import GrowableArray
 
 __all__ = ["Flatline"]
@@ -42,24 +40,23 @@ class Flatline(SeriesState):
 
     def __init__(self, settings: FlatlineSettings) -> None:
         super().__init__()
-        self.window = settings.window
-        self.tolerance = settings.tolerance
+        self.params = FlatlineParams(window=settings.window, tolerance=settings.tolerance)
         self.exclude = list(settings.exclude_metrics)
-        self.last_value = GrowableArray(np.float64, fill=np.nan)
-        self.run = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
-        self.state = {"last_value": self.last_value, "run": self.run, "last_time_us": self.last_time_us}
+        self.state = {
+            "last_value": GrowableArray(np.float64, fill=np.nan),
+            "run": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=np.iinfo(np.int64).min),
+        }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        # The kernel it shares with ewma_zscore, with ewma_zscore's part off (``NO_EWMA``).
-        alone = (*NO_EWMA, True, False, *self.kernel_args())
-        hit = ewma_flatline_kernel(rows, batch.series, batch.time_us, batch.value, False, *alone)
+        # The kernel it shares with ewma_zscore, with ewma_zscore's part off.
+        hit = ewma_flatline_kernel(rows, readings(batch), EWMA_OFF, self.part(), same_slots=False)
         return self.result(batch, rows, hit)
 
-    def kernel_args(self) -> tuple[Any, ...]:
-        """Its part of ``ewma_flatline_kernel``'s arguments, after the flags."""
-        return self.block_slot, self.last_value.view, self.run.view, self.last_time_us.view, self.window, self.tolerance
+    def part(self) -> FlatlinePart:
+        """Its part of ``ewma_flatline_kernel``'s arguments."""
+        return FlatlinePart(True, self.block_slot, FlatlineState(**self.views()), self.params)
 
     def result(self, batch: ReadingBatch, rows: NDArray[np.int64], hit: NDArray[np.int64]) -> DetectorResult:
         """The verdicts, from the positions in ``rows`` the kernel returned."""
@@ -75,12 +72,3 @@ class Flatline(SeriesState):
             np.ones(len(hit), np.uint8),
             REASONS,
         )
-
-
-# ewma_zscore's part of ``ewma_flatline_kernel``'s arguments when it is off: empty arrays of
-# its types (the kernel reads none of them), so every call has one signature.
-NO_EWMA: tuple[Any, ...] = (
-    *(np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64)),
-    0.0, 0.0, 0, 0.0, np.empty(0), np.empty(0), True,
-    *(np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8)),
-)  # fmt: skip

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 import numpy as np
+from numpy.typing import NDArray
 
 from citytel.config import Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector
-from citytel.processors.kernels import jump_kernel
+from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector
+from citytel.processors.kernels import Readings, Verdicts, compiled, slot_of
 from citytel.processors.series import GrowableArray
 
 __all__ = ["Jump"]
@@ -41,41 +44,70 @@ class Jump(SeriesState):
 
     def __init__(self, settings: JumpSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.threshold = settings.threshold
-        self.warmup = settings.warmup
+        self.params = JumpParams(alpha=settings.alpha, threshold=settings.threshold, warmup=settings.warmup)
         self.exclude = list(settings.exclude_metrics)
-        self.last_value = GrowableArray(np.float64, fill=np.nan)
-        self.mean_step = GrowableArray(np.float32)
-        self.count = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=np.iinfo(np.int64).min)
         self.state = {
-            "mean_step": self.mean_step,
-            "last_value": self.last_value,
-            "count": self.count,
-            "last_time_us": self.last_time_us,
+            "mean_step": GrowableArray(np.float32),
+            "last_value": GrowableArray(np.float64, fill=np.nan),
+            "count": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=np.iinfo(np.int64).min),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        last_value, mean_step = self.last_value.view, self.mean_step.view
-        count, last_time = self.count.view, self.last_time_us.view
-        score, flagged, reason = blank_verdicts(len(rows))
-        jump_kernel(
-            rows,
-            batch.series,
-            self.block_slot,
-            batch.time_us,
-            batch.value,
-            last_value,
-            mean_step,
-            count,
-            last_time,
-            self.alpha,
-            self.threshold,
-            self.warmup,
-            score,
-            flagged,
-            reason,
-        )
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, REASONS)
+        verdicts = blank_verdicts(len(rows))
+        _jump_kernel(rows, readings(batch), self.block_slot, JumpState(**self.views()), self.params, verdicts)
+        return DetectorResult(self.name, len(batch), rows, *verdicts, REASONS)
+
+
+class JumpState(NamedTuple):
+    mean_step: NDArray[np.float32]
+    last_value: NDArray[np.float64]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    last_time_us: NDArray[np.int64]
+
+
+class JumpParams(NamedTuple):
+    alpha: float
+    threshold: float
+    warmup: int
+
+
+@compiled
+def _jump_kernel(
+    rows: NDArray[np.int64],
+    readings: Readings,
+    block_slot: NDArray[np.int64],
+    state: JumpState,
+    params: JumpParams,
+    verdicts: Verdicts,
+) -> None:
+    series, time_us, value = readings
+    mean_step, last_value, count, last_time = state
+    alpha, threshold, warmup = params
+    for k in range(rows.shape[0]):
+        i = np.uint64(rows[k])
+        s = slot_of(block_slot, series[i])
+        # Steps are only defined between a series' readings in time order; late ones are
+        # neither scored nor learned.
+        if time_us[i] <= last_time[s]:
+            continue
+        v = value[i]
+        step = v - last_value[s]
+        has_step = np.isfinite(step)
+        # The floor keeps a series that never moved from flagging its first tiny change.
+        usual = mean_step[s] + 1e-6 + 1e-3 * abs(v)
+        ratio = abs(step) / usual if has_step else 0.0
+        if count[s] >= warmup:
+            verdicts.score[k] = ratio / (ratio + threshold)
+            if ratio >= threshold:
+                verdicts.flagged[k] = True
+                verdicts.reason[k] = 1 if step > 0 else 2
+        if has_step:
+            # A jump is learned only up to the threshold.
+            learned = min(abs(step), threshold * usual)
+            weight = max(alpha, 1.0 / (count[s] + 1))
+            mean_step[s] += weight * (learned - mean_step[s])
+            count[s] += 1
+        last_value[s] = v
+        last_time[s] = time_us[i]

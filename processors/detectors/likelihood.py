@@ -37,8 +37,8 @@ from numpy.typing import NDArray
 
 from citytel.config import Count, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, register_detector
-from citytel.processors.kernels import compiled, slot_of
+from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector
+from citytel.processors.kernels import Readings, Verdicts, compiled, slot_of
 from citytel.processors.series import GrowableArray
 
 __all__ = ["AnomalyLikelihood", "AnomalyLikelihoodSettings", "LikelihoodParams", "LikelihoodState"]
@@ -142,16 +142,14 @@ def profile_slot(time_us: int, offset_us: int) -> int:
 @compiled
 def likelihood_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
+    readings: Readings,
     block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
     state: LikelihoodState,
     params: LikelihoodParams,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    verdicts: Verdicts,
 ) -> None:
+    series, time_us, value = readings
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
@@ -281,9 +279,7 @@ class AnomalyLikelihood(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, exclude=self.exclude)
-        score, flagged, reason = blank_verdicts(len(rows))
-        state = LikelihoodState(**{name: array.view for name, array in self.state.items()})
-        likelihood_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, state, self.params, score, flagged, reason
-        )
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, REASONS)
+        verdicts = blank_verdicts(len(rows))
+        state = LikelihoodState(**self.views())
+        likelihood_kernel(rows, readings(batch), self.block_slot, state, self.params, verdicts)
+        return DetectorResult(self.name, len(batch), rows, *verdicts, REASONS)

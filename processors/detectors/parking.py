@@ -7,13 +7,15 @@ Lots report ``free_bays``, ``occupied_bays`` and ``capacity`` in one message; ba
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numpy.typing import NDArray
 
 from citytel.config import Count, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, companion, register_detector
-from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, prefetch, slot_of
+from citytel.processors.detectors import SeriesState, blank_verdicts, companion, readings, register_detector
+from citytel.processors.kernels import Readings, Verdicts, compiled, fetch_ahead, out_of_step, prefetch_row, slot_of
 from citytel.processors.series import GrowableArray
 
 __all__ = ["BayFlapping", "LotStuck", "OverCapacity"]
@@ -40,19 +42,15 @@ class OverCapacity(SeriesState):
     def __init__(self, settings: OverCapacitySettings) -> None:
         super().__init__()
         self.tolerance = settings.tolerance
-        self.over = GrowableArray(np.bool_)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
-        self.state = {"over": self.over, "last_time_us": self.last_time_us}
+        self.state = {"over": GrowableArray(np.bool_), "last_time_us": GrowableArray(np.int64, fill=_NEVER)}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
         capacity = companion(batch, "capacity", rows)
-        score, flagged, reason = blank_verdicts(len(rows))
-        _over_capacity_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, capacity, self.tolerance,
-            self.over.view, self.last_time_us.view, score, flagged, reason,
-        )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "over_capacity"))
+        verdicts = blank_verdicts(len(rows))
+        state = OverCapacityState(**self.views())
+        _over_capacity_kernel(rows, readings(batch), capacity, self.block_slot, state, self.tolerance, verdicts)
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "over_capacity"))
 
 
 class BayFlappingSettings(Strict, frozen=True):
@@ -75,34 +73,20 @@ class BayFlapping(SeriesState):
 
     def __init__(self, settings: BayFlappingSettings) -> None:
         super().__init__()
-        self.max_toggles = settings.max_toggles
-        self.window_us = int(settings.window_seconds * 1e6)
-        self.last_value = GrowableArray(np.float64, fill=np.nan)
-        # The epoch, not the int64 minimum: "now - start" must not overflow.
-        self.window_start_us = GrowableArray(np.int64, fill=0)
-        self.toggles = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
+        self.params = FlappingParams(max_toggles=settings.max_toggles, window_us=int(settings.window_seconds * 1e6))
         self.state = {
-            "last_value": self.last_value,
-            "window_start_us": self.window_start_us,
-            "toggles": self.toggles,
-            "last_time_us": self.last_time_us,
+            "last_value": GrowableArray(np.float64, fill=np.nan),
+            # The epoch, not the int64 minimum: "now - start" must not overflow.
+            "window_start_us": GrowableArray(np.int64, fill=0),
+            "toggles": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=_NEVER),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
-        last_value, start, toggles, last_time = (
-            self.last_value.view,
-            self.window_start_us.view,
-            self.toggles.view,
-            self.last_time_us.view,
-        )
-        score, flagged, reason = blank_verdicts(len(rows))
-        _flapping_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value,
-            last_value, start, toggles, last_time, self.max_toggles, self.window_us, score, flagged, reason,
-        )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "flapping"))
+        verdicts = blank_verdicts(len(rows))
+        _flapping_kernel(rows, readings(batch), self.block_slot, FlappingState(**self.views()), self.params, verdicts)
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "flapping"))
 
 
 class LotStuckSettings(Strict, frozen=True):
@@ -126,15 +110,11 @@ class LotStuck(SeriesState):
     def __init__(self, settings: LotStuckSettings) -> None:
         super().__init__()
         self.stuck_us = int(settings.stuck_seconds * 1e6)
-        self.last_value = GrowableArray(np.float64, fill=np.nan)
-        self.changed_us = GrowableArray(np.int64, fill=_NEVER)
-        self.reported = GrowableArray(np.bool_)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
         self.state = {
-            "last_value": self.last_value,
-            "changed_us": self.changed_us,
-            "reported": self.reported,
-            "last_time_us": self.last_time_us,
+            "last_value": GrowableArray(np.float64, fill=np.nan),
+            "changed_us": GrowableArray(np.int64, fill=_NEVER),
+            "reported": GrowableArray(np.bool_),
+            "last_time_us": GrowableArray(np.int64, fill=_NEVER),
         }
         self.district = GrowableArray(np.int32, fill=-1)  # per slot
         # Not saved either: the latest change of any lot, per district code of this process.
@@ -142,66 +122,81 @@ class LotStuck(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
-        last_value, changed, reported, last_time = (
-            self.last_value.view,
-            self.changed_us.view,
-            self.reported.view,
-            self.last_time_us.view,
-        )
-        districts = batch.districts()
+        state = LotStuckState(**self.views())
+        districts = batch.district
         capacity = companion(batch, "capacity", rows)
         # Pass 1, in time order: each row's "unchanged since" as of that row (by position in rows).
         since = np.empty(len(rows), np.int64)
         live = np.empty(len(rows), np.bool_)
         highest_district = _stuck_pass(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, districts,
-            last_value, changed, reported, last_time, self.district.view, since, live,
-        )  # fmt: skip
+            rows, readings(batch), districts, self.block_slot, state, self.district.view, since, live
+        )
         # Pass 2, once every lot of the batch is up to date: the latest change of any lot in
         # each district. A lot's last change only moves forward, so a running maximum per
         # district, fed by the lots of this batch, equals the maximum over every lot seen.
         # (Sized by the districts of this detector's rows only, as pass 1 found them.)
         self.district_latest.resize(highest_district + 1)
-        score, flagged, reason = blank_verdicts(len(rows))
+        verdicts = blank_verdicts(len(rows))
         _stuck_flag(
-            rows, live, batch.series, self.block_slot, batch.time_us, batch.value, capacity, since,
-            self.district.view, self.district_latest.view, changed, reported, self.stuck_us,
-            score, flagged, reason,
+            rows, live, since, readings(batch), capacity, self.block_slot, self.district.view,
+            self.district_latest.view, state, self.stuck_us, verdicts,
         )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "stuck_full", "stuck_empty"))
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "stuck_full", "stuck_empty"))
 
     def _grow(self, slots: int) -> None:
         super()._grow(slots)
         self.district.resize(slots)
 
 
+class OverCapacityState(NamedTuple):
+    over: NDArray[np.bool_]  # in an episode
+    last_time_us: NDArray[np.int64]
+
+
+class FlappingState(NamedTuple):
+    last_value: NDArray[np.float64]
+    window_start_us: NDArray[np.int64]
+    toggles: NDArray[np.int32]
+    last_time_us: NDArray[np.int64]
+
+
+class FlappingParams(NamedTuple):
+    max_toggles: int
+    window_us: int
+
+
+class LotStuckState(NamedTuple):
+    last_value: NDArray[np.float64]
+    changed_us: NDArray[np.int64]
+    reported: NDArray[np.bool_]
+    last_time_us: NDArray[np.int64]
+
+
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
-# time order per series, over the rows it applies to only.
+# time order per series, over the rows it applies to only. A row's companion values (the lot's
+# capacity) are by position in the rows.
 
 
 @compiled
 def _over_capacity_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
+    readings: Readings,
     capacity: NDArray[np.float64],
+    block_slot: NDArray[np.int64],
+    state: OverCapacityState,
     tolerance: float,
-    over: NDArray[np.bool_],
-    last_time: NDArray[np.int64],
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    verdicts: Verdicts,
 ) -> None:
+    series, time_us, value = readings
+    over, last_time = state
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Fetch ahead (see processors/kernels.py).
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(over, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row(state, ahead)
         if not np.isfinite(capacity[k]):
             continue  # no capacity in the message: no verdict, and the episode stays as it is
         excess = value[i] - capacity[k] - tolerance
@@ -219,30 +214,23 @@ def _over_capacity_kernel(
 @compiled
 def _flapping_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
+    readings: Readings,
     block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    last_value: NDArray[np.float64],
-    start: NDArray[np.int64],
-    toggles: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    max_toggles: int,
-    window_us: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    state: FlappingState,
+    params: FlappingParams,
+    verdicts: Verdicts,
 ) -> None:
+    series, time_us, value = readings
+    last_value, start, toggles, last_time = state
+    max_toggles, window_us = params
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Fetch ahead (see processors/kernels.py).
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(last_value, ahead)
-            prefetch(start, ahead)
-            prefetch(toggles, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row(state, ahead)
         t = time_us[i]
         if t <= last_time[s]:
             continue
@@ -266,33 +254,27 @@ def _flapping_kernel(
 @compiled
 def _stuck_pass(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
+    readings: Readings,
     districts: NDArray[np.int64],
-    last_value: NDArray[np.float64],
-    changed: NDArray[np.int64],
-    reported: NDArray[np.bool_],
-    last_time: NDArray[np.int64],
+    block_slot: NDArray[np.int64],
+    state: LotStuckState,
     district: NDArray[np.int32],
     since: NDArray[np.int64],
     live: NDArray[np.bool_],
 ) -> int:
     """Each row's "unchanged since", as of that row, and whether it was fresh (``live``); each
-    lot's district. Returns the highest district code of the rows (-1: no rows)."""
+    lot's district (per slot, from the batch's ``districts`` by row). Returns the highest
+    district code of the rows (-1: no rows)."""
+    series, time_us, value = readings
+    last_value, changed, reported, last_time = state
     highest = -1
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Fetch ahead (see processors/kernels.py).
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(district, ahead)
-            prefetch(last_value, ahead)
-            prefetch(changed, ahead)
-            prefetch(reported, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row((district, last_value, changed, reported, last_time), ahead)
         district[s] = districts[i]
         highest = max(highest, districts[i])
         since[k] = _NEVER
@@ -314,21 +296,21 @@ def _stuck_pass(
 def _stuck_flag(
     rows: NDArray[np.int64],
     live: NDArray[np.bool_],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    capacity: NDArray[np.float64],
     since: NDArray[np.int64],
+    readings: Readings,
+    capacity: NDArray[np.float64],
+    block_slot: NDArray[np.int64],
     district: NDArray[np.int32],
     district_latest: NDArray[np.int64],
-    changed: NDArray[np.int64],
-    reported: NDArray[np.bool_],
+    state: LotStuckState,
     stuck_us: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    verdicts: Verdicts,
 ) -> None:
+    """Flags the live rows (from ``_stuck_pass``) of lots stuck full or empty since ``since``
+    while a lot of their district changed: ``district_latest`` is each district's latest change."""
+    series, time_us, value = readings
+    changed, reported = state.changed_us, state.reported
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         d = district[slot_of(block_slot, series[rows[k]])]
         district_latest[d] = max(district_latest[d], changed[slot_of(block_slot, series[rows[k]])])

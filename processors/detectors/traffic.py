@@ -7,14 +7,25 @@ time a vehicle is over the loop) in one message.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
 from citytel.config import Count, Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
-from citytel.processors.detectors import SeriesState, blank_verdicts, companion, register_detector
-from citytel.processors.kernels import compiled, fetch_ahead, out_of_step, period, prefetch, slot_of
+from citytel.processors.detectors import SeriesState, blank_verdicts, companion, readings, register_detector
+from citytel.processors.kernels import (
+    Readings,
+    Verdicts,
+    compiled,
+    fetch_ahead,
+    out_of_step,
+    period,
+    prefetch_row,
+    slot_of,
+)
 from citytel.processors.series import GrowableArray
 
 __all__ = ["Congestion", "TrafficProfile", "TrafficZero"]
@@ -56,10 +67,12 @@ class TrafficProfile(SeriesState):
 
     def __init__(self, settings: TrafficProfileSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.threshold = settings.threshold
-        self.warmup = settings.warmup
-        self.offset_us = int(settings.utc_offset_hours * _HOUR_US)
+        self.params = ProfileParams(
+            offset_us=int(settings.utc_offset_hours * _HOUR_US),
+            alpha=settings.alpha,
+            threshold=settings.threshold,
+            warmup=settings.warmup,
+        )
         self.metrics = list(settings.metrics) or list(self.applies_to)
         self.scale = GrowableArray(np.float32)
         self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
@@ -77,15 +90,10 @@ class TrafficProfile(SeriesState):
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.metrics)
-        score, flagged, reason = blank_verdicts(len(rows))
-        _profile_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value,
-            self.means.view, self.counts.view, self.scale.view, self.last_time_us.view,
-            self.offset_us, self.alpha, self.threshold, self.warmup, score, flagged, reason,
-        )  # fmt: skip
-        return DetectorResult(
-            self.name, len(batch), rows, score, flagged, reason, ("", "above_profile", "below_profile")
-        )
+        verdicts = blank_verdicts(len(rows))
+        state = ProfileState(self.means.view, self.counts.view, self.scale.view, self.last_time_us.view)
+        _profile_kernel(rows, readings(batch), self.block_slot, state, self.params, verdicts)
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "above_profile", "below_profile"))
 
     def export_state(self, dense: NDArray[np.int64]) -> dict[str, NDArray[np.generic]]:
         arrays = super().export_state(dense)
@@ -132,36 +140,28 @@ class TrafficZero(SeriesState):
 
     def __init__(self, settings: TrafficZeroSettings) -> None:
         super().__init__()
-        self.alpha = settings.alpha
-        self.warmup = settings.warmup
-        self.min_flow = settings.min_flow
-        self.jam_occupancy = settings.jam_occupancy
-        self.min_readings = max(settings.min_readings, 1)
-        self.flow = GrowableArray(np.float32)
-        self.count = GrowableArray(np.int32)
-        self.zeros_in_row = GrowableArray(np.int32)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
+        self.params = ZeroParams(
+            alpha=settings.alpha,
+            warmup=settings.warmup,
+            min_flow=settings.min_flow,
+            min_readings=max(settings.min_readings, 1),
+            jam_occupancy=settings.jam_occupancy,
+        )
         self.state = {
-            "flow": self.flow,
-            "count": self.count,
-            "zeros_in_row": self.zeros_in_row,
-            "last_time_us": self.last_time_us,
+            "flow": GrowableArray(np.float32),
+            "count": GrowableArray(np.int32),
+            "zeros_in_row": GrowableArray(np.int32),
+            "last_time_us": GrowableArray(np.int64, fill=_NEVER),
         }
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
-        flow, count, last_time = self.flow.view, self.count.view, self.last_time_us.view
-        zeros_in_row = self.zeros_in_row.view
-        score, flagged, reason = blank_verdicts(len(rows))
+        verdicts = blank_verdicts(len(rows))
         occupancy = companion(batch, "occupancy", rows)
         _zero_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
-            flow, count, zeros_in_row, last_time, self.alpha, self.warmup, self.min_flow,
-            self.min_readings, self.jam_occupancy, score, flagged, reason,
-        )  # fmt: skip
-        return DetectorResult(
-            self.name, len(batch), rows, score, flagged, reason, ("", "zero_incident", "zero_sensor_failure")
+            rows, readings(batch), occupancy, self.block_slot, ZeroState(**self.views()), self.params, verdicts
         )
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "zero_incident", "zero_sensor_failure"))
 
 
 class CongestionSettings(Strict, frozen=True):
@@ -185,46 +185,76 @@ class Congestion(SeriesState):
 
     def __init__(self, settings: CongestionSettings) -> None:
         super().__init__()
-        self.jam_speed = settings.jam_speed_kmh
-        self.jam_occupancy = settings.jam_occupancy
-        self.jammed = GrowableArray(np.bool_)
-        self.last_time_us = GrowableArray(np.int64, fill=_NEVER)
-        self.state = {"jammed": self.jammed, "last_time_us": self.last_time_us}
+        self.params = CongestionParams(jam_speed=settings.jam_speed_kmh, jam_occupancy=settings.jam_occupancy)
+        self.state = {"jammed": GrowableArray(np.bool_), "last_time_us": GrowableArray(np.int64, fill=_NEVER)}
 
     def process(self, batch: ReadingBatch, series_count: int) -> DetectorResult:
         rows = self._walk(batch, series_count, self.applies_to)
         occupancy = companion(batch, "occupancy", rows)
-        score, flagged, reason = blank_verdicts(len(rows))
+        verdicts = blank_verdicts(len(rows))
         _congestion_kernel(
-            rows, batch.series, self.block_slot, batch.time_us, batch.value, occupancy,
-            self.jam_speed, self.jam_occupancy, self.jammed.view, self.last_time_us.view, score, flagged, reason,
-        )  # fmt: skip
-        return DetectorResult(self.name, len(batch), rows, score, flagged, reason, ("", "congestion"))
+            rows, readings(batch), occupancy, self.block_slot, CongestionState(**self.views()), self.params, verdicts
+        )
+        return DetectorResult(self.name, len(batch), rows, *verdicts, ("", "congestion"))
+
+
+class ProfileState(NamedTuple):
+    means: NDArray[np.float32]  # tables: one row per hour slot, one column per series slot
+    counts: NDArray[np.uint8]
+    scale: NDArray[np.float32]
+    last_time_us: NDArray[np.int64]
+
+
+class ProfileParams(NamedTuple):
+    offset_us: int
+    alpha: float
+    threshold: float
+    warmup: int
+
+
+class ZeroState(NamedTuple):
+    flow: NDArray[np.float32]
+    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    zeros_in_row: NDArray[np.int32]
+    last_time_us: NDArray[np.int64]
+
+
+class ZeroParams(NamedTuple):
+    alpha: float
+    warmup: int
+    min_flow: float
+    min_readings: int
+    jam_occupancy: float
+
+
+class CongestionState(NamedTuple):
+    jammed: NDArray[np.bool_]
+    last_time_us: NDArray[np.int64]
+
+
+class CongestionParams(NamedTuple):
+    jam_speed: float
+    jam_occupancy: float
 
 
 # Per-reading loops, compiled (see processors/kernels.py for why): each walks the batch in
-# time order per series, over the rows it applies to only.
+# time order per series, over the rows it applies to only. A row's companion values (the
+# loop's occupancy) are by position in the rows.
 
 
 @compiled
 def _profile_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
+    readings: Readings,
     block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
-    means: NDArray[np.float32],
-    counts: NDArray[np.uint8],
-    scale: NDArray[np.float32],
-    last_time: NDArray[np.int64],
-    offset_us: int,
-    alpha: float,
-    threshold: float,
-    warmup: int,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    state: ProfileState,
+    params: ProfileParams,
+    verdicts: Verdicts,
 ) -> None:
+    series, time_us, value = readings
+    means, counts, scale, last_time = state
+    offset_us, alpha, threshold, warmup = params
+    score, flagged, reason = verdicts
     # The local hour worked out last, [hour_start, hour_end) (``period``: dividing for every
     # reading was a large share of this loop), and its slot. Empty to start.
     hour_start, hour_end, hour_slot = 1, 0, 0
@@ -239,12 +269,9 @@ def _profile_kernel(
             hour_slot = local_hours % 24 + (24 if (local_hours // 24 + 3) % 7 >= 5 else 0)
         # Fetch ahead (see processors/kernels.py); the reading ahead is almost always of the
         # same hour.
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(means[hour_slot], ahead)
-            prefetch(counts[hour_slot], ahead)
-            prefetch(scale, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row((means[hour_slot], counts[hour_slot], scale, last_time), ahead)
         mean = np.float64(means[hour_slot, s])
         seen = np.int64(counts[hour_slot, s])
         sigma = scale[s] * _MAD_TO_SIGMA + 0.05 * abs(mean) + 1.0
@@ -275,34 +302,24 @@ def _profile_kernel(
 @compiled
 def _zero_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    value: NDArray[np.float64],
+    readings: Readings,
     occupancy: NDArray[np.float64],
-    flow: NDArray[np.float32],
-    count: NDArray[np.int32],
-    zeros_in_row: NDArray[np.int32],
-    last_time: NDArray[np.int64],
-    alpha: float,
-    warmup: int,
-    min_flow: float,
-    min_readings: int,
-    jam_occupancy: float,
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    block_slot: NDArray[np.int64],
+    state: ZeroState,
+    params: ZeroParams,
+    verdicts: Verdicts,
 ) -> None:
+    series, time_us, value = readings
+    flow, count, zeros_in_row, last_time = state
+    alpha, warmup, min_flow, min_readings, jam_occupancy = params
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Fetch ahead (see processors/kernels.py).
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, value)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(flow, ahead)
-            prefetch(count, ahead)
-            prefetch(zeros_in_row, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row(state, ahead)
         if time_us[i] <= last_time[s]:
             continue
         v = value[i]
@@ -327,27 +344,25 @@ def _zero_kernel(
 @compiled
 def _congestion_kernel(
     rows: NDArray[np.int64],
-    series: NDArray[np.int64],
-    block_slot: NDArray[np.int64],
-    time_us: NDArray[np.int64],
-    speed: NDArray[np.float64],
+    readings: Readings,
     occupancy: NDArray[np.float64],
-    jam_speed: float,
-    jam_occupancy: float,
-    jammed: NDArray[np.bool_],
-    last_time: NDArray[np.int64],
-    score: NDArray[np.float32],
-    flagged: NDArray[np.bool_],
-    reason: NDArray[np.uint8],
+    block_slot: NDArray[np.int64],
+    state: CongestionState,
+    params: CongestionParams,
+    verdicts: Verdicts,
 ) -> None:
+    """``readings``' values are the mean speeds."""
+    series, time_us, speed = readings
+    jammed, last_time = state
+    jam_speed, jam_occupancy = params
+    score, flagged, reason = verdicts
     for k in range(rows.shape[0]):
         i = np.uint64(rows[k])
         s = slot_of(block_slot, series[i])
         # Fetch ahead (see processors/kernels.py).
-        _, ahead = fetch_ahead(rows, k, series, block_slot, time_us, speed)
+        _, ahead = fetch_ahead(rows, k, readings, block_slot)
         if out_of_step(ahead, s):
-            prefetch(jammed, ahead)
-            prefetch(last_time, ahead)
+            prefetch_row(state, ahead)
         # No occupancy in the message: no verdict, and the jam stays as it is.
         if time_us[i] <= last_time[s] or not np.isfinite(occupancy[k]):
             continue

@@ -44,12 +44,8 @@ def write(
     devices = np.array([index.device_code(d, k, district) for d, k, district, _ in keys], np.int64)
     index.add_metrics({metric for *_, metric in keys})
     metrics = np.array([index.metric_codes[metric] for *_, metric in keys], np.int64)
-    batch = ReadingBatch(
-        np.array(times_us, np.int64),
-        index.lookup(SeriesIndex.keys(devices, metrics)),
-        np.array(values, np.float64),
-        np.array(received_us if received_us is not None else times_us, np.int64),
-        {},
+    batch = ReadingBatch.of(
+        times_us, index.lookup(SeriesIndex.keys(devices, metrics)), values, device=devices, received_us=received_us
     )
 
     async def go() -> None:

@@ -32,16 +32,7 @@ class Reference(Protocol):
 
 
 def batch(times: list[int], series: list[int], values: list[float], metric: str = "value") -> ReadingBatch:
-    count = len(values)
-    return ReadingBatch(
-        np.array(times, np.int64),
-        np.array(series, np.int64),
-        np.array(values, np.float64),
-        np.zeros(count, np.int64),
-        {},
-        metric=np.zeros(count, np.int64),
-        metric_names=(metric,),
-    )
+    return ReadingBatch.of(times, series, values, metric_names=(metric,))
 
 
 Item = TypeVar("Item")
@@ -170,19 +161,16 @@ def message_batch(messages: list[Message], metrics: tuple[str, ...], districts: 
             metric.append(code)
             device.append(one_device)
             message.append(number)
-    count = len(values)
-    return ReadingBatch(
-        np.array(times, np.int64),
-        np.array(series, np.int64),
-        np.array(values, np.float64),
-        np.zeros(count, np.int64),
-        {},
-        metric=np.array(metric, np.int64),
+    return ReadingBatch.of(
+        times,
+        series,
+        values,
+        metric=metric,
         metric_names=metrics,
-        device=np.array(device, np.int64),
+        device=device,
         district=np.array(device, np.int64) % districts,
         district_names=("jinshui", "erqi", "zhongyuan")[:districts],
-        message=np.array(message, np.int64),
+        message=message,
     )
 
 

@@ -41,15 +41,7 @@ def _metric_of(request: pytest.FixtureRequest) -> None:
 
 
 def batch(series: list[int], times: list[int], values: list[float]) -> ReadingBatch:
-    return ReadingBatch(
-        np.array(times, np.int64),
-        np.array(series, np.int64),
-        np.array(values, np.float64),
-        np.zeros(len(series), np.int64),
-        {},
-        metric=np.zeros(len(series), np.int64),
-        metric_names=(METRIC[0],),
-    )
+    return ReadingBatch.of(times, series, values, metric_names=(METRIC[0],))
 
 
 def history(series_count: int = 5, steps: int = 60, seed: int = 0) -> ReadingBatch:

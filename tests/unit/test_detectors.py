@@ -30,16 +30,14 @@ def readings(
     names = tuple(sorted(set(metrics)))
     count = len(values)
     devices = devices if devices is not None else [0] * count
-    return ReadingBatch(
-        np.array(times, np.int64),
-        np.array(series if series is not None else [names.index(m) for m in metrics], np.int64),
-        np.array(values, np.float64),
-        np.zeros(count, np.int64),
-        {},
-        metric=np.array([names.index(m) for m in metrics], np.int64),
+    return ReadingBatch.of(
+        times,
+        series if series is not None else [names.index(m) for m in metrics],
+        values,
+        metric=[names.index(m) for m in metrics],
         metric_names=names,
-        device=np.array(devices, np.int64),
-        district=np.array(districts if districts is not None else [0] * count, np.int64),
+        device=devices,
+        district=districts if districts is not None else [0] * count,
         district_names=("jinshui", "erqi"),
     )
 

@@ -15,6 +15,7 @@ from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
 from citytel.processors.detectors import build_detector, companion
 from citytel.processors.kernels import (
     AHEAD,
+    Readings,
     advance_clocks,
     fetch_ahead,
     group_percentile,
@@ -35,13 +36,7 @@ class FakeRecord:
 
 
 def batch_of(series: list[int], times: list[int], values: list[float]) -> ReadingBatch:
-    return ReadingBatch(
-        np.array(times, np.int64),
-        np.array(series, np.int64),
-        np.array(values, np.float64),
-        np.zeros(len(series), np.int64),
-        {},
-    )
+    return ReadingBatch.of(times, series, values)
 
 
 def test_series_index_gives_stable_dense_indices_for_a_whole_batch() -> None:
@@ -151,12 +146,30 @@ def test_companion_reads_a_devices_other_metric_of_the_same_message_and_time() -
     np.testing.assert_array_equal(companion(batch, "capacity", every), expected)
     # Some rows only, in any order: one value per row asked for.
     np.testing.assert_array_equal(companion(batch, "capacity", np.array([4, 0, 6])), [np.nan, 100.0, 90.0])
-    # Without message numbers (a batch built by hand) the same answer comes from matching
-    # device and time across the batch.
-    hand_built = dataclasses.replace(batch, message=None)
+    # A batch built by hand gets one message per device and time, which finds the same.
+    hand_built = ReadingBatch.of(
+        batch.time_us,
+        batch.series,
+        batch.value,
+        metric=batch.metric,
+        metric_names=batch.metric_names,
+        device=batch.device,
+    )
     np.testing.assert_array_equal(companion(hand_built, "capacity", every), expected)
-    np.testing.assert_array_equal(companion(hand_built, "capacity", np.array([4, 0, 6])), [np.nan, 100.0, 90.0])
     assert np.isnan(companion(batch, "occupancy", every)).all()
+
+
+def test_a_batch_built_by_hand_is_filled_in_as_the_decoder_would_and_checked() -> None:
+    batch = ReadingBatch.of([5, 5, 6, 6, 6], [0, 1, 0, 1, 1], [1.0, 2.0, 3.0, 4.0, 5.0], device=[0, 0, 0, 1, 1])
+    assert batch.message.tolist() == [0, 0, 1, 2, 2], "a new message where the device or the time changes"
+    assert batch.metric.tolist() == [0] * 5
+    assert batch.metric_names == ("value",)
+    assert batch.district.tolist() == [0] * 5
+    assert batch.received_us.tolist() == batch.time_us.tolist()
+    with pytest.raises(ValueError, match="adjacent"):
+        ReadingBatch.of([5, 5, 5], [0, 1, 2], [1.0, 2.0, 3.0], message=[0, 1, 0])
+    with pytest.raises(ValueError, match="beyond"):
+        ReadingBatch.of([5], [0], [1.0], metric=[1], metric_names=("pm2_5",))
 
 
 def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
@@ -183,11 +196,12 @@ def test_ewma_detector_flags_a_spike_after_warmup_and_not_the_noise() -> None:
 def test_a_late_reading_is_scored_but_does_not_move_the_state() -> None:
     detector = build_detector("ewma_zscore", dict(alpha=0.1, threshold=6.0, warmup=5))
     detector.process(batch_of([0] * 50, list(range(100, 150)), [10.0 + (i % 2) * 0.1 for i in range(50)]), 1)
-    state_before = detector.mean.view.copy(), detector.variance.view.copy()  # type: ignore[attr-defined]
+    state = detector.state  # type: ignore[attr-defined]
+    state_before = state["mean"].view.copy(), state["variance"].view.copy()
     late = detector.process(batch_of([0], [5], [1000.0]), 1)
     assert late.flagged.tolist() == [True]
-    assert np.array_equal(detector.mean.view, state_before[0])  # type: ignore[attr-defined]
-    assert np.array_equal(detector.variance.view, state_before[1])  # type: ignore[attr-defined]
+    assert np.array_equal(state["mean"].view, state_before[0])
+    assert np.array_equal(state["variance"].view, state_before[1])
 
 
 @pytest.mark.parametrize(("alpha", "readings"), [(0.05, 300), (1.0, 20), (1e-4, 4200)])
@@ -238,14 +252,12 @@ def test_flatline_flags_a_stuck_series_once_and_leaves_excluded_metrics_alone() 
     values = noisy + stuck
     times = list(range(len(values)))
     # Series 0 is a PM2.5 monitor that gets stuck; series 1 is a lot's capacity, constant by nature.
-    readings = ReadingBatch(
-        np.array(times * 2, np.int64),
-        np.array([0] * 70 + [1] * 70, np.int64),
-        np.array(values + [200.0] * 70),
-        np.zeros(140, np.int64),
-        {},
-        np.array([0] * 70 + [1] * 70, np.int64),
-        ("pm2_5", "capacity"),
+    readings = ReadingBatch.of(
+        times * 2,
+        [0] * 70 + [1] * 70,
+        values + [200.0] * 70,
+        metric=[0] * 70 + [1] * 70,
+        metric_names=("pm2_5", "capacity"),
     )
     result = detector.process(readings, 2)
     flagged = np.flatnonzero(result.flagged)
@@ -440,11 +452,11 @@ def test_fetch_ahead_names_the_row_ahead_and_its_slot_and_stops_at_the_last_row(
     from numba import njit
 
     @njit
-    def walk(rows, series, block_slot, time_us, value):  # type: ignore[no-untyped-def]
+    def walk(rows, readings, block_slot):  # type: ignore[no-untyped-def]
         ahead_rows = np.empty(rows.shape[0], np.int64)
         ahead_slots = np.empty(rows.shape[0], np.int64)
         for k in range(rows.shape[0]):
-            near, slot = fetch_ahead(rows, k, series, block_slot, time_us, value)
+            near, slot = fetch_ahead(rows, k, readings, block_slot)
             ahead_rows[k] = near
             ahead_slots[k] = slot
         return ahead_rows, ahead_slots
@@ -453,7 +465,7 @@ def test_fetch_ahead_names_the_row_ahead_and_its_slot_and_stops_at_the_last_row(
     series = np.arange(size, dtype=np.int64)[::-1].copy()
     block_slot = np.array([5 * SERIES_BLOCK], np.int64)  # one block: slot = 5 blocks on + place
     rows = np.arange(0, size, 2, dtype=np.int64)
-    ahead_rows, ahead_slots = walk(rows, series, block_slot, series, series.astype(np.float64))
+    ahead_rows, ahead_slots = walk(rows, Readings(series, series, series.astype(np.float64)), block_slot)
     expected = rows[np.minimum(np.arange(len(rows)) + AHEAD, len(rows) - 1)]
     assert ahead_rows.tolist() == expected.tolist()
     assert ahead_slots.tolist() == (5 * SERIES_BLOCK + series[expected]).tolist()
