@@ -262,7 +262,7 @@ def _off() -> tuple[AqiPart, ExceedancePart]:
 class AqiState(NamedTuple):
     hour: NDArray[np.int32]
     total: NDArray[np.float64]
-    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
     flagged_hour: NDArray[np.int32]
     last_time_us: NDArray[np.int64]
 

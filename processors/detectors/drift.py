@@ -222,7 +222,7 @@ class DriftState(NamedTuple):
     last_offset: NDArray[np.float32]
     upper: NDArray[np.float32]
     lower: NDArray[np.float32]
-    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
     last_time_us: NDArray[np.int64]
     latest: NDArray[np.float64]
     group_key: NDArray[np.int64]

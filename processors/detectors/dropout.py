@@ -115,7 +115,7 @@ class Dropout(SeriesState):
 class DropoutState(NamedTuple):
     last_time_us: NDArray[np.int64]
     interval_us: NDArray[np.float32]
-    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
     silent: NDArray[np.bool_]
 
 

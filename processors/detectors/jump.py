@@ -63,7 +63,7 @@ class Jump(SeriesState):
 class JumpState(NamedTuple):
     mean_step: NDArray[np.float32]
     last_value: NDArray[np.float64]
-    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
     last_time_us: NDArray[np.int64]
 
 

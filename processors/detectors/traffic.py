@@ -214,7 +214,7 @@ class ProfileParams(NamedTuple):
 
 class ZeroState(NamedTuple):
     flow: NDArray[np.float32]
-    count: NDArray[np.int32]  # type: ignore[assignment]  # (hides tuple.count; the checkpoint\'s name)
+    count: NDArray[np.int32]  # type: ignore[assignment]  # hides tuple.count
     zeros_in_row: NDArray[np.int32]
     last_time_us: NDArray[np.int64]
 
