@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, compress, repeat
+from itertools import chain, repeat
 from typing import Protocol
 
 import msgspec
@@ -53,6 +53,7 @@ class EnvelopeRules:
         self.wall_clock = wall_clock
         self.kind_codes = {kind: code for code, kind in enumerate(sorted(settings.kinds))}
         names = sorted({metric for kind in settings.kinds.values() for metric in kind.metrics})
+        self.metric_names = tuple(names)
         self.metric_codes = {name: code for code, name in enumerate(names)}
         # Bounds by (kind, metric) code; NaN where the kind does not declare the metric, so a
         # comparison with them fails like one with a value out of range.
@@ -97,13 +98,13 @@ class EnvelopeRules:
     def reading_problems(
         self,
         kind_codes: NDArray[np.int64],
-        metric_names: list[str],
+        metric: NDArray[np.int64],
         values: NDArray[np.float64],
         times: NDArray[np.int64],
         received: NDArray[np.int64],
     ) -> NDArray[np.bool_]:
-        """Per reading, whether it breaks a rule (columns, one numpy pass each)."""
-        metric = np.fromiter(map(self.metric_codes.get, metric_names, repeat(-1)), np.int64, len(metric_names))
+        """Per reading, whether it breaks a rule (columns, one numpy pass each); ``metric`` is
+        each reading's code in ``metric_codes``, -1 for a name it does not declare."""
         low, high = self.low[kind_codes, metric], self.high[kind_codes, metric]
         in_range = (values >= low) & (values <= high)  # False for NaN, inf and undeclared metrics
         in_time = (times >= received - self.max_age_us) & (times <= received + self.max_future_us)
@@ -184,19 +185,23 @@ class _Readings:
     the same columns the batch is then made of."""
 
     counts: NDArray[np.int64]  # readings per envelope
-    metric_names: list[str]
+    # Each reading's metric as its code in the rules' table (``EnvelopeRules.metric_codes``; -1:
+    # a name no kind declares): the names are looked up once per reading, here, and the rest of
+    # decoding works on codes.
+    metric: NDArray[np.int64]
     time_us: NDArray[np.int64]
     value: NDArray[np.float64]
     received_us: NDArray[np.int64]
 
     @classmethod
-    def of(cls, envelopes: list[Envelope]) -> _Readings:
+    def of(cls, envelopes: list[Envelope], metric_codes: dict[str, int]) -> _Readings:
         counts = np.fromiter(map(len, (envelope.values for envelope in envelopes)), np.int64, len(envelopes))
         total = int(counts.sum())
         received = np.fromiter((envelope.received_us for envelope in envelopes), np.int64, len(envelopes))
+        names = chain.from_iterable(envelope.metrics for envelope in envelopes)
         return cls(
             counts,
-            list(chain.from_iterable(envelope.metrics for envelope in envelopes)),
+            np.fromiter(map(metric_codes.get, names, repeat(-1)), np.int64, total),
             np.fromiter(chain.from_iterable(envelope.times_us for envelope in envelopes), np.int64, total),
             np.fromiter(chain.from_iterable(envelope.values for envelope in envelopes), np.float64, total),
             np.repeat(received, counts),
@@ -207,7 +212,7 @@ class _Readings:
         rows = np.repeat(keep, self.counts)
         return _Readings(
             self.counts[keep],
-            list(compress(self.metric_names, rows)),
+            self.metric[rows],
             self.time_us[rows],
             self.value[rows],
             self.received_us[rows],
@@ -228,14 +233,14 @@ def _checked(
                 bad.append(_bad(records[positions[envelope_position]], *problem))
         envelopes = [envelope for envelope, problem in zip(envelopes, whole, strict=True) if problem is None]
         positions = [position for position, problem in zip(positions, whole, strict=True) if problem is None]
-    readings = _Readings.of(envelopes)
+    readings = _Readings.of(envelopes, rules.metric_codes)
     if not envelopes:
         return envelopes, positions, readings, bad
     # One check per rule for the whole batch.
     kinds = np.fromiter((rules.kind_codes[envelope.kind] for envelope in envelopes), np.int64, len(envelopes))
     problems = rules.reading_problems(
         np.repeat(kinds, readings.counts),
-        readings.metric_names,
+        readings.metric,
         readings.value,
         readings.time_us,
         readings.received_us,
@@ -302,6 +307,18 @@ def _within_series_limit(
     return keep
 
 
+def _index_metric_codes(metric: NDArray[np.int64], names: tuple[str, ...], index: SeriesIndex) -> NDArray[np.int64]:
+    """The series index's codes for readings given by their rules' codes (all declared: the
+    rules set the others aside). The index numbers metrics its own way, as it first meets them
+    (it outlives a change of config), so the few codes present are mapped, not every reading."""
+    present = np.flatnonzero(np.bincount(metric, minlength=len(names)))
+    index.add_metrics({names[code] for code in present.tolist()})
+    to_index = np.zeros(len(names), np.int64)
+    to_index[present] = [index.metric_codes[names[code]] for code in present.tolist()]
+    codes: NDArray[np.int64] = to_index[metric]
+    return codes
+
+
 def decode_batch(
     records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets, rules: EnvelopeRules
 ) -> tuple[ReadingBatch, list[BadRecord]]:
@@ -316,9 +333,7 @@ def decode_batch(
         np.int64,
         len(envelopes),
     )
-    metric_names = readings.metric_names
-    index.add_metrics(set(metric_names))
-    metric_codes = np.fromiter(map(index.metric_codes.__getitem__, metric_names), np.int64, len(metric_names))
+    metric_codes = _index_metric_codes(readings.metric, rules.metric_names, index)
     devices = np.repeat(device_codes, counts)
     series = index.lookup(SeriesIndex.keys(devices, metric_codes))
     # Which partition each series lives on, so its state can be checkpointed with that partition.
