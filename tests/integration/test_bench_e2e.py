@@ -30,10 +30,15 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     assert qos1["readings_per_s"] == pytest.approx(qos1["msg_per_s"] * result["readings_per_message"], rel=0.05)
     assert set(qos1["processes"]) == {"bridge", "processor", "mosquitto", "kafka", "postgres"}
     assert all(figures["peak_rss_mb"] > 0 for figures in qos1["processes"].values())
+    assert qos1["processes"]["bridge"]["cpu_us_per_message"] > 0
+    assert qos1["processes"]["processor"]["cpu_us_per_message"] > 0
     assert result["citytel_qos0"]["readings_arrived"] > 0
     [step] = result["offered_load"]
     assert step["probes"] > 0
     assert step["latency_ms"]["p50"] <= step["latency_ms"]["p99"]
+    receipt = step["receipt_to_row_ms_at_most"]
+    assert receipt["p50"] is not None
+    assert receipt["p50"] <= receipt["p99"]
     # Normally 6-14 even on this short run. Below 1 it caught a processor that stalled 7 s
     # mid-stream, compiling a kernel for a second argument layout.
     assert result["ratios"]["e2e_qos1_vs_naive_pipeline"] > 1, "citytel must beat one INSERT per reading"

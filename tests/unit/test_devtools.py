@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from citytel.devtools.bench_e2e import _bucket_quantile_ms
 from citytel.devtools.commands import _reporting_stack_errors
 from citytel.devtools.stack import StackError
 
@@ -42,3 +43,13 @@ def test_a_stack_error_is_one_line_and_exit_status_1(capsys: pytest.CaptureFixtu
 
     assert tool(argparse.Namespace()) == 1
     assert capsys.readouterr().err == "citytel: kafka did not start: port 9092 in use\n"
+
+
+def test_a_quantile_of_the_readings_written_between_two_histogram_samples() -> None:
+    before = {0.01: 5.0, 0.05: 10.0, 0.25: 10.0, float("inf"): 10.0}
+    # 100 readings written since: 60 within 10 ms, 39 more within 50 ms, 1 within 250 ms.
+    after = {0.01: 65.0, 0.05: 109.0, 0.25: 110.0, float("inf"): 110.0}
+    assert _bucket_quantile_ms(before, after, 0.5) == 10.0
+    assert _bucket_quantile_ms(before, after, 0.99) == 50.0
+    assert _bucket_quantile_ms(before, after, 1.0) == 250.0
+    assert _bucket_quantile_ms(after, after, 0.5) is None, "nothing written: no quantile"
