@@ -652,7 +652,11 @@ def bench_e2e(
         bare_id = f"bench-bare-{unique}"
         create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight)
         publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
+        # The drain runs on paho's thread in this process while the main thread waits: this
+        # process's CPU time is the bare client's (with its connect and subscribe).
+        cpu_before = time.process_time()
         bare = bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
+        bare_cpu_us = (time.process_time() - cpu_before) * 1e6 / messages
         drop_session(port, bare_id)
         # The records the bridge would have produced for the same backlog.
         records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
@@ -663,6 +667,7 @@ def bench_e2e(
         naive = _naive_reference(settings, f"{prefix}-naive", naive_messages)
         result["references"] = {
             "bare_paho_drain_msg_per_s": round(bare),
+            "bare_paho_cpu_us_per_message": round(bare_cpu_us, 1),
             "bare_paho_drain_readings_per_s": round(bare * per_message),
             **kafka,
             "raw_copy_readings_per_s": round(copy_rate),
@@ -736,6 +741,9 @@ def bench_e2e(
                 result["citytel_qos1"]["readings_per_s"] / references["naive_pipeline_readings_per_s"], 1
             ),
             "p99_ms_at_half_load": half["latency_ms"]["p99"],
+            "bridge_cpu_vs_bare_paho": round(
+                result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
+            ),
         }
         return result
     finally:
@@ -785,7 +793,10 @@ def main_e2e(messages: int, output: Path | None, plot_path: Path | None, step_se
     references = result["references"]
     qos1 = result["citytel_qos1"]
     print(f"end to end, {messages:,} messages of {result['readings_per_message']} readings (simulated city):")
-    print(f"  bare paho drain        {references['bare_paho_drain_msg_per_s']:>10,} msg/s")
+    print(
+        f"  bare paho drain        {references['bare_paho_drain_msg_per_s']:>10,} msg/s,"
+        f" {references['bare_paho_cpu_us_per_message']} µs CPU/msg"
+    )
     print(f"  raw aiokafka           {references['produce_records_per_s']:>10,} produce, "
           f"{references['consume_records_per_s']:,} consume records/s")  # fmt: skip
     print(f"  raw COPY               {references['raw_copy_readings_per_s']:>10,} readings/s")
@@ -810,6 +821,7 @@ def main_e2e(messages: int, output: Path | None, plot_path: Path | None, step_se
     ratios = result["ratios"]
     print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
           f"{ratios['e2e_qos1_vs_naive_pipeline']}, p99 at half load {ratios['p99_ms_at_half_load']} ms")  # fmt: skip
+    print(f"  bridge CPU per message / bare paho client's: {ratios['bridge_cpu_vs_bare_paho']}")
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
     if plot_path is not None:

@@ -32,6 +32,8 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     assert all(figures["peak_rss_mb"] > 0 for figures in qos1["processes"].values())
     assert qos1["processes"]["bridge"]["cpu_us_per_message"] > 0
     assert qos1["processes"]["processor"]["cpu_us_per_message"] > 0
+    assert references["bare_paho_cpu_us_per_message"] > 0
+    assert result["ratios"]["bridge_cpu_vs_bare_paho"] > 0
     assert result["citytel_qos0"]["readings_arrived"] > 0
     [step] = result["offered_load"]
     assert step["probes"] > 0
