@@ -151,12 +151,12 @@ class Aqi(SeriesState):
         self.standard = settings.standard
         # The standard's tables as arrays, one row per pollutant, for the compiled loop.
         table = _HJ633 if self.standard == "hj633" else _US_EPA
-        self._breakpoints = np.array([table[name] for name in POLLUTANTS], np.float64)
-        self._indices = np.array(_IAQI if self.standard == "hj633" else _EPA_AQI, np.float64)
+        breakpoints = np.array([table[name] for name in POLLUTANTS], np.float64)
+        indices = np.array(_IAQI if self.standard == "hj633" else _EPA_AQI, np.float64)
         self.params = AqiParams(
-            breakpoints=self._breakpoints,
-            indices=self._indices,
-            slopes=_slopes(self._breakpoints, self._indices),
+            breakpoints=breakpoints,
+            indices=indices,
+            slopes=_slopes(breakpoints, indices),
             offset_us=int(settings.utc_offset_hours * _HOUR_US),
             min_readings=settings.min_readings,
             level=settings.aqi_level,
