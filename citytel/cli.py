@@ -68,19 +68,9 @@ def _db(arguments: argparse.Namespace) -> int:
 
 
 def _devices(arguments: argparse.Namespace) -> int:
-    import psycopg
+    from citytel.devices import run
 
-    from citytel.processors.storage.devices import DeviceError, import_devices, read_devices
-
-    settings = _settings(arguments)
-    try:
-        devices = read_devices(arguments.file, set(settings.kinds))
-    except DeviceError as error:
-        print(f"citytel: {error}", file=sys.stderr)
-        return 1
-    with psycopg.connect(settings.database.conninfo()) as connection:
-        print(f"imported {import_devices(connection, devices)} devices from {arguments.file}")
-    return 0
+    return run(_settings(arguments), arguments)
 
 
 def _query(arguments: argparse.Namespace) -> int:
@@ -186,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     db.set_defaults(handler=_db)
 
-    devices = commands.add_parser("devices", parents=[common], help="the device registry")
-    devices.add_argument("action", choices=["import"])
-    devices.add_argument("file", type=Path, help="a .csv or .toml file of devices")
+    from citytel.devices import add_arguments
+
+    devices = commands.add_parser("devices", parents=[common], help="the device registry and MQTT logins")
+    add_arguments(devices)
     devices.set_defaults(handler=_devices)
 
     from citytel.query import QUERIES

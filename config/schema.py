@@ -236,12 +236,33 @@ class AlertSettings(Strict, frozen=True):
     mqtt_topic_prefix: str = "city/alerts"  # <prefix>/<department>/<district>
     mqtt_retain: bool = True  # the latest state of each department and district stays on the broker
     mqtt_client_id: str = "citytel-alerter"
+    # The alerter's own MQTT login (the broker lets only it publish alerts); the broker's
+    # address and TLS settings are [mqtt]'s.
+    mqtt_username: str = ""
+    mqtt_password_env: str = ""
+    mqtt_password_file: str = ""
     # Event time the alerter stays behind the newest reading, so that slower partitions have
     # written their anomalies before a rule looks at that time.
     lateness_seconds: float = 120.0
     step_seconds: float = 60.0  # event-time step of the evaluation
     rules: dict[str, AlertRule] = msgspec.field(default_factory=dict)
     departments: dict[str, Department] = msgspec.field(default_factory=dict)
+
+    def mqtt_password(self) -> str:
+        return _read_secret(self.mqtt_password_env, self.mqtt_password_file, "alerts mqtt password")
+
+
+class RegistrySettings(Strict, frozen=True):
+    """Where the device registry's MQTT logins take effect: ``citytel devices`` renders the
+    broker's password and ACL files from the registry, writes them here and sends the broker
+    SIGHUP (its PID read from ``broker_pid_file``) so that it applies them without a restart."""
+
+    broker_password_file: str = ""
+    broker_acl_file: str = ""
+    broker_pid_file: str = ""  # empty: the operator reloads the broker
+    # PBKDF2 rounds of each stored secret hash. Secrets are 32 random bytes, so rounds guard
+    # little; every connect pays them on the broker.
+    hash_iterations: Annotated[int, msgspec.Meta(ge=101, le=1_000_000)] = 1000
 
 
 class Settings(Strict, frozen=True):
@@ -259,6 +280,7 @@ class Settings(Strict, frozen=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
+    registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -336,7 +358,29 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("; ".join(problems))
 
 
+# A key that looks like it holds a secret itself, rather than naming where one is.
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_?key|private_?key|credential)", re.IGNORECASE)
+
+
+def _secret_keys(data: Any, path: str = "") -> list[str]:
+    """Keys anywhere in ``data`` that would put a secret in the config file."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SECRET_KEY.search(str(key)) and not str(key).endswith(("_env", "_file")):
+                found.append(where)
+            found += _secret_keys(value, where)
+    return found
+
+
 def parse_settings(data: dict[str, Any], source: str = "<dict>") -> Settings:
+    secret_keys = _secret_keys(data)
+    if secret_keys:
+        raise ConfigError(
+            f"{source}: {', '.join(secret_keys)}: secrets never go in the config file;"
+            " name an environment variable (<key>_env) or a file (<key>_file) that holds them"
+        )
     try:
         return msgspec.convert(data, type=Settings, strict=True)
     except msgspec.ValidationError as error:

@@ -103,7 +103,7 @@ def database(postgres_port: int) -> Iterator[ScratchDatabase]:
 def settings(mqtt_port: int, kafka_bootstrap: str, database: ScratchDatabase) -> Settings:
     """Shipped settings pointed at the test servers, with names no other test shares."""
     unique = uuid.uuid4().hex[:10]
-    data = msgspec.to_builtins(_shipped())
+    data = msgspec.to_builtins(stack.open_settings(_shipped()))
     data["mqtt"] |= {"port": mqtt_port, "topic_prefix": f"test-{unique}", "client_id": f"bridge-{unique}"}
     data["kafka"] |= {
         "bootstrap_servers": kafka_bootstrap,

@@ -93,7 +93,7 @@ def bench_bridge(
             servers.append(mosquitto)
             kafka = stack.start_kafka(own_dir, stack.free_port(), stack.free_port())
             servers.append(kafka)
-            base = load_settings()
+            base = stack.open_settings(load_settings())
             settings = msgspec.structs.replace(
                 base,
                 mqtt=msgspec.structs.replace(base.mqtt, port=mosquitto.port),
@@ -273,7 +273,7 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
     servers = [stack.start_kafka(run_dir, stack.free_port(), stack.free_port())]
     servers.append(stack.start_postgres(run_dir, stack.free_port()))
     try:
-        base = load_settings()
+        base = stack.open_settings(load_settings())
         unique = uuid.uuid4().hex[:8]
         settings = msgspec.structs.replace(
             base,

@@ -612,7 +612,7 @@ def bench_e2e(
     ]
     children: list[subprocess.Popen[bytes]] = []
     try:
-        base = load_settings()
+        base = stack.open_settings(load_settings())
         unique = uuid.uuid4().hex[:8]
         prefix = f"bench-{unique}"
         settings = msgspec.structs.replace(

@@ -185,7 +185,7 @@ def run_chaos(
     kafka_properties = (servers["kafka"].directory / "server.properties").read_text()
     controller_port = int(kafka_properties.split("CONTROLLER://127.0.0.1:")[1].split("\n")[0])
     unique = uuid.uuid4().hex[:8]
-    base = load_settings()
+    base = stack.open_settings(load_settings())
     settings: Settings = msgspec.structs.replace(
         base,
         mqtt=msgspec.structs.replace(base.mqtt, port=servers["mosquitto"].port, client_id=f"chaos-bridge-{unique}"),

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import msgspec
 
-from citytel.devtools.settings import load_dev_settings
+from citytel.config import Settings
+from citytel.devtools.settings import SimulatorSettings, load_dev_settings
 from citytel.devtools.simulate import DURATION
-from citytel.devtools.stack import StackError
+from citytel.devtools.stack import MqttClientAuth, StackError
 from citytel.startup import load_checked_settings
 
 __all__ = ["register"]
@@ -62,6 +63,22 @@ def _stack(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _simulator_login(settings: Settings, simulator: SimulatorSettings) -> MqttClientAuth | None:
+    """The simulator's gateway login, where the broker wants logins (the product config gives
+    the bridge one); None for a private test broker that takes anyone."""
+    if not settings.mqtt.username:
+        return None
+    if not simulator.mqtt_username or not simulator.mqtt_password_file:
+        raise StackError("the broker wants logins: set simulator.mqtt_username and mqtt_password_file")
+    try:
+        password = Path(simulator.mqtt_password_file).read_text().strip()
+    except OSError as error:
+        raise StackError(f"simulator login: cannot read {simulator.mqtt_password_file}: {error.strerror}") from None
+    ca_file = Path(settings.mqtt.tls_ca_file) if settings.mqtt.tls_ca_file else None
+    return MqttClientAuth(simulator.mqtt_username, password, ca_file)
+
+
+@_reporting_stack_errors
 def _simulate(arguments: argparse.Namespace) -> int:
     import itertools
     import signal
@@ -115,6 +132,7 @@ def _simulate(arguments: argparse.Namespace) -> int:
             duration_s=arguments.duration,
             max_inflight=simulator.max_inflight,
             stop=stop,
+            auth=_simulator_login(settings, simulator),
         )
     finally:
         server.shutdown()

@@ -159,7 +159,7 @@ def run_fuzz(count: int, seed: int = 24) -> FuzzResult:
     servers = [stack.start_mosquitto(run_dir, stack.free_port())]
     servers.append(stack.start_kafka(run_dir, stack.free_port(), stack.free_port()))
     try:
-        base = load_settings()
+        base = stack.open_settings(load_settings())
         unique = uuid.uuid4().hex[:8]
         settings = msgspec.structs.replace(
             base,

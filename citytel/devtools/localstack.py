@@ -25,7 +25,8 @@ from citytel.devtools.settings import DevSettings
 
 __all__ = ["down", "run_city", "scrape", "status", "up"]
 
-_NAMES = ("mosquitto", "kafka", "postgres", "prometheus")
+# PostgreSQL first: the broker's logins and ACL are rendered from its device registry.
+_NAMES = ("postgres", "mosquitto", "kafka", "prometheus")
 
 
 def _say(message: str) -> None:
@@ -52,12 +53,100 @@ def _run_dir(dev: DevSettings) -> Path:
     return run_dir
 
 
+def _secret_file(path: str) -> Path:
+    return Path(path).resolve()
+
+
+def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: DevSettings, secrets: Path) -> None:
+    """Every login the local stack's own clients use, each secret in a 0600 file the client's
+    config names: the bridge, the alerter, the simulator (a gateway for the simulated devices,
+    which are registered behind it), each department and the stack's readiness probe. A login
+    whose secret file is gone gets a new secret; one that has both is left alone."""
+    from citytel.devtools.simulate import City
+    from citytel.processors.storage.devices import Device, import_devices
+    from citytel.processors.storage.logins import add_login, rotate_login
+
+    simulator = dev.simulator
+    wanted: list[tuple[str, str, str | None, Path]] = [
+        ("citytel-probe", "probe", None, secrets / "mqtt-citytel-probe"),
+        (settings.mqtt.username, "bridge", None, _secret_file(settings.mqtt.password_file)),
+        (settings.alerts.mqtt_username, "alerter", None, _secret_file(settings.alerts.mqtt_password_file)),
+        (simulator.mqtt_username, "gateway", None, _secret_file(simulator.mqtt_password_file)),
+    ]
+    wanted += [
+        (f"dept-{name}", "department", name, secrets / f"mqtt-dept-{name}") for name in settings.alerts.departments
+    ]
+    city = City(simulator.devices_per_kind, simulator.seed)
+    import_devices(
+        connection,
+        [
+            Device(device.device_id, device.kind, device.district, gateway=simulator.mqtt_username)
+            for device in city.devices
+        ],
+    )
+    active = {row[0] for row in connection.execute("SELECT username FROM mqtt_logins WHERE revoked_at IS NULL")}
+    iterations = settings.registry.hash_iterations
+    for username, role, department, secret_file in wanted:
+        if username in active and secret_file.exists():
+            continue
+        if username in active:
+            secret = rotate_login(connection, username, iterations)
+        else:
+            secret = add_login(connection, username, role, iterations, department=department)
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+
+
+def _check_secure(settings: Settings, dev: DevSettings) -> None:
+    """The local stack is secure by default: its clients' config must say how they log in."""
+    missing = [
+        key
+        for key, value in (
+            ("mqtt.username", settings.mqtt.username),
+            ("mqtt.password_file", settings.mqtt.password_file),
+            ("mqtt.tls_ca_file", settings.mqtt.tls_ca_file),
+            ("alerts.mqtt_username", settings.alerts.mqtt_username),
+            ("alerts.mqtt_password_file", settings.alerts.mqtt_password_file),
+            ("registry.broker_password_file", settings.registry.broker_password_file),
+            ("registry.broker_acl_file", settings.registry.broker_acl_file),
+            ("simulator.mqtt_username (dev settings)", dev.simulator.mqtt_username),
+            ("simulator.mqtt_password_file (dev settings)", dev.simulator.mqtt_password_file),
+        )
+        if not value
+    ]
+    if missing:
+        raise stack.StackError(f"the local stack runs with logins and TLS; set {', '.join(missing)}")
+
+
 def up(settings: Settings, dev: DevSettings) -> None:
+    _check_secure(settings, dev)
     run_dir = _run_dir(dev)
     ports = _ports(settings, dev)
     metrics = settings.metrics
+    secrets = run_dir / "secrets"
+    secrets.mkdir(exist_ok=True)
+    secrets.chmod(0o700)
+    certificates = stack.make_certificates(Path(settings.mqtt.tls_ca_file).resolve().parent)
+    probe = stack.MqttClientAuth(username="citytel-probe", ca_file=certificates.ca_file)
+    auth = stack.MqttAuthFiles(
+        Path(settings.registry.broker_password_file).resolve(), Path(settings.registry.broker_acl_file).resolve()
+    )
+
+    def start_mosquitto() -> stack.Server:
+        return stack.start_mosquitto(
+            run_dir,
+            ports["mosquitto"],
+            tls=stack.MqttTls(certificates.ca_file, certificates.cert_file, certificates.key_file, False),
+            auth=auth,
+            probe=stack.MqttClientAuth(
+                probe.username, (secrets / "mqtt-citytel-probe").read_text().strip(), certificates.ca_file
+            ),
+        )
+
     starters: dict[str, Callable[[], stack.Server]] = {
-        "mosquitto": lambda: stack.start_mosquitto(run_dir, ports["mosquitto"]),
+        "mosquitto": start_mosquitto,
         "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], dev.stack.kafka_controller_port),
         "postgres": lambda: stack.start_postgres(
             run_dir, ports["postgres"], settings.database.dbname, settings.database.user
@@ -78,15 +167,29 @@ def up(settings: Settings, dev: DevSettings) -> None:
         running = stack.running_server(name, run_dir / name, ports[name])
         if running is not None:
             _say(f"{name:<10} already running (pid {running.pid}, port {ports[name]})")
-            continue
-        if stack.port_open(ports[name]):
-            raise stack.StackError(
-                f"port {ports[name]} for {name} is taken by another process; change it in the config"
-            )
-        started = time.monotonic()
-        server = starters[name]()
-        _say(f"{name:<10} ready on 127.0.0.1:{ports[name]} in {time.monotonic() - started:.1f}s (pid {server.pid})")
-    _say(f"stack is up; data and logs under {run_dir}")
+        else:
+            if stack.port_open(ports[name]):
+                raise stack.StackError(
+                    f"port {ports[name]} for {name} is taken by another process; change it in the config"
+                )
+            started = time.monotonic()
+            server = starters[name]()
+            _say(f"{name:<10} ready on 127.0.0.1:{ports[name]} in {time.monotonic() - started:.1f}s (pid {server.pid})")
+        if name == "postgres":
+            # The broker's logins come from the registry: the database first, then the broker.
+            from citytel.processors.storage import prepare_database
+            from citytel.processors.storage.logins import apply_to_broker
+
+            with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+                applied = prepare_database(connection, settings.storage)
+                _say(
+                    f"database schema: {len(applied)} migration(s) applied"
+                    if applied
+                    else "database schema: up to date"
+                )
+                _provision_logins(connection, settings, dev, secrets)
+                apply_to_broker(connection, settings)
+    _say(f"stack is up with TLS and a login per client (CA {certificates.ca_file}); data and logs under {run_dir}")
 
 
 def down(dev: DevSettings) -> None:
@@ -180,11 +283,6 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     up(settings, dev)
-    from citytel.processors.storage import prepare_database
-
-    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
-        applied = prepare_database(connection, settings.storage)
-    _say(f"database schema: {len(applied)} migration(s) applied" if applied else "database schema: up to date")
     log_dir = _run_dir(dev) / "citytel"
     log_dir.mkdir(exist_ok=True)
     children = {

@@ -34,6 +34,9 @@ class SimulatorSettings(Strict, frozen=True):
     spike_probability: float = 0.002
     max_inflight: int = 500
     metrics_port: int = 19466
+    # The simulator publishes for its devices as one gateway login (the stack issues it).
+    mqtt_username: str = ""
+    mqtt_password_file: str = ""
 
 
 class DevSettings(Strict, frozen=True):

@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.core import metrics
+from citytel.devtools.stack import MqttClientAuth
 from citytel.ingest.topics import reading_topic
 
 __all__ = ["CODECS", "DISTRICTS", "DURATION", "FAULTS", "City", "Device", "Label", "Message", "publish", "replay_csv"]
@@ -490,14 +491,18 @@ def publish(
     max_inflight: int = 500,
     stop: threading.Event | None = None,
     on_sent: Callable[[Message], None] | None = None,
+    auth: MqttClientAuth | None = None,
 ) -> int:
     """Publish until ``count`` messages, ``duration_s`` seconds or ``stop``; returns how many
-    were published (and, for QoS 1, acknowledged by the broker)."""
+    were published (and, for QoS 1, acknowledged by the broker). ``auth``: log in (and verify
+    the broker's certificate) as a gateway for the devices."""
     window = threading.BoundedSemaphore(max_inflight)
     # paho re-scans its in-flight list on every PUBACK: an uncapped publisher slows to a crawl.
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
     client.max_inflight_messages_set(max_inflight)
     client.on_publish = lambda *_args: window.release()
+    if auth is not None:
+        auth.apply(client)
     client.connect(host, port, keepalive=30)
     client.loop_start()
     sent = 0

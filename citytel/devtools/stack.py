@@ -26,6 +26,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from citytel.config import Settings
 
 KAFKA_VERSION = os.environ.get("CITYTEL_KAFKA_VERSION", "4.1.1")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -33,6 +38,27 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 class StackError(RuntimeError):
     """A server could not be started or did not become ready; the message says which and why."""
+
+
+def open_settings(settings: Settings) -> Settings:
+    """``settings`` for a tool's or a test's private servers, which take any client over plain
+    TCP: no logins, no TLS, no broker files to render. Never the local stack's."""
+    return msgspec.structs.replace(
+        settings,
+        mqtt=msgspec.structs.replace(
+            settings.mqtt,
+            username="",
+            password_env="",
+            password_file="",
+            tls_ca_file="",
+            tls_cert_file="",
+            tls_key_file="",
+        ),
+        alerts=msgspec.structs.replace(settings.alerts, mqtt_username="", mqtt_password_env="", mqtt_password_file=""),
+        registry=msgspec.structs.replace(
+            settings.registry, broker_password_file="", broker_acl_file="", broker_pid_file=""
+        ),
+    )
 
 
 def cache_dir() -> Path:
@@ -187,6 +213,77 @@ def running_server(name: str, directory: Path, port: int) -> Server | None:
     return None
 
 
+# --- TLS ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A private CA and a server certificate for 127.0.0.1 and localhost, signed by it."""
+
+    ca_file: Path
+    ca_key_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def _openssl(*arguments: str) -> None:
+    done = subprocess.run(["openssl", *arguments], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise StackError(f"openssl {arguments[0]} failed: {done.stderr.strip()}")
+
+
+def _private_key(path: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
+    path.chmod(0o600)
+
+
+def issue_certificate(
+    certificates: Certificates, directory: Path, name: str, extensions: str, days: int = 825
+) -> tuple[Path, Path]:
+    """A certificate for ``name`` (its CN) signed by the CA, with its key (0600)."""
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    request, extension_file = directory / f"{name}.csr", directory / f"{name}.ext"
+    _private_key(key)
+    _openssl("req", "-new", "-key", str(key), "-subj", f"/CN={name}", "-out", str(request))
+    extension_file.write_text(extensions + "\n")
+    _openssl(
+        "x509", "-req", "-in", str(request), "-CA", str(certificates.ca_file), "-CAkey", str(certificates.ca_key_file),
+        "-CAcreateserial", "-days", str(days), "-sha256", "-extfile", str(extension_file), "-out", str(cert),
+    )  # fmt: skip
+    request.unlink()
+    extension_file.unlink()
+    return cert, key
+
+
+def make_certificates(directory: Path, ca_name: str = "citytel local CA") -> Certificates:
+    """The local stack's private CA and server certificate, made once (kept if already there):
+    keys are 0600, the directory 0700."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    certificates = Certificates(
+        directory / "ca.pem", directory / "ca.key", directory / "server.pem", directory / "server.key"
+    )
+    if all(path.exists() for path in (certificates.ca_file, certificates.cert_file, certificates.key_file)):
+        return certificates
+    _private_key(certificates.ca_key_file)
+    _openssl(
+        "req", "-x509", "-new", "-key", str(certificates.ca_key_file), "-subj", f"/CN={ca_name}", "-days", "3650",
+        "-sha256", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-out", str(certificates.ca_file),
+    )  # fmt: skip
+    issue_certificate(
+        certificates,
+        directory,
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+    )
+    return certificates
+
+
+def client_certificate(certificates: Certificates, directory: Path, name: str) -> tuple[Path, Path]:
+    return issue_certificate(certificates, directory, name, "extendedKeyUsage=clientAuth")
+
+
 # --- Mosquitto ------------------------------------------------------------------------------
 
 
@@ -201,14 +298,34 @@ class MqttTls:
 
 
 @dataclass(frozen=True)
+class MqttAuthFiles:
+    """A password file and an ACL file (rendered from the device registry): no anonymous
+    clients, and each login may use only its own topics."""
+
+    password_file: Path
+    acl_file: Path
+
+
+@dataclass(frozen=True)
 class MqttClientAuth:
     """How a readiness probe logs in to a broker that demands it."""
 
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+
+    def apply(self, client: Any) -> None:
+        """Set this login and TLS on a paho client, before it connects."""
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        if self.ca_file:
+            client.tls_set(
+                ca_certs=str(self.ca_file),
+                certfile=str(self.cert_file) if self.cert_file else None,
+                keyfile=str(self.key_file) if self.key_file else None,
+            )
 
 
 def start_mosquitto(
@@ -218,6 +335,7 @@ def start_mosquitto(
     *,
     tls: MqttTls | None = None,
     users: dict[str, str] | None = None,
+    auth: MqttAuthFiles | None = None,
     probe: MqttClientAuth | None = None,
 ) -> Server:
     directory = run_dir / "mosquitto"
@@ -234,6 +352,8 @@ def start_mosquitto(
                 ["mosquitto_passwd", "-b", str(password_file), name, password], check=True, capture_output=True
             )
         security = ["allow_anonymous false", f"password_file {password_file}"]
+    if auth:
+        security = ["allow_anonymous false", f"password_file {auth.password_file}", f"acl_file {auth.acl_file}"]
     if tls:
         security += [
             f"cafile {tls.ca_file}",
@@ -296,14 +416,7 @@ def mqtt_roundtrip(port: int, timeout: float = 3.0, probe: MqttClientAuth | None
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
     client.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
     if probe is not None:
-        if probe.username:
-            client.username_pw_set(probe.username, probe.password)
-        if probe.ca_file:
-            client.tls_set(
-                ca_certs=str(probe.ca_file),
-                certfile=str(probe.cert_file) if probe.cert_file else None,
-                keyfile=str(probe.key_file) if probe.key_file else None,
-            )
+        probe.apply(client)
     client.connect("127.0.0.1", port, keepalive=10)
     try:
         client.loop_start()

@@ -279,10 +279,11 @@ class Alerter:
             await consumer.stop()
 
     def _start_mqtt(self) -> None:
-        config = self._settings.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._settings.alerts.mqtt_client_id)
-        if config.username:
-            client.username_pw_set(config.username, config.password())
+        config, alerts = self._settings.mqtt, self._settings.alerts
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=alerts.mqtt_client_id)
+        # Its own login: the broker lets only the alerter publish alerts.
+        if alerts.mqtt_username:
+            client.username_pw_set(alerts.mqtt_username, alerts.mqtt_password())
         if config.tls_ca_file:
             client.tls_set(
                 ca_certs=config.tls_ca_file,

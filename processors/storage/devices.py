@@ -1,7 +1,8 @@
 """The device registry: load devices from a CSV or TOML file and upsert them.
 
-CSV header: ``device_id,kind,district,latitude,longitude,capacity,installed`` (the last four may
-be empty). TOML: ``[[device]]`` tables with the same keys. Every row is checked before any is
+CSV header: ``device_id,kind,district,latitude,longitude,capacity,installed,gateway`` (all but
+the first three may be empty or left out; ``gateway`` names the login that publishes for a device
+without a login of its own). TOML: ``[[device]]`` tables with the same keys. Every row is checked before any is
 written, and the file is imported in one transaction: all or nothing.
 """
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import msgspec
 import psycopg
+
+from citytel.processors.storage.logins import SAFE_NAME
 
 __all__ = ["Device", "DeviceError", "import_devices", "read_devices", "registered_kinds"]
 
@@ -31,6 +34,7 @@ class Device(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     longitude: float | None = None
     capacity: int | None = None
     installed: date | None = None
+    gateway: str | None = None
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +56,9 @@ def read_devices(path: Path, kinds: set[str]) -> list[Device]:
             device = msgspec.convert(_clean(row), Device, strict=False)
         except msgspec.ValidationError as error:
             raise DeviceError(f"{path} device {number}: {error}") from None
+        for what, name in (("device id", device.device_id), ("district", device.district), ("gateway", device.gateway)):
+            if name is not None and SAFE_NAME.fullmatch(name) is None:
+                raise DeviceError(f"{path} device {number}: {what} {name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
         if device.kind not in kinds:
             raise DeviceError(f"{path} device {number} ({device.device_id}): unknown kind {device.kind!r}")
         if device.latitude is not None and not -90 <= device.latitude <= 90:
@@ -68,12 +75,15 @@ def read_devices(path: Path, kinds: set[str]) -> list[Device]:
 def import_devices(connection: psycopg.Connection, devices: list[Device]) -> int:
     with connection.transaction(), connection.cursor() as cursor:
         cursor.executemany(
-            "INSERT INTO devices (device_id, kind, district, latitude, longitude, capacity, installed)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            "INSERT INTO devices (device_id, kind, district, latitude, longitude, capacity, installed, gateway)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (device_id) DO UPDATE SET kind = EXCLUDED.kind, district = EXCLUDED.district,"
             " latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude, capacity = EXCLUDED.capacity,"
-            " installed = EXCLUDED.installed, updated_at = now()",
-            [(d.device_id, d.kind, d.district, d.latitude, d.longitude, d.capacity, d.installed) for d in devices],
+            " installed = EXCLUDED.installed, gateway = EXCLUDED.gateway, updated_at = now()",
+            [
+                (d.device_id, d.kind, d.district, d.latitude, d.longitude, d.capacity, d.installed, d.gateway)
+                for d in devices
+            ],
         )
     return len(devices)
 

@@ -133,3 +133,11 @@ def test_every_detector_section_of_the_shipped_config_fits_its_detector() -> Non
     settings = load_checked_settings(SHIPPED / "citytel.toml")
     for name, table in settings.detectors.items():
         assert detector_settings(name, table) is not None
+
+
+def test_a_config_file_holding_a_secret_is_refused_at_start_up() -> None:
+    for table, key in (("mqtt", "password"), ("database", "password"), ("alerts", "mqtt_token"), ("sinks", "api_key")):
+        with pytest.raises(ConfigError, match="secrets never go in the config file"):
+            parse_settings({table: {key: "hunter2"}})
+    # Naming where a secret is stays allowed.
+    assert parse_settings({"mqtt": {"password_env": "X", "password_file": ""}}).mqtt.password_env == "X"

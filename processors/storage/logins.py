@@ -1,0 +1,233 @@
+"""MQTT logins in the device registry, and the broker files rendered from them.
+
+Every client of the broker has a login here: each device (or the gateway it publishes through),
+the bridge, the alerter, each department, the stack's readiness probe. The registry keeps only a
+hash of each secret, in the form Mosquitto's ``password_file`` reads (PBKDF2-SHA512, ``$7$``), so
+the broker's password and ACL files can be rendered from it at any time. The ACL gives each
+login the least it needs:
+
+- a device (or its gateway) may publish on ``{prefix}/{district}/{kind}/{device_id}/up`` only;
+- the bridge may read every sensor topic, and nothing else;
+- the alerter may publish under the alerts prefix; a department may read its own alerts only.
+
+A secret is made here, returned once to be shown once, and never stored or logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import signal
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+
+from citytel.config import Settings
+
+__all__ = [
+    "ROLES",
+    "BrokerFiles",
+    "Login",
+    "LoginError",
+    "add_login",
+    "apply_to_broker",
+    "hash_secret",
+    "list_logins",
+    "new_secret",
+    "render_broker_files",
+    "revoke_login",
+    "rotate_login",
+    "verify_secret",
+]
+
+ROLES = ("device", "gateway", "bridge", "alerter", "department", "probe")
+# Names that go into the broker's files: no spaces, newlines, '+', '#', '/' or ':' can turn one
+# login's line into another rule.
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SALT_BYTES = 12
+
+
+class LoginError(ValueError):
+    """A login cannot be added, rotated or revoked as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Login:
+    username: str
+    role: str
+    department: str | None
+    created_at: datetime
+    rotated_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    passwords: str
+    acl: str
+
+
+def new_secret() -> str:
+    """32 random bytes, URL-safe: far beyond guessing, so the hash's iteration count is not
+    what protects it."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str, iterations: int, salt: bytes | None = None) -> str:
+    salt = os.urandom(_SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_secret(secret: str, encoded: str) -> bool:
+    """Whether ``secret`` matches ``encoded`` (the check Mosquitto makes at connect)."""
+    try:
+        _, tag, iterations, salt, digest = encoded.split("$")
+        if tag != "7":
+            return False
+        expected = hashlib.pbkdf2_hmac("sha512", secret.encode(), base64.b64decode(salt), int(iterations))
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, base64.b64decode(digest))
+
+
+def _check_name(what: str, name: str) -> None:
+    if SAFE_NAME.fullmatch(name) is None:
+        raise LoginError(f"{what} {name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+
+
+def add_login(
+    connection: psycopg.Connection,
+    username: str,
+    role: str,
+    iterations: int,
+    *,
+    department: str | None = None,
+) -> str:
+    """Create a login and return its secret; a revoked login of the same name is re-issued."""
+    _check_name("username", username)
+    if role not in ROLES:
+        raise LoginError(f"role {role!r} is not one of {ROLES}")
+    if (role == "department") != (department is not None):
+        raise LoginError("a department login, and only it, names its department")
+    if department is not None:
+        _check_name("department", department)
+    if role == "device":
+        row = connection.execute("SELECT 1 FROM devices WHERE device_id = %s", (username,)).fetchone()
+        if row is None:
+            raise LoginError(f"device {username!r} is not in the registry: import or add it with its kind and district")
+    secret = new_secret()
+    with connection.transaction():
+        existing = connection.execute(
+            "SELECT revoked_at FROM mqtt_logins WHERE username = %s FOR UPDATE", (username,)
+        ).fetchone()
+        if existing is not None and existing[0] is None:
+            raise LoginError(f"login {username!r} exists; rotate it for a new secret")
+        connection.execute(
+            "INSERT INTO mqtt_logins (username, role, department, secret_hash) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role, department = EXCLUDED.department,"
+            " secret_hash = EXCLUDED.secret_hash, created_at = now(), rotated_at = now(), revoked_at = NULL",
+            (username, role, department, hash_secret(secret, iterations)),
+        )
+    return secret
+
+
+def rotate_login(connection: psycopg.Connection, username: str, iterations: int) -> str:
+    """Replace a login's secret: the old one stops working once the broker reloads."""
+    secret = new_secret()
+    with connection.transaction():
+        updated = connection.execute(
+            "UPDATE mqtt_logins SET secret_hash = %s, rotated_at = now() WHERE username = %s AND revoked_at IS NULL",
+            (hash_secret(secret, iterations), username),
+        ).rowcount
+    if updated != 1:
+        raise LoginError(f"no active login {username!r}")
+    return secret
+
+
+def revoke_login(connection: psycopg.Connection, username: str) -> None:
+    with connection.transaction():
+        updated = connection.execute(
+            "UPDATE mqtt_logins SET secret_hash = NULL, revoked_at = now() WHERE username = %s AND revoked_at IS NULL",
+            (username,),
+        ).rowcount
+    if updated != 1:
+        raise LoginError(f"no active login {username!r}")
+
+
+def list_logins(connection: psycopg.Connection) -> list[Login]:
+    rows = connection.execute(
+        "SELECT username, role, department, created_at, rotated_at, revoked_at FROM mqtt_logins ORDER BY role, username"
+    ).fetchall()
+    return [Login(*row) for row in rows]
+
+
+def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alerts_prefix: str) -> BrokerFiles:
+    """Mosquitto's password file and ACL file for every active login."""
+    active = connection.execute(
+        "SELECT username, role, department, secret_hash FROM mqtt_logins WHERE revoked_at IS NULL ORDER BY username"
+    ).fetchall()
+    # Each device's topic, published by its own login or by its gateway's.
+    topics = connection.execute(
+        "SELECT coalesce(d.gateway, d.device_id), d.district, d.kind, d.device_id FROM devices d ORDER BY 1, 4"
+    ).fetchall()
+    publishes: dict[str, list[str]] = {}
+    for publisher, district, kind, device_id in topics:
+        if all(SAFE_NAME.fullmatch(part) for part in (district, kind, device_id)):
+            publishes.setdefault(publisher, []).append(f"{topic_prefix}/{district}/{kind}/{device_id}/up")
+    passwords: list[str] = []
+    acl = ["# Rendered from citytel's device registry by `citytel devices`: edits here are overwritten."]
+    for username, role, department, secret_hash in active:
+        if SAFE_NAME.fullmatch(username) is None:
+            continue
+        passwords.append(f"{username}:{secret_hash}")
+        acl += ["", f"user {username}"]
+        if role in ("device", "gateway"):
+            acl += [f"topic write {topic}" for topic in publishes.get(username, [])]
+        elif role == "bridge":
+            acl.append(f"topic read {topic_prefix}/+/+/+/up")
+        elif role == "alerter":
+            acl.append(f"topic write {alerts_prefix}/#")
+        elif role == "department":
+            acl.append(f"topic read {alerts_prefix}/{department}/#")
+        elif role == "probe":
+            acl.append("topic readwrite citytel/ready/#")
+    return BrokerFiles(passwords="\n".join(passwords) + "\n", acl="\n".join(acl) + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, atomically: the broker never reads half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
+
+
+def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
+    """Render the broker's files from the registry, write them where ``[registry]`` says and
+    signal the broker to reload them; returns what was done, for the operator."""
+    config = settings.registry
+    if not config.broker_password_file or not config.broker_acl_file:
+        return "registry.broker_password_file and broker_acl_file are not set: the broker was not updated"
+    files = render_broker_files(connection, settings.mqtt.topic_prefix, settings.alerts.mqtt_topic_prefix)
+    _write_private(Path(config.broker_password_file), files.passwords)
+    _write_private(Path(config.broker_acl_file), files.acl)
+    if not config.broker_pid_file:
+        return "broker files written; reload the broker (SIGHUP) to apply them"
+    try:
+        pid = int(Path(config.broker_pid_file).read_text())
+        # A stale PID file may name another process by now: SIGHUP only a broker.
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "mosquitto":
+            return f"broker files written; pid {pid} of {config.broker_pid_file} is not a running mosquitto"
+        # Mosquitto re-reads both files on SIGHUP and drops clients whose login is gone.
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as error:
+        return f"broker files written, but the broker was not signalled ({config.broker_pid_file}: {error})"
+    return f"broker files written and the broker (pid {pid}) reloaded them"

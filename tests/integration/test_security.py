@@ -1,0 +1,391 @@
+"""Attacks on a broker secured the way the local stack secures it, each of which must fail.
+
+The broker listens with TLS only, takes no anonymous client, and its password and ACL files are
+rendered from the device registry (processors/storage/logins.py); `citytel devices` changes
+them on the running broker. Each attack is tried many times and the number that got through is
+counted: it must be zero, while the same client's legitimate traffic gets through (so a
+silent broker cannot pass the test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from citytel.config import Settings
+from citytel.core.kafka import ensure_topics
+from citytel.devtools import stack
+from citytel.processors.storage import prepare_database
+from citytel.processors.storage.devices import Device, import_devices
+from citytel.processors.storage.logins import add_login, apply_to_broker
+from tests.conftest import ScratchDatabase
+from tests.helpers import citytel_process, wait_for, wait_ready, write_config
+
+pytestmark = pytest.mark.integration
+
+_T = TypeVar("_T")
+DEVICES = (("dev-a", "jinshui"), ("dev-b", "erqi"), ("dev-c", "huiji"))
+
+
+@dataclass
+class SecureBroker:
+    settings: Settings
+    server: stack.Server
+    certificates: stack.Certificates
+    secrets: dict[str, str]
+    directory: Path
+
+    def topic(self, device_id: str) -> str:
+        district = dict(DEVICES)[device_id]
+        return f"{self.settings.mqtt.topic_prefix}/{district}/air/{device_id}/up"
+
+    def alerts(self, department: str, district: str = "jinshui") -> str:
+        return f"{self.settings.alerts.mqtt_topic_prefix}/{department}/{district}"
+
+
+@pytest.fixture
+def secure(settings: Settings, database: ScratchDatabase, run_dir: Path, tmp_path: Path) -> Iterator[SecureBroker]:
+    directory = run_dir / f"secure-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    certificates = stack.make_certificates(directory / "tls")
+    port = stack.free_port()
+    secret_files = tmp_path / "secrets"
+    secret_files.mkdir(mode=0o700)
+    secure_settings = msgspec.structs.replace(
+        settings,
+        mqtt=msgspec.structs.replace(
+            settings.mqtt,
+            port=port,
+            username="citytel-bridge",
+            password_file=str(secret_files / "citytel-bridge"),
+            tls_ca_file=str(certificates.ca_file),
+        ),
+        alerts=msgspec.structs.replace(
+            settings.alerts, mqtt_username="citytel-alerter", mqtt_password_file=str(secret_files / "citytel-alerter")
+        ),
+        registry=msgspec.structs.replace(
+            settings.registry,
+            broker_password_file=str(directory / "logins.passwords"),
+            broker_acl_file=str(directory / "logins.acl"),
+            broker_pid_file=str(directory / "mosquitto" / "server.pid"),
+        ),
+    )
+    secrets: dict[str, str] = {}
+    with database.connect() as connection:
+        prepare_database(connection, secure_settings.storage)
+        import_devices(connection, [Device(device_id, "air", district) for device_id, district in DEVICES])
+        iterations = secure_settings.registry.hash_iterations
+        for device_id, _ in DEVICES:
+            secrets[device_id] = add_login(connection, device_id, "device", iterations)
+        for username, role in (("citytel-bridge", "bridge"), ("citytel-alerter", "alerter"), ("probe", "probe")):
+            secrets[username] = add_login(connection, username, role, iterations)
+        for department in ("environment", "transport"):
+            secrets[f"dept-{department}"] = add_login(
+                connection, f"dept-{department}", "department", iterations, department=department
+            )
+        apply_to_broker(connection, secure_settings)
+    for username in ("citytel-bridge", "citytel-alerter"):
+        (secret_files / username).write_text(secrets[username])
+    server = stack.start_mosquitto(
+        directory,
+        port,
+        tls=stack.MqttTls(certificates.ca_file, certificates.cert_file, certificates.key_file, False),
+        auth=stack.MqttAuthFiles(directory / "logins.passwords", directory / "logins.acl"),
+        probe=stack.MqttClientAuth("probe", secrets["probe"], certificates.ca_file),
+    )
+    try:
+        yield SecureBroker(secure_settings, server, certificates, secrets, directory)
+    finally:
+        server.stop()
+
+
+class Client:
+    """A paho MQTT 5 client that records what the broker answered: CONNACK, PUBACKs, SUBACKs,
+    messages received and when it was disconnected."""
+
+    def __init__(
+        self, broker: SecureBroker, username: str | None, secret: str | None = None, *, tls: bool = True
+    ) -> None:
+        self.connack: ReasonCode | None = None
+        self.connected = threading.Event()
+        self.answered = threading.Event()
+        self.disconnected_at: float | None = None
+        self.pubacks: list[ReasonCode] = []
+        self.subacks: list[ReasonCode] = []
+        self.received: list[mqtt.MQTTMessage] = []
+        self._lock = threading.Lock()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}", protocol=mqtt.MQTTv5)
+        if username is not None:
+            client.username_pw_set(username, secret if secret is not None else broker.secrets[username])
+        if tls:
+            client.tls_set(ca_certs=str(broker.certificates.ca_file))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = lambda _c, _u, _mid, reason, _p: self._append(self.pubacks, reason)
+        client.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._append(self.subacks, *reasons)
+        client.on_message = lambda _c, _u, message: self._append(self.received, message)
+        self.client = client
+        self.port = broker.settings.mqtt.port
+
+    def _append(self, into: list[_T], *items: _T) -> None:
+        with self._lock:
+            into.extend(items)
+
+    def _on_connect(self, _c: object, _u: object, _flags: object, reason: ReasonCode, _p: object) -> None:
+        self.connack = reason
+        if not reason.is_failure:
+            self.connected.set()
+        self.answered.set()
+
+    def _on_disconnect(self, _c: object, _u: object, _flags: object, _reason: object, _p: object) -> None:
+        if self.disconnected_at is None:
+            self.disconnected_at = time.monotonic()
+        self.answered.set()
+
+    def __enter__(self) -> Client:
+        # One try, no automatic reconnect: a refused login must stay refused.
+        self.client.reconnect_delay_set(60, 60)
+        self.client.connect("127.0.0.1", self.port, keepalive=30)
+        self.client.loop_start()
+        self.answered.wait(10)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish_all(self, topic: str, count: int, retain: bool = False) -> int:
+        """Publish ``count`` QoS 1 messages; return how many the broker accepted (PUBACK success)."""
+        before = len(self.pubacks)
+        for number in range(count):
+            self.client.publish(topic, json.dumps({"n": number}).encode(), qos=1, retain=retain)
+        wait_for(lambda: len(self.pubacks) - before >= count, 10, f"PUBACKs for {topic}")
+        return sum(not reason.is_failure for reason in self.pubacks[before:])
+
+    def subscribe(self, topic_filter: str) -> bool:
+        before = len(self.subacks)
+        self.client.subscribe(topic_filter, qos=1)
+        wait_for(lambda: len(self.subacks) > before, 10, f"SUBACK for {topic_filter}")
+        return not self.subacks[before].is_failure
+
+
+def test_anonymous_clients_wrong_secrets_and_plain_tcp_are_refused(secure: SecureBroker) -> None:
+    accepted = 0
+    for _ in range(10):
+        with Client(secure, None) as anonymous:
+            accepted += anonymous.connected.is_set()
+        with Client(secure, "dev-a", "not-the-secret") as guessing:
+            accepted += guessing.connected.is_set()
+        with Client(secure, "nobody", secure.secrets["dev-a"]) as unknown:
+            accepted += unknown.connected.is_set()
+    assert accepted == 0
+    # The right secret over plain TCP: the TLS listener never answers with a CONNACK.
+    with Client(secure, "dev-a", tls=False) as plain:
+        assert not plain.connected.is_set()
+    with Client(secure, "dev-a") as device:
+        assert device.connected.is_set(), "the device's own secret logs in"
+
+
+def test_a_client_that_trusts_another_ca_refuses_the_broker(secure: SecureBroker, tmp_path: Path) -> None:
+    """What every citytel client does (paho's tls_set): verify the broker's certificate against
+    the city's CA. A client given another CA (a broker impersonated by someone with their own
+    CA looks the same to it) stops at the handshake."""
+    other = stack.make_certificates(tmp_path / "other-ca", ca_name="not the city's CA")
+    refused = 0
+    for ca_file in [other.ca_file] * 10:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with socket.create_connection(("127.0.0.1", secure.settings.mqtt.port), timeout=5) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    pass
+            except ssl.SSLCertVerificationError:
+                refused += 1
+    assert refused == 10
+    context = ssl.create_default_context(cafile=str(secure.certificates.ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", secure.settings.mqtt.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as verified,
+    ):
+        assert verified.version() is not None
+
+
+@contextlib.contextmanager
+def bridge_and_processor(secure: SecureBroker, tmp_path: Path) -> Iterator[None]:
+    asyncio.run(ensure_topics(secure.settings.kafka))
+    with citytel_process(secure.settings, tmp_path, "process"), citytel_process(secure.settings, tmp_path, "bridge"):
+        wait_ready(secure.settings.metrics.processor_port, timeout=120)
+        wait_ready(secure.settings.metrics.bridge_port)
+        yield
+
+
+def _rows_of(database: ScratchDatabase, device_id: str) -> int:
+    with database.connect() as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM readings r JOIN series s USING (series_id) WHERE s.device_id = %s", (device_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _reading(device_id: str, number: int) -> bytes:
+    return json.dumps(
+        {"device_id": device_id, "time": time.time() - 60 + number * 0.001, "seq": number, "values": {"pm2_5": 35.0}}
+    ).encode()
+
+
+def test_a_device_can_publish_only_on_its_own_topic_and_nothing_forged_is_stored(
+    secure: SecureBroker, database: ScratchDatabase, tmp_path: Path
+) -> None:
+    with bridge_and_processor(secure, tmp_path):
+        with Client(secure, "dev-a") as device_a:
+            before = len(device_a.pubacks)
+            for number in range(100):
+                # dev-a's credentials, dev-b's topic and a payload that claims to be dev-b.
+                device_a.client.publish(secure.topic("dev-b"), _reading("dev-b", number), qos=1)
+            for number in range(20):
+                device_a.client.publish(secure.topic("dev-a"), _reading("dev-a", number), qos=1)
+            wait_for(lambda: len(device_a.pubacks) - before >= 120, 10, "PUBACKs")
+            forged_accepted = sum(not reason.is_failure for reason in device_a.pubacks[before : before + 100])
+            own_accepted = sum(not reason.is_failure for reason in device_a.pubacks[before + 100 :])
+            assert forged_accepted == 0
+            assert own_accepted == 20
+        wait_for(lambda: _rows_of(database, "dev-a") == 20, 60, "dev-a's 20 readings in the database")
+    assert _rows_of(database, "dev-b") == 0
+
+
+def test_devices_and_departments_read_nothing_but_their_own_and_only_the_alerter_publishes_alerts(
+    secure: SecureBroker,
+) -> None:
+    alerts = secure.settings.alerts.mqtt_topic_prefix
+    forged = 0
+    # A forged, retained alert by every kind of login but the alerter's: none is taken.
+    for username in ("dev-a", "citytel-bridge", "dept-transport", "dept-environment"):
+        with Client(secure, username) as other:
+            forged += other.publish_all(secure.alerts("environment"), 10, retain=True)
+    assert forged == 0
+    with Client(secure, "citytel-alerter") as alerter:
+        assert alerter.publish_all(secure.alerts("environment"), 1, retain=True) == 1
+        assert alerter.publish_all(secure.alerts("transport"), 1, retain=True) == 1
+    # Eavesdroppers. Mosquitto's ACL file acknowledges a subscription and then delivers only
+    # what the login may read (docs/security.md): what counts is what reaches them.
+    with (
+        Client(secure, "dev-a") as device,
+        Client(secure, "dept-transport") as transport,
+        Client(secure, "dept-environment") as environment,
+    ):
+        for topic_filter in ("#", f"{secure.settings.mqtt.topic_prefix}/#", secure.topic("dev-b"), "$SYS/#"):
+            device.subscribe(topic_filter)
+        transport.subscribe(f"{alerts}/environment/#")
+        transport.subscribe(f"{secure.settings.mqtt.topic_prefix}/+/+/+/up")
+        assert transport.subscribe(f"{alerts}/transport/#")
+        assert environment.subscribe(f"{alerts}/environment/#")
+        with Client(secure, "dev-b") as other_device, Client(secure, "citytel-alerter") as alerter:
+            assert other_device.publish_all(secure.topic("dev-b"), 10) == 10
+            assert alerter.publish_all(secure.alerts("environment"), 5) == 5
+        wait_for(lambda: len(environment.received) >= 6, 10, "the environment department's alerts")
+        wait_for(lambda: len(transport.received) >= 1, 10, "the transport department's retained alert")
+        time.sleep(1.0)
+        assert len(device.received) == 0
+        assert [message.topic for message in transport.received] == [secure.alerts("transport")]
+        # The alerter's own retained alert and its five live ones: nothing forged was kept.
+        expected = [json.dumps({"n": n}).encode() for n in (0, *range(5))]
+        assert [message.payload for message in environment.received] == expected
+
+
+def _devices_cli(secure: SecureBroker, tmp_path: Path, *arguments: str) -> str:
+    config = write_config(secure.settings, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "citytel", "--config", str(config), "devices", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_revoked_device_is_cut_off_within_5_seconds_and_a_rotated_secret_replaces_the_old(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    with Client(secure, "citytel-bridge") as bridge, Client(secure, "dev-c") as device:
+        assert bridge.subscribe(secure.topic("dev-c"))
+        stop = threading.Event()
+
+        def keep_publishing() -> None:
+            while not stop.is_set() and device.disconnected_at is None:
+                device.client.publish(secure.topic("dev-c"), str(time.monotonic()).encode(), qos=1)
+                time.sleep(0.02)
+
+        publisher = threading.Thread(target=keep_publishing)
+        publisher.start()
+        try:
+            wait_for(lambda: len(bridge.received) >= 10, 10, "dev-c's readings before revocation")
+            output = _devices_cli(secure, tmp_path, "revoke", "dev-c")
+            revoked = time.monotonic()
+            assert "reloaded" in output
+            wait_for(lambda: device.disconnected_at is not None, 5, "the broker to drop the revoked device")
+        finally:
+            stop.set()
+            publisher.join()
+        time.sleep(0.5)
+        late = [float(message.payload) for message in bridge.received if float(message.payload) > revoked + 5]
+        assert late == []
+    with Client(secure, "dev-c") as again:
+        assert not again.connected.is_set(), "a revoked device logged in again"
+
+    old = secure.secrets["dev-a"]
+    secret_file = tmp_path / "dev-a.secret"
+    _devices_cli(secure, tmp_path, "rotate", "dev-a", "--secret-file", str(secret_file))
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    with Client(secure, "dev-a", old) as stale:
+        assert not stale.connected.is_set(), "the old secret still works after rotation"
+    with Client(secure, "dev-a", secret_file.read_text().strip()) as rotated:
+        assert rotated.connected.is_set()
+    listed = _devices_cli(secure, tmp_path, "list")
+    assert "revoked" in next(line for line in listed.splitlines() if line.startswith("dev-c "))
+    assert old not in listed
+    assert secret_file.read_text().strip() not in listed
+
+
+def test_the_registry_keeps_hashes_only_and_no_secret_reaches_logs_config_or_ps(
+    secure: SecureBroker, database: ScratchDatabase, tmp_path: Path
+) -> None:
+    with bridge_and_processor(secure, tmp_path):
+        with Client(secure, "dev-a") as device:
+            assert device.publish_all(secure.topic("dev-a"), 5) == 5
+        command_lines = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    command_lines.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+                except OSError:
+                    continue
+    with database.connect() as connection:
+        stored = " ".join(str(row) for row in connection.execute("SELECT * FROM mqtt_logins").fetchall())
+    text = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    text += "".join(path.read_text() for path in tmp_path.glob("citytel-*.toml"))
+    text += (secure.server.directory / "mosquitto.log").read_text()
+    found = [
+        name
+        for name, secret in secure.secrets.items()
+        if secret in text or secret in stored or any(secret in line for line in command_lines)
+    ]
+    assert found == []
+    assert "$7$" in stored
