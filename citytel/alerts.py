@@ -90,7 +90,7 @@ def tail(
 
 
 def list_alerts(settings: Settings, *, only_open: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
-    with psycopg.connect(settings.database.conninfo()) as connection:
+    with psycopg.connect(settings.database.conninfo("alerter")) as connection:
         rows = connection.execute(
             "SELECT alert_id, rule, state, severity, district, device_id, opened_at, changed_at, sequence, departments"
             " FROM alert_state WHERE NOT %s OR state = 'open' ORDER BY changed_at DESC",

@@ -33,7 +33,7 @@ def _db(arguments: argparse.Namespace) -> int:
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
         if arguments.action == "migrate":
             try:
-                applied = prepare_database(connection, settings.storage)
+                applied = prepare_database(connection, settings.storage, settings.database.role_users())
             except MigrationError as error:
                 print(f"citytel: {error}", file=sys.stderr)
                 return 1
@@ -82,7 +82,7 @@ def _query(arguments: argparse.Namespace) -> int:
     if arguments.name == "device" and not arguments.device:
         print("citytel: query device needs --device ID", file=sys.stderr)
         return 2
-    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+    with psycopg.connect(settings.database.conninfo("reader"), autocommit=True) as connection:
         columns, rows = run_query(connection, arguments.name, arguments.device, arguments.since)
     print(format_json(columns, rows) if arguments.json else format_table(columns, rows))
     return 0

@@ -9,10 +9,12 @@ file names an environment variable or a file that holds them, and ``repr`` never
 
 from citytel.config.components import component_settings, suggest, unknown_component
 from citytel.config.schema import (
+    DATABASE_ROLES,
     AlertRule,
     AlertSettings,
     ConfigError,
     Count,
+    DatabaseLogin,
     DatabaseSettings,
     Department,
     IngestSettings,
@@ -35,10 +37,12 @@ from citytel.config.schema import (
 )
 
 __all__ = [
+    "DATABASE_ROLES",
     "AlertRule",
     "AlertSettings",
     "ConfigError",
     "Count",
+    "DatabaseLogin",
     "DatabaseSettings",
     "Department",
     "IngestSettings",

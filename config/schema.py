@@ -88,26 +88,47 @@ class KafkaSettings(Strict, frozen=True):
     request_timeout_ms: int = 30000
 
 
+class DatabaseLogin(Strict, frozen=True):
+    """One role's login: the password comes from the environment or a file, never the config."""
+
+    user: str
+    password_env: str = ""
+    password_file: str = ""
+
+
+DATABASE_ROLES = ("processor", "alerter", "reader")
+
+
 class DatabaseSettings(Strict, frozen=True):
     host: str = "127.0.0.1"
     port: int = 5432
     dbname: str = "citytel"
+    # The schema's owner: migrations, `citytel db`, `citytel devices`.
     user: str = "citytel"
     password_env: str = ""
     password_file: str = ""
     connect_timeout_seconds: int = 10
+    # Each process's own, lesser login (processors/storage/grants.py says what each may do):
+    # processor, alerter, reader. A role left out connects as the owner (a test database).
+    roles: dict[str, DatabaseLogin] = msgspec.field(default_factory=dict)
 
-    def conninfo(self) -> str:
-        """A libpq connection string; the password comes from the environment or a file."""
+    def role_users(self) -> dict[str, str]:
+        """Each configured role's database user, for the grants."""
+        return {role: login.user for role, login in self.roles.items()}
+
+    def conninfo(self, role: str = "owner") -> str:
+        """A libpq connection string for ``role``'s login; the password comes from the
+        environment or a file."""
+        login = self.roles.get(role) or DatabaseLogin(self.user, self.password_env, self.password_file)
         parts = {
             "host": self.host,
             "port": str(self.port),
             "dbname": self.dbname,
-            "user": self.user,
+            "user": login.user,
             "connect_timeout": str(self.connect_timeout_seconds),
-            "application_name": "citytel",
+            "application_name": f"citytel-{role}",
         }
-        password = _read_secret(self.password_env, self.password_file, "database password")
+        password = _read_secret(login.password_env, login.password_file, f"database password of {login.user}")
         if password:
             parts["password"] = password
         return " ".join(f"{key}='{_libpq_quote(value)}'" for key, value in parts.items())
@@ -314,6 +335,9 @@ def _validate(settings: Settings) -> None:
         re.compile(settings.ingest.device_id_pattern)
     except re.error as error:
         problems.append(f"ingest.device_id_pattern is not a regular expression: {error}")
+    for role in settings.database.roles:
+        if role not in DATABASE_ROLES:
+            problems.append(f"database.roles.{role}: not a role; use one of {', '.join(DATABASE_ROLES)}")
     if settings.kafka.partitions < 1:
         problems.append("kafka.partitions must be at least 1")
     if settings.processor.max_batch_records < 1 or settings.processor.max_batch_wait_ms < 1:

@@ -126,7 +126,7 @@ class StateStore:
 
 
 CHECKPOINT_STORES: dict[str, Callable[[Settings], CheckpointStore]] = {
-    "postgresql": lambda settings: StateStore(settings.database.conninfo(), settings.kafka.consumer_group),
+    "postgresql": lambda settings: StateStore(settings.database.conninfo("processor"), settings.kafka.consumer_group),
 }
 
 

@@ -394,7 +394,7 @@ class Processor:
             return
         while not stop.is_set():
             try:
-                devices = await asyncio.to_thread(registered_kinds, self._settings.database.conninfo())
+                devices = await asyncio.to_thread(registered_kinds, self._settings.database.conninfo("processor"))
             except psycopg.Error as error:
                 self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
                 await asyncio.sleep(self._settings.processor.retry_max_seconds)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from citytel.config import Settings
+from citytel.config import DATABASE_ROLES, Settings
 from citytel.devtools import stack
 from citytel.devtools.settings import DevSettings
 
@@ -99,6 +99,30 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
             file.write(secret + "\n")
 
 
+def _local_secret(path: Path) -> str:
+    """The secret in ``path``, made (random, mode 0600) if the file is not there yet."""
+    if not path.exists():
+        from citytel.processors.storage.logins import new_secret
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(new_secret() + "\n")
+    return path.read_text().strip()
+
+
+def _postgres_logins(settings: Settings, secrets: Path) -> stack.PostgresLogins:
+    """The database's logins: the superuser's (for the stack alone) and every role's in the
+    config, each password in its own file."""
+    database = settings.database
+    logins = [(database.user, database.password_file)]
+    logins += [(login.user, login.password_file) for login in database.roles.values()]
+    return stack.PostgresLogins(
+        superuser_password=_local_secret(secrets / "pg-postgres"),
+        passwords={user: _local_secret(_secret_file(password_file)) for user, password_file in logins},
+    )
+
+
 def _check_secure(settings: Settings, dev: DevSettings) -> None:
     """The local stack is secure by default: its clients' config must say how they log in."""
     missing = [
@@ -107,6 +131,8 @@ def _check_secure(settings: Settings, dev: DevSettings) -> None:
             ("mqtt.username", settings.mqtt.username),
             ("mqtt.password_file", settings.mqtt.password_file),
             ("mqtt.tls_ca_file", settings.mqtt.tls_ca_file),
+            ("database.password_file", settings.database.password_file),
+            *((f"database.roles.{role}", settings.database.roles.get(role)) for role in DATABASE_ROLES),
             ("alerts.mqtt_username", settings.alerts.mqtt_username),
             ("alerts.mqtt_password_file", settings.alerts.mqtt_password_file),
             ("registry.broker_password_file", settings.registry.broker_password_file),
@@ -149,7 +175,11 @@ def up(settings: Settings, dev: DevSettings) -> None:
         "mosquitto": start_mosquitto,
         "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], dev.stack.kafka_controller_port),
         "postgres": lambda: stack.start_postgres(
-            run_dir, ports["postgres"], settings.database.dbname, settings.database.user
+            run_dir,
+            ports["postgres"],
+            settings.database.dbname,
+            settings.database.user,
+            logins=_postgres_logins(settings, secrets),
         ),
         "prometheus": lambda: stack.start_prometheus(
             run_dir,
@@ -181,7 +211,7 @@ def up(settings: Settings, dev: DevSettings) -> None:
             from citytel.processors.storage.logins import apply_to_broker
 
             with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
-                applied = prepare_database(connection, settings.storage)
+                applied = prepare_database(connection, settings.storage, settings.database.role_users())
                 _say(
                     f"database schema: {len(applied)} migration(s) applied"
                     if applied

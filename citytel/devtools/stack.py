@@ -58,6 +58,7 @@ def open_settings(settings: Settings) -> Settings:
         registry=msgspec.structs.replace(
             settings.registry, broker_password_file="", broker_acl_file="", broker_pid_file=""
         ),
+        database=msgspec.structs.replace(settings.database, password_env="", password_file="", roles={}),
     )
 
 
@@ -562,6 +563,22 @@ def _postgres_user() -> str | None:
     return "postgres" if os.geteuid() == 0 else None
 
 
+@dataclass(frozen=True)
+class PostgresLogins:
+    """Password logins for a cluster that trusts no one: the superuser's, and every citytel
+    role's (the schema owner among them), each a plain LOGIN role without special rights."""
+
+    superuser_password: str = field(repr=False)
+    passwords: dict[str, str] = field(repr=False)
+
+
+_PG_HBA = """\
+# Written by citytel's local stack: every connection proves its password (SCRAM), none is trusted.
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+"""
+
+
 def start_postgres(
     run_dir: Path,
     port: int,
@@ -570,7 +587,11 @@ def start_postgres(
     timeout: float = 60.0,
     *,
     timescaledb: bool = True,
+    logins: PostgresLogins | None = None,
 ) -> Server:
+    """PostgreSQL with TimescaleDB. Without ``logins`` it trusts local connections (a test's
+    private server) and ``role`` is a superuser; with them every login needs its password,
+    ``role`` owns ``database`` without being a superuser, and the extension is made for it."""
     if not (PG_BIN / "postgres").exists():
         raise StackError(f"PostgreSQL 15 is not installed in {PG_BIN}: run deploy/local/install.sh")
     user = _postgres_user()
@@ -586,25 +607,37 @@ def start_postgres(
     if user:
         shutil.chown(directory, user, user)
     if not (data / "PG_VERSION").exists():
-        initialized = subprocess.run(
-            [
-                str(PG_BIN / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ],
-            capture_output=True,
-            text=True,
-            user=user,
-            group=user,
-            extra_groups=[] if user else None,
-            check=False,
-        )
+        authentication = ["--auth=trust"]
+        password_file = directory / ".initdb-password"
+        if logins is not None:
+            descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(logins.superuser_password + "\n")
+            if user:
+                shutil.chown(password_file, user, user)
+            authentication = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+        try:
+            initialized = subprocess.run(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    *authentication,
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                capture_output=True,
+                text=True,
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
+                check=False,
+            )
+        finally:
+            password_file.unlink(missing_ok=True)
         if initialized.returncode != 0:
             raise StackError(f"initdb failed:\n{initialized.stdout}{initialized.stderr}")
         with (data / "postgresql.conf").open("a") as conf:
@@ -627,18 +660,59 @@ def start_postgres(
         import psycopg
 
         with psycopg.connect(
-            host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2, autocommit=True
+            host="127.0.0.1",
+            port=port,
+            user="postgres",
+            dbname="postgres",
+            connect_timeout=2,
+            autocommit=True,
+            password=logins.superuser_password if logins is not None else None,
         ) as connection:
             connection.execute("SELECT 1")
-            if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
-                # Superuser only in this local stack: migrations create the timescaledb extension.
-                connection.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+            if logins is None:
+                if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                    # Superuser only in a private test server: migrations create the extension.
+                    connection.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+            else:
+                _secure_postgres(connection, directory, data, logins)
             if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
                 connection.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+        if logins is not None and timescaledb:
+            # The owner is no superuser: the extension is made for it, and its migrations find it.
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user="postgres",
+                dbname=database,
+                password=logins.superuser_password,
+                autocommit=True,
+            ) as connection:
+                connection.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         return True
 
     _wait_ready(server, ready, timeout)
     return server
+
+
+def _secure_postgres(connection: Any, directory: Path, data: Path, logins: PostgresLogins) -> None:
+    """Every citytel login a plain role with its password (set on each start: a rotated secret
+    file takes effect), the superuser's password, and pg_hba without trust. A cluster made by
+    an older, trusting stack is converted in place."""
+    from psycopg import sql
+
+    for name, password in sorted(logins.passwords.items()):
+        if connection.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+            connection.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+        connection.execute(
+            sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)
+            )
+        )
+    connection.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(logins.superuser_password)))
+    hba = data / "pg_hba.conf"
+    if hba.read_text() != _PG_HBA:
+        hba.write_text(_PG_HBA)
+        connection.execute("SELECT pg_reload_conf()")
 
 
 # --- Prometheus -----------------------------------------------------------------------------

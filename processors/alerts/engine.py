@@ -351,7 +351,7 @@ class Alerter:
         sent = 0
         # One connection per pass: to find the outbox's rows, and to mark each one as it goes out.
         async with await psycopg.AsyncConnection.connect(
-            self._settings.database.conninfo(), autocommit=True
+            self._settings.database.conninfo("alerter"), autocommit=True
         ) as connection:
             for transition, departments in await self._unpublished(connection):
                 rule = settings.rules.get(transition.rule, AlertRule(detector=""))
@@ -376,7 +376,7 @@ class Alerter:
         return sent
 
     def _evaluate(self) -> int:
-        with psycopg.connect(self._settings.database.conninfo()) as connection:
+        with psycopg.connect(self._settings.database.conninfo("alerter")) as connection:
             return len(evaluate(connection, self._settings))
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -58,7 +58,7 @@ class TimescaleSink:
     name = "timescaledb"
 
     def __init__(self, settings: Settings, own: TimescaleSinkSettings, index: SeriesIndex) -> None:
-        self._conninfo = settings.database.conninfo()
+        self._conninfo = settings.database.conninfo("processor")
         self._storage = settings.storage
         self._index = index
         # The database's id of each series, by dense index (0 until assigned): this sink's own

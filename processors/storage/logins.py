@@ -204,6 +204,7 @@ def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alert
 def _write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only, atomically: the broker never reads half of it."""
     partial = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(text)

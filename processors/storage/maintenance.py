@@ -203,17 +203,14 @@ def _retention(settings: StorageSettings) -> list[tuple[str, int]]:
 
 
 def drop_old_chunks(connection: psycopg.Connection, settings: StorageSettings, now: datetime | None = None) -> int:
-    """Drop whole chunks whose data is entirely older than each table's horizon."""
+    """Drop whole chunks whose data is entirely older than each table's horizon (through
+    ``citytel_drop_chunks``: the processor's role owns no table)."""
     dropped = 0
     for table, days in _retention(settings):
-        if now is None:
-            rows = connection.execute(
-                "SELECT drop_chunks(%s, older_than => %s * INTERVAL '1 day')", (table, days)
-            ).fetchall()
-        else:
-            rows = connection.execute(
-                "SELECT drop_chunks(%s, older_than => %s::timestamptz - %s * INTERVAL '1 day')", (table, now, days)
-            ).fetchall()
+        rows = connection.execute(
+            "SELECT citytel_drop_chunks(%s, coalesce(%s::timestamptz, now()) - %s * INTERVAL '1 day')",
+            (table, now, days),
+        ).fetchall()
         dropped += len(rows)
     return dropped
 
@@ -227,7 +224,10 @@ def maintain(connection: psycopg.Connection, settings: StorageSettings) -> Maint
     try:
         name = edition(connection)
         rollups = rollups_for(connection, settings)
-        rollups.ensure(connection)
+        found = connection.execute("SELECT to_regclass('readings_1h')").fetchone()
+        if found is None or found[0] is None:
+            # Migrations make them (prepare_database); a processor's role may not, and need not.
+            rollups.ensure(connection)
         report = MaintenanceReport(edition=name, buckets_refreshed=rollups.refresh(connection))
         if name == "timescale":
             report.compression = "policy"  # retention and compression run as TimescaleDB jobs

@@ -64,6 +64,9 @@ def _require_timescaledb(connection: psycopg.Connection) -> None:
             "this PostgreSQL has no 'timescaledb' extension installed; citytel needs TimescaleDB"
             " (run deploy/local/install.sh, or install timescaledb for your PostgreSQL)"
         )
+    if connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() is not None:
+        # Made already (by a superuser, for an owner that is none, who may not read the setting).
+        return
     preloaded = connection.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
     if preloaded is None or "timescaledb" not in str(preloaded[0]):
         raise MigrationError("timescaledb is installed but not in shared_preload_libraries")

@@ -26,16 +26,18 @@ from typing import TypeVar
 
 import msgspec
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from citytel.config import Settings
+from citytel.config import DatabaseLogin, Settings, StorageSettings
 from citytel.core.kafka import ensure_topics
 from citytel.devtools import stack
+from citytel.devtools.simulate import City, Message, publish
 from citytel.processors.storage import prepare_database
 from citytel.processors.storage.devices import Device, import_devices
-from citytel.processors.storage.logins import add_login, apply_to_broker
+from citytel.processors.storage.logins import add_login, apply_to_broker, new_secret
 from tests.conftest import ScratchDatabase
 from tests.helpers import citytel_process, wait_for, wait_ready, write_config
 
@@ -389,3 +391,153 @@ def test_the_registry_keeps_hashes_only_and_no_secret_reaches_logs_config_or_ps(
     ]
     assert found == []
     assert "$7$" in stored
+
+
+# --- PostgreSQL: passwords for everyone, each role only its rights --------------------------
+
+ROLE_USERS = {"processor": "citytel_processor", "alerter": "citytel_alerter", "reader": "citytel_reader"}
+
+
+@dataclass
+class SecurePostgres:
+    port: int
+    passwords: dict[str, str]
+
+    def connect(self, user: str, password: str | None = None) -> psycopg.Connection:
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            dbname="citytel",
+            user=user,
+            password=self.passwords.get(user) if password is None else password,
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+
+@pytest.fixture(scope="module")
+def secure_postgres(run_dir: Path) -> Iterator[SecurePostgres]:
+    directory = run_dir / f"pg-secure-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    directory.chmod(0o755)
+    passwords = {name: new_secret() for name in ("citytel", *ROLE_USERS.values())}
+    server = stack.start_postgres(directory, stack.free_port(), logins=stack.PostgresLogins(new_secret(), passwords))
+    try:
+        with SecurePostgres(server.port, passwords).connect("citytel") as owner:
+            prepare_database(owner, StorageSettings(), ROLE_USERS)
+        yield SecurePostgres(server.port, passwords)
+    finally:
+        server.stop()
+
+
+def _refused(connection: psycopg.Connection, statement: str) -> bool:
+    try:
+        connection.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        return True
+    return False
+
+
+def test_the_database_trusts_no_one_and_each_role_has_only_its_rights(secure_postgres: SecurePostgres) -> None:
+    logged_in = 0
+    for user, password in (("postgres", ""), ("citytel", ""), ("citytel", "guess"), ("citytel_reader", "guess")):
+        try:
+            with secure_postgres.connect(user, password):
+                logged_in += 1
+        except psycopg.OperationalError:
+            pass
+    assert logged_in == 0
+    with secure_postgres.connect("citytel") as owner:
+        assert owner.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'citytel'").fetchone() == (False,)
+        owner.execute("INSERT INTO series (device_id, kind, district, metric) VALUES ('air-x', 'air', 'erqi', 'pm2_5')")
+        owner.execute("INSERT INTO readings (time, series_id, value) SELECT now(), series_id, 1.0 FROM series")
+    inserts = [
+        "INSERT INTO readings (time, series_id, value) SELECT now() + interval '1 s', series_id, 2.0 FROM series",
+        "INSERT INTO anomalies (time, series_id, detector, score) SELECT now(), series_id, 'x', 1 FROM series",
+        "INSERT INTO devices (device_id, kind, district) VALUES ('forged', 'air', 'erqi')",
+        "UPDATE readings SET value = 0",
+        "DELETE FROM readings",
+        "SELECT * FROM readings",
+        "SELECT * FROM mqtt_logins",
+        "CREATE TABLE mine (x int)",
+    ]
+    with secure_postgres.connect("citytel_reader") as reader:
+        refused = sum(_refused(reader, statement) for statement in inserts)
+        assert refused == len(inserts)
+        assert reader.execute("SELECT count(*) FROM readings_named").fetchone() == (1,)
+        assert _refused(reader, "SELECT citytel_drop_chunks('readings', now())")
+    with secure_postgres.connect("citytel_processor") as processor:
+        for statement in ("SELECT * FROM mqtt_logins", "DELETE FROM readings", "UPDATE readings SET value = 0"):
+            assert _refused(processor, statement), statement
+        assert _refused(processor, "SELECT * FROM alert_state")
+        assert _refused(processor, "DELETE FROM alerts")
+        with pytest.raises(psycopg.errors.RaiseException, match="not one of citytel's hypertables"):
+            processor.execute("SELECT citytel_drop_chunks('alerts', now())")
+        processor.execute("SELECT citytel_drop_chunks('readings', now() - interval '30 days')")
+    with secure_postgres.connect("citytel_alerter") as alerter:
+        assert _refused(alerter, inserts[0])
+        assert _refused(alerter, "SELECT * FROM mqtt_logins")
+        assert alerter.execute("SELECT count(*) FROM anomalies").fetchone() == (0,)
+
+
+def test_processor_and_alerter_do_their_work_with_their_own_lesser_logins(
+    settings: Settings, secure_postgres: SecurePostgres, tmp_path: Path
+) -> None:
+    """The whole path, each process logged in as its role: nothing it does needs more."""
+    password_files = {}
+    for user, password in secure_postgres.passwords.items():
+        password_files[user] = tmp_path / f"pg-{user}"
+        password_files[user].write_text(password)
+    database = msgspec.structs.replace(
+        settings.database,
+        port=secure_postgres.port,
+        dbname="citytel",
+        user="citytel",
+        password_file=str(password_files["citytel"]),
+        roles={
+            role: DatabaseLogin(user=user, password_file=str(password_files[user])) for role, user in ROLE_USERS.items()
+        },
+    )
+    secured = msgspec.structs.replace(
+        settings,
+        database=database,
+        storage=msgspec.structs.replace(settings.storage, maintenance_interval_seconds=1.0),
+        processor=msgspec.structs.replace(settings.processor, checkpoint_interval_seconds=1.0),
+    )
+    asyncio.run(ensure_topics(secured.kafka))
+    city = City(devices_per_kind=3, seed=7, topic_prefix=secured.mqtt.topic_prefix, spike_probability=0.0)
+    readings = 0
+
+    def count(message: Message) -> None:
+        nonlocal readings
+        readings += len(message.values)
+
+    with (
+        citytel_process(secured, tmp_path, "process") as processor,
+        citytel_process(secured, tmp_path, "bridge"),
+        citytel_process(secured, tmp_path, "alerts", "run") as alerter,
+    ):
+        wait_ready(secured.metrics.processor_port, timeout=120)
+        wait_ready(secured.metrics.bridge_port)
+        published = publish(
+            city.messages(time.time() - 600, interval_s=1.0), "127.0.0.1", secured.mqtt.port, count=300, on_sent=count
+        )
+        assert published == 300
+
+        def stored() -> int:
+            with secure_postgres.connect("citytel") as owner:
+                row = owner.execute(
+                    "SELECT count(*) FROM readings r JOIN series s USING (series_id) WHERE s.device_id LIKE '%-000_'"
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        wait_for(lambda: stored() >= readings, 60, f"{readings} readings stored by the processor's role")
+        time.sleep(3.0)  # a maintenance pass and a checkpoint, as the processor's role
+        wait_ready(secured.metrics.alerter_port)
+        assert processor.poll() is None
+        assert alerter.poll() is None
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    assert "permission denied" not in logs
+    assert "InsufficientPrivilege" not in logs
+    with secure_postgres.connect("citytel") as owner:
+        assert owner.execute("SELECT count(*) FROM detector_state").fetchone() != (0,)
