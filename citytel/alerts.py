@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from citytel.config import Settings
 from citytel.core.errors import short
+from citytel.core.kafka import client_options
 
 __all__ = ["describe", "list_alerts", "tail"]
 
@@ -59,7 +60,9 @@ def tail(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
+        # A department's own login reads only its own topic; an operator's tail uses the alerter's.
+        login = f"dept-{department}" if f"dept-{department}" in settings.kafka.logins else "alerter"
+        consumer = AIOKafkaConsumer(**client_options(settings.kafka, login), enable_auto_commit=False)
         await consumer.start()
         shown = 0
         try:

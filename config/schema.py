@@ -77,8 +77,27 @@ class IngestSettings(Strict, frozen=True):
     max_deadletters_per_message: Annotated[int, msgspec.Meta(ge=1)] = 8
 
 
+class KafkaLogin(Strict, frozen=True):
+    """One client's SASL/SCRAM login: the password comes from the environment or a file."""
+
+    username: str
+    password_env: str = ""
+    password_file: str = ""
+
+    def password(self) -> str:
+        return _read_secret(self.password_env, self.password_file, f"kafka password of {self.username}")
+
+
 class KafkaSettings(Strict, frozen=True):
     bootstrap_servers: str = "127.0.0.1:9092"
+    # "SASL_SSL": every client proves who it is (SCRAM) over TLS, and the broker's ACLs say
+    # what it may touch. "PLAINTEXT" only for a private test broker.
+    security_protocol: Literal["SASL_SSL", "PLAINTEXT"] = "SASL_SSL"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    ssl_ca_file: str = ""  # the CA that signed the brokers' certificates; empty: the system's
+    # Each process's login, by role: bridge, processor, alerter; dept-<name> for a department
+    # reading its alerts (`citytel alerts tail`).
+    logins: dict[str, KafkaLogin] = msgspec.field(default_factory=dict)
     readings_topic: str = "citytel.readings"
     deadletter_topic: str = "citytel.deadletter"
     partitions: int = 6

@@ -47,7 +47,7 @@ from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.envelope import encode_envelope
 from citytel.core.errors import short
-from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.core.kafka import client_options, deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.ingest.codecs import get_codec
 from citytel.ingest.topics import subscription_filter
@@ -307,7 +307,7 @@ class Bridge:
         delay = self._settings.processor.retry_initial_seconds
         while True:
             producer = AIOKafkaProducer(
-                bootstrap_servers=config.bootstrap_servers,
+                **client_options(config, "bridge"),
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=config.linger_ms,
@@ -315,7 +315,7 @@ class Bridge:
                 max_batch_size=1 << 20,
             )
             try:
-                await ensure_topics(config)
+                await ensure_topics(config, "bridge")
                 await producer.start()
                 metrics.BRIDGE_CONNECTED.labels("kafka").set(1)
                 self._kafka_ok = True

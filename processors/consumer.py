@@ -35,7 +35,7 @@ from aiokafka.errors import KafkaError
 from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
-from citytel.core.kafka import deadletter_headers, ensure_topics
+from citytel.core.kafka import client_options, deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
 from citytel.processors.checkpoint import build_checkpoint_store, export_partition, import_partition
@@ -413,7 +413,7 @@ class Processor:
         delay = self._settings.processor.retry_initial_seconds
         while True:
             try:
-                await ensure_topics(config)
+                await ensure_topics(config, "processor")
                 self._kafka_outage.recovered()
                 break
             except (KafkaError, OSError) as error:
@@ -423,7 +423,7 @@ class Processor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.processor.retry_max_seconds)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=config.bootstrap_servers,
+            **client_options(config, "processor"),
             group_id=config.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -431,9 +431,7 @@ class Processor:
             fetch_max_bytes=32 << 20,
         )
         self._consumer.subscribe([config.readings_topic], listener=_Rebalance(self))
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=config.bootstrap_servers, acks="all", enable_idempotence=True
-        )
+        self._producer = AIOKafkaProducer(**client_options(config, "processor"), acks="all", enable_idempotence=True)
         await self._consumer.start()
         await self._producer.start()
         self._healthy = True

@@ -307,7 +307,7 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
         )
 
         async def fill() -> None:
-            await ensure_topics(settings.kafka)
+            await ensure_topics(settings.kafka, "bridge")
             producer = AIOKafkaProducer(
                 bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=20, max_batch_size=1 << 20
             )

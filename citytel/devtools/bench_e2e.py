@@ -162,7 +162,7 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
     )
 
     async def run() -> dict[str, float]:
-        await ensure_topics(topic_settings)
+        await ensure_topics(topic_settings, "bridge")
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5, enable_idempotence=True
         )

@@ -167,7 +167,7 @@ def run_fuzz(count: int, seed: int = 24) -> FuzzResult:
             kafka=msgspec.structs.replace(base.kafka, bootstrap_servers=f"127.0.0.1:{servers[1].port}"),
             metrics=msgspec.structs.replace(base.metrics, bridge_port=stack.free_port()),
         )
-        asyncio.run(ensure_topics(settings.kafka))
+        asyncio.run(ensure_topics(settings.kafka, "bridge"))
         config = run_dir / "citytel.toml"
         config.write_text(dump_settings(settings))
         bridge = spawn_citytel(["bridge"], config, run_dir, "bridge")

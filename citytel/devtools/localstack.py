@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from citytel.config import DATABASE_ROLES, Settings
+from citytel.config import DATABASE_ROLES, KafkaLogin, Settings
 from citytel.devtools import stack
 from citytel.devtools.settings import DevSettings
 
@@ -123,6 +124,26 @@ def _postgres_logins(settings: Settings, secrets: Path) -> stack.PostgresLogins:
     )
 
 
+def _kafka_security(
+    settings: Settings, dev: DevSettings, certificates: stack.Certificates, secrets: Path
+) -> stack.KafkaSecurity:
+    """SCRAM users for the config's logins and for each department (whose secret files the
+    stack keeps), and the ACLs that bound them."""
+    logins = dict(settings.kafka.logins)
+    for department in settings.alerts.departments:
+        logins.setdefault(
+            f"dept-{department}",
+            KafkaLogin(username=f"dept-{department}", password_file=str(secrets / f"kafka-dept-{department}")),
+        )
+    users = {}
+    for login in logins.values():
+        path = _secret_file(login.password_file)
+        _local_secret(path)
+        users[login.username] = path
+    with_departments = msgspec.structs.replace(settings, kafka=msgspec.structs.replace(settings.kafka, logins=logins))
+    return stack.KafkaSecurity(certificates, dev.stack.kafka_internal_port, users, stack.kafka_acls(with_departments))
+
+
 def _check_secure(settings: Settings, dev: DevSettings) -> None:
     """The local stack is secure by default: its clients' config must say how they log in."""
     missing = [
@@ -132,6 +153,8 @@ def _check_secure(settings: Settings, dev: DevSettings) -> None:
             ("mqtt.password_file", settings.mqtt.password_file),
             ("mqtt.tls_ca_file", settings.mqtt.tls_ca_file),
             ("database.password_file", settings.database.password_file),
+            ("kafka.ssl_ca_file", settings.kafka.ssl_ca_file),
+            *((f"kafka.logins.{role}", settings.kafka.logins.get(role)) for role in ("bridge", "processor", "alerter")),
             *((f"database.roles.{role}", settings.database.roles.get(role)) for role in DATABASE_ROLES),
             ("alerts.mqtt_username", settings.alerts.mqtt_username),
             ("alerts.mqtt_password_file", settings.alerts.mqtt_password_file),
@@ -173,7 +196,12 @@ def up(settings: Settings, dev: DevSettings) -> None:
 
     starters: dict[str, Callable[[], stack.Server]] = {
         "mosquitto": start_mosquitto,
-        "kafka": lambda: stack.start_kafka(run_dir, ports["kafka"], dev.stack.kafka_controller_port),
+        "kafka": lambda: stack.start_kafka(
+            run_dir,
+            ports["kafka"],
+            dev.stack.kafka_controller_port,
+            security=_kafka_security(settings, dev, certificates, secrets),
+        ),
         "postgres": lambda: stack.start_postgres(
             run_dir,
             ports["postgres"],

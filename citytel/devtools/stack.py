@@ -18,6 +18,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -59,6 +60,7 @@ def open_settings(settings: Settings) -> Settings:
             settings.registry, broker_password_file="", broker_acl_file="", broker_pid_file=""
         ),
         database=msgspec.structs.replace(settings.database, password_env="", password_file="", roles={}),
+        kafka=msgspec.structs.replace(settings.kafka, security_protocol="PLAINTEXT", ssl_ca_file="", logins={}),
     )
 
 
@@ -454,7 +456,98 @@ Configuration:
 """
 
 
-def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float = 90.0) -> Server:
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """What makes a broker take only known clients, over TLS, each limited by ACLs.
+
+    Clients log in with SCRAM on the client listener. The broker's own traffic (between broker
+    and controller, and the stack's admin that applies users and ACLs) uses mutual TLS on
+    listeners of their own, as ``CN=kafka``, the one super user: no password is ever on a
+    command line or in the broker's config."""
+
+    certificates: Certificates
+    internal_port: int
+    users: dict[str, Path]  # SCRAM username -> file holding its password
+    acls: list[tuple[str, str, str, str, str]]  # principal, operation, resource type, pattern type, name
+
+
+def kafka_acls(settings: Settings) -> list[tuple[str, str, str, str, str]]:
+    """What each of citytel's Kafka logins may do, and nothing more: the bridge writes readings
+    and dead letters; the processor reads readings in its group and writes dead letters; the
+    alerter owns the alert topics; a department reads its own alert topic."""
+    kafka, alerts = settings.kafka, settings.alerts
+    rules: list[tuple[str, str, str, str, str]] = []
+
+    def allow(role: str, operations: str, resource: str, pattern: str, name: str) -> None:
+        login = kafka.logins.get(role)
+        if login is not None:
+            rules.extend(
+                (f"User:{login.username}", operation, resource, pattern, name) for operation in operations.split()
+            )
+
+    for topic in (kafka.readings_topic, kafka.deadletter_topic):
+        allow("bridge", "CREATE WRITE DESCRIBE", "TOPIC", "LITERAL", topic)
+    allow("processor", "CREATE READ DESCRIBE", "TOPIC", "LITERAL", kafka.readings_topic)
+    allow("processor", "CREATE WRITE DESCRIBE", "TOPIC", "LITERAL", kafka.deadletter_topic)
+    allow("processor", "READ", "GROUP", "LITERAL", kafka.consumer_group)
+    allow("alerter", "CREATE READ WRITE DESCRIBE", "TOPIC", "PREFIXED", alerts.kafka_topic_prefix)
+    for department in alerts.departments:
+        allow(f"dept-{department}", "READ DESCRIBE", "TOPIC", "LITERAL", f"{alerts.kafka_topic_prefix}{department}")
+    return rules
+
+
+def _kafka_tls(directory: Path, certificates: Certificates) -> tuple[Path, Path]:
+    """The broker's PEM keystore (its key and certificate, usable as server and as client)."""
+    keystore = directory / "kafka-keystore.pem"
+    if not keystore.exists():
+        cert, key = issue_certificate(
+            certificates,
+            directory,
+            "kafka",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        )
+        descriptor = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(key.read_text() + cert.read_text())
+    return keystore, certificates.ca_file
+
+
+def _kafka_listeners(port: int, controller_port: int, security: KafkaSecurity | None, directory: Path) -> list[str]:
+    if security is None:
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+    keystore, truststore = _kafka_tls(directory, security.certificates)
+    internal = security.internal_port
+    return [
+        f"listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller_port}",
+        f"advertised.listeners=SASL_SSL://127.0.0.1:{port},INTERNAL://127.0.0.1:{internal}",
+        "inter.broker.listener.name=INTERNAL",
+        "listener.security.protocol.map=CONTROLLER:SSL,INTERNAL:SSL,SASL_SSL:SASL_SSL",
+        "sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256",
+        # The broker only checks SCRAM logins here (its own traffic uses TLS): no credentials.
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "ssl.keystore.type=PEM",
+        f"ssl.keystore.location={keystore}",
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={truststore}",
+        "listener.name.internal.ssl.client.auth=required",
+        "listener.name.controller.ssl.client.auth=required",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users=User:CN=kafka",
+        "allow.everyone.if.no.acl.found=false",
+    ]
+
+
+def start_kafka(
+    run_dir: Path, port: int, controller_port: int, timeout: float = 90.0, *, security: KafkaSecurity | None = None
+) -> Server:
     libs = kafka_libs()
     if not libs.is_dir():
         raise StackError(f"Kafka jars are missing in {libs}: run deploy/local/install.sh")
@@ -471,11 +564,8 @@ def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float =
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                *_kafka_listeners(port, controller_port, security, directory),
                 "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                 f"log.dirs={data}",
                 "num.partitions=6",
                 # Topics are created on purpose by citytel, with the partitions it wants.
@@ -492,6 +582,7 @@ def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float =
             ]
         )
     )
+    properties.chmod(0o600)
     log4j = directory / "log4j2.yaml"
     log4j.write_text(_KAFKA_LOG4J2)
     java_options = [
@@ -524,28 +615,76 @@ def start_kafka(run_dir: Path, port: int, controller_port: int, timeout: float =
         if formatted.returncode != 0:
             raise StackError(f"formatting Kafka's log dir failed:\n{formatted.stdout}{formatted.stderr}")
     server = _spawn("kafka", [java, *java_options, "-cp", classpath, "kafka.Kafka", str(properties)], directory, port)
-    _wait_ready(server, lambda: port_open(port) and kafka_roundtrip(f"127.0.0.1:{port}"), timeout)
+    if security is None:
+        _wait_ready(server, lambda: port_open(port) and kafka_roundtrip(f"127.0.0.1:{port}"), timeout)
+        return server
+    admin = _kafka_admin_options(directory, security)
+    internal = f"127.0.0.1:{security.internal_port}"
+    _wait_ready(server, lambda: port_open(security.internal_port) and kafka_roundtrip(internal, admin), timeout)
+    apply_kafka_security(directory, security)
     return server
 
 
-def kafka_roundtrip(bootstrap: str) -> bool:
+def _kafka_admin_options(directory: Path, security: KafkaSecurity) -> dict[str, Any]:
+    """aiokafka options for the broker's own identity on its internal listener (mutual TLS)."""
+    keystore, truststore = _kafka_tls(directory, security.certificates)
+    context = ssl.create_default_context(cafile=str(truststore))
+    context.load_cert_chain(str(keystore))
+    return {"security_protocol": "SSL", "ssl_context": context}
+
+
+def apply_kafka_security(directory: Path, security: KafkaSecurity) -> None:
+    """Create or update the SCRAM users and add the ACLs (both idempotent), through the Admin
+    API as the broker's own identity: a small Java program, since aiokafka has neither call."""
+    keystore, truststore = _kafka_tls(directory, security.certificates)
+    admin = directory / "admin.properties"
+    admin.write_text(
+        "\n".join(
+            [
+                f"bootstrap.servers=127.0.0.1:{security.internal_port}",
+                "security.protocol=SSL",
+                "ssl.keystore.type=PEM",
+                f"ssl.keystore.location={keystore}",
+                "ssl.truststore.type=PEM",
+                f"ssl.truststore.location={truststore}",
+                "",
+            ]
+        )
+    )
+    users = directory / "users.tsv"
+    users.write_text("".join(f"{name}\t{path}\n" for name, path in sorted(security.users.items())))
+    acls = directory / "acls.tsv"
+    acls.write_text("".join("\t".join(acl) + "\n" for acl in security.acls))
+    java = shutil.which("java") or "java"
+    program = Path(__file__).with_name("KafkaSecurity.java")
+    done = subprocess.run(
+        [java, "-cp", f"{kafka_libs()}/*", str(program), str(admin), str(users), str(acls)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise StackError(f"applying Kafka's users and ACLs failed:\n{done.stdout}{done.stderr[-3000:]}")
+
+
+def kafka_roundtrip(bootstrap: str, options: dict[str, Any] | None = None) -> bool:
     """Create a readiness topic and have one record acknowledged by the broker."""
-    return asyncio.run(_kafka_roundtrip(bootstrap))
+    return asyncio.run(_kafka_roundtrip(bootstrap, options or {}))
 
 
-async def _kafka_roundtrip(bootstrap: str) -> bool:
+async def _kafka_roundtrip(bootstrap: str, options: dict[str, Any]) -> bool:
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **options)
     await admin.start()
     try:
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics([NewTopic("citytel.ready", 1, 1)])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000, **options)
     await producer.start()
     try:
         metadata = await producer.send_and_wait("citytel.ready", b"ready")

@@ -38,6 +38,7 @@ from psycopg.types.json import Jsonb
 from citytel.config import AlertRule, Settings
 from citytel.core import metrics
 from citytel.core.errors import RetryableError
+from citytel.core.kafka import client_options
 from citytel.processors.alerts.cap import message_json
 from citytel.processors.alerts.rules import SEVERITY_RANK, Alert, Observed, Transition, step_rule
 
@@ -240,7 +241,7 @@ class Alerter:
         return f"{self._settings.alerts.kafka_topic_prefix}{department}"
 
     async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka.bootstrap_servers)
+        admin = AIOKafkaAdminClient(**client_options(self._settings.kafka, "alerter"))
         await admin.start()
         try:
             for department in self._settings.alerts.departments:
@@ -254,7 +255,7 @@ class Alerter:
 
     async def _read_back(self) -> None:
         """What the department topics already hold (their last 10,000 records each)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._settings.kafka.bootstrap_servers, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(**client_options(self._settings.kafka, "alerter"), enable_auto_commit=False)
         await consumer.start()
         try:
             partitions = [TopicPartition(self.topic(name), 0) for name in self._settings.alerts.departments]
@@ -391,7 +392,7 @@ class Alerter:
                 await asyncio.sleep(interval)
         self._start_mqtt()
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True
+            **client_options(self._settings.kafka, "alerter"), acks="all", enable_idempotence=True
         )
         await self._producer.start()
         try:

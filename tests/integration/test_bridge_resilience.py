@@ -221,7 +221,7 @@ def test_messages_the_broker_acknowledged_survive_its_kill_9_and_reach_the_datab
     assert stack.durable_mosquitto() is not None, "deploy/local/install.sh builds the durable broker"
     port = private_mosquitto.port
     settings = msgspec.structs.replace(settings, mqtt=msgspec.structs.replace(settings.mqtt, port=port))
-    asyncio.run(ensure_topics(settings.kafka))
+    asyncio.run(ensure_topics(settings.kafka, "bridge"))
     with database.connect() as connection:
         prepare_database(connection, settings.storage)
     # The bridge's persistent session and subscription exist; then the bridge goes away.

@@ -92,7 +92,7 @@ def fast_checkpoints(settings: Settings) -> Settings:
 
 def prepare(settings: Settings, database: ScratchDatabase) -> None:
     """Topics (citytel creates them; Kafka's auto-creation is off) and the schema."""
-    asyncio.run(ensure_topics(settings.kafka))
+    asyncio.run(ensure_topics(settings.kafka, "bridge"))
     with database.connect() as connection:
         prepare_database(connection, settings.storage)
 
@@ -266,7 +266,7 @@ def test_rows_resume_within_5_seconds_of_postgresql_answering_again(
         settings = msgspec.structs.replace(
             settings, database=msgspec.structs.replace(settings.database, port=server.port, dbname="citytel")
         )
-        asyncio.run(ensure_topics(settings.kafka))
+        asyncio.run(ensure_topics(settings.kafka, "bridge"))
         with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
             prepare_database(connection, settings.storage)
         with citytel_process(settings, tmp_path, "process"):

@@ -22,16 +22,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from citytel.config import DatabaseLogin, Settings, StorageSettings
+from citytel.config import DatabaseLogin, KafkaLogin, Settings, StorageSettings, load_settings
 from citytel.core.kafka import ensure_topics
 from citytel.devtools import stack
 from citytel.devtools.simulate import City, Message, publish
@@ -231,7 +234,7 @@ def test_a_client_that_trusts_another_ca_refuses_the_broker(secure: SecureBroker
 
 @contextlib.contextmanager
 def bridge_and_processor(secure: SecureBroker, tmp_path: Path) -> Iterator[None]:
-    asyncio.run(ensure_topics(secure.settings.kafka))
+    asyncio.run(ensure_topics(secure.settings.kafka, "bridge"))
     with citytel_process(secure.settings, tmp_path, "process"), citytel_process(secure.settings, tmp_path, "bridge"):
         wait_ready(secure.settings.metrics.processor_port, timeout=120)
         wait_ready(secure.settings.metrics.bridge_port)
@@ -372,6 +375,10 @@ def test_the_registry_keeps_hashes_only_and_no_secret_reaches_logs_config_or_ps(
     with bridge_and_processor(secure, tmp_path):
         with Client(secure, "dev-a") as device:
             assert device.publish_all(secure.topic("dev-a"), 5) == 5
+        metrics = secure.settings.metrics
+        exposed = stack.http_get(f"http://127.0.0.1:{metrics.bridge_port}/metrics").decode()
+        exposed += stack.http_get(f"http://127.0.0.1:{metrics.bridge_port}/readyz").decode()
+        exposed += stack.http_get(f"http://127.0.0.1:{metrics.processor_port}/metrics").decode()
         command_lines = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
@@ -383,7 +390,7 @@ def test_the_registry_keeps_hashes_only_and_no_secret_reaches_logs_config_or_ps(
         stored = " ".join(str(row) for row in connection.execute("SELECT * FROM mqtt_logins").fetchall())
     text = "".join(path.read_text() for path in tmp_path.glob("*.log"))
     text += "".join(path.read_text() for path in tmp_path.glob("citytel-*.toml"))
-    text += (secure.server.directory / "mosquitto.log").read_text()
+    text += (secure.server.directory / "mosquitto.log").read_text() + exposed
     found = [
         name
         for name, secret in secure.secrets.items()
@@ -504,7 +511,7 @@ def test_processor_and_alerter_do_their_work_with_their_own_lesser_logins(
         storage=msgspec.structs.replace(settings.storage, maintenance_interval_seconds=1.0),
         processor=msgspec.structs.replace(settings.processor, checkpoint_interval_seconds=1.0),
     )
-    asyncio.run(ensure_topics(secured.kafka))
+    asyncio.run(ensure_topics(secured.kafka, "bridge"))
     city = City(devices_per_kind=3, seed=7, topic_prefix=secured.mqtt.topic_prefix, spike_probability=0.0)
     readings = 0
 
@@ -539,5 +546,136 @@ def test_processor_and_alerter_do_their_work_with_their_own_lesser_logins(
     logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
     assert "permission denied" not in logs
     assert "InsufficientPrivilege" not in logs
+    assert [user for user, password in secure_postgres.passwords.items() if password in logs] == []
     with secure_postgres.connect("citytel") as owner:
         assert owner.execute("SELECT count(*) FROM detector_state").fetchone() != (0,)
+
+
+# --- Kafka: SCRAM over TLS for every client, ACLs for what each may touch -----------------
+
+KAFKA_ROLES = ("bridge", "processor", "alerter", "dept-environment", "dept-transport")
+
+
+@dataclass
+class SecureKafka:
+    settings: Settings
+    passwords: dict[str, str]
+
+    def options(self, role: str, password: str | None = None) -> dict[str, Any]:
+        login = self.settings.kafka.logins[role]
+        return {
+            "bootstrap_servers": self.settings.kafka.bootstrap_servers,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": login.username,
+            "sasl_plain_password": self.passwords[role] if password is None else password,
+            "ssl_context": ssl.create_default_context(cafile=self.settings.kafka.ssl_ca_file),
+            "request_timeout_ms": 8000,
+        }
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(run_dir: Path) -> Iterator[SecureKafka]:
+    directory = run_dir / f"kafka-secure-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    certificates = stack.make_certificates(directory / "tls")
+    port = stack.free_port()
+    passwords = {role: new_secret() for role in KAFKA_ROLES}
+    logins = {}
+    for role, password in passwords.items():
+        (directory / f"kafka-{role}").write_text(password)
+        logins[role] = KafkaLogin(username=f"citytel-{role}", password_file=str(directory / f"kafka-{role}"))
+    shipped = stack.open_settings(load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml"))
+    settings = msgspec.structs.replace(
+        shipped,
+        kafka=msgspec.structs.replace(
+            shipped.kafka,
+            bootstrap_servers=f"127.0.0.1:{port}",
+            security_protocol="SASL_SSL",
+            ssl_ca_file=str(certificates.ca_file),
+            logins=logins,
+        ),
+    )
+    security = stack.KafkaSecurity(
+        certificates,
+        stack.free_port(),
+        {login.username: Path(login.password_file) for login in logins.values()},
+        stack.kafka_acls(settings),
+    )
+    server = stack.start_kafka(directory, port, stack.free_port(), security=security)
+    try:
+        asyncio.run(ensure_topics(settings.kafka, "bridge"))
+        yield SecureKafka(settings, passwords)
+    finally:
+        server.stop()
+
+
+async def _produce(options: dict[str, Any], topic: str, tries: int) -> int:
+    """How many of ``tries`` records (to partition 0) Kafka acknowledged."""
+    accepted = 0
+    for _ in range(tries):
+        producer = AIOKafkaProducer(**options, acks="all")
+        try:
+            await asyncio.wait_for(producer.start(), 15)
+            await asyncio.wait_for(producer.send_and_wait(topic, b'{"forged": true}', partition=0), 15)
+            accepted += 1
+        except (KafkaError, TimeoutError, OSError):
+            pass
+        finally:
+            await producer.stop()
+    return accepted
+
+
+async def _create_alert_topics(options: dict[str, Any]) -> None:
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        for name in ("alerts.environment", "alerts.transport"):
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(name, 1, 1)])
+    finally:
+        await admin.close()
+
+
+async def _read(options: dict[str, Any], topic: str) -> int | None:
+    """Records in partition 0 of ``topic`` read as this login; None when it may not read it."""
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        await consumer.start()
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        fetched = await consumer.getmany(partition, timeout_ms=3000)
+        return sum(len(records) for records in fetched.values())
+    except KafkaError:
+        return None
+    finally:
+        await consumer.stop()
+
+
+def test_kafka_takes_only_known_logins_each_limited_to_its_own_topics(secure_kafka: SecureKafka) -> None:
+    kafka = secure_kafka.settings.kafka
+    readings = kafka.readings_topic
+    plain = {"bootstrap_servers": kafka.bootstrap_servers, "request_timeout_ms": 5000}
+    attacks = {
+        "no login, plain TCP": (plain, readings),
+        "a wrong password": (secure_kafka.options("bridge", "guess"), readings),
+        "the processor writing readings": (secure_kafka.options("processor"), readings),
+        "a department writing readings": (secure_kafka.options("dept-environment"), readings),
+        "the bridge forging an alert": (secure_kafka.options("bridge"), "alerts.environment"),
+    }
+    accepted = {name: asyncio.run(_produce(options, topic, 3)) for name, (options, topic) in attacks.items()}
+    assert accepted == dict.fromkeys(attacks, 0)
+    assert asyncio.run(_produce(secure_kafka.options("bridge"), readings, 2)) == 2
+    asyncio.run(_create_alert_topics(secure_kafka.options("alerter")))
+    assert asyncio.run(_produce(secure_kafka.options("alerter"), "alerts.environment", 1)) == 1
+    assert asyncio.run(_produce(secure_kafka.options("alerter"), "alerts.transport", 1)) == 1
+    # Only what the bridge wrote is in the readings topic, as the processor (its reader) sees.
+    assert asyncio.run(_read(secure_kafka.options("processor"), readings)) == 2
+    # Each department reads its own alert; the other's, and the readings, stay out of reach
+    # (refused, or fetched as nothing: aiokafka logs the authorization error and returns none).
+    assert asyncio.run(_read(secure_kafka.options("dept-transport"), "alerts.transport")) == 1
+    assert asyncio.run(_read(secure_kafka.options("dept-environment"), "alerts.environment")) == 1
+    assert asyncio.run(_read(secure_kafka.options("dept-transport"), "alerts.environment")) in (None, 0)
+    assert asyncio.run(_read(secure_kafka.options("dept-transport"), readings)) in (None, 0)
+    assert asyncio.run(_read(secure_kafka.options("bridge"), readings)) in (None, 0)
