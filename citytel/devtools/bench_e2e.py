@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -40,6 +41,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +155,7 @@ class _ProcessSampler:
 def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> dict[str, float]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from citytel.core.kafka import ensure_topics
+    from citytel.core.kafka import client_options, ensure_topics
 
     topic_settings = msgspec.structs.replace(
         settings.kafka,
@@ -164,7 +166,7 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
     async def run() -> dict[str, float]:
         await ensure_topics(topic_settings, "bridge")
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5, enable_idempotence=True
+            **client_options(settings.kafka, "bridge"), acks="all", linger_ms=5, enable_idempotence=True
         )
         await producer.start()
         started = time.perf_counter()
@@ -174,7 +176,7 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
         await producer.stop()
         consumer = AIOKafkaConsumer(
             topic_settings.readings_topic,
-            bootstrap_servers=settings.kafka.bootstrap_servers,
+            **client_options(settings.kafka, "processor"),
             group_id=f"raw-{uuid.uuid4().hex[:6]}",
             auto_offset_reset="earliest",
             enable_auto_commit=False,
@@ -427,53 +429,75 @@ class _Probe:
         self._thread.join()
 
 
-def _publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
-    """An MQTT 3.1.1 PUBLISH packet at QoS 1."""
-    body = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + payload
-    length = len(body)
+def _remaining_length(length: int) -> bytes:
+    """MQTT's variable-length integer."""
     encoded = bytearray()
     while True:
         byte, length = length % 128, length // 128
         encoded.append(byte | (128 if length else 0))
         if not length:
-            break
-    return b"\x32" + bytes(encoded) + body
+            return bytes(encoded)
+
+
+def _publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH packet at QoS 1."""
+    body = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + payload
+    return b"\x32" + _remaining_length(len(body)) + body
+
+
+def _connect_packet(client_id: bytes, auth: stack.MqttClientAuth | None) -> bytes:
+    """An MQTT 3.1.1 CONNECT: clean session, keepalive 60 s, and the login if there is one."""
+    flags = 0x02
+    payload = len(client_id).to_bytes(2, "big") + client_id
+    if auth is not None and auth.username:
+        flags |= 0xC0  # a user name and a password follow
+        for field_value in (auth.username.encode(), auth.password.encode()):
+            payload += len(field_value).to_bytes(2, "big") + field_value
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + b"\x00\x3c" + payload
+    return b"\x10" + _remaining_length(len(body)) + body
 
 
 class _BulkPublisher:
     """The load generator of the offered-load steps: a QoS 1 MQTT publisher that writes its
-    PUBLISH packets to the socket in bulk and counts the broker's PUBACKs on a thread. paho
+    PUBLISH packets to the socket in bulk and counts the broker's PUBACKs between slices. paho
     spends tens of microseconds of Python per message; on two cores shared with the whole
     pipeline it could not offer more than about 6,000 msg/s, well short of half the drain
-    rate, and took a core from what it was measuring."""
+    rate, and took a core from what it was measuring. One thread: a TLS socket must not be
+    read and written from two at once."""
 
-    def __init__(self, port: int) -> None:
-        self._socket = socket.create_connection(("127.0.0.1", port))
-        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client_id = f"bench-load-{uuid.uuid4().hex[:8]}".encode()
-        # CONNECT: protocol "MQTT" level 4, clean session, keepalive 60 s.
-        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
-        self._socket.sendall(b"\x10" + bytes([len(body)]) + body)
+    def __init__(self, port: int, auth: stack.MqttClientAuth | None = None) -> None:
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._socket: socket.socket = raw
+        if auth is not None and auth.ca_file is not None:
+            context = ssl.create_default_context(cafile=str(auth.ca_file))
+            self._socket = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self._socket.sendall(_connect_packet(f"bench-load-{uuid.uuid4().hex[:8]}".encode(), auth))
         connack = self._socket.recv(4)
         if len(connack) != 4 or connack[0] != 0x20 or connack[3] != 0:
             raise RuntimeError(f"the broker refused the load generator: {connack!r}")
         self.sent = 0
         self.acknowledged = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._received = 0
 
-    def _read(self) -> None:
+    def _read_acks(self) -> None:
         # Nothing but PUBACKs (4 bytes each) comes back to a client that subscribes to nothing.
-        received = 0
-        while chunk := self._socket.recv(1 << 16):
-            received += len(chunk)
-            self.acknowledged = received // 4
+        self._socket.setblocking(False)
+        try:
+            while chunk := self._socket.recv(1 << 16):
+                self._received += len(chunk)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        finally:
+            self._socket.setblocking(True)
+        self.acknowledged = self._received // 4
 
     def run(self, packets: Iterator[tuple[bytes, bytes]], rate: float, seconds: float) -> int:
         """Publish (topic, payload) pairs at ``rate`` per second for ``seconds``, in slices of
         5 ms; wait until the broker has acknowledged every one. Returns how many were sent."""
         started = time.perf_counter()
         while (elapsed := time.perf_counter() - started) < seconds:
+            self._read_acks()
             due = int(rate * elapsed) - self.sent
             # Packet ids cycle; a window far below 65,535 keeps them unique while in flight.
             due = min(due, 30_000 - (self.sent - self.acknowledged))
@@ -486,6 +510,7 @@ class _BulkPublisher:
             time.sleep(0.005)
         deadline = time.monotonic() + 60
         while self.acknowledged < self.sent and time.monotonic() < deadline:
+            self._read_acks()
             time.sleep(0.01)
         return self.sent
 
@@ -493,7 +518,6 @@ class _BulkPublisher:
         with contextlib.suppress(OSError):
             self._socket.sendall(b"\xe0\x00")  # DISCONNECT
         self._socket.close()
-        self._reader.join(timeout=5)
 
 
 def _wait_idle(processor_port: int, quiet_seconds: float = 1.0, timeout: float = 120.0) -> None:
@@ -514,7 +538,7 @@ def _wait_idle(processor_port: int, quiet_seconds: float = 1.0, timeout: float =
 _PROBE_EVERY_S = 0.02
 
 
-def _offered_step(settings: Settings, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, access: _Access) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message, and at
     least every ``_PROBE_EVERY_S``."""
     prefix = settings.mqtt.topic_prefix
@@ -540,7 +564,7 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int) ->
     _wait_idle(settings.metrics.processor_port)
     before = _progress(conninfo, settings.metrics.processor_port)
     buckets_before = _latency_buckets(settings.metrics.processor_port)
-    publisher = _BulkPublisher(settings.mqtt.port)
+    publisher = _BulkPublisher(settings.mqtt.port, access.publisher)
     try:
         with _Probe(conninfo) as probe:
             started = time.perf_counter()
@@ -569,7 +593,7 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int) ->
     }
 
 
-def _qos0(settings: Settings, seconds: float) -> dict[str, Any]:
+def _qos0(settings: Settings, seconds: float, access: _Access) -> dict[str, Any]:
     conninfo = settings.database.conninfo()
     sent: list[Message] = []
     before = _count(conninfo)
@@ -577,6 +601,7 @@ def _qos0(settings: Settings, seconds: float) -> dict[str, Any]:
     started = time.perf_counter()
     published = publish(
         iter(prepared), "127.0.0.1", settings.mqtt.port, qos=0, duration_s=seconds, on_sent=sent.append,
+        auth=access.publisher,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     readings = _readings_in(sent)
@@ -598,36 +623,161 @@ def _qos0(settings: Settings, seconds: float) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Access:
+    """How the benchmark's own MQTT clients log in: the load generator as a gateway for the
+    simulated devices, the reference subscriber as a bridge. None: a broker that takes anyone."""
+
+    publisher: stack.MqttClientAuth | None = None
+    subscriber: stack.MqttClientAuth | None = None
+
+
+def _plain_servers(run_dir: Path, servers: dict[str, stack.Server]) -> tuple[Settings, _Access]:
+    """Servers that take anyone over plain TCP, started into ``servers`` (the caller stops them)."""
+    servers["mosquitto"] = stack.start_mosquitto(run_dir, stack.free_port())
+    servers["kafka"] = stack.start_kafka(run_dir, stack.free_port(), stack.free_port())
+    servers["postgres"] = stack.start_postgres(run_dir, stack.free_port())
+    base = stack.open_settings(load_settings())
+    settings = msgspec.structs.replace(
+        base,
+        mqtt=msgspec.structs.replace(base.mqtt, port=servers["mosquitto"].port),
+        kafka=msgspec.structs.replace(base.kafka, bootstrap_servers=f"127.0.0.1:{servers['kafka'].port}"),
+        database=msgspec.structs.replace(base.database, port=servers["postgres"].port),
+    )
+    return settings, _Access()
+
+
+def _secret(path: Path) -> str:
+    from citytel.processors.storage.logins import new_secret
+
+    secret = new_secret()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret)
+    return secret
+
+
+def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]) -> tuple[Settings, _Access]:
+    """The same servers as the local stack runs them: TLS, a login per client with only its
+    rights on MQTT (rendered from the registry), Kafka (SCRAM, ACLs) and PostgreSQL (roles);
+    started into ``servers`` (the caller stops them)."""
+    from citytel.config import DatabaseLogin, KafkaLogin
+    from citytel.processors.storage import prepare_database
+    from citytel.processors.storage.devices import Device, import_devices
+    from citytel.processors.storage.logins import add_login, apply_to_broker
+
+    secrets = run_dir / "secrets"
+    secrets.mkdir(mode=0o700)
+    certificates = stack.make_certificates(run_dir / "tls")
+    base = load_settings()
+    roles = {"processor": "citytel_processor", "alerter": "citytel_alerter", "reader": "citytel_reader"}
+    passwords = {user: _secret(secrets / f"pg-{user}") for user in ("citytel", *roles.values())}
+    postgres = stack.start_postgres(
+        run_dir, stack.free_port(), logins=stack.PostgresLogins(_secret(secrets / "pg-postgres"), passwords)
+    )
+    servers["postgres"] = postgres
+    kafka_logins = {
+        role: KafkaLogin(username=f"citytel-{role}", password_file=str(secrets / f"kafka-{role}"))
+        for role in ("bridge", "processor", "alerter")
+    }
+    for login in kafka_logins.values():
+        _secret(Path(login.password_file))
+    mqtt_port = stack.free_port()
+    settings = msgspec.structs.replace(
+        base,
+        mqtt=msgspec.structs.replace(
+            base.mqtt,
+            port=mqtt_port,
+            topic_prefix=prefix,
+            password_file=str(secrets / "mqtt-bridge"),
+            tls_ca_file=str(certificates.ca_file),
+        ),
+        database=msgspec.structs.replace(
+            base.database,
+            port=postgres.port,
+            password_file=str(secrets / "pg-citytel"),
+            roles={
+                role: DatabaseLogin(user=user, password_file=str(secrets / f"pg-{user}"))
+                for role, user in roles.items()
+            },
+        ),
+        registry=msgspec.structs.replace(
+            base.registry,
+            broker_password_file=str(run_dir / "logins.passwords"),
+            broker_acl_file=str(run_dir / "logins.acl"),
+            broker_pid_file="",
+        ),
+        kafka=msgspec.structs.replace(base.kafka, ssl_ca_file=str(certificates.ca_file), logins=kafka_logins),
+    )
+    iterations = settings.registry.hash_iterations
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        prepare_database(connection, settings.storage, roles)
+        city = City(devices_per_kind=250, seed=0, topic_prefix=prefix)
+        devices = [Device(device.device_id, device.kind, device.district) for device in city.devices]
+        devices.append(Device(_PROBE, "air", "jinshui"))
+        import_devices(connection, [msgspec.structs.replace(device, gateway="bench-load") for device in devices])
+        logins = {
+            name: add_login(connection, name, role, iterations)
+            for name, role in (("citytel-bridge", "bridge"), ("bench-load", "gateway"), ("probe", "probe"))
+        }
+        apply_to_broker(connection, settings)
+    (secrets / "mqtt-bridge").write_text(logins["citytel-bridge"])
+    servers["mosquitto"] = stack.start_mosquitto(
+        run_dir,
+        mqtt_port,
+        tls=stack.MqttTls(certificates.ca_file, certificates.cert_file, certificates.key_file, False),
+        auth=stack.MqttAuthFiles(run_dir / "logins.passwords", run_dir / "logins.acl"),
+        probe=stack.MqttClientAuth("probe", logins["probe"], certificates.ca_file),
+    )
+    # The raw-Kafka reference writes and reads a topic of its own, as the bridge and processor.
+    acls = stack.kafka_acls(settings)
+    for raw in (f"{settings.kafka.readings_topic}.raw", f"{settings.kafka.deadletter_topic}.raw"):
+        acls += [("User:citytel-bridge", operation, "TOPIC", "LITERAL", raw) for operation in ("CREATE", "WRITE")]
+        acls += [("User:citytel-processor", "READ", "TOPIC", "LITERAL", raw)]
+    acls += [("User:citytel-processor", "READ", "GROUP", "PREFIXED", "raw-")]
+    kafka_port = stack.free_port()
+    security = stack.KafkaSecurity(
+        certificates,
+        stack.free_port(),
+        {login.username: Path(login.password_file) for login in kafka_logins.values()},
+        acls,
+    )
+    servers["kafka"] = stack.start_kafka(run_dir, kafka_port, stack.free_port(), security=security)
+    settings = msgspec.structs.replace(
+        settings, kafka=msgspec.structs.replace(settings.kafka, bootstrap_servers=f"127.0.0.1:{kafka_port}")
+    )
+    access = _Access(
+        publisher=stack.MqttClientAuth("bench-load", logins["bench-load"], certificates.ca_file),
+        subscriber=stack.MqttClientAuth("citytel-bridge", logins["citytel-bridge"], certificates.ca_file),
+    )
+    return settings, access
+
+
 def bench_e2e(
     messages: int = 60_000,
     steps: tuple[float, ...] = (0.01, 0.1, 0.25, 0.5, 0.8, 1.0),
     step_seconds: float = 10.0,
+    *,
+    secure: bool = False,
 ) -> dict[str, Any]:
+    """``secure``: every server as the local stack runs it (TLS, logins, ACLs, roles)."""
     run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-e2e-"))
     os.chmod(run_dir, 0o755)
-    servers = [
-        stack.start_mosquitto(run_dir, stack.free_port()),
-        stack.start_kafka(run_dir, stack.free_port(), stack.free_port()),
-        stack.start_postgres(run_dir, stack.free_port()),
-    ]
+    unique = uuid.uuid4().hex[:8]
+    prefix = f"bench-{unique}"
+    servers: dict[str, stack.Server] = {}
     children: list[subprocess.Popen[bytes]] = []
     try:
-        base = stack.open_settings(load_settings())
-        unique = uuid.uuid4().hex[:8]
-        prefix = f"bench-{unique}"
+        base, access = _secure_servers(run_dir, prefix, servers) if secure else _plain_servers(run_dir, servers)
         settings = msgspec.structs.replace(
             base,
-            mqtt=msgspec.structs.replace(
-                base.mqtt, port=servers[0].port, topic_prefix=prefix, client_id=f"bench-bridge-{unique}"
-            ),
+            mqtt=msgspec.structs.replace(base.mqtt, topic_prefix=prefix, client_id=f"bench-bridge-{unique}"),
             kafka=msgspec.structs.replace(
                 base.kafka,
-                bootstrap_servers=f"127.0.0.1:{servers[1].port}",
-                readings_topic=f"bench.{unique}.readings",
-                deadletter_topic=f"bench.{unique}.deadletter",
-                consumer_group=f"bench-{unique}",
+                readings_topic=f"bench.{unique}.readings" if not secure else base.kafka.readings_topic,
+                deadletter_topic=f"bench.{unique}.deadletter" if not secure else base.kafka.deadletter_topic,
+                consumer_group=f"bench-{unique}" if not secure else base.kafka.consumer_group,
             ),
-            database=msgspec.structs.replace(base.database, port=servers[2].port),
             metrics=msgspec.structs.replace(
                 base.metrics,
                 bridge_port=stack.free_port(),
@@ -639,7 +789,7 @@ def bench_e2e(
         from citytel.processors.storage import prepare_database
 
         with psycopg.connect(conninfo, autocommit=True) as connection:
-            prepare_database(connection, settings.storage)
+            prepare_database(connection, settings.storage, settings.database.role_users())
         config = run_dir / "citytel.toml"
         config.write_text(dump_settings(settings))
         port = settings.mqtt.port
@@ -650,28 +800,29 @@ def bench_e2e(
 
         # References.
         bare_id = f"bench-bare-{unique}"
-        create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight)
-        publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
+        create_session(port, bare_id, "5", topic_filter, settings.mqtt.max_inflight, access.subscriber)
+        publish(iter(backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         # The drain runs on paho's thread in this process while the main thread waits: this
         # process's CPU time is the bare client's (with its connect and subscribe).
         cpu_before = time.process_time()
-        bare = bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight)
+        bare = bare_drain(port, bare_id, "5", messages, settings.mqtt.max_inflight, access.subscriber)
         bare_cpu_us = (time.process_time() - cpu_before) * 1e6 / messages
-        drop_session(port, bare_id)
+        drop_session(port, bare_id, access.subscriber)
         # The records the bridge would have produced for the same backlog.
         records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
         kafka = _kafka_reference(settings, records)
         copy_rate = _copy_reference(conninfo, min(500_000, 5 * messages))
         naive_count = min(3000, messages)
         naive_messages = list(itertools.islice(_city_messages(f"{prefix}-naive", 12, time.time() - 3000), naive_count))
-        naive = _naive_reference(settings, f"{prefix}-naive", naive_messages)
+        # Not on a secured broker: its devices have no logins there (a reference, not citytel).
+        naive = None if secure else round(_naive_reference(settings, f"{prefix}-naive", naive_messages))
         result["references"] = {
             "bare_paho_drain_msg_per_s": round(bare),
             "bare_paho_cpu_us_per_message": round(bare_cpu_us, 1),
             "bare_paho_drain_readings_per_s": round(bare * per_message),
             **kafka,
             "raw_copy_readings_per_s": round(copy_rate),
-            "naive_pipeline_readings_per_s": round(naive),
+            "naive_pipeline_readings_per_s": naive,
         }
 
         # citytel, QoS 1 backlog drain, processes sampled. First a small backlog goes through
@@ -680,9 +831,16 @@ def bench_e2e(
         # stalled the timed drain for 6-7 s in the middle). Then, with the bridge stopped, the
         # backlog to time queues in its session, and the drain is timed from the restarted
         # bridge's first message.
-        create_session(port, settings.mqtt.client_id, settings.mqtt.protocol, topic_filter, settings.mqtt.max_inflight)
+        create_session(
+            port,
+            settings.mqtt.client_id,
+            settings.mqtt.protocol,
+            topic_filter,
+            settings.mqtt.max_inflight,
+            access.subscriber,
+        )
         warm_up = list(itertools.islice(_city_messages(prefix, 12, time.time() - 3000), max(100, messages // 20)))
-        publish(iter(warm_up), "127.0.0.1", port, qos=1, max_inflight=1000)
+        publish(iter(warm_up), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
         _wait_partitions(settings.metrics.processor_port, timeout=120)
         before_warm_up = _progress(conninfo, settings.metrics.processor_port)
@@ -695,15 +853,15 @@ def bench_e2e(
             warm_bridge.terminate()
             warm_bridge.wait(timeout=30)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
-        publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000)
+        publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         children.append(spawn_citytel(["bridge"], config, run_dir, "bridge", "WARNING"))
         sampler = _ProcessSampler(
             {
                 "bridge": children[1].pid,
                 "processor": children[0].pid,
-                "mosquitto": servers[0].pid,
-                "kafka": servers[1].pid,
-                "postgres": servers[2].pid,
+                "mosquitto": servers["mosquitto"].pid,
+                "kafka": servers["kafka"].pid,
+                "postgres": servers["postgres"].pid,
             }
         )
         sampler.start()
@@ -727,10 +885,10 @@ def bench_e2e(
 
         # QoS 0 at full speed, then rising offered load (QoS 1) for latency.
         # The bridge subscribes with QoS 1; messages published at QoS 0 are delivered at QoS 0.
-        result["citytel_qos0"] = _qos0(settings, step_seconds)
+        result["citytel_qos0"] = _qos0(settings, step_seconds, access)
         drain_rate = len(drain_backlog) / seconds
         result["offered_load"] = [
-            _offered_step(settings, fraction * drain_rate, step_seconds, seed=20 + position)
+            _offered_step(settings, fraction * drain_rate, step_seconds, 20 + position, access)
             for position, fraction in enumerate(steps)
         ]
         references = result["references"]
@@ -739,7 +897,9 @@ def bench_e2e(
             "e2e_qos1_vs_bare_paho_drain": round(result["citytel_qos1"]["msg_per_s"] / bare, 3),
             "e2e_qos1_vs_naive_pipeline": round(
                 result["citytel_qos1"]["readings_per_s"] / references["naive_pipeline_readings_per_s"], 1
-            ),
+            )
+            if references["naive_pipeline_readings_per_s"]
+            else None,
             "p99_ms_at_half_load": half["latency_ms"]["p99"],
             "bridge_cpu_vs_bare_paho": round(
                 result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
@@ -754,7 +914,7 @@ def bench_e2e(
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        for server in reversed(servers):
+        for server in reversed(servers.values()):
             server.stop()
 
 
@@ -770,7 +930,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(offered, written, "o-", label="citytel, readings written")
     left.plot(offered, offered, ":", color="grey", label="offered")
-    left.axhline(result["references"]["naive_pipeline_readings_per_s"], color="red", ls="--", label="naive pipeline")
+    naive = result["references"]["naive_pipeline_readings_per_s"]
+    if naive is not None:
+        left.axhline(naive, color="red", ls="--", label="naive pipeline")
     left.set_xlabel("offered load (readings/s)")
     left.set_ylabel("readings/s")
     left.set_title("throughput")
@@ -788,11 +950,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def main_e2e(messages: int, output: Path | None, plot_path: Path | None, step_seconds: float) -> int:
-    result = bench_e2e(messages, step_seconds=step_seconds)
+def main_e2e(
+    messages: int, output: Path | None, plot_path: Path | None, step_seconds: float, secure: bool = False
+) -> int:
+    result = bench_e2e(messages, step_seconds=step_seconds, secure=secure)
     references = result["references"]
     qos1 = result["citytel_qos1"]
-    print(f"end to end, {messages:,} messages of {result['readings_per_message']} readings (simulated city):")
+    print(
+        f"end to end, {messages:,} messages of {result['readings_per_message']} readings (simulated city),"
+        + (" every server secured (TLS, logins, ACLs, roles):" if secure else " servers open to anyone:")
+    )
     print(
         f"  bare paho drain        {references['bare_paho_drain_msg_per_s']:>10,} msg/s,"
         f" {references['bare_paho_cpu_us_per_message']} µs CPU/msg"
@@ -800,7 +967,8 @@ def main_e2e(messages: int, output: Path | None, plot_path: Path | None, step_se
     print(f"  raw aiokafka           {references['produce_records_per_s']:>10,} produce, "
           f"{references['consume_records_per_s']:,} consume records/s")  # fmt: skip
     print(f"  raw COPY               {references['raw_copy_readings_per_s']:>10,} readings/s")
-    print(f"  naive pipeline         {references['naive_pipeline_readings_per_s']:>10,} readings/s")
+    naive = references["naive_pipeline_readings_per_s"]
+    print(f"  naive pipeline         {naive if naive is None else format(naive, ',')!s:>10} readings/s")
     print(f"  citytel QoS 1 drain    {qos1['msg_per_s']:>10,} msg/s, {qos1['readings_per_s']:,} readings/s")
     for name, figures in qos1["processes"].items():
         print(

@@ -228,7 +228,9 @@ def _bench(arguments: argparse.Namespace) -> int:
     if arguments.scenario == "e2e":
         from citytel.devtools import bench_e2e
 
-        return bench_e2e.main_e2e(arguments.messages, arguments.output, arguments.plot, arguments.step_seconds)
+        return bench_e2e.main_e2e(
+            arguments.messages, arguments.output, arguments.plot, arguments.step_seconds, arguments.secure
+        )
     if arguments.scenario == "fuzz":
         from citytel.devtools.fuzz import main_fuzz
 
@@ -322,6 +324,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     bench.add_argument("--plot", type=Path, default=None, help="e2e: write a PNG of throughput and latency here")
     bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
+    bench.add_argument(
+        "--secure", action="store_true", help="e2e: servers secured as the local stack runs them (TLS, logins, ACLs)"
+    )
     bench.add_argument(
         "--city-devices",
         type=int,

@@ -12,17 +12,25 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from citytel.devtools.stack import MqttClientAuth
+
 __all__ = ["bare_drain", "create_session", "drop_session"]
 
 
-def _persistent_session(port: int, client_id: str, protocol: str, receive_maximum: int) -> mqtt.Client:
+def _persistent_session(
+    port: int, client_id: str, protocol: str, receive_maximum: int, auth: MqttClientAuth | None
+) -> mqtt.Client:
     if protocol == "3.1.1":
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
         )
+        if auth is not None:
+            auth.apply(client)
         client.connect("127.0.0.1", port)
         return client
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if auth is not None:
+        auth.apply(client)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = 3600
     properties.ReceiveMaximum = receive_maximum
@@ -30,10 +38,18 @@ def _persistent_session(port: int, client_id: str, protocol: str, receive_maximu
     return client
 
 
-def create_session(port: int, client_id: str, protocol: str, topic_filter: str, receive_maximum: int) -> None:
-    """Connect once and subscribe, so the broker queues messages for this session while away."""
+def create_session(
+    port: int,
+    client_id: str,
+    protocol: str,
+    topic_filter: str,
+    receive_maximum: int,
+    auth: MqttClientAuth | None = None,
+) -> None:
+    """Connect once and subscribe, so the broker queues messages for this session while away.
+    ``auth``: a login (and the CA) for a broker that wants them."""
     subscribed = threading.Event()
-    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client = _persistent_session(port, client_id, protocol, receive_maximum, auth)
     client.on_subscribe = lambda *_args: subscribed.set()
     client.loop_start()
     client.subscribe(topic_filter, qos=1)
@@ -43,14 +59,18 @@ def create_session(port: int, client_id: str, protocol: str, topic_filter: str, 
     client.loop_stop()
 
 
-def drop_session(port: int, client_id: str) -> None:
+def drop_session(port: int, client_id: str, auth: MqttClientAuth | None = None) -> None:
     """Offline sessions with queued messages cost the broker CPU: remove them when done."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    if auth is not None:
+        auth.apply(client)
     client.connect("127.0.0.1", port)
     client.disconnect()
 
 
-def bare_drain(port: int, client_id: str, protocol: str, count: int, receive_maximum: int) -> float:
+def bare_drain(
+    port: int, client_id: str, protocol: str, count: int, receive_maximum: int, auth: MqttClientAuth | None = None
+) -> float:
     done = threading.Event()
     received = 0
     first: list[float] = []
@@ -63,7 +83,7 @@ def bare_drain(port: int, client_id: str, protocol: str, count: int, receive_max
         if received >= count:
             done.set()
 
-    client = _persistent_session(port, client_id, protocol, receive_maximum)
+    client = _persistent_session(port, client_id, protocol, receive_maximum, auth)
     client.on_message = on_message
     client.loop_start()
     if not done.wait(timeout=600):

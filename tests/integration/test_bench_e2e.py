@@ -84,3 +84,17 @@ def test_eval_and_simulate_commands_run(tmp_path: Path) -> None:
         assert len(written) == len(rows)
         assert written[41].startswith("2015-01-01 20:00:00,")
         assert written[41].endswith(",1")
+
+
+def test_the_end_to_end_benchmark_runs_on_servers_secured_as_the_local_stack_runs_them() -> None:
+    """TLS and a login per client everywhere: the load generator (a gateway), the reference
+    subscriber, the bridge, the processor and the raw Kafka reference all get through, and
+    the pipeline stores what was published."""
+    result = bench_e2e(messages=2000, steps=(0.5,), step_seconds=2.0, secure=True)
+    assert result["references"]["bare_paho_drain_msg_per_s"] > 0
+    assert result["references"]["produce_records_per_s"] > 0
+    assert result["references"]["naive_pipeline_readings_per_s"] is None
+    assert result["citytel_qos1"]["msg_per_s"] > 0
+    assert result["citytel_qos0"]["readings_arrived"] > 0
+    [step] = result["offered_load"]
+    assert step["probes"] > 0

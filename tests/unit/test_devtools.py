@@ -53,3 +53,21 @@ def test_a_quantile_of_the_readings_written_between_two_histogram_samples() -> N
     assert _bucket_quantile_ms(before, after, 0.99) == 50.0
     assert _bucket_quantile_ms(before, after, 1.0) == 250.0
     assert _bucket_quantile_ms(after, after, 0.5) is None, "nothing written: no quantile"
+
+
+def test_the_load_generators_connect_packet_carries_its_login() -> None:
+    from citytel.devtools.bench_e2e import _connect_packet, _remaining_length
+    from citytel.devtools.stack import MqttClientAuth
+
+    assert _remaining_length(127) == b"\x7f"
+    assert _remaining_length(128) == b"\x80\x01"
+    assert _remaining_length(16_383) == b"\xff\x7f"
+    anonymous = _connect_packet(b"load", None)
+    assert anonymous == b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04load"
+    packet = _connect_packet(b"load", MqttClientAuth("gw", "s" * 200))
+    assert packet[0] == 0x10
+    # Remaining length in two bytes (over 127), flags: user name, password, clean session.
+    length = (packet[1] & 0x7F) + (packet[2] << 7)
+    assert length == len(packet) - 3
+    assert packet[3 + 7] == 0xC2
+    assert packet.endswith(b"\x00\x02gw\x00\xc8" + b"s" * 200)
