@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--department", default=None, help="add --role department: whose alerts it reads")
     parser.add_argument("--secret-file", type=Path, default=None, help="add/rotate: write the secret here (0600)")
     parser.add_argument(
+        "--certificate",
+        action="store_true",
+        help="add: the login proves itself with a client certificate from the city's CA (CN = the login), no secret",
+    )
+    parser.add_argument(
         "--credentials",
         type=Path,
         default=None,
@@ -96,9 +101,17 @@ def _add(connection: psycopg.Connection, settings: Settings, arguments: argparse
     if arguments.role == "department" and arguments.department not in settings.alerts.departments:
         raise LoginError(f"no department {arguments.department!r} in alerts.departments")
     secret = add_login(
-        connection, arguments.name, arguments.role, settings.registry.hash_iterations, department=arguments.department
+        connection,
+        arguments.name,
+        arguments.role,
+        settings.registry.hash_iterations,
+        department=arguments.department,
+        certificate=arguments.certificate,
     )
-    _hand_over(arguments.name, secret, arguments.secret_file)
+    if arguments.certificate:
+        print(f"{arguments.name}: logs in with a client certificate from the city's CA whose CN is {arguments.name}")
+    else:
+        _hand_over(arguments.name, secret, arguments.secret_file)
 
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -123,7 +136,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
                     state = f"revoked {login.revoked_at:%Y-%m-%d %H:%M}" if login.revoked_at else "active"
                     print(
                         f"{login.username:<32} {login.role:<10} {login.department or '':<18} {state:<24}"
-                        f" secret from {login.rotated_at:%Y-%m-%d %H:%M}"
+                        f" {login.credential} from {login.rotated_at:%Y-%m-%d %H:%M}"
                     )
                 return 0
         except (DeviceError, LoginError) as error:

@@ -56,6 +56,11 @@ def _stack(arguments: argparse.Namespace) -> int:
     settings, dev = load_checked_settings(arguments.config), load_dev_settings()
     if arguments.action == "up":
         localstack.up(settings, dev)
+    elif arguments.action == "certificate":
+        if not arguments.name:
+            raise StackError("stack certificate needs the device's login: citytel stack certificate NAME")
+        cert, key = localstack.issue_client_certificate(settings, arguments.name)
+        print(f"{arguments.name}: certificate {cert}, key {key} (port {dev.stack.mqtt_certificate_port})")
     elif arguments.action == "down":
         localstack.down(dev)
     else:
@@ -258,7 +263,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     stack = commands.add_parser(
         "stack", parents=[common], help="the local servers: Mosquitto, Kafka, TimescaleDB, Prometheus"
     )
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "action", choices=["up", "down", "status", "certificate"], help="certificate NAME: a device's client cert"
+    )
+    stack.add_argument("name", nargs="?", default="", help="certificate: the device's login")
     stack.set_defaults(handler=_stack)
 
     simulate = commands.add_parser("simulate", parents=[common], help="publish simulated city sensors over MQTT")

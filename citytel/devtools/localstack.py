@@ -192,6 +192,7 @@ def up(settings: Settings, dev: DevSettings) -> None:
             probe=stack.MqttClientAuth(
                 probe.username, (secrets / "mqtt-citytel-probe").read_text().strip(), certificates.ca_file
             ),
+            certificate_port=dev.stack.mqtt_certificate_port,
         )
 
     starters: dict[str, Callable[[], stack.Server]] = {
@@ -248,6 +249,16 @@ def up(settings: Settings, dev: DevSettings) -> None:
                 _provision_logins(connection, settings, dev, secrets)
                 apply_to_broker(connection, settings)
     _say(f"stack is up with TLS and a login per client (CA {certificates.ca_file}); data and logs under {run_dir}")
+
+
+def issue_client_certificate(settings: Settings, name: str) -> tuple[Path, Path]:
+    """A client certificate for ``name`` from the local stack's CA, for a device registered
+    with ``citytel devices add NAME --certificate``."""
+    tls = Path(settings.mqtt.tls_ca_file).resolve().parent
+    certificates = stack.make_certificates(tls)
+    clients = tls / "clients"
+    clients.mkdir(mode=0o700, exist_ok=True)
+    return stack.client_certificate(certificates, clients, name)
 
 
 def down(dev: DevSettings) -> None:

@@ -24,6 +24,7 @@ class StackSettings(Strict, frozen=True):
     run_dir: str = ".run/stack"
     kafka_controller_port: int = 19093
     kafka_internal_port: int = 19094  # the broker's own mutual-TLS listener (and the stack's admin)
+    mqtt_certificate_port: int = 11884  # Mosquitto's listener for devices with client certificates
     prometheus_port: int = 19090
     scrape_interval_seconds: int = 2
 

@@ -340,7 +340,10 @@ def start_mosquitto(
     users: dict[str, str] | None = None,
     auth: MqttAuthFiles | None = None,
     probe: MqttClientAuth | None = None,
+    certificate_port: int | None = None,
 ) -> Server:
+    """Mosquitto on ``port``. ``certificate_port``: a second TLS listener for devices that log
+    in with a client certificate from the CA instead of a secret (its CN is the login)."""
     directory = run_dir / "mosquitto"
     (directory / "data").mkdir(parents=True, exist_ok=True)
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -398,6 +401,7 @@ def start_mosquitto(
                 "max_queued_bytes 0",
                 "max_inflight_messages 0",
                 "persistent_client_expiration 1d",
+                *_certificate_listener(certificate_port, tls),
                 "",
             ]
         )
@@ -407,6 +411,22 @@ def start_mosquitto(
     server = _spawn("mosquitto", [binary, "-c", str(config)], directory, port, env=environment)
     _wait_ready(server, lambda: mqtt_roundtrip(port, probe=probe), timeout)
     return server
+
+
+def _certificate_listener(port: int | None, tls: MqttTls | None) -> list[str]:
+    if port is None:
+        return []
+    if tls is None:
+        raise StackError("a certificate listener needs the CA and server certificate (tls)")
+    return [
+        f"listener {port} 127.0.0.1",
+        f"cafile {tls.ca_file}",
+        f"certfile {tls.cert_file}",
+        f"keyfile {tls.key_file}",
+        "require_certificate true",
+        # The certificate's CN is the login: the ACL applies; no password is asked.
+        "use_identity_as_username true",
+    ]
 
 
 def mqtt_roundtrip(port: int, timeout: float = 3.0, probe: MqttClientAuth | None = None) -> bool:

@@ -62,6 +62,7 @@ class Login:
     username: str
     role: str
     department: str | None
+    credential: str  # "secret", or "certificate": a client certificate whose CN is the username
     created_at: datetime
     rotated_at: datetime
     revoked_at: datetime | None
@@ -109,8 +110,11 @@ def add_login(
     iterations: int,
     *,
     department: str | None = None,
+    certificate: bool = False,
 ) -> str:
-    """Create a login and return its secret; a revoked login of the same name is re-issued."""
+    """Create a login and return its secret; a revoked login of the same name is re-issued.
+    With ``certificate`` the login proves itself with a client certificate from the city's CA
+    whose CN is ``username`` (on the broker's certificate listener): no secret, "" returned."""
     _check_name("username", username)
     if role not in ROLES:
         raise LoginError(f"role {role!r} is not one of {ROLES}")
@@ -122,7 +126,7 @@ def add_login(
         row = connection.execute("SELECT 1 FROM devices WHERE device_id = %s", (username,)).fetchone()
         if row is None:
             raise LoginError(f"device {username!r} is not in the registry: import or add it with its kind and district")
-    secret = new_secret()
+    secret = "" if certificate else new_secret()
     with connection.transaction():
         existing = connection.execute(
             "SELECT revoked_at FROM mqtt_logins WHERE username = %s FOR UPDATE", (username,)
@@ -130,10 +134,18 @@ def add_login(
         if existing is not None and existing[0] is None:
             raise LoginError(f"login {username!r} exists; rotate it for a new secret")
         connection.execute(
-            "INSERT INTO mqtt_logins (username, role, department, secret_hash) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO mqtt_logins (username, role, department, credential, secret_hash)"
+            " VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role, department = EXCLUDED.department,"
-            " secret_hash = EXCLUDED.secret_hash, created_at = now(), rotated_at = now(), revoked_at = NULL",
-            (username, role, department, hash_secret(secret, iterations)),
+            " credential = EXCLUDED.credential, secret_hash = EXCLUDED.secret_hash, created_at = now(),"
+            " rotated_at = now(), revoked_at = NULL",
+            (
+                username,
+                role,
+                department,
+                "certificate" if certificate else "secret",
+                None if certificate else hash_secret(secret, iterations),
+            ),
         )
     return secret
 
@@ -143,11 +155,12 @@ def rotate_login(connection: psycopg.Connection, username: str, iterations: int)
     secret = new_secret()
     with connection.transaction():
         updated = connection.execute(
-            "UPDATE mqtt_logins SET secret_hash = %s, rotated_at = now() WHERE username = %s AND revoked_at IS NULL",
+            "UPDATE mqtt_logins SET secret_hash = %s, rotated_at = now()"
+            " WHERE username = %s AND revoked_at IS NULL AND credential = 'secret'",
             (hash_secret(secret, iterations), username),
         ).rowcount
     if updated != 1:
-        raise LoginError(f"no active login {username!r}")
+        raise LoginError(f"no active login {username!r} with a secret (a certificate login gets a new certificate)")
     return secret
 
 
@@ -163,7 +176,8 @@ def revoke_login(connection: psycopg.Connection, username: str) -> None:
 
 def list_logins(connection: psycopg.Connection) -> list[Login]:
     rows = connection.execute(
-        "SELECT username, role, department, created_at, rotated_at, revoked_at FROM mqtt_logins ORDER BY role, username"
+        "SELECT username, role, department, credential, created_at, rotated_at, revoked_at FROM mqtt_logins"
+        " ORDER BY role, username"
     ).fetchall()
     return [Login(*row) for row in rows]
 
@@ -171,7 +185,8 @@ def list_logins(connection: psycopg.Connection) -> list[Login]:
 def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alerts_prefix: str) -> BrokerFiles:
     """Mosquitto's password file and ACL file for every active login."""
     active = connection.execute(
-        "SELECT username, role, department, secret_hash FROM mqtt_logins WHERE revoked_at IS NULL ORDER BY username"
+        "SELECT username, role, department, credential, secret_hash FROM mqtt_logins"
+        " WHERE revoked_at IS NULL ORDER BY username"
     ).fetchall()
     # Each device's topic, published by its own login or by its gateway's.
     topics = connection.execute(
@@ -183,10 +198,11 @@ def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alert
             publishes.setdefault(publisher, []).append(f"{topic_prefix}/{district}/{kind}/{device_id}/up")
     passwords: list[str] = []
     acl = ["# Rendered from citytel's device registry by `citytel devices`: edits here are overwritten."]
-    for username, role, department, secret_hash in active:
+    for username, role, department, credential, secret_hash in active:
         if SAFE_NAME.fullmatch(username) is None:
             continue
-        passwords.append(f"{username}:{secret_hash}")
+        if credential == "secret":
+            passwords.append(f"{username}:{secret_hash}")
         acl += ["", f"user {username}"]
         if role in ("device", "gateway"):
             acl += [f"topic write {topic}" for topic in publishes.get(username, [])]

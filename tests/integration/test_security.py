@@ -47,7 +47,7 @@ from tests.helpers import citytel_process, wait_for, wait_ready, write_config
 pytestmark = pytest.mark.integration
 
 _T = TypeVar("_T")
-DEVICES = (("dev-a", "jinshui"), ("dev-b", "erqi"), ("dev-c", "huiji"))
+DEVICES = (("dev-a", "jinshui"), ("dev-b", "erqi"), ("dev-c", "huiji"), ("dev-cert", "erqi"))
 
 
 @dataclass
@@ -57,6 +57,7 @@ class SecureBroker:
     certificates: stack.Certificates
     secrets: dict[str, str]
     directory: Path
+    certificate_port: int
 
     def topic(self, device_id: str) -> str:
         district = dict(DEVICES)[device_id]
@@ -98,8 +99,9 @@ def secure(settings: Settings, database: ScratchDatabase, run_dir: Path, tmp_pat
         prepare_database(connection, secure_settings.storage)
         import_devices(connection, [Device(device_id, "air", district) for device_id, district in DEVICES])
         iterations = secure_settings.registry.hash_iterations
-        for device_id, _ in DEVICES:
+        for device_id, _ in DEVICES[:3]:
             secrets[device_id] = add_login(connection, device_id, "device", iterations)
+        add_login(connection, "dev-cert", "device", iterations, certificate=True)
         for username, role in (("citytel-bridge", "bridge"), ("citytel-alerter", "alerter"), ("probe", "probe")):
             secrets[username] = add_login(connection, username, role, iterations)
         for department in ("environment", "transport"):
@@ -115,9 +117,10 @@ def secure(settings: Settings, database: ScratchDatabase, run_dir: Path, tmp_pat
         tls=stack.MqttTls(certificates.ca_file, certificates.cert_file, certificates.key_file, False),
         auth=stack.MqttAuthFiles(directory / "logins.passwords", directory / "logins.acl"),
         probe=stack.MqttClientAuth("probe", secrets["probe"], certificates.ca_file),
+        certificate_port=(certificate_port := stack.free_port()),
     )
     try:
-        yield SecureBroker(secure_settings, server, certificates, secrets, directory)
+        yield SecureBroker(secure_settings, server, certificates, secrets, directory, certificate_port)
     finally:
         server.stop()
 
@@ -127,7 +130,13 @@ class Client:
     messages received and when it was disconnected."""
 
     def __init__(
-        self, broker: SecureBroker, username: str | None, secret: str | None = None, *, tls: bool = True
+        self,
+        broker: SecureBroker,
+        username: str | None,
+        secret: str | None = None,
+        *,
+        tls: bool = True,
+        certificate: tuple[Path, Path] | None = None,
     ) -> None:
         self.connack: ReasonCode | None = None
         self.connected = threading.Event()
@@ -140,7 +149,11 @@ class Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}", protocol=mqtt.MQTTv5)
         if username is not None:
             client.username_pw_set(username, secret if secret is not None else broker.secrets[username])
-        if tls:
+        if certificate is not None:
+            client.tls_set(
+                ca_certs=str(broker.certificates.ca_file), certfile=str(certificate[0]), keyfile=str(certificate[1])
+            )
+        elif tls:
             client.tls_set(ca_certs=str(broker.certificates.ca_file))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -148,7 +161,7 @@ class Client:
         client.on_subscribe = lambda _c, _u, _mid, reasons, _p: self._append(self.subacks, *reasons)
         client.on_message = lambda _c, _u, message: self._append(self.received, message)
         self.client = client
-        self.port = broker.settings.mqtt.port
+        self.port = broker.settings.mqtt.port if certificate is None else broker.certificate_port
 
     def _append(self, into: list[_T], *items: _T) -> None:
         with self._lock:
@@ -230,6 +243,43 @@ def test_a_client_that_trusts_another_ca_refuses_the_broker(secure: SecureBroker
         context.wrap_socket(raw, server_hostname="127.0.0.1") as verified,
     ):
         assert verified.version() is not None
+
+
+def _connects_with(broker: SecureBroker, certificate: Path | None, key: Path | None) -> bool:
+    """A raw MQTT CONNECT over TLS to the certificate listener: does the broker answer with
+    CONNACK 0? The client trusts the city's CA and presents ``certificate`` (or none)."""
+    context = ssl.create_default_context(cafile=str(broker.certificates.ca_file))
+    if certificate is not None and key is not None:
+        context.load_cert_chain(str(certificate), str(key))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", broker.certificate_port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as connection,
+        ):
+            connection.sendall(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04test")
+            return connection.recv(4) == b"\x20\x02\x00\x00"
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def test_a_device_with_a_client_certificate_publishes_as_itself_only(secure: SecureBroker, tmp_path: Path) -> None:
+    """The certificate listener: a certificate from the city's CA whose CN is a registered
+    login, and nothing else, gets in; then the ACL binds it like a secret's login."""
+    own = stack.client_certificate(secure.certificates, tmp_path, "dev-cert")
+    other_ca = stack.make_certificates(tmp_path / "other-ca", ca_name="not the city's CA")
+    foreign = stack.client_certificate(other_ca, tmp_path / "other-ca", "dev-cert")
+    assert _connects_with(secure, *own)
+    accepted = sum(_connects_with(secure, *foreign) for _ in range(10))
+    accepted += sum(_connects_with(secure, None, None) for _ in range(10))
+    assert accepted == 0
+    with Client(secure, None, certificate=own) as device:
+        assert device.connected.is_set()
+        assert device.publish_all(secure.topic("dev-b"), 100) == 0
+        assert device.publish_all(secure.topic("dev-cert"), 20) == 20
+    _devices_cli(secure, tmp_path, "revoke", "dev-cert")
+    with Client(secure, None, certificate=own) as revoked:
+        # The certificate still opens a connection (no CRL here): the revoked login may do nothing.
+        assert revoked.publish_all(secure.topic("dev-cert"), 20) == 0
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7]
+        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
         assert rows == [
@@ -72,6 +72,7 @@ def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDataba
             (5, "rollup_claims"),
             (6, "mqtt_logins"),
             (7, "least_privilege"),
+            (8, "certificate_logins"),
         ]
         hypertables = {
             row[0]
