@@ -353,10 +353,10 @@ def start_mosquitto(
         password_file = directory / "passwords"
         password_file.write_text("")
         password_file.chmod(0o600)
-        for name, password in users.items():
-            subprocess.run(
-                ["mosquitto_passwd", "-b", str(password_file), name, password], check=True, capture_output=True
-            )
+        # Hashed here, not by mosquitto_passwd -b: a password on a command line shows in ps.
+        from citytel.processors.storage.logins import hash_secret
+
+        password_file.write_text("".join(f"{name}:{hash_secret(password, 1000)}\n" for name, password in users.items()))
         security = ["allow_anonymous false", f"password_file {password_file}"]
     if auth:
         security = ["allow_anonymous false", f"password_file {auth.password_file}", f"acl_file {auth.acl_file}"]
