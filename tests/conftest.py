@@ -26,13 +26,34 @@ from citytel.devtools import stack
 REUSE = os.environ.get("CITYTEL_TEST_STACK", "") == "reuse"
 
 
+# Every secret a test issues (logins, passwords) is added here; when the session ends, no log,
+# server output or written config of the whole suite may hold any of them.
+ISSUED_SECRETS: set[str] = set()
+_LOG_PATTERNS = ("*.log", "*.out", "*.toml", "*.properties", "*.conf", "*.json")
+
+
+def _leaked(directories: list[Path]) -> list[str]:
+    leaks = []
+    for directory in directories:
+        for pattern in _LOG_PATTERNS:
+            for path in directory.rglob(pattern):
+                try:
+                    text = path.read_text(errors="replace")
+                except OSError:
+                    continue
+                leaks += [f"{path}: a secret ending …{secret[-4:]}" for secret in ISSUED_SECRETS if secret in text]
+    return leaks
+
+
 @pytest.fixture(scope="session")
-def run_dir() -> Iterator[Path]:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # Not pytest's tmp_path: its parent is private to root, and PostgreSQL runs as 'postgres'.
     directory = Path(tempfile.mkdtemp(prefix="citytel-test-"))
     directory.chmod(0o755)
     yield directory
+    leaks = _leaked([directory, tmp_path_factory.getbasetemp()])
     shutil.rmtree(directory, ignore_errors=True)
+    assert not leaks, "secrets in logs or configs after the suite:\n" + "\n".join(leaks[:20])
 
 
 def _shipped() -> Settings:

@@ -41,7 +41,7 @@ from citytel.devtools.simulate import City, Message, publish
 from citytel.processors.storage import prepare_database
 from citytel.processors.storage.devices import Device, import_devices
 from citytel.processors.storage.logins import add_login, apply_to_broker, new_secret
-from tests.conftest import ScratchDatabase
+from tests.conftest import ISSUED_SECRETS, ScratchDatabase
 from tests.helpers import citytel_process, wait_for, wait_ready, write_config
 
 pytestmark = pytest.mark.integration
@@ -109,6 +109,7 @@ def secure(settings: Settings, database: ScratchDatabase, run_dir: Path, tmp_pat
                 connection, f"dept-{department}", "department", iterations, department=department
             )
         apply_to_broker(connection, secure_settings)
+    ISSUED_SECRETS.update(secrets.values())
     for username in ("citytel-bridge", "citytel-alerter"):
         (secret_files / username).write_text(secrets[username])
     server = stack.start_mosquitto(
@@ -409,6 +410,7 @@ def test_a_revoked_device_is_cut_off_within_5_seconds_and_a_rotated_secret_repla
     secret_file = tmp_path / "dev-a.secret"
     _devices_cli(secure, tmp_path, "rotate", "dev-a", "--secret-file", str(secret_file))
     assert secret_file.stat().st_mode & 0o777 == 0o600
+    ISSUED_SECRETS.add(secret_file.read_text().strip())
     with Client(secure, "dev-a", old) as stale:
         assert not stale.connected.is_set(), "the old secret still works after rotation"
     with Client(secure, "dev-a", secret_file.read_text().strip()) as rotated:
@@ -478,7 +480,9 @@ def secure_postgres(run_dir: Path) -> Iterator[SecurePostgres]:
     directory.mkdir()
     directory.chmod(0o755)
     passwords = {name: new_secret() for name in ("citytel", *ROLE_USERS.values())}
-    server = stack.start_postgres(directory, stack.free_port(), logins=stack.PostgresLogins(new_secret(), passwords))
+    superuser = new_secret()
+    ISSUED_SECRETS.update([superuser, *passwords.values()])
+    server = stack.start_postgres(directory, stack.free_port(), logins=stack.PostgresLogins(superuser, passwords))
     try:
         with SecurePostgres(server.port, passwords).connect("citytel") as owner:
             prepare_database(owner, StorageSettings(), ROLE_USERS)
@@ -631,6 +635,7 @@ def secure_kafka(run_dir: Path) -> Iterator[SecureKafka]:
     certificates = stack.make_certificates(directory / "tls")
     port = stack.free_port()
     passwords = {role: new_secret() for role in KAFKA_ROLES}
+    ISSUED_SECRETS.update(passwords.values())
     logins = {}
     for role, password in passwords.items():
         (directory / f"kafka-{role}").write_text(password)
