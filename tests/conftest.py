@@ -1,14 +1,13 @@
 """Real servers for the tests, started once per test session on free loopback ports.
 
 Each server fixture starts lazily, only when a test needs it, and stops at the end of the
-session. With ``CITYTEL_TEST_STACK=reuse`` the fixtures use the servers of an already running
-``citytel stack up`` (ports from the shipped config) instead. A server that cannot start is an
-error, never a skip: under CI a missing Kafka or TimescaleDB must fail the run.
+session. They take any client over plain TCP (the tests of the secured path start their own, in
+tests/integration/test_security.py); never the local stack's servers. A server that cannot start
+is an error, never a skip: under CI a missing Kafka or TimescaleDB must fail the run.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import uuid
@@ -22,9 +21,6 @@ import pytest
 
 from citytel.config import Settings, load_settings, parse_settings
 from citytel.devtools import stack
-
-REUSE = os.environ.get("CITYTEL_TEST_STACK", "") == "reuse"
-
 
 # Every secret a test issues (logins, passwords) is added here; when the session ends, no log,
 # server output or written config of the whole suite may hold any of them.
@@ -60,17 +56,8 @@ def _shipped() -> Settings:
     return load_settings(Path(__file__).resolve().parents[1] / "config" / "citytel.toml")
 
 
-def _reused(name: str, port: int) -> int:
-    if not stack.port_open(port):
-        raise stack.StackError(f"CITYTEL_TEST_STACK=reuse but {name} does not answer on port {port}")
-    return port
-
-
 @pytest.fixture(scope="session")
 def mqtt_port(run_dir: Path) -> Iterator[int]:
-    if REUSE:
-        yield _reused("mosquitto", _shipped().mqtt.port)
-        return
     server = stack.start_mosquitto(run_dir, stack.free_port())
     yield server.port
     server.stop()
@@ -78,9 +65,6 @@ def mqtt_port(run_dir: Path) -> Iterator[int]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(run_dir: Path) -> Iterator[str]:
-    if REUSE:
-        yield _shipped().kafka.bootstrap_servers
-        return
     server = stack.start_kafka(run_dir, stack.free_port(), stack.free_port())
     yield f"127.0.0.1:{server.port}"
     server.stop()
@@ -88,9 +72,6 @@ def kafka_bootstrap(run_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_port(run_dir: Path) -> Iterator[int]:
-    if REUSE:
-        yield _reused("postgres", _shipped().database.port)
-        return
     server = stack.start_postgres(run_dir, stack.free_port())
     yield server.port
     server.stop()
