@@ -606,3 +606,88 @@ def main_detectors(output: Path | None, city_devices: int = 6250) -> int:
         }
         output.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+# --- Mosquitto over TLS -----------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Listener lines beyond the CA and server certificate, per variant: which TLS and cipher.
+_TLS_VARIANTS: dict[str, list[str]] = {
+    "plain": [],
+    "tls": [],
+    "tls1.2-aes128": ["tls_version tlsv1.2", "ciphers ECDHE-ECDSA-AES128-GCM-SHA256"],
+    "tls1.3-aes128": ["ciphers_tls1.3 TLS_AES_128_GCM_SHA256"],
+    "tls1.3-chacha20": ["ciphers_tls1.3 TLS_CHACHA20_POLY1305_SHA256"],
+}
+
+
+def bench_mqtt_tls(count: int = 60_000) -> dict[str, dict[str, float]]:
+    """The same backlog drained by a bare paho subscriber from the same durable broker, open and
+    over TLS (default, then pinned ciphers), each with a login and the ACL file: the broker's
+    CPU per message is what TLS costs it."""
+    from citytel.processors.storage.logins import hash_secret
+
+    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-tls-"))
+    os.chmod(run_dir, 0o755)
+    certificates = stack.make_certificates(run_dir / "tls")
+    secret = "bench-secret"
+    logins = run_dir / "logins.passwords"
+    logins.write_text("".join(f"{name}:{hash_secret(secret, 1000)}\n" for name in ("sub", "pub")))
+    logins.chmod(0o600)
+    acl = run_dir / "logins.acl"
+    acl.write_text("user sub\ntopic read b/#\ntopic readwrite citytel/ready/#\nuser pub\ntopic write b/#\n")
+    city = City(devices_per_kind=250, seed=1, topic_prefix="b", spike_probability=0.0)
+    backlog = list(itertools.islice(city.messages(time.time() - 3600, interval_s=0.01), count))
+    results: dict[str, dict[str, float]] = {}
+    for name, listener in _TLS_VARIANTS.items():
+        tls = (
+            None
+            if name == "plain"
+            else stack.MqttTls(certificates.ca_file, certificates.cert_file, certificates.key_file, False)
+        )
+        ca_file = certificates.ca_file if tls else None
+        subscriber, publisher = (
+            stack.MqttClientAuth("sub", secret, ca_file),
+            stack.MqttClientAuth("pub", secret, ca_file),
+        )
+        server = stack.start_mosquitto(
+            run_dir / name,
+            stack.free_port(),
+            tls=tls,
+            auth=stack.MqttAuthFiles(logins, acl),
+            probe=subscriber,
+            extra_listener_lines=listener,
+        )
+        try:
+            client_id = f"bench-tls-{uuid.uuid4().hex[:6]}"
+            create_session(server.port, client_id, "5", "b/+/+/+/up", 2000, subscriber)
+            publish(iter(backlog), "127.0.0.1", server.port, qos=1, max_inflight=1000, auth=publisher)
+            broker_before, client_before = _cpu_seconds(server.pid), time.process_time()
+            rate = bare_drain(server.port, client_id, "5", count, 2000, subscriber)
+            results[name] = {
+                "drain_msg_per_s": round(rate),
+                "broker_cpu_us_per_message": round((_cpu_seconds(server.pid) - broker_before) * 1e6 / count, 1),
+                "client_cpu_us_per_message": round((time.process_time() - client_before) * 1e6 / count, 1),
+            }
+            drop_session(server.port, client_id, subscriber)
+        finally:
+            server.stop()
+    return results
+
+
+def main_mqtt_tls(count: int, output: Path | None) -> int:
+    results = bench_mqtt_tls(count)
+    print(f"Mosquitto, {count:,} QoS 1 messages drained by a bare paho subscriber (login and ACL file on):")
+    for name, figures in results.items():
+        print(
+            f"  {name:16} {figures['drain_msg_per_s']:>8,} msg/s  broker {figures['broker_cpu_us_per_message']:5.1f}"
+            f" µs/msg  client {figures['client_cpu_us_per_message']:5.1f} µs/msg"
+        )
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0

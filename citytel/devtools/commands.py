@@ -246,6 +246,8 @@ def _bench(arguments: argparse.Namespace) -> int:
         return bench.main_processor(arguments.messages, arguments.output)
     if arguments.scenario == "detectors":
         return bench.main_detectors(arguments.output, arguments.city_devices)
+    if arguments.scenario == "mqtt-tls":
+        return bench.main_mqtt_tls(arguments.messages, arguments.output)
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
 
 
@@ -326,7 +328,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz"])
+    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls"])
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")

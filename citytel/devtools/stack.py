@@ -341,9 +341,11 @@ def start_mosquitto(
     auth: MqttAuthFiles | None = None,
     probe: MqttClientAuth | None = None,
     certificate_port: int | None = None,
+    extra_listener_lines: Sequence[str] = (),
 ) -> Server:
     """Mosquitto on ``port``. ``certificate_port``: a second TLS listener for devices that log
-    in with a client certificate from the CA instead of a secret (its CN is the login)."""
+    in with a client certificate from the CA instead of a secret (its CN is the login).
+    ``extra_listener_lines``: more options for the first listener (a benchmark's cipher)."""
     directory = run_dir / "mosquitto"
     (directory / "data").mkdir(parents=True, exist_ok=True)
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -367,6 +369,7 @@ def start_mosquitto(
             f"keyfile {tls.key_file}",
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
         ]
+    security += extra_listener_lines
     durable = durable_mosquitto()
     if durable is not None:
         # Every message written to SQLite before it is acknowledged (flush period 0): a broker

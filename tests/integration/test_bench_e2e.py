@@ -98,3 +98,13 @@ def test_the_end_to_end_benchmark_runs_on_servers_secured_as_the_local_stack_run
     assert result["citytel_qos0"]["readings_arrived"] > 0
     [step] = result["offered_load"]
     assert step["probes"] > 0
+
+
+def test_the_mqtt_tls_benchmark_drains_every_variant() -> None:
+    from citytel.devtools.bench import bench_mqtt_tls
+
+    results = bench_mqtt_tls(count=1500)
+    assert set(results) == {"plain", "tls", "tls1.2-aes128", "tls1.3-aes128", "tls1.3-chacha20"}
+    for figures in results.values():
+        assert figures["drain_msg_per_s"] > 0
+        assert figures["broker_cpu_us_per_message"] > 0
