@@ -83,7 +83,7 @@ def _import(connection: psycopg.Connection, settings: Settings, arguments: argpa
     ]
     descriptor = os.open(arguments.credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", newline="") as file:
-        writer = csv.writer(file)
+        writer = csv.writer(file, lineterminator="\n")  # shell tools read it line by line
         writer.writerow(["username", "secret"])
         writer.writerows(issued)
     print(f"issued {len(issued)} logins; secrets in {arguments.credentials}")
