@@ -49,7 +49,7 @@ debian_packages=(
   mosquitto mosquitto-clients            # MQTT broker and its CLI tools
   prometheus                             # metrics server (and promtool)
   "postgresql-$pg_major" "postgresql-client-$pg_major" "postgresql-server-dev-$pg_major"
-  openjdk-17-jre-headless maven          # Kafka broker runtime, and the jar fetcher
+  openjdk-17-jdk-headless maven          # Kafka, the jar fetcher, and javac for the stack's KafkaSecurity.java
   dpkg-dev cmake gcc make libssl-dev     # to unpack and build TimescaleDB's source package
   libcjson-dev libsqlite3-dev libargon2-dev libedit-dev libmicrohttpd-dev uthash-dev  # Mosquitto 2.1's
   python3-venv
