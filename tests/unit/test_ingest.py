@@ -131,9 +131,12 @@ def test_the_bridge_acknowledges_batches_in_the_order_received_whichever_kafka_h
     import asyncio
 
     from citytel.config import load_settings
+    from citytel.devtools.stack import open_settings
     from citytel.ingest.bridge import Bridge, _Received
 
-    bridge = Bridge(load_settings())
+    # No broker is reached: the shipped config's login (a secret file of the local stack) is
+    # not needed, and a fresh clone has none.
+    bridge = Bridge(open_settings(load_settings()))
     acks: list[int] = []
     monkeypatch.setattr(bridge._client, "ack", lambda mid, _qos: acks.append(mid))
     held: dict[int, asyncio.Event] = {}
