@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
 from pathlib import Path
 
 import psycopg
 
 from citytel.config import Settings
+from citytel.core.files import write_private
 from citytel.processors.storage.devices import Device, DeviceError, import_devices, read_devices
 from citytel.processors.storage.logins import (
     ROLES,
@@ -56,15 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_private(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-
-
 def _hand_over(name: str, secret: str, secret_file: Path | None) -> None:
     if secret_file is not None:
-        _write_private(secret_file, secret + "\n")
+        write_private(secret_file, secret + "\n")
         print(f"{name}: secret written to {secret_file}")
     else:
         print(f"{name}: secret (shown once; only its hash is kept): {secret}")
@@ -81,11 +76,11 @@ def _import(connection: psycopg.Connection, settings: Settings, arguments: argpa
         for device in devices
         if device.gateway is None and device.device_id not in with_login
     ]
-    descriptor = os.open(arguments.credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")  # shell tools read it line by line
-        writer.writerow(["username", "secret"])
-        writer.writerows(issued)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # shell tools read it line by line
+    writer.writerow(["username", "secret"])
+    writer.writerows(issued)
+    write_private(arguments.credentials, table.getvalue())
     print(f"issued {len(issued)} logins; secrets in {arguments.credentials}")
     return 0
 

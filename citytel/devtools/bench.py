@@ -611,11 +611,6 @@ def main_detectors(output: Path | None, city_devices: int = 6250) -> int:
 # --- Mosquitto over TLS -----------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # Listener lines beyond the CA and server certificate, per variant: which TLS and cipher.
 _TLS_VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -667,11 +662,11 @@ def bench_mqtt_tls(count: int = 60_000) -> dict[str, dict[str, float]]:
             client_id = f"bench-tls-{uuid.uuid4().hex[:6]}"
             create_session(server.port, client_id, "5", "b/+/+/+/up", 2000, subscriber)
             publish(iter(backlog), "127.0.0.1", server.port, qos=1, max_inflight=1000, auth=publisher)
-            broker_before, client_before = _cpu_seconds(server.pid), time.process_time()
+            broker_before, client_before = stack.cpu_seconds(server.pid), time.process_time()
             rate = bare_drain(server.port, client_id, "5", count, 2000, subscriber)
             results[name] = {
                 "drain_msg_per_s": round(rate),
-                "broker_cpu_us_per_message": round((_cpu_seconds(server.pid) - broker_before) * 1e6 / count, 1),
+                "broker_cpu_us_per_message": round((stack.cpu_seconds(server.pid) - broker_before) * 1e6 / count, 1),
                 "client_cpu_us_per_message": round((time.process_time() - client_before) * 1e6 / count, 1),
             }
             drop_session(server.port, client_id, subscriber)

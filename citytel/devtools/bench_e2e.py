@@ -52,6 +52,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings, dump_settings, load_settings
+from citytel.core.files import write_private
 from citytel.devtools import stack
 from citytel.devtools.evaluate import kafka_records
 from citytel.devtools.localstack import spawn_citytel
@@ -85,7 +86,6 @@ class _ProcessSampler:
 
     def __init__(self, pids: dict[str, int]) -> None:
         self._pids = pids
-        self._ticks = os.sysconf("SC_CLK_TCK")
         self.peak_rss_mb: dict[str, float] = dict.fromkeys(pids, 0.0)
         self._cpu_start: dict[str, float] = {}
         self._stop = threading.Event()
@@ -108,10 +108,9 @@ class _ProcessSampler:
         total = 0.0
         for member in self._family(pid):
             try:
-                fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+                total += stack.cpu_seconds(member)
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / self._ticks
         return total
 
     def _rss_mb(self, pid: int) -> float:
@@ -651,9 +650,7 @@ def _secret(path: Path) -> str:
     from citytel.processors.storage.logins import new_secret
 
     secret = new_secret()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secret)
+    write_private(path, secret)
     return secret
 
 

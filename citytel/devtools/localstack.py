@@ -21,6 +21,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from citytel.config import DATABASE_ROLES, KafkaLogin, Settings
+from citytel.core.files import write_private
 from citytel.devtools import stack
 from citytel.devtools.settings import DevSettings
 
@@ -94,10 +95,7 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
             secret = rotate_login(connection, username, iterations)
         else:
             secret = add_login(connection, username, role, iterations, department=department)
-        secret_file.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secret + "\n")
+        write_private(secret_file, secret + "\n")
 
 
 def _local_secret(path: Path) -> str:
@@ -105,10 +103,7 @@ def _local_secret(path: Path) -> str:
     if not path.exists():
         from citytel.processors.storage.logins import new_secret
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(new_secret() + "\n")
+        write_private(path, new_secret() + "\n")
     return path.read_text().strip()
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from citytel.config import Settings
+from citytel.core.files import write_private
 
 KAFKA_VERSION = os.environ.get("CITYTEL_KAFKA_VERSION", "4.1.1")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -79,6 +80,12 @@ def durable_mosquitto() -> Path | None:
 
 def kafka_libs() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far, in seconds (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -529,9 +536,7 @@ def _kafka_tls(directory: Path, certificates: Certificates) -> tuple[Path, Path]
             "kafka",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
         )
-        descriptor = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(key.read_text() + cert.read_text())
+        write_private(keystore, key.read_text() + cert.read_text())
     return keystore, certificates.ca_file
 
 
@@ -772,9 +777,7 @@ def start_postgres(
         authentication = ["--auth=trust"]
         password_file = directory / ".initdb-password"
         if logins is not None:
-            descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                file.write(logins.superuser_password + "\n")
+            write_private(password_file, logins.superuser_password + "\n")
             if user:
                 shutil.chown(password_file, user, user)
             authentication = ["--auth=scram-sha-256", f"--pwfile={password_file}"]

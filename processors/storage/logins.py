@@ -29,6 +29,7 @@ from pathlib import Path
 import psycopg
 
 from citytel.config import Settings
+from citytel.core.files import write_private
 
 __all__ = [
     "ROLES",
@@ -217,16 +218,6 @@ def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alert
     return BrokerFiles(passwords="\n".join(passwords) + "\n", acl="\n".join(acl) + "\n")
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only, atomically: the broker never reads half of it."""
-    partial = path.with_name(f".{path.name}.partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-    os.replace(partial, path)
-
-
 def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
     """Render the broker's files from the registry, write them where ``[registry]`` says and
     signal the broker to reload them; returns what was done, for the operator."""
@@ -234,8 +225,8 @@ def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
     if not config.broker_password_file or not config.broker_acl_file:
         return "registry.broker_password_file and broker_acl_file are not set: the broker was not updated"
     files = render_broker_files(connection, settings.mqtt.topic_prefix, settings.alerts.mqtt_topic_prefix)
-    _write_private(Path(config.broker_password_file), files.passwords)
-    _write_private(Path(config.broker_acl_file), files.acl)
+    write_private(Path(config.broker_password_file), files.passwords)
+    write_private(Path(config.broker_acl_file), files.acl)
     if not config.broker_pid_file:
         return "broker files written; reload the broker (SIGHUP) to apply them"
     try:

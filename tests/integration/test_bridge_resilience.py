@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -73,65 +72,18 @@ def test_the_bridge_reconnects_after_the_broker_restarts_and_loses_nothing(
     assert not missing, f"{len(missing)} messages lost across the broker restart, e.g. {sorted(missing)[:3]}"
 
 
-def _openssl(*arguments: str) -> None:
-    subprocess.run(["openssl", *arguments], check=True, capture_output=True)
-
-
 @pytest.fixture
 def certificates(tmp_path: Path) -> dict[str, Path]:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    files = {
-        name: tmp_path / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key", "client", "client-key")
+    made = stack.make_certificates(tmp_path, ca_name="citytel test CA")
+    client, client_key = stack.client_certificate(made, tmp_path, "citytel-client")
+    return {
+        "ca": made.ca_file,
+        "server": made.cert_file,
+        "server-key": made.key_file,
+        "client": client,
+        "client-key": client_key,
     }
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=citytel test CA",
-        "-keyout",
-        str(files["ca-key"]),
-        "-out",
-        str(files["ca"]),
-    )
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        request = tmp_path / f"{name}.csr"
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN=citytel {name}",
-            "-keyout",
-            str(files[f"{name}-key"]),
-            "-out",
-            str(request),
-        )
-        extensions = tmp_path / f"{name}.ext"
-        extensions.write_text(extension + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(request),
-            "-CA",
-            str(files["ca"]),
-            "-CAkey",
-            str(files["ca-key"]),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            str(extensions),
-            "-out",
-            str(files[name]),
-        )
-    return files
 
 
 def test_the_bridge_connects_over_tls_with_a_client_certificate_and_a_password_it_never_logs(
