@@ -103,7 +103,9 @@ class KafkaSettings(Strict, frozen=True):
     partitions: int = 6
     replication_factor: int = 1
     consumer_group: str = "citytel-processors"
-    linger_ms: int = 5
+    # The bridge already groups each of its batches into one Kafka batch per partition, so a
+    # linger only holds a quiet city's readings back.
+    linger_ms: int = 0
     request_timeout_ms: int = 30000
 
 
