@@ -61,6 +61,7 @@ MAX_BATCH_MESSAGES = 5000
 # Batches on their way to Kafka at once: validating one overlaps the wait for another's acks.
 _BATCHES_IN_FLIGHT = 4
 _READS_PER_WAKEUP = 256
+_STOP_CHECK_SECONDS = 0.1
 # (topic, device key) -> partition; bounded because device ids come from the outside world.
 _PARTITION_CACHE_SIZE = 100_000
 # topic, key, value, headers
@@ -111,6 +112,9 @@ class Bridge:
         self._replace_lock = asyncio.Lock()
         self._kafka_outage = Outage(log, "Kafka")
         self._mqtt_outage = Outage(log, "MQTT broker")
+        # Resolved by the next message received while the forwarding loop has nothing to do:
+        # a quiet city's reading goes on at once rather than at the next poll.
+        self._arrival: asyncio.Future[None] | None = None
 
     # --- MQTT side, driven by the asyncio loop -----------------------------------------------
 
@@ -208,6 +212,8 @@ class Bridge:
             )
         )
         self._received += 1
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
 
     def _on_socket_open(self, _client: mqtt.Client, _userdata: object, sock: Any) -> None:
         assert self._loop is not None
@@ -500,10 +506,16 @@ class Bridge:
                     break
                 if not self._pending or len(forwarding) >= _BATCHES_IN_FLIGHT:
                     metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
-                    if forwarding:
-                        await asyncio.wait(forwarding, timeout=0.002, return_when=asyncio.FIRST_COMPLETED)
-                    else:
-                        await asyncio.sleep(0.002)
+                    # Until a message arrives (if none is waiting) or a batch is through; the
+                    # timeout only bounds how late a stop is noticed.
+                    waits: set[asyncio.Future[Any]] = set(forwarding)
+                    if not self._pending:
+                        self._arrival = asyncio.get_running_loop().create_future()
+                        waits.add(self._arrival)
+                    await asyncio.wait(waits, timeout=_STOP_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    if self._arrival is not None:
+                        self._arrival.cancel()
+                        self._arrival = None
                     continue
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), limit))]
                 self._forwarding += len(batch)
