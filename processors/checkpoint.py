@@ -44,6 +44,10 @@ class CheckpointStore(Protocol):
         """The saved (next offset, state) of a partition, or None if none was saved."""
         ...
 
+    async def close(self) -> None:
+        """Let go of any connection held."""
+        ...
+
 
 def export_partition(index: SeriesIndex, detectors: list[Detector], partition: int) -> tuple[bytes, int]:
     dense = np.flatnonzero(index.partition.view == partition).astype(np.int64)
@@ -92,37 +96,56 @@ def import_partition(index: SeriesIndex, detectors: list[Detector], partition: i
 
 
 class StateStore:
-    """Checkpoints in the ``detector_state`` table (migration 0003)."""
+    """Checkpoints in the ``detector_state`` table (migration 0003), over one kept connection:
+    a checkpoint saves every partition, and a login per partition (SCRAM, TLS) would hold the
+    processor up for longer than the saves themselves."""
 
     def __init__(self, conninfo: str, consumer_group: str) -> None:
         self._conninfo = conninfo
         self._group = consumer_group
+        self._connection: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def _connected(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        return self._connection
+
+    async def _forget(self) -> None:
+        """After an error the connection may be half-broken: the next call makes a new one."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
     async def save(self, topic: str, partition: int, next_offset: int, blob: bytes, series: int) -> None:
         try:
-            async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
-                await connection.execute(
-                    "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
-                    " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
-                    " saved_at = now()",
-                    (self._group, topic, partition, next_offset, series, blob),
-                )
+            connection = await self._connected()
+            await connection.execute(
+                "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
+                " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
+                " saved_at = now()",
+                (self._group, topic, partition, next_offset, series, blob),
+            )
         except psycopg.Error as error:
+            await self._forget()
             raise RetryableError(f"saving partition {partition}'s state failed: {error}") from error
 
     async def load(self, topic: str, partition: int) -> tuple[int, bytes] | None:
         try:
-            async with await psycopg.AsyncConnection.connect(self._conninfo) as connection:
-                cursor = await connection.execute(
-                    "SELECT next_offset, state FROM detector_state"
-                    " WHERE consumer_group = %s AND topic = %s AND partition = %s",
-                    (self._group, topic, partition),
-                )
-                row = await cursor.fetchone()
+            connection = await self._connected()
+            cursor = await connection.execute(
+                "SELECT next_offset, state FROM detector_state"
+                " WHERE consumer_group = %s AND topic = %s AND partition = %s",
+                (self._group, topic, partition),
+            )
+            row = await cursor.fetchone()
         except psycopg.Error as error:
+            await self._forget()
             raise RetryableError(f"loading partition {partition}'s state failed: {error}") from error
-        return (int(row[0]), bytes(row[1])) if row else None
+        return (int(row[0]), bytes(row[1])) if row else None  # type: ignore[call-overload]
+
+    async def close(self) -> None:
+        await self._forget()
 
 
 CHECKPOINT_STORES: dict[str, Callable[[Settings], CheckpointStore]] = {

@@ -291,7 +291,9 @@ class Processor:
                 position = self._positions.get((topic, partition))
                 if position is None:
                     continue  # nothing read from it since it was assigned
-                blob, series = export_partition(self.index, self.detectors, partition)
+                # In a worker thread, so the fetcher and any write keep going meanwhile; nothing
+                # else touches the state now (the lock is held and no batch is being scored).
+                blob, series = await asyncio.to_thread(export_partition, self.index, self.detectors, partition)
                 await self._state.save(topic, partition, position, blob, series)
                 self._unsaved.discard((topic, partition))
                 saved[(topic, partition)] = position
@@ -484,6 +486,7 @@ class Processor:
                     await self._checkpoint(list(self._positions))
             for sink in self.sinks:
                 await sink.close()
+            await self._state.close()
             await self._consumer.stop()
             await self._producer.stop()
 
