@@ -21,7 +21,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,19 @@ from citytel.core import metrics
 from citytel.devtools.stack import MqttClientAuth
 from citytel.ingest.topics import reading_topic
 
-__all__ = ["CODECS", "DISTRICTS", "DURATION", "FAULTS", "City", "Device", "Label", "Message", "publish", "replay_csv"]
+__all__ = [
+    "CODECS",
+    "DISTRICTS",
+    "DURATION",
+    "FAULTS",
+    "City",
+    "Device",
+    "Label",
+    "Message",
+    "pack",
+    "publish",
+    "replay_csv",
+]
 
 # Topic levels are ASCII slugs; the display names are for people.
 DISTRICTS = {
@@ -127,6 +139,14 @@ class Message:
     values: dict[str, float]
     spikes: tuple[str, ...]  # metrics carrying an injected spike (ground truth)
     faults: tuple[str, ...] = ()  # other faults in force on this message
+    # A gateway's pack (``pack``): every (time_s, metric, value) it carries; ``values`` then
+    # holds only the last instant's.
+    packed: tuple[tuple[float, str, float], ...] = ()
+
+    @property
+    def readings(self) -> int:
+        """Readings carried: one per metric and instant."""
+        return len(self.packed) if self.packed else len(self.values)
 
 
 @dataclass(slots=True)
@@ -418,6 +438,66 @@ class City:
         if self.codec == "fiware":
             return json.dumps(_fiware_entity(device, time_s, values)).encode()
         return json.dumps({"device_id": device.device_id, "time": time_s, "seq": sequence, "values": values}).encode()
+
+
+def pack(messages: Iterable[Message], readings_per_message: int, codec: str = "json") -> Iterator[Message]:
+    """Each device's readings regrouped into messages of ``readings_per_message`` readings, as a
+    gateway (a LoRaWAN network server, an NB-IoT concentrator) forwards what its devices sent:
+    a JSON list of reading objects, or a SenML pack. A reading is one metric at one instant. A
+    device's readings wait until it has enough for a message; at the end its remainder goes out
+    as a shorter message. One reading per message is a plain JSON object, one metric in it."""
+    if readings_per_message < 1:
+        raise ValueError("readings_per_message must be at least 1")
+    if codec not in ("json", "senml"):
+        raise ValueError(f"codec {codec!r}: packs are json or senml")
+    waiting: dict[str, list[tuple[float, str, float]]] = {}
+    topics: dict[str, str] = {}
+    sequences: dict[str, int] = {}
+    for message in messages:
+        device_readings = waiting.setdefault(message.device_id, [])
+        topics[message.device_id] = message.topic
+        device_readings.extend((message.time_s, metric, value) for metric, value in message.values.items())
+        while len(device_readings) >= readings_per_message:
+            chunk = tuple(device_readings[:readings_per_message])
+            del device_readings[:readings_per_message]
+            yield _packed(message.device_id, topics[message.device_id], chunk, sequences, readings_per_message, codec)
+    for device_id, device_readings in waiting.items():
+        if device_readings:
+            yield _packed(device_id, topics[device_id], tuple(device_readings), sequences, readings_per_message, codec)
+
+
+def _packed(
+    device_id: str,
+    topic: str,
+    readings: tuple[tuple[float, str, float], ...],
+    sequences: dict[str, int],
+    readings_per_message: int,
+    codec: str,
+) -> Message:
+    sequence = sequences.get(device_id, 0)
+    sequences[device_id] = sequence + 1
+    by_time: dict[float, dict[str, float]] = {}
+    for time_s, metric, value in readings:
+        by_time.setdefault(time_s, {})[metric] = value
+    payload: object
+    if codec == "senml":
+        first_time = readings[0][0]
+        records: list[dict[str, object]] = []
+        for time_s, metric, value in readings:
+            record: dict[str, object] = {"n": metric, "v": value}
+            if not records:
+                record.update(bn=f"urn:dev:{device_id}:", bt=first_time)
+            elif time_s != first_time:
+                record["t"] = round(time_s - first_time, 6)
+            records.append(record)
+        payload = records
+    else:
+        items = [{"device_id": device_id, "time": time_s, "values": values} for time_s, values in by_time.items()]
+        payload = items[0] if readings_per_message == 1 else items
+    last_time = readings[-1][0]
+    return Message(
+        topic, json.dumps(payload).encode(), device_id, sequence, readings[0][0], by_time[last_time], (), (), readings
+    )
 
 
 def _fiware_entity(device: Device, time_s: float, values: dict[str, float]) -> dict[str, object]:

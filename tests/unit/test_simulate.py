@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from citytel.config import load_settings
-from citytel.devtools.simulate import FAULTS, City, replay_csv
+from citytel.devtools.simulate import FAULTS, City, pack, replay_csv
 from citytel.ingest.codecs import get_codec
 from citytel.ingest.validate import Validator
 
@@ -30,6 +30,31 @@ def test_every_payload_codec_passes_the_bridge_with_the_values_it_claims(codec: 
         got = dict(zip(validated.envelope.metrics, validated.envelope.values, strict=True))
         assert got == pytest.approx(message.values), codec
         assert set(validated.envelope.times_us) == {round(message.time_s * 1e6)}
+
+
+@pytest.mark.parametrize("codec", ["json", "senml"])
+@pytest.mark.parametrize("size", [1, 4, 20, 50])
+def test_packs_carry_exactly_the_readings_the_devices_sent(codec: str, size: int) -> None:
+    city = City(devices_per_kind=3, seed=4)
+    start = time.time() - 600
+    original = list(itertools.islice(city.messages(start, interval_s=1.0), 12 * 30))
+    sent = {(m.device_id, round(m.time_s * 1e6), metric, value) for m in original for metric, value in m.values.items()}
+    validator = Validator(SETTINGS.ingest, SETTINGS.kinds, "city", get_codec("auto"))
+    got = set()
+    packs = list(pack(original, size, codec))
+    for message in packs:
+        validated = validator.validate(message.topic, message.payload, int(time.time() * 1e6))
+        assert not validated.dead_letters, (codec, size, validated.dead_letters[0].reason)
+        assert validated.envelope is not None
+        envelope = validated.envelope
+        assert len(envelope.values) == message.readings <= size
+        got |= {
+            (envelope.device_id, time_us, metric, value)
+            for time_us, metric, value in zip(envelope.times_us, envelope.metrics, envelope.values, strict=True)
+        }
+    assert got == sent
+    # Only each device's last message may be short.
+    assert sum(message.readings < size for message in packs) <= len(city.devices)
 
 
 def test_faults_are_injected_and_labelled_with_their_windows(tmp_path: Path) -> None:
