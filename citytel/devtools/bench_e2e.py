@@ -32,6 +32,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -49,6 +50,7 @@ import msgspec
 import numpy as np
 import paho.mqtt.client as mqtt
 import psycopg
+import psycopg.sql
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings, dump_settings, load_settings
@@ -57,7 +59,7 @@ from citytel.devtools import stack
 from citytel.devtools.evaluate import kafka_records
 from citytel.devtools.localstack import spawn_citytel
 from citytel.devtools.mqtt_sessions import bare_drain, create_session, drop_session
-from citytel.devtools.simulate import City, Message, publish
+from citytel.devtools.simulate import City, Message, pack, publish
 from citytel.ingest.topics import reading_topic
 
 __all__ = ["bench_e2e"]
@@ -72,7 +74,7 @@ def _city_messages(prefix: str, seed: int, start: float, interval_s: float = 0.0
 
 
 def _readings_in(messages: list[Message]) -> int:
-    return sum(len(message.values) for message in messages)
+    return sum(message.readings for message in messages)
 
 
 def _count(conninfo: str) -> int:
@@ -191,6 +193,123 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
         return {"produce_records_per_s": round(produce), "consume_records_per_s": round(consume)}
 
     return asyncio.run(run())
+
+
+def _telegraf_config(settings: Settings, client_id: str, topic_filter: str, table: str) -> str:
+    """As fair a Telegraf as we can make it: typed float fields, a large undelivered window
+    (its default of 1,000 drains at a twentieth of the rate), big batches, a hypertable."""
+    database = settings.database
+    connection = f"host={database.host} port={database.port} user={database.user} dbname={database.dbname}"
+    metrics = sorted({metric for kind in settings.kinds.values() for metric in kind.metrics})
+    fields = "".join(
+        "    [[inputs.mqtt_consumer.json_v2.field]]\n"
+        f'      path = "values.{metric}"\n'
+        f'      rename = "{metric}"\n'
+        '      type = "float"\n'
+        "      optional = true\n"
+        for metric in metrics
+    )
+    templates = [
+        "CREATE TABLE {{ .table }} ({{ .columns }})",
+        f"SELECT create_hypertable('{table}', 'time', chunk_time_interval => INTERVAL '1 day')",
+    ]
+    return (
+        "[agent]\n"
+        '  interval = "1s"\n'
+        '  flush_interval = "1s"\n'
+        "  metric_batch_size = 5000\n"
+        "  metric_buffer_limit = 200000\n"
+        "  omit_hostname = true\n\n"
+        "[[inputs.mqtt_consumer]]\n"
+        f'  servers = ["tcp://127.0.0.1:{settings.mqtt.port}"]\n'
+        f'  topics = ["{topic_filter}"]\n'
+        "  qos = 1\n"
+        f'  client_id = "{client_id}"\n'
+        "  persistent_session = true\n"
+        "  max_undelivered_messages = 10000\n"
+        '  data_format = "json_v2"\n'
+        '  topic_tag = ""\n'
+        "  [[inputs.mqtt_consumer.json_v2]]\n"
+        f'    measurement_name = "{table}"\n'
+        '    timestamp_path = "time"\n'
+        '    timestamp_format = "unix"\n'
+        "    [[inputs.mqtt_consumer.json_v2.tag]]\n"
+        '      path = "device_id"\n'
+        f"{fields}\n"
+        "[[outputs.postgresql]]\n"
+        f'  connection = "{connection} sslmode=disable"\n'
+        f"  create_templates = {json.dumps(templates)}\n"
+    )
+
+
+def _table_rows(conninfo: str, table: str) -> int:
+    with psycopg.connect(conninfo) as connection:
+        exists = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = connection.execute(psycopg.sql.SQL("SELECT count(*) FROM {}").format(psycopg.sql.Identifier(table)))
+        counted = row.fetchone()
+        return int(counted[0]) if counted else 0
+
+
+def _telegraf_reference(
+    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str
+) -> dict[str, float] | None:
+    """Telegraf (mqtt_consumer → outputs.postgresql) draining the same QoS 1 backlog from its
+    persistent session into a hypertable of the same database: one wide row per message.
+    None where Telegraf cannot be had (no Go on the machine)."""
+    binary = stack.telegraf_binary()
+    if binary is None:
+        return None
+    client_id = f"bench-telegraf-{uuid.uuid4().hex[:8]}"
+    table = client_id.replace("-", "_")
+    config = run_dir / "telegraf.conf"
+    config.write_text(_telegraf_config(settings, client_id, topic_filter, table))
+    create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, settings.mqtt.max_inflight)
+    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000)
+    conninfo = settings.database.conninfo()
+    with (run_dir / "telegraf.log").open("ab") as log:
+        telegraf = subprocess.Popen([str(binary), "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    sampler = _ProcessSampler({"telegraf": telegraf.pid})
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        deadline = time.monotonic() + 600
+        while _table_rows(conninfo, table) < len(backlog):
+            if telegraf.poll() is not None:
+                raise RuntimeError(f"Telegraf exited with code {telegraf.returncode}; see {run_dir / 'telegraf.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Telegraf had not stored {len(backlog)} rows after 600 s")
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+        cpu = sampler.stop()["telegraf"]
+    finally:
+        telegraf.terminate()
+        telegraf.wait(timeout=30)
+    drop_session(settings.mqtt.port, client_id)
+    return {
+        "telegraf_drain_msg_per_s": round(len(backlog) / seconds),
+        "telegraf_drain_readings_per_s": round(_readings_in(backlog) / seconds),
+        "telegraf_cpu_us_per_message": round(cpu["cpu_seconds"] * 1e6 / len(backlog), 1),
+    }
+
+
+def _mosquitto_sub_ceiling(settings: Settings, backlog: list[Message], topic_filter: str) -> dict[str, float] | None:
+    """The C client ``mosquitto_sub -c -q 1`` draining the backlog to nowhere: the most this
+    broker delivers here. None where mosquitto_sub is not installed."""
+    binary = shutil.which("mosquitto_sub")
+    if binary is None:
+        return None
+    client_id = f"bench-sub-{uuid.uuid4().hex[:8]}"
+    create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, settings.mqtt.max_inflight)
+    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000)
+    command = [binary, "-h", "127.0.0.1", "-p", str(settings.mqtt.port), "-i", client_id, "-c", "-q", "1"]
+    command += ["-t", topic_filter, "-C", str(len(backlog))]
+    started = time.perf_counter()
+    subprocess.run(command, stdout=subprocess.DEVNULL, check=True, timeout=600)
+    seconds = time.perf_counter() - started
+    drop_session(settings.mqtt.port, client_id)
+    return {"mosquitto_sub_drain_msg_per_s": round(len(backlog) / seconds)}
 
 
 def _copy_reference(conninfo: str, readings: int) -> float:
@@ -750,14 +869,75 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
     return settings, access
 
 
+def _packed_drain(
+    settings: Settings,
+    config: Path,
+    run_dir: Path,
+    access: _Access,
+    children: list[subprocess.Popen[bytes]],
+    servers: dict[str, stack.Server],
+    size: int,
+    readings: int,
+    start: float,
+) -> dict[str, Any]:
+    """A backlog of about ``readings`` readings in packs of ``size`` (a JSON list per message,
+    as gateways send them) queued while the bridge is stopped, then drained: readings/s and
+    CPU per reading of each process. ``children[1]`` (the bridge) is replaced by a new one."""
+    bridge = children[1]
+    bridge.terminate()
+    bridge.wait(timeout=30)
+    stream = pack(_city_messages(settings.mqtt.topic_prefix, 30 + size, start), size)
+    backlog: list[Message] = []
+    total = 0
+    for message in stream:
+        backlog.append(message)
+        total += message.readings
+        if total >= readings:
+            break
+    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
+    children[1] = spawn_citytel(["bridge"], config, run_dir, f"bridge-packs-of-{size}", "WARNING")
+    sampler = _ProcessSampler(
+        {
+            "bridge": children[1].pid,
+            "processor": children[0].pid,
+            "mosquitto": servers["mosquitto"].pid,
+            "kafka": servers["kafka"].pid,
+            "postgres": servers["postgres"].pid,
+        }
+    )
+    sampler.start()
+    seconds = _wait_rows(
+        settings.database.conninfo(),
+        settings.metrics.processor_port,
+        total,
+        timeout=600,
+        bridge_port=settings.metrics.bridge_port,
+    )
+    processes = sampler.stop()
+    for figures in processes.values():
+        figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
+    return {
+        "readings_per_message": size,
+        "messages": len(backlog),
+        "readings": total,
+        "msg_per_s": round(len(backlog) / seconds),
+        "readings_per_s": round(total / seconds),
+        "processes": processes,
+    }
+
+
 def bench_e2e(
     messages: int = 60_000,
     steps: tuple[float, ...] = (0.01, 0.1, 0.25, 0.5, 0.8, 1.0),
     step_seconds: float = 10.0,
     *,
     secure: bool = False,
+    pack_sizes: tuple[int, ...] = (1, 4, 20, 50),
+    pack_readings: int = 200_000,
 ) -> dict[str, Any]:
-    """``secure``: every server as the local stack runs it (TLS, logins, ACLs, roles)."""
+    """``secure``: every server as the local stack runs it (TLS, logins, ACLs, roles).
+    ``pack_sizes``: after the rest, a drain of ``pack_readings`` readings for each number of
+    readings per message."""
     run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-e2e-"))
     os.chmod(run_dir, 0o755)
     unique = uuid.uuid4().hex[:8]
@@ -808,6 +988,9 @@ def bench_e2e(
         # The records the bridge would have produced for the same backlog.
         records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
         kafka = _kafka_reference(settings, records)
+        # Peers from outside the project, on an open broker only (they have no logins there).
+        telegraf = None if secure else _telegraf_reference(settings, run_dir, backlog, topic_filter)
+        ceiling = None if secure else _mosquitto_sub_ceiling(settings, backlog, topic_filter)
         copy_rate = _copy_reference(conninfo, min(500_000, 5 * messages))
         naive_count = min(3000, messages)
         naive_messages = list(itertools.islice(_city_messages(f"{prefix}-naive", 12, time.time() - 3000), naive_count))
@@ -820,6 +1003,8 @@ def bench_e2e(
             **kafka,
             "raw_copy_readings_per_s": round(copy_rate),
             "naive_pipeline_readings_per_s": naive,
+            **(telegraf or {}),
+            **(ceiling or {}),
         }
 
         # citytel, QoS 1 backlog drain, processes sampled. First a small backlog goes through
@@ -888,6 +1073,14 @@ def bench_e2e(
             _offered_step(settings, fraction * drain_rate, step_seconds, 20 + position, access)
             for position, fraction in enumerate(steps)
         ]
+        # Packed readings last: each drain replaces the bridge. Stream times 10 minutes apart,
+        # clear of every other part's, so no reading repeats one already stored.
+        result["packed"] = [
+            _packed_drain(
+                settings, config, run_dir, access, children, servers, size, pack_readings, time.time() - 5400 + 600 * n
+            )
+            for n, size in enumerate(pack_sizes)
+        ]
         references = result["references"]
         half = min(result["offered_load"], key=lambda step: abs(step["offered_msg_per_s"] - drain_rate / 2))
         result["ratios"] = {
@@ -898,6 +1091,24 @@ def bench_e2e(
             if references["naive_pipeline_readings_per_s"]
             else None,
             "p99_ms_at_half_load": half["latency_ms"]["p99"],
+            "e2e_qos1_vs_telegraf": round(
+                result["citytel_qos1"]["msg_per_s"] / references["telegraf_drain_msg_per_s"], 3
+            )
+            if "telegraf_drain_msg_per_s" in references
+            else None,
+            "e2e_qos1_vs_mosquitto_sub_ceiling": round(
+                result["citytel_qos1"]["msg_per_s"] / references["mosquitto_sub_drain_msg_per_s"], 3
+            )
+            if "mosquitto_sub_drain_msg_per_s" in references
+            else None,
+            "pipeline_cpu_us_per_message": round(
+                sum(figures["cpu_us_per_message"] for figures in result["citytel_qos1"]["processes"].values()), 1
+            ),
+            "e2e_readings_per_s_largest_packs_vs_raw_copy": round(
+                result["packed"][-1]["readings_per_s"] / references["raw_copy_readings_per_s"], 3
+            )
+            if result["packed"]
+            else None,
             "bridge_cpu_vs_bare_paho": round(
                 result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
             ),
@@ -948,9 +1159,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main_e2e(
-    messages: int, output: Path | None, plot_path: Path | None, step_seconds: float, secure: bool = False
+    messages: int,
+    output: Path | None,
+    plot_path: Path | None,
+    step_seconds: float,
+    secure: bool = False,
+    pack_sizes: tuple[int, ...] = (1, 4, 20, 50),
 ) -> int:
-    result = bench_e2e(messages, step_seconds=step_seconds, secure=secure)
+    result = bench_e2e(messages, step_seconds=step_seconds, secure=secure, pack_sizes=pack_sizes)
     references = result["references"]
     qos1 = result["citytel_qos1"]
     print(
@@ -966,6 +1182,14 @@ def main_e2e(
     print(f"  raw COPY               {references['raw_copy_readings_per_s']:>10,} readings/s")
     naive = references["naive_pipeline_readings_per_s"]
     print(f"  naive pipeline         {naive if naive is None else format(naive, ',')!s:>10} readings/s")
+    if "telegraf_drain_msg_per_s" in references:
+        print(
+            f"  Telegraf {stack.TELEGRAF_VERSION} drain {references['telegraf_drain_msg_per_s']:>10,} msg/s,"
+            f" {references['telegraf_cpu_us_per_message']} µs CPU/msg (Telegraf alone)"
+        )
+    if "mosquitto_sub_drain_msg_per_s" in references:
+        ceiling = references["mosquitto_sub_drain_msg_per_s"]
+        print(f"  mosquitto_sub drain    {ceiling:>10,} msg/s (the broker's ceiling)")
     print(f"  citytel QoS 1 drain    {qos1['msg_per_s']:>10,} msg/s, {qos1['readings_per_s']:,} readings/s")
     for name, figures in qos1["processes"].items():
         print(
@@ -983,10 +1207,20 @@ def main_e2e(
             f" publish→row p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']} ms;"
             f" receipt→row p50 ≤{receipt['p50']} p99 ≤{receipt['p99']} ms"
         )
+    for drain in result["packed"]:
+        cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in drain["processes"].items())
+        print(
+            f"  packs of {drain['readings_per_message']:>3} readings: {drain['readings_per_s']:>8,} readings/s"
+            f" ({drain['msg_per_s']:,} msg/s); CPU µs per reading: {cpu}"
+        )
     ratios = result["ratios"]
     print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
           f"{ratios['e2e_qos1_vs_naive_pipeline']}, p99 at half load {ratios['p99_ms_at_half_load']} ms")  # fmt: skip
     print(f"  bridge CPU per message / bare paho client's: {ratios['bridge_cpu_vs_bare_paho']}")
+    print(
+        f"  citytel / Telegraf {ratios['e2e_qos1_vs_telegraf']}, citytel / mosquitto_sub"
+        f" {ratios['e2e_qos1_vs_mosquitto_sub_ceiling']}; pipeline CPU {ratios['pipeline_cpu_us_per_message']} µs/msg"
+    )
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
     if plot_path is not None:

@@ -26,6 +26,18 @@ __all__ = ["register"]
 _Handler = Callable[[argparse.Namespace], int]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``1,4,20,50`` → (1, 4, 20, 50); an empty text is no sizes."""
+    return tuple(_positive_int(part) for part in text.split(",") if part.strip())
+
+
 def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -91,7 +103,7 @@ def _simulate(arguments: argparse.Namespace) -> int:
     import time
 
     from citytel.core import metrics
-    from citytel.devtools.simulate import City, Message, publish, replay_csv
+    from citytel.devtools.simulate import City, Message, pack, publish, replay_csv
 
     settings = load_checked_settings(arguments.config)
     simulator = load_dev_settings().simulator
@@ -118,6 +130,11 @@ def _simulate(arguments: argparse.Namespace) -> int:
         rounds = int(arguments.history_minutes * 6)
         past = city.messages(now - arguments.history_minutes * 60, interval_s=10.0)
         messages = itertools.chain(itertools.islice(past, rounds * len(city.devices)), messages)
+    if arguments.readings_per_message is not None:
+        if arguments.codec == "fiware":
+            print("--readings-per-message: packs are JSON lists or SenML packs (--codec json|senml)", file=sys.stderr)
+            return 2
+        messages = pack(messages, arguments.readings_per_message, arguments.codec)
     if arguments.replay is not None:
         messages = replay_csv(
             arguments.replay,
@@ -234,7 +251,12 @@ def _bench(arguments: argparse.Namespace) -> int:
         from citytel.devtools import bench_e2e
 
         return bench_e2e.main_e2e(
-            arguments.messages, arguments.output, arguments.plot, arguments.step_seconds, arguments.secure
+            arguments.messages,
+            arguments.output,
+            arguments.plot,
+            arguments.step_seconds,
+            arguments.secure,
+            arguments.readings_per_message,
         )
     if arguments.scenario == "fuzz":
         from citytel.devtools.fuzz import main_fuzz
@@ -293,6 +315,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
         choices=sorted(DURATION),
         help="a fault to give the first device that can have it, once warm (may repeat)",
     )
+    simulate.add_argument(
+        "--readings-per-message",
+        type=_positive_int,
+        default=None,
+        help="send each device's readings in packs of this many, as a gateway does (JSON list or SenML pack)",
+    )
     simulate.add_argument("--replay", type=Path, default=None, help="publish a timestamp,value CSV instead")
     simulate.add_argument("--replay-device", default="traffic-replay")
     simulate.add_argument("--replay-kind", default="traffic")
@@ -336,6 +364,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
     bench.add_argument(
         "--secure", action="store_true", help="e2e: servers secured as the local stack runs them (TLS, logins, ACLs)"
+    )
+    bench.add_argument(
+        "--readings-per-message",
+        type=_sizes,
+        default=(1, 4, 20, 50),
+        help="e2e: drain packs of these many readings per message, e.g. 1,4,20,50 (empty: none)",
     )
     bench.add_argument(
         "--city-devices",

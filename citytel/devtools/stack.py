@@ -82,6 +82,35 @@ def kafka_libs() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
 
 
+TELEGRAF_VERSION = "1.37.2"
+# Only what the benchmark's Telegraf uses: a smaller binary, built in about a minute.
+_TELEGRAF_TAGS = "custom,inputs.mqtt_consumer,outputs.postgresql,parsers.json_v2"
+
+
+def telegraf_binary() -> Path | None:
+    """Telegraf, a peer from outside the project for ``citytel bench e2e``: built once from the
+    Go module proxy the machine's Go is configured with, and cached. None without Go."""
+    home = cache_dir() / f"telegraf-{TELEGRAF_VERSION}"
+    binary = home / "telegraf"
+    if binary.exists():
+        return binary
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if go is None:
+        return None
+    home.mkdir(parents=True, exist_ok=True)
+    print(f"building Telegraf {TELEGRAF_VERSION} for the benchmark (once, about a minute)...", flush=True)
+    built = subprocess.run(
+        [go, "install", "-tags", _TELEGRAF_TAGS, f"github.com/influxdata/telegraf/cmd/telegraf@v{TELEGRAF_VERSION}"],
+        env={**os.environ, "GOBIN": str(home)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise StackError(f"building Telegraf failed:\n{built.stderr[-2000:]}")
+    return binary
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far, in seconds (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
