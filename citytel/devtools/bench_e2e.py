@@ -1135,23 +1135,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
     steps = result["offered_load"]
     offered = [step["offered_msg_per_s"] * result["readings_per_message"] for step in steps]
     written = [step["written_readings_per_s"] for step in steps]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right, packs) = plt.subplots(1, 3, figsize=(16, 4.2))
     left.plot(offered, written, "o-", label="citytel, readings written")
     left.plot(offered, offered, ":", color="grey", label="offered")
     naive = result["references"]["naive_pipeline_readings_per_s"]
     if naive is not None:
         left.axhline(naive, color="red", ls="--", label="naive pipeline")
+    telegraf = result["references"].get("telegraf_drain_readings_per_s")
+    if telegraf is not None:
+        left.axhline(telegraf, color="purple", ls="-.", label="Telegraf's drain")
+    left.axhline(result["citytel_qos1"]["readings_per_s"], color="green", ls="-.", label="citytel's drain")
     left.set_xlabel("offered load (readings/s)")
     left.set_ylabel("readings/s")
     left.set_title("throughput")
     left.legend()
     for quantile in ("p50", "p95", "p99"):
         right.plot(offered, [step["latency_ms"][quantile] for step in steps], "o-", label=quantile)
-    right.axhline(250, color="red", ls="--", label="250 ms target (p99)")
+    right.axhline(100, color="orange", ls="--", label="p99 target up to 50% load (100 ms)")
+    right.axhline(250, color="red", ls="--", label="p99 target at 80% load (250 ms)")
     right.set_xlabel("offered load (readings/s)")
     right.set_ylabel("publish → row visible (ms)")
     right.set_title("latency")
     right.legend()
+    drains = result.get("packed", [])
+    if drains:
+        sizes = [str(drain["readings_per_message"]) for drain in drains]
+        packs.bar(sizes, [drain["readings_per_s"] for drain in drains], color="tab:blue")
+        packs.axhline(result["references"]["raw_copy_readings_per_s"], color="grey", ls="--", label="raw COPY")
+        packs.set_xlabel("readings per MQTT message")
+        packs.set_ylabel("readings/s, backlog drained")
+        packs.set_title("packed readings")
+        packs.legend()
     figure.suptitle("citytel end to end, QoS 1, one machine (2 cores)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
