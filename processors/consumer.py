@@ -90,6 +90,9 @@ class Processor:
         # Partitions whose state changed since their last checkpoint.
         self._unsaved: set[tuple[str, int]] = set()
         self._last_checkpoint = time.monotonic()
+        # Partitions still to save in the checkpoint under way: while batches keep coming, one
+        # is saved per batch, so a checkpoint never holds the readings behind it up for long.
+        self._checkpoint_round: list[tuple[str, int]] = []
         # The batch being written while the next one is scored (at most one).
         self._writing: asyncio.Task[bool] | None = None
         metrics.declare_stage(STAGE, ["records", "readings"])
@@ -223,7 +226,7 @@ class Processor:
                 # of what is written when it is taken.
                 if not await self._finish_write():
                     return False
-                await self._checkpoint_if_due()
+                await self._checkpoint_if_due(busy=True)
             owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
             # Scoring runs in a worker thread (numpy releases the GIL), so the previous batch's
             # database round trips go on meanwhile. One batch is written at a time, in order.
@@ -255,18 +258,30 @@ class Processor:
         task, self._writing = self._writing, None
         return True if task is None else await task
 
+    def _interval_passed(self) -> bool:
+        return time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
+
     def _checkpoint_due(self) -> bool:
-        return bool(self._unsaved or self._writing is not None) and (
-            time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
+        return bool(self._checkpoint_round) or (
+            bool(self._unsaved or self._writing is not None) and self._interval_passed()
         )
 
-    async def _checkpoint_if_due(self) -> None:
+    async def _checkpoint_if_due(self, *, busy: bool) -> None:
         """Save changed partitions once the interval has passed, also when no batch comes: an
-        idle processor must not sit on state it never saved."""
-        if self._unsaved and (
-            time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
-        ):
-            await self._checkpoint(sorted(self._unsaved))
+        idle processor must not sit on state it never saved. ``busy`` (a batch is waiting to
+        be scored): one partition now, the next with the next batch; idle: all that are left."""
+        if not self._checkpoint_round and self._unsaved and self._interval_passed():
+            self._checkpoint_round = sorted(self._unsaved)
+        if not self._checkpoint_round:
+            return
+        if busy:
+            partitions, self._checkpoint_round = self._checkpoint_round[:1], self._checkpoint_round[1:]
+        else:
+            partitions, self._checkpoint_round = self._checkpoint_round, []
+        await self._checkpoint(partitions)
+        if self._unsaved.intersection(partitions):
+            # The store is away: the round starts again once the retry wait has passed.
+            self._checkpoint_round = []
 
     async def _commit(self, offsets: Offsets) -> None:
         assert self._consumer is not None
@@ -460,7 +475,7 @@ class Processor:
                         # Nothing new: let the last batch land, and save state if it is time.
                         if not await self._finish_write():
                             break
-                        await self._checkpoint_if_due()
+                        await self._checkpoint_if_due(busy=False)
                     continue
                 records = [record for partition_records in fetched.values() for record in partition_records]
                 offsets = {
