@@ -105,10 +105,23 @@ class StateStore:
         self._group = consumer_group
         self._connection: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
-    async def _connected(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        if self._connection is None or self._connection.closed:
-            self._connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-        return self._connection
+    async def _execute(self, query: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
+        """Run one statement and return its first row, if any. A kept connection may have died
+        since its last use (the server restarted): that one is replaced and the statement tried
+        once more before the store counts as away."""
+        for attempt in range(2):
+            fresh = self._connection is None or self._connection.closed
+            try:
+                if fresh:
+                    self._connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                assert self._connection is not None
+                cursor = await self._connection.execute(query, params)
+                return await cursor.fetchone() if cursor.description else None
+            except psycopg.OperationalError:
+                await self._forget()
+                if fresh or attempt == 1:
+                    raise
+        return None  # not reached: the second attempt returns or raises
 
     async def _forget(self) -> None:
         """After an error the connection may be half-broken: the next call makes a new one."""
@@ -118,8 +131,7 @@ class StateStore:
 
     async def save(self, topic: str, partition: int, next_offset: int, blob: bytes, series: int) -> None:
         try:
-            connection = await self._connected()
-            await connection.execute(
+            await self._execute(
                 "INSERT INTO detector_state (consumer_group, topic, partition, next_offset, series, state)"
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (consumer_group, topic, partition) DO UPDATE"
                 " SET next_offset = EXCLUDED.next_offset, series = EXCLUDED.series, state = EXCLUDED.state,"
@@ -132,13 +144,11 @@ class StateStore:
 
     async def load(self, topic: str, partition: int) -> tuple[int, bytes] | None:
         try:
-            connection = await self._connected()
-            cursor = await connection.execute(
+            row = await self._execute(
                 "SELECT next_offset, state FROM detector_state"
                 " WHERE consumer_group = %s AND topic = %s AND partition = %s",
                 (self._group, topic, partition),
             )
-            row = await cursor.fetchone()
         except psycopg.Error as error:
             await self._forget()
             raise RetryableError(f"loading partition {partition}'s state failed: {error}") from error
