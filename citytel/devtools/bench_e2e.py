@@ -1159,8 +1159,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.legend()
     drains = result.get("packed", [])
     if drains:
-        sizes = [str(drain["readings_per_message"]) for drain in drains]
-        packs.bar(sizes, [drain["readings_per_s"] for drain in drains], color="tab:blue")
+        positions = list(range(len(drains)))
+        packs.bar(positions, [drain["readings_per_s"] for drain in drains], color="tab:blue")
+        packs.set_xticks(positions, [str(drain["readings_per_message"]) for drain in drains])
         packs.axhline(result["references"]["raw_copy_readings_per_s"], color="grey", ls="--", label="raw COPY")
         packs.set_xlabel("readings per MQTT message")
         packs.set_ylabel("readings/s, backlog drained")
