@@ -195,20 +195,40 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
     return asyncio.run(run())
 
 
-def _telegraf_config(settings: Settings, client_id: str, topic_filter: str, table: str) -> str:
+def _telegraf_config(settings: Settings, client_id: str, topic_filter: str, table: str, *, packs: bool) -> str:
     """As fair a Telegraf as we can make it: typed float fields, a large undelivered window
-    (its default of 1,000 drains at a twentieth of the rate), big batches, a hypertable."""
+    (its default of 1,000 drains at a twentieth of the rate), big batches, a hypertable.
+    ``packs``: the payloads are JSON lists of readings (a row per item)."""
     database = settings.database
     connection = f"host={database.host} port={database.port} user={database.user} dbname={database.dbname}"
     metrics = sorted({metric for kind in settings.kinds.values() for metric in kind.metrics})
-    fields = "".join(
-        "    [[inputs.mqtt_consumer.json_v2.field]]\n"
-        f'      path = "values.{metric}"\n'
-        f'      rename = "{metric}"\n'
-        '      type = "float"\n'
-        "      optional = true\n"
-        for metric in metrics
-    )
+    if packs:
+        # Each item of the list one metric; json_v2 names nested keys values_<metric>.
+        parser = (
+            "    [[inputs.mqtt_consumer.json_v2.object]]\n"
+            '      path = "@this"\n'
+            '      timestamp_key = "time"\n'
+            '      timestamp_format = "unix"\n'
+            '      tags = ["device_id"]\n'
+            "      [inputs.mqtt_consumer.json_v2.object.renames]\n"
+            + "".join(f'        values_{metric} = "{metric}"\n' for metric in metrics)
+            + "      [inputs.mqtt_consumer.json_v2.object.fields]\n"
+            + "".join(f'        values_{metric} = "float"\n' for metric in metrics)
+        )
+    else:
+        parser = (
+            '    timestamp_path = "time"\n'
+            '    timestamp_format = "unix"\n'
+            "    [[inputs.mqtt_consumer.json_v2.tag]]\n"
+            '      path = "device_id"\n'
+        ) + "".join(
+            "    [[inputs.mqtt_consumer.json_v2.field]]\n"
+            f'      path = "values.{metric}"\n'
+            f'      rename = "{metric}"\n'
+            '      type = "float"\n'
+            "      optional = true\n"
+            for metric in metrics
+        )
     templates = [
         "CREATE TABLE {{ .table }} ({{ .columns }})",
         f"SELECT create_hypertable('{table}', 'time', chunk_time_interval => INTERVAL '1 day')",
@@ -231,11 +251,7 @@ def _telegraf_config(settings: Settings, client_id: str, topic_filter: str, tabl
         '  topic_tag = ""\n'
         "  [[inputs.mqtt_consumer.json_v2]]\n"
         f'    measurement_name = "{table}"\n'
-        '    timestamp_path = "time"\n'
-        '    timestamp_format = "unix"\n'
-        "    [[inputs.mqtt_consumer.json_v2.tag]]\n"
-        '      path = "device_id"\n'
-        f"{fields}\n"
+        f"{parser}\n"
         "[[outputs.postgresql]]\n"
         f'  connection = "{connection} sslmode=disable"\n'
         f"  create_templates = {json.dumps(templates)}\n"
@@ -252,34 +268,41 @@ def _table_rows(conninfo: str, table: str) -> int:
         return int(counted[0]) if counted else 0
 
 
-def _telegraf_reference(
-    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str
-) -> dict[str, float] | None:
-    """Telegraf (mqtt_consumer → outputs.postgresql) draining the same QoS 1 backlog from its
-    persistent session into a hypertable of the same database: one wide row per message.
-    None where Telegraf cannot be had (no Go on the machine)."""
-    binary = stack.telegraf_binary()
-    if binary is None:
-        return None
+def _telegraf_session(settings: Settings, topic_filter: str) -> str:
+    """A persistent session for Telegraf's client id: what is published from now on queues for it."""
     client_id = f"bench-telegraf-{uuid.uuid4().hex[:8]}"
-    table = client_id.replace("-", "_")
-    config = run_dir / "telegraf.conf"
-    config.write_text(_telegraf_config(settings, client_id, topic_filter, table))
     create_session(settings.mqtt.port, client_id, "3.1.1", topic_filter, settings.mqtt.max_inflight)
-    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000)
+    return client_id
+
+
+def _telegraf_drain(
+    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str, client_id: str
+) -> dict[str, float]:
+    """Telegraf (mqtt_consumer → outputs.postgresql) draining the backlog queued in its
+    persistent session (``_telegraf_session``) into a hypertable of the same database: one wide
+    row per reading object (a message, or an item of a pack). Rates and CPU per message and
+    per reading."""
+    binary = stack.telegraf_binary()
+    assert binary is not None, "checked by the caller"
+    packs = any(message.packed for message in backlog)
+    # A pack's list holds an object per instant.
+    rows = sum(len({time_s for time_s, _, _ in message.packed}) if packs else 1 for message in backlog)
+    table = client_id.replace("-", "_")
+    config = run_dir / f"{client_id}.conf"
+    config.write_text(_telegraf_config(settings, client_id, topic_filter, table, packs=packs))
     conninfo = settings.database.conninfo()
-    with (run_dir / "telegraf.log").open("ab") as log:
+    with (run_dir / f"{client_id}.log").open("ab") as log:
         telegraf = subprocess.Popen([str(binary), "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
     sampler = _ProcessSampler({"telegraf": telegraf.pid})
     sampler.start()
     started = time.perf_counter()
     try:
         deadline = time.monotonic() + 600
-        while _table_rows(conninfo, table) < len(backlog):
+        while _table_rows(conninfo, table) < rows:
             if telegraf.poll() is not None:
-                raise RuntimeError(f"Telegraf exited with code {telegraf.returncode}; see {run_dir / 'telegraf.log'}")
+                raise RuntimeError(f"Telegraf exited with code {telegraf.returncode}; see {run_dir / client_id}.log")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Telegraf had not stored {len(backlog)} rows after 600 s")
+                raise RuntimeError(f"Telegraf had not stored {rows} rows after 600 s")
             time.sleep(0.1)
         seconds = time.perf_counter() - started
         cpu = sampler.stop()["telegraf"]
@@ -287,10 +310,27 @@ def _telegraf_reference(
         telegraf.terminate()
         telegraf.wait(timeout=30)
     drop_session(settings.mqtt.port, client_id)
+    readings = _readings_in(backlog)
     return {
-        "telegraf_drain_msg_per_s": round(len(backlog) / seconds),
-        "telegraf_drain_readings_per_s": round(_readings_in(backlog) / seconds),
-        "telegraf_cpu_us_per_message": round(cpu["cpu_seconds"] * 1e6 / len(backlog), 1),
+        "msg_per_s": round(len(backlog) / seconds),
+        "readings_per_s": round(readings / seconds),
+        "cpu_us_per_message": round(cpu["cpu_seconds"] * 1e6 / len(backlog), 1),
+        "cpu_us_per_reading": round(cpu["cpu_seconds"] * 1e6 / readings, 2),
+    }
+
+
+def _telegraf_reference(
+    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str
+) -> dict[str, float] | None:
+    if stack.telegraf_binary() is None:
+        return None
+    client_id = _telegraf_session(settings, topic_filter)
+    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000)
+    drained = _telegraf_drain(settings, run_dir, backlog, topic_filter, client_id)
+    return {
+        "telegraf_drain_msg_per_s": drained["msg_per_s"],
+        "telegraf_drain_readings_per_s": drained["readings_per_s"],
+        "telegraf_cpu_us_per_message": drained["cpu_us_per_message"],
     }
 
 
@@ -879,10 +919,13 @@ def _packed_drain(
     size: int,
     readings: int,
     start: float,
+    *,
+    telegraf: bool,
 ) -> dict[str, Any]:
     """A backlog of about ``readings`` readings in packs of ``size`` (a JSON list per message,
     as gateways send them) queued while the bridge is stopped, then drained: readings/s and
-    CPU per reading of each process. ``children[1]`` (the bridge) is replaced by a new one."""
+    CPU per reading of each process. ``children[1]`` (the bridge) is replaced by a new one.
+    ``telegraf``: Telegraf drains the same packs first, from a session of its own."""
     bridge = children[1]
     bridge.terminate()
     bridge.wait(timeout=30)
@@ -894,7 +937,11 @@ def _packed_drain(
         total += message.readings
         if total >= readings:
             break
+    topic_filter = f"{settings.mqtt.topic_prefix}/+/+/+/up"
+    telegraf_id = _telegraf_session(settings, topic_filter) if telegraf else None
+    # Queued once, for the bridge's session and Telegraf's alike.
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
+    peer = None if telegraf_id is None else _telegraf_drain(settings, run_dir, backlog, topic_filter, telegraf_id)
     children[1] = spawn_citytel(["bridge"], config, run_dir, f"bridge-packs-of-{size}", "WARNING")
     sampler = _ProcessSampler(
         {
@@ -923,6 +970,7 @@ def _packed_drain(
         "msg_per_s": round(len(backlog) / seconds),
         "readings_per_s": round(total / seconds),
         "processes": processes,
+        "telegraf": peer,
     }
 
 
@@ -1077,7 +1125,17 @@ def bench_e2e(
         # clear of every other part's, so no reading repeats one already stored.
         result["packed"] = [
             _packed_drain(
-                settings, config, run_dir, access, children, servers, size, pack_readings, time.time() - 5400 + 600 * n
+                settings,
+                config,
+                run_dir,
+                access,
+                children,
+                servers,
+                size,
+                pack_readings,
+                time.time() - 5400 + 600 * n,
+                # On an open broker only (Telegraf has no login on a secured one).
+                telegraf=not secure and stack.telegraf_binary() is not None,
             )
             for n, size in enumerate(pack_sizes)
         ]
@@ -1104,6 +1162,11 @@ def bench_e2e(
             "pipeline_cpu_us_per_message": round(
                 sum(figures["cpu_us_per_message"] for figures in result["citytel_qos1"]["processes"].values()), 1
             ),
+            "e2e_readings_per_s_largest_packs_vs_telegraf": round(
+                result["packed"][-1]["readings_per_s"] / result["packed"][-1]["telegraf"]["readings_per_s"], 3
+            )
+            if result["packed"] and result["packed"][-1]["telegraf"]
+            else None,
             "e2e_readings_per_s_largest_packs_vs_raw_copy": round(
                 result["packed"][-1]["readings_per_s"] / references["raw_copy_readings_per_s"], 3
             )
@@ -1159,8 +1222,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.legend()
     drains = result.get("packed", [])
     if drains:
-        positions = list(range(len(drains)))
-        packs.bar(positions, [drain["readings_per_s"] for drain in drains], color="tab:blue")
+        positions = np.arange(len(drains))
+        packs.bar(positions - 0.2, [drain["readings_per_s"] for drain in drains], 0.4, label="citytel")
+        peers = [drain["telegraf"]["readings_per_s"] if drain["telegraf"] else 0 for drain in drains]
+        if any(peers):
+            packs.bar(positions + 0.2, peers, 0.4, color="purple", label="Telegraf")
         packs.set_xticks(positions, [str(drain["readings_per_message"]) for drain in drains])
         packs.axhline(result["references"]["raw_copy_readings_per_s"], color="grey", ls="--", label="raw COPY")
         packs.set_xlabel("readings per MQTT message")
@@ -1228,6 +1294,12 @@ def main_e2e(
             f"  packs of {drain['readings_per_message']:>3} readings: {drain['readings_per_s']:>8,} readings/s"
             f" ({drain['msg_per_s']:,} msg/s); CPU µs per reading: {cpu}"
         )
+        if drain["telegraf"] is not None:
+            peer = drain["telegraf"]
+            print(
+                f"      Telegraf, same packs: {peer['readings_per_s']:>8,} readings/s,"
+                f" {peer['cpu_us_per_reading']} µs CPU per reading (Telegraf alone)"
+            )
     ratios = result["ratios"]
     print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
           f"{ratios['e2e_qos1_vs_naive_pipeline']}, p99 at half load {ratios['p99_ms_at_half_load']} ms")  # fmt: skip
