@@ -909,6 +909,19 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
     return settings, access
 
 
+def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    """A bridge process, returned once its metrics port answers: it has imported its modules
+    and is about to connect. Its CPU is then sampled from connecting on, as the bare paho
+    client's is (whose imports are this process's)."""
+    bridge = spawn_citytel(["bridge"], config, run_dir, name, "WARNING")
+    deadline = time.monotonic() + 60
+    while not stack.port_open(settings.metrics.bridge_port):
+        if bridge.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the bridge did not start; see {run_dir / name}.log")
+        time.sleep(0.005)
+    return bridge
+
+
 def _packed_drain(
     settings: Settings,
     config: Path,
@@ -942,7 +955,7 @@ def _packed_drain(
     # Queued once, for the bridge's session and Telegraf's alike.
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
     peer = None if telegraf_id is None else _telegraf_drain(settings, run_dir, backlog, topic_filter, telegraf_id)
-    children[1] = spawn_citytel(["bridge"], config, run_dir, f"bridge-packs-of-{size}", "WARNING")
+    children[1] = _spawn_bridge(settings, config, run_dir, f"bridge-packs-of-{size}")
     sampler = _ProcessSampler(
         {
             "bridge": children[1].pid,
@@ -1084,7 +1097,7 @@ def bench_e2e(
             warm_bridge.wait(timeout=30)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
-        children.append(spawn_citytel(["bridge"], config, run_dir, "bridge", "WARNING"))
+        children.append(_spawn_bridge(settings, config, run_dir, "bridge"))
         sampler = _ProcessSampler(
             {
                 "bridge": children[1].pid,
