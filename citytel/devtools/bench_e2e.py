@@ -493,13 +493,6 @@ def _wait_partitions(processor_port: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _bridge_started(bridge_port: int) -> bool:
-    try:
-        return _metric(bridge_port, 'citytel_stage_received_total{stage="bridge",unit="messages"}') > 0
-    except OSError:  # not listening yet
-        return False
-
-
 def _progress(conninfo: str, processor_port: int) -> tuple[int, float]:
     return _count(conninfo), _written(processor_port)
 
@@ -510,17 +503,16 @@ def _wait_rows(
     readings: int,
     timeout: float,
     since: tuple[int, float] | None = None,
-    bridge_port: int | None = None,
+    started: float | None = None,
 ) -> float:
     """Seconds until the processor has committed ``readings`` more readings, which the database
     must then hold: more than it had written (and the database held) when called, or at
     ``since`` ((rows, readings written) from ``_progress``). Counted from the processor's first
-    new commit, or, given ``bridge_port``, from the moment the bridge took its first message
-    (a backlog drain: the pipeline's start-up inside the window, as the bare drain's is)."""
+    new commit, or from ``started`` (``time.perf_counter()``: a backlog drain counts from its
+    bridge's start, the pipeline's start-up inside the window, as the bare drain's is)."""
     deadline = time.monotonic() + timeout
     before_rows = _count(conninfo) if since is None else since[0]
     baseline: float | None = None if since is None else since[1]
-    started: float | None = None
     while True:
         try:
             total = _written(processor_port)
@@ -531,7 +523,7 @@ def _wait_rows(
             continue
         baseline = total if baseline is None else baseline
         written = total - baseline
-        if started is None and (written > 0 or (bridge_port is not None and _bridge_started(bridge_port))):
+        if started is None and written > 0:
             started = time.perf_counter()
         if written >= readings:
             seconds = time.perf_counter() - (started or time.perf_counter())
@@ -909,17 +901,17 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
     return settings, access
 
 
-def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) -> subprocess.Popen[bytes]:
-    """A bridge process, returned once its metrics port answers: it has imported its modules
-    and is about to connect. Its CPU is then sampled from connecting on, as the bare paho
-    client's is (whose imports are this process's)."""
+def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) -> tuple[subprocess.Popen[bytes], float]:
+    """A bridge process and the moment (``time.perf_counter()``) its metrics port answered: it
+    has imported its modules and is about to connect. A drain is timed, and the bridge's CPU
+    sampled, from then on, as the bare paho client's (whose imports are this process's)."""
     bridge = spawn_citytel(["bridge"], config, run_dir, name, "WARNING")
     deadline = time.monotonic() + 60
     while not stack.port_open(settings.metrics.bridge_port):
         if bridge.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the bridge did not start; see {run_dir / name}.log")
         time.sleep(0.005)
-    return bridge
+    return bridge, time.perf_counter()
 
 
 def _packed_drain(
@@ -955,7 +947,8 @@ def _packed_drain(
     # Queued once, for the bridge's session and Telegraf's alike.
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
     peer = None if telegraf_id is None else _telegraf_drain(settings, run_dir, backlog, topic_filter, telegraf_id)
-    children[1] = _spawn_bridge(settings, config, run_dir, f"bridge-packs-of-{size}")
+    before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
+    children[1], started = _spawn_bridge(settings, config, run_dir, f"bridge-packs-of-{size}")
     sampler = _ProcessSampler(
         {
             "bridge": children[1].pid,
@@ -971,7 +964,8 @@ def _packed_drain(
         settings.metrics.processor_port,
         total,
         timeout=600,
-        bridge_port=settings.metrics.bridge_port,
+        since=before,
+        started=started,
     )
     processes = sampler.stop()
     for figures in processes.values():
@@ -1097,7 +1091,9 @@ def bench_e2e(
             warm_bridge.wait(timeout=30)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
-        children.append(_spawn_bridge(settings, config, run_dir, "bridge"))
+        before_drain = _progress(conninfo, settings.metrics.processor_port)
+        bridge, drain_started = _spawn_bridge(settings, config, run_dir, "bridge")
+        children.append(bridge)
         sampler = _ProcessSampler(
             {
                 "bridge": children[1].pid,
@@ -1114,7 +1110,8 @@ def bench_e2e(
             settings.metrics.processor_port,
             drain_readings,
             timeout=600,
-            bridge_port=settings.metrics.bridge_port,
+            since=before_drain,
+            started=drain_started,
         )
         processes = sampler.stop()
         for figures in processes.values():
