@@ -126,10 +126,13 @@ class _ProcessSampler:
                 continue
         return total
 
+    def _sample_rss(self) -> None:
+        for name, pid in self._pids.items():
+            self.peak_rss_mb[name] = max(self.peak_rss_mb[name], self._rss_mb(pid))
+
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
-            for name, pid in self._pids.items():
-                self.peak_rss_mb[name] = max(self.peak_rss_mb[name], self._rss_mb(pid))
+            self._sample_rss()
 
     def start(self) -> None:
         self._cpu_start = {name: self._cpu_seconds(pid) for name, pid in self._pids.items()}
@@ -139,6 +142,8 @@ class _ProcessSampler:
     def stop(self) -> dict[str, dict[str, float]]:
         self._stop.set()
         self._thread.join()
+        # A drain shorter than the sampling period still has its memory measured.
+        self._sample_rss()
         elapsed = time.perf_counter() - self._started
         return {
             name: {
@@ -914,6 +919,45 @@ def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) ->
     return bridge, time.perf_counter()
 
 
+def _timed_drain(
+    settings: Settings,
+    config: Path,
+    run_dir: Path,
+    children: list[subprocess.Popen[bytes]],
+    servers: dict[str, stack.Server],
+    readings: int,
+    name: str,
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """Start a bridge (``children[1]``, after the processor) on the backlog queued in its
+    session and wait until ``readings`` more readings are in the database: seconds from the
+    bridge's start, and each process's CPU and memory meanwhile."""
+    before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
+    bridge, started = _spawn_bridge(settings, config, run_dir, name)
+    if len(children) > 1:
+        children[1] = bridge
+    else:
+        children.append(bridge)
+    sampler = _ProcessSampler(
+        {
+            "bridge": bridge.pid,
+            "processor": children[0].pid,
+            "mosquitto": servers["mosquitto"].pid,
+            "kafka": servers["kafka"].pid,
+            "postgres": servers["postgres"].pid,
+        }
+    )
+    sampler.start()
+    seconds = _wait_rows(
+        settings.database.conninfo(),
+        settings.metrics.processor_port,
+        readings,
+        timeout=600,
+        since=before,
+        started=started,
+    )
+    return seconds, sampler.stop()
+
+
 def _packed_drain(
     settings: Settings,
     config: Path,
@@ -947,27 +991,7 @@ def _packed_drain(
     # Queued once, for the bridge's session and Telegraf's alike.
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
     peer = None if telegraf_id is None else _telegraf_drain(settings, run_dir, backlog, topic_filter, telegraf_id)
-    before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
-    children[1], started = _spawn_bridge(settings, config, run_dir, f"bridge-packs-of-{size}")
-    sampler = _ProcessSampler(
-        {
-            "bridge": children[1].pid,
-            "processor": children[0].pid,
-            "mosquitto": servers["mosquitto"].pid,
-            "kafka": servers["kafka"].pid,
-            "postgres": servers["postgres"].pid,
-        }
-    )
-    sampler.start()
-    seconds = _wait_rows(
-        settings.database.conninfo(),
-        settings.metrics.processor_port,
-        total,
-        timeout=600,
-        since=before,
-        started=started,
-    )
-    processes = sampler.stop()
+    seconds, processes = _timed_drain(settings, config, run_dir, children, servers, total, f"bridge-packs-of-{size}")
     for figures in processes.values():
         figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
     return {
@@ -1091,29 +1115,8 @@ def bench_e2e(
             warm_bridge.wait(timeout=30)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
-        before_drain = _progress(conninfo, settings.metrics.processor_port)
-        bridge, drain_started = _spawn_bridge(settings, config, run_dir, "bridge")
-        children.append(bridge)
-        sampler = _ProcessSampler(
-            {
-                "bridge": children[1].pid,
-                "processor": children[0].pid,
-                "mosquitto": servers["mosquitto"].pid,
-                "kafka": servers["kafka"].pid,
-                "postgres": servers["postgres"].pid,
-            }
-        )
-        sampler.start()
         drain_readings = _readings_in(drain_backlog)
-        seconds = _wait_rows(
-            conninfo,
-            settings.metrics.processor_port,
-            drain_readings,
-            timeout=600,
-            since=before_drain,
-            started=drain_started,
-        )
-        processes = sampler.stop()
+        seconds, processes = _timed_drain(settings, config, run_dir, children, servers, drain_readings, "bridge")
         for figures in processes.values():
             # Everything shares two cores, so CPU per message is what bounds the rate.
             figures["cpu_us_per_message"] = round(figures["cpu_seconds"] * 1e6 / len(drain_backlog), 1)

@@ -10,22 +10,42 @@ from pathlib import Path
 
 import pytest
 
+from citytel.devtools import stack
 from citytel.devtools.bench_e2e import bench_e2e, plot
 
 pytestmark = pytest.mark.integration
 
 
 def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path: Path) -> None:
-    result = bench_e2e(messages=3000, steps=(0.5,), step_seconds=2.0)
+    result = bench_e2e(messages=3000, steps=(0.5,), step_seconds=2.0, pack_sizes=(1, 20), pack_readings=2000)
     references = result["references"]
+    peers = ["mosquitto_sub_drain_msg_per_s"]
+    # Telegraf is built on first use where Go is installed (these machines have it).
+    telegraf = stack.telegraf_binary() is not None
+    if telegraf:
+        peers += ["telegraf_drain_msg_per_s", "telegraf_drain_readings_per_s", "telegraf_cpu_us_per_message"]
     for name in (
         "bare_paho_drain_msg_per_s",
         "produce_records_per_s",
         "consume_records_per_s",
         "raw_copy_readings_per_s",
         "naive_pipeline_readings_per_s",
+        *peers,
     ):
         assert references[name] > 0, name
+    assert [drain["readings_per_message"] for drain in result["packed"]] == [1, 20]
+    for drain in result["packed"]:
+        assert drain["readings"] >= 2000
+        # Every message carries exactly that many readings: the backlog stops before any
+        # device's short remainder.
+        assert drain["readings"] == drain["messages"] * drain["readings_per_message"]
+        assert drain["readings_per_s"] > 0
+        assert drain["processes"]["bridge"]["cpu_us_per_reading"] > 0
+        if telegraf:
+            assert drain["telegraf"]["readings_per_s"] > 0
+    if telegraf:
+        assert result["ratios"]["e2e_qos1_vs_telegraf"] > 0
+        assert result["ratios"]["e2e_readings_per_s_largest_packs_vs_telegraf"] > 0
     qos1 = result["citytel_qos1"]
     assert qos1["readings_per_s"] == pytest.approx(qos1["msg_per_s"] * result["readings_per_message"], rel=0.05)
     assert set(qos1["processes"]) == {"bridge", "processor", "mosquitto", "kafka", "postgres"}
@@ -90,8 +110,13 @@ def test_the_end_to_end_benchmark_runs_on_servers_secured_as_the_local_stack_run
     """TLS and a login per client everywhere: the load generator (a gateway), the reference
     subscriber, the bridge, the processor and the raw Kafka reference all get through, and
     the pipeline stores what was published."""
-    result = bench_e2e(messages=2000, steps=(0.5,), step_seconds=2.0, secure=True)
+    result = bench_e2e(messages=2000, steps=(0.5,), step_seconds=2.0, secure=True, pack_sizes=(4,), pack_readings=2000)
     assert result["references"]["bare_paho_drain_msg_per_s"] > 0
+    # Peers from outside the project have no login on a secured broker.
+    assert "telegraf_drain_msg_per_s" not in result["references"]
+    [drain] = result["packed"]
+    assert drain["readings_per_s"] > 0
+    assert drain["telegraf"] is None
     assert result["references"]["produce_records_per_s"] > 0
     assert result["references"]["naive_pipeline_readings_per_s"] is None
     assert result["citytel_qos1"]["msg_per_s"] > 0
