@@ -109,19 +109,20 @@ class StateStore:
         """Run one statement and return its first row, if any. A kept connection may have died
         since its last use (the server restarted): that one is replaced and the statement tried
         once more before the store counts as away."""
-        for attempt in range(2):
-            fresh = self._connection is None or self._connection.closed
-            try:
-                if fresh:
-                    self._connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-                assert self._connection is not None
-                cursor = await self._connection.execute(query, params)
-                return await cursor.fetchone() if cursor.description else None
-            except psycopg.OperationalError:
-                await self._forget()
-                if fresh or attempt == 1:
-                    raise
-        return None  # not reached: the second attempt returns or raises
+        kept = self._connection is not None and not self._connection.closed
+        try:
+            return await self._run(query, params)
+        except psycopg.OperationalError:
+            await self._forget()
+            if not kept:
+                raise
+        return await self._run(query, params)
+
+    async def _run(self, query: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        cursor = await self._connection.execute(query, params)
+        return await cursor.fetchone() if cursor.description else None
 
     async def _forget(self) -> None:
         """After an error the connection may be half-broken: the next call makes a new one."""

@@ -281,14 +281,12 @@ def _telegraf_session(settings: Settings, topic_filter: str) -> str:
 
 
 def _telegraf_drain(
-    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str, client_id: str
+    binary: Path, settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str, client_id: str
 ) -> dict[str, float]:
     """Telegraf (mqtt_consumer → outputs.postgresql) draining the backlog queued in its
     persistent session (``_telegraf_session``) into a hypertable of the same database: one wide
     row per reading object (a message, or an item of a pack). Rates and CPU per message and
     per reading."""
-    binary = stack.telegraf_binary()
-    assert binary is not None, "checked by the caller"
     packs = any(message.packed for message in backlog)
     # A pack's list holds an object per instant.
     rows = sum(len({time_s for time_s, _, _ in message.packed}) if packs else 1 for message in backlog)
@@ -325,13 +323,11 @@ def _telegraf_drain(
 
 
 def _telegraf_reference(
-    settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str
-) -> dict[str, float] | None:
-    if stack.telegraf_binary() is None:
-        return None
+    binary: Path, settings: Settings, run_dir: Path, backlog: list[Message], topic_filter: str
+) -> dict[str, float]:
     client_id = _telegraf_session(settings, topic_filter)
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000)
-    drained = _telegraf_drain(settings, run_dir, backlog, topic_filter, client_id)
+    drained = _telegraf_drain(binary, settings, run_dir, backlog, topic_filter, client_id)
     return {
         "telegraf_drain_msg_per_s": drained["msg_per_s"],
         "telegraf_drain_readings_per_s": drained["readings_per_s"],
@@ -906,6 +902,19 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
     return settings, access
 
 
+@dataclass
+class _Pipeline:
+    """The run's servers and citytel processes, as the drains need them: the processor is
+    ``children[0]``, the bridge ``children[1]`` (the caller stops them all)."""
+
+    settings: Settings
+    config: Path
+    run_dir: Path
+    access: _Access
+    servers: dict[str, stack.Server]
+    children: list[subprocess.Popen[bytes]]
+
+
 def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) -> tuple[subprocess.Popen[bytes], float]:
     """A bridge process and the moment (``time.perf_counter()``) its metrics port answered: it
     has imported its modules and is about to connect. A drain is timed, and the bridge's CPU
@@ -919,20 +928,13 @@ def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) ->
     return bridge, time.perf_counter()
 
 
-def _timed_drain(
-    settings: Settings,
-    config: Path,
-    run_dir: Path,
-    children: list[subprocess.Popen[bytes]],
-    servers: dict[str, stack.Server],
-    readings: int,
-    name: str,
-) -> tuple[float, dict[str, dict[str, float]]]:
+def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, dict[str, dict[str, float]]]:
     """Start a bridge (``children[1]``, after the processor) on the backlog queued in its
     session and wait until ``readings`` more readings are in the database: seconds from the
     bridge's start, and each process's CPU and memory meanwhile."""
+    settings, children, servers = pipeline.settings, pipeline.children, pipeline.servers
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
-    bridge, started = _spawn_bridge(settings, config, run_dir, name)
+    bridge, started = _spawn_bridge(settings, pipeline.config, pipeline.run_dir, name)
     if len(children) > 1:
         children[1] = bridge
     else:
@@ -958,24 +960,13 @@ def _timed_drain(
     return seconds, sampler.stop()
 
 
-def _packed_drain(
-    settings: Settings,
-    config: Path,
-    run_dir: Path,
-    access: _Access,
-    children: list[subprocess.Popen[bytes]],
-    servers: dict[str, stack.Server],
-    size: int,
-    readings: int,
-    start: float,
-    *,
-    telegraf: bool,
-) -> dict[str, Any]:
+def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, telegraf: Path | None) -> dict[str, Any]:
     """A backlog of about ``readings`` readings in packs of ``size`` (a JSON list per message,
     as gateways send them) queued while the bridge is stopped, then drained: readings/s and
     CPU per reading of each process. ``children[1]`` (the bridge) is replaced by a new one.
-    ``telegraf``: Telegraf drains the same packs first, from a session of its own."""
-    bridge = children[1]
+    ``telegraf`` (its binary): Telegraf drains the same packs first, from a session of its own."""
+    settings = pipeline.settings
+    bridge = pipeline.children[1]
     bridge.terminate()
     bridge.wait(timeout=30)
     stream = pack(_city_messages(settings.mqtt.topic_prefix, 30 + size, start), size)
@@ -987,11 +978,13 @@ def _packed_drain(
         if total >= readings:
             break
     topic_filter = f"{settings.mqtt.topic_prefix}/+/+/+/up"
-    telegraf_id = _telegraf_session(settings, topic_filter) if telegraf else None
+    telegraf_id = _telegraf_session(settings, topic_filter) if telegraf else ""
     # Queued once, for the bridge's session and Telegraf's alike.
-    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=access.publisher)
-    peer = None if telegraf_id is None else _telegraf_drain(settings, run_dir, backlog, topic_filter, telegraf_id)
-    seconds, processes = _timed_drain(settings, config, run_dir, children, servers, total, f"bridge-packs-of-{size}")
+    publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=pipeline.access.publisher)
+    peer = (
+        _telegraf_drain(telegraf, settings, pipeline.run_dir, backlog, topic_filter, telegraf_id) if telegraf else None
+    )
+    seconds, processes = _timed_drain(pipeline, total, f"bridge-packs-of-{size}")
     for figures in processes.values():
         figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
     return {
@@ -1068,7 +1061,12 @@ def bench_e2e(
         records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
         kafka = _kafka_reference(settings, records)
         # Peers from outside the project, on an open broker only (they have no logins there).
-        telegraf = None if secure else _telegraf_reference(settings, run_dir, backlog, topic_filter)
+        telegraf_binary = None if secure else stack.telegraf_binary()
+        telegraf = (
+            None
+            if telegraf_binary is None
+            else _telegraf_reference(telegraf_binary, settings, run_dir, backlog, topic_filter)
+        )
         ceiling = None if secure else _mosquitto_sub_ceiling(settings, backlog, topic_filter)
         copy_rate = _copy_reference(conninfo, min(500_000, 5 * messages))
         naive_count = min(3000, messages)
@@ -1116,7 +1114,8 @@ def bench_e2e(
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         drain_readings = _readings_in(drain_backlog)
-        seconds, processes = _timed_drain(settings, config, run_dir, children, servers, drain_readings, "bridge")
+        pipeline = _Pipeline(settings, config, run_dir, access, servers, children)
+        seconds, processes = _timed_drain(pipeline, drain_readings, "bridge")
         for figures in processes.values():
             # Everything shares two cores, so CPU per message is what bounds the rate.
             figures["cpu_us_per_message"] = round(figures["cpu_seconds"] * 1e6 / len(drain_backlog), 1)
@@ -1137,19 +1136,7 @@ def bench_e2e(
         # Packed readings last: each drain replaces the bridge. Stream times 10 minutes apart,
         # clear of every other part's, so no reading repeats one already stored.
         result["packed"] = [
-            _packed_drain(
-                settings,
-                config,
-                run_dir,
-                access,
-                children,
-                servers,
-                size,
-                pack_readings,
-                time.time() - 5400 + 600 * n,
-                # On an open broker only (Telegraf has no login on a secured one).
-                telegraf=not secure and stack.telegraf_binary() is not None,
-            )
+            _packed_drain(pipeline, size, pack_readings, time.time() - 5400 + 600 * n, telegraf_binary)
             for n, size in enumerate(pack_sizes)
         ]
         references = result["references"]

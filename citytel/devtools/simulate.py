@@ -450,32 +450,36 @@ def pack(messages: Iterable[Message], readings_per_message: int, codec: str = "j
         raise ValueError("readings_per_message must be at least 1")
     if codec not in ("json", "senml"):
         raise ValueError(f"codec {codec!r}: packs are json or senml")
-    waiting: dict[str, list[tuple[float, str, float]]] = {}
-    topics: dict[str, str] = {}
-    sequences: dict[str, int] = {}
+    # Per device: its topic, the readings waiting for a message, and its messages so far.
+    waiting: dict[str, tuple[str, list[tuple[float, str, float]]]] = {}
+    sent: dict[str, int] = {}
+
+    def packed(device_id: str, readings: tuple[tuple[float, str, float], ...]) -> Message:
+        sequence = sent.get(device_id, 0)
+        sent[device_id] = sequence + 1
+        return _packed(device_id, waiting[device_id][0], readings, sequence, readings_per_message > 1, codec)
+
     for message in messages:
-        device_readings = waiting.setdefault(message.device_id, [])
-        topics[message.device_id] = message.topic
+        _, device_readings = waiting.setdefault(message.device_id, (message.topic, []))
         device_readings.extend((message.time_s, metric, value) for metric, value in message.values.items())
         while len(device_readings) >= readings_per_message:
             chunk = tuple(device_readings[:readings_per_message])
             del device_readings[:readings_per_message]
-            yield _packed(message.device_id, topics[message.device_id], chunk, sequences, readings_per_message, codec)
-    for device_id, device_readings in waiting.items():
+            yield packed(message.device_id, chunk)
+    for device_id, (_, device_readings) in waiting.items():
         if device_readings:
-            yield _packed(device_id, topics[device_id], tuple(device_readings), sequences, readings_per_message, codec)
+            yield packed(device_id, tuple(device_readings))
 
 
 def _packed(
     device_id: str,
     topic: str,
     readings: tuple[tuple[float, str, float], ...],
-    sequences: dict[str, int],
-    readings_per_message: int,
+    sequence: int,
+    as_list: bool,
     codec: str,
 ) -> Message:
-    sequence = sequences.get(device_id, 0)
-    sequences[device_id] = sequence + 1
+    """One message carrying ``readings`` (time_s, metric, value) of one device."""
     by_time: dict[float, dict[str, float]] = {}
     for time_s, metric, value in readings:
         by_time.setdefault(time_s, {})[metric] = value
@@ -493,7 +497,7 @@ def _packed(
         payload = records
     else:
         items = [{"device_id": device_id, "time": time_s, "values": values} for time_s, values in by_time.items()]
-        payload = items[0] if readings_per_message == 1 else items
+        payload = items if as_list else items[0]
     last_time = readings[-1][0]
     return Message(
         topic, json.dumps(payload).encode(), device_id, sequence, readings[0][0], by_time[last_time], (), (), readings
