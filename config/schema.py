@@ -117,7 +117,7 @@ class DatabaseLogin(Strict, frozen=True):
     password_file: str = ""
 
 
-DATABASE_ROLES = ("processor", "alerter", "reader")
+DATABASE_ROLES = ("processor", "alerter", "reader", "api")
 
 
 class DatabaseSettings(Strict, frozen=True):
@@ -130,7 +130,7 @@ class DatabaseSettings(Strict, frozen=True):
     password_file: str = ""
     connect_timeout_seconds: int = 10
     # Each process's own, lesser login (processors/storage/grants.py says what each may do):
-    # processor, alerter, reader. A role left out connects as the owner (a test database).
+    # processor, alerter, reader, api. A role left out connects as the owner (a test database).
     roles: dict[str, DatabaseLogin] = msgspec.field(default_factory=dict)
 
     def role_users(self) -> dict[str, str]:
@@ -214,6 +214,8 @@ class MetricsSettings(Strict, frozen=True):
     bridge_port: int = 9464
     processor_port: int = 9465
     alerter_port: int = 9467
+    # `citytel api`: worker n serves its metrics on api_port + n.
+    api_port: int = 9470
 
 
 class MetricRange(Strict, frozen=True):
@@ -307,6 +309,36 @@ class RegistrySettings(Strict, frozen=True):
     hash_iterations: Annotated[int, msgspec.Meta(ge=101, le=1_000_000)] = 1000
 
 
+class ApiSettings(Strict, frozen=True):
+    """``citytel api``: the read-only SensorThings API v1.1 over the city's data."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Server processes; one per core serves the most requests.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    # Entities in one page when a request gives no $top, and the most any $top may ask for.
+    default_top: Annotated[int, msgspec.Meta(ge=1)] = 100
+    max_top: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # A $expand runs one query per entity of the page: parents beyond this are refused.
+    max_expand_parents: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # Any one query is cancelled after this long (a client gets 503, never a stuck worker).
+    statement_timeout_ms: Annotated[int, msgspec.Meta(ge=10)] = 5000
+    # Database connections per server process.
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 8
+    # A rotated or revoked key stops working at most this long after the change.
+    key_cache_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    # Each client's requests per second (and burst) unless its own record says otherwise.
+    rate_per_second: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    burst: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # The access log (who read what, when) is written in batches this often; requests wait
+    # (503) rather than go unlogged once this many entries are pending.
+    audit_flush_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    audit_max_pending: Annotated[int, msgspec.Meta(ge=1)] = 50000
+    # The usage terms stated on every response of a client whose record names none.
+    default_terms: str = "City data shared by right of use: for the client's stated purpose only; no onward sharing."
+    default_terms_url: str = ""
+
+
 class Settings(Strict, frozen=True):
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
@@ -323,6 +355,7 @@ class Settings(Strict, frozen=True):
     kinds: dict[str, KindSettings] = msgspec.field(default_factory=dict)
     alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
     registry: RegistrySettings = msgspec.field(default_factory=RegistrySettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -341,6 +374,7 @@ def _validate(settings: Settings) -> None:
         ("metrics.bridge_port", settings.metrics.bridge_port),
         ("metrics.processor_port", settings.metrics.processor_port),
         ("metrics.alerter_port", settings.metrics.alerter_port),
+        ("metrics.api_port", settings.metrics.api_port),
     ):
         if not 0 <= port <= 65535:
             problems.append(f"{name}={port} is not a TCP port")
@@ -382,6 +416,10 @@ def _validate(settings: Settings) -> None:
         for metric, bounds in kind_settings.metrics.items():
             if not bounds.min < bounds.max:
                 problems.append(f"kinds.{kind}.metrics.{metric}: min must be below max")
+            if not re.fullmatch(r"[a-z0-9_]{1,64}", metric):
+                problems.append(f"kinds.{kind}.metrics.{metric}: a metric name is lower-case letters, digits and _")
+    if settings.api.default_top > settings.api.max_top:
+        problems.append("api.default_top must not exceed api.max_top")
     storage = settings.storage
     if (
         min(

@@ -7,6 +7,8 @@ The migrations run as the schema's owner. The other roles get only what their pr
 - ``alerter``: read anomalies and readings, keep the alerts and its own progress.
 - ``reader`` (Grafana, department queries): read the query views, nothing else; not even the
   tables behind them.
+- ``api`` (``citytel api``): read the SensorThings views and its clients' key hashes; append to
+  the access log.
 
 No role but the owner reads the MQTT logins. Grants are applied by ``prepare_database`` to the
 role names configured in ``[database.roles]``, idempotently, after every migration.
@@ -49,6 +51,10 @@ GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                 "readings_1h",
             ),
         ),
+    ],
+    "api": [
+        ("SELECT", ("sta_things", "sta_datastreams", "sta_observations", "api_clients")),
+        ("INSERT", ("api_access",)),
     ],
 }
 

@@ -1,0 +1,39 @@
+-- citytel 0009: the city's data-sharing interface (`citytel api`, SensorThings API): who may
+-- read what, and a record of every request for the data bureau's audit.
+
+-- One row per department or outside party. Its key is 32 random bytes shown once; only the
+-- key's SHA-256 is kept (a random key needs no slow hash: there is nothing to guess).
+CREATE TABLE api_clients (
+    client_id       text PRIMARY KEY,
+    key_hash        bytea UNIQUE,
+    -- What it may read; NULL: every kind / district / metric.
+    kinds           text[],
+    districts       text[],
+    metrics         text[],
+    -- false: only rollups and anomalies, never a single raw reading
+    raw             boolean NOT NULL DEFAULT true,
+    rate_per_second real CHECK (rate_per_second > 0),
+    burst           integer CHECK (burst >= 1),
+    terms           text,
+    terms_url       text,
+    purpose         text NOT NULL DEFAULT '',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    rotated_at      timestamptz NOT NULL DEFAULT now(),
+    revoked_at      timestamptz,
+    CHECK ((revoked_at IS NULL) = (key_hash IS NOT NULL))
+);
+
+-- Every request: who asked for what, when, and what it got.
+CREATE TABLE api_access (
+    time        timestamptz NOT NULL,
+    client_id   text,                 -- NULL: no valid key
+    method      text NOT NULL,
+    path        text NOT NULL,
+    query       text NOT NULL,
+    status      smallint NOT NULL,
+    entities    integer NOT NULL,
+    duration_ms real NOT NULL,
+    remote      text NOT NULL
+);
+SELECT create_hypertable('api_access', by_range('time', INTERVAL '7 days'));
+CREATE INDEX api_access_client_time ON api_access (client_id, time DESC);
