@@ -133,6 +133,21 @@ def _alerts(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _api(arguments: argparse.Namespace) -> int:
+    settings = _settings(arguments)
+    if arguments.words and arguments.words[0] == "clients":
+        from citytel.apiclients import run
+
+        return run(settings, arguments)
+    if arguments.words:
+        print("citytel api: serve with no arguments, or manage keys with `citytel api clients ...`", file=sys.stderr)
+        return 2
+    from citytel.api.server import run_api
+
+    run_api(settings)
+    return 0
+
+
 def _config(arguments: argparse.Namespace) -> int:
     """``citytel config check``: load and validate a file as every process would, touching no
     server; the first problem is printed with the file and key, and the exit status is 2."""
@@ -208,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     alerts.add_argument("--open", action="store_true", help="list: open alerts only")
     alerts.add_argument("--json", action="store_true")
     alerts.set_defaults(handler=_alerts)
+
+    from citytel.apiclients import add_arguments as api_arguments
+
+    api = commands.add_parser(
+        "api", parents=[common], help="the SensorThings API for departments and outside parties; clients: their keys"
+    )
+    api_arguments(api)
+    api.set_defaults(handler=_api)
 
     config = commands.add_parser("config", parents=[common], help="check a config file without touching any server")
     config.add_argument("action", choices=["check"])

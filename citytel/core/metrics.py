@@ -23,6 +23,8 @@ __all__ = [
     "ALERTS_PUBLISHED",
     "ALERT_TRANSITIONS",
     "ANOMALIES",
+    "API_DURATION",
+    "API_REQUESTS",
     "BATCH_DURATION",
     "BATCH_SIZE",
     "BRIDGE_CONNECTED",
@@ -142,6 +144,12 @@ ALERTS_PUBLISHED = Counter(
     "citytel_alerts_published_total", "Alert messages sent, by department and transport.", ["department", "transport"]
 )
 OPEN_ALERTS = Gauge("citytel_alerts_open_items", "Alerts open now, by rule.", ["rule"])
+API_REQUESTS = Counter("citytel_api_requests_total", "SensorThings API requests answered, by HTTP status.", ["status"])
+API_DURATION = Histogram(
+    "citytel_api_request_duration_seconds",
+    "Time from a SensorThings API request to its answer.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 SIMULATOR_PUBLISHED = Counter("citytel_simulator_published_total", "Messages the simulator published.", ["kind"])
 
 

@@ -1,0 +1,413 @@
+"""SensorThings' entities over citytel's data, and how each is read from the database.
+
+| SensorThings       | citytel                                   | @iot.id                              |
+| ------------------ | ----------------------------------------- | ------------------------------------ |
+| Thing, Location    | a registered device (and where it stands) | the device id                        |
+| Sensor             | a kind of device (air, parking, traffic)  | the kind                             |
+| ObservedProperty   | a metric (pm2_5, free_bays, ...)          | the metric                           |
+| Datastream         | a device's metric, at one resolution:     | ``device:metric`` (raw readings),    |
+|                    | raw, 1-minute or 1-hour means, anomalies  | ``device:metric:1m`` / ``:1h`` /     |
+|                    |                                           | ``:anomalies``                       |
+| Observation        | a reading, a rollup bucket or an anomaly  | its Datastream's id, ``:`` the time  |
+|                    |                                           | in µs since 1970 (``:`` detector)    |
+
+Each entity set reads one relation: the database's ``sta_*`` views (processors/storage/sharing.py)
+or, for the handful of Sensors and ObservedProperties, a VALUES list made from the config. An
+entity set names its properties (what ``$filter`` and ``$orderby`` may use, as SQL over that
+relation), its key columns (identity and the default order), its navigation properties, and the
+columns that usage scopes restrict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg import sql
+
+from citytel.api.odata import RequestError
+from citytel.config import Settings
+
+__all__ = ["RESOLUTIONS", "EntitySet", "Field", "Navigation", "build_model", "observation_id", "parse_observation_id"]
+
+# A Datastream's resolution: its id's suffix and what its Observations are.
+RESOLUTIONS = ("raw", "1m", "1h", "anomalies")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_OM_MEASUREMENT = "http://www.opengis.net/def/observationType/OGC-OM/2.0/OM_Measurement"
+
+
+@dataclass(frozen=True)
+class Field:
+    """A property ``$filter`` and ``$orderby`` may use: SQL over the entity set's relation and
+    its type (text, number, time, bool or point)."""
+
+    sql: str
+    type: str
+
+
+@dataclass(frozen=True)
+class Navigation:
+    """``Thing/Datastreams``: the target set, one or many, and how the target's rows are found
+    from the parent's (target column = parent column)."""
+
+    target: str
+    many: bool
+    joins: tuple[tuple[str, str], ...]
+
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EntitySet:
+    name: str
+    singular: str
+    relation: sql.Composable
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    fields: Mapping[str, Field]
+    navigation: Mapping[str, Navigation]
+    # Scope dimension (kind, district, metric, resolution) -> the column that holds it.
+    scoped: Mapping[str, str]
+    id_of: Callable[[Row], str]
+    key_of: Callable[[str | int], dict[str, Any]]
+    render: Callable[[Row], dict[str, Any]]
+    # Default order: the key, unless a better one for readers is given (Observations: time).
+    order: tuple[tuple[str, bool], ...] = field(default=())
+
+    def default_order(self) -> tuple[tuple[str, bool], ...]:
+        return self.order or tuple((column, False) for column in self.key)
+
+
+def _text_key(value: str | int, what: str) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"a {what} id is a string: ('{value}')")
+    return value
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def datastream_id(device_id: str, metric: str, resolution: str) -> str:
+    return f"{device_id}:{metric}" if resolution == "raw" else f"{device_id}:{metric}:{resolution}"
+
+
+def parse_datastream_id(value: str | int) -> dict[str, Any]:
+    parts = _text_key(value, "Datastream").split(":")
+    resolution = "raw"
+    if len(parts) >= 3 and parts[-1] in RESOLUTIONS[1:]:
+        resolution = parts.pop()
+    if len(parts) < 2 or not parts[-1]:
+        raise RequestError(f"Datastream id {value!r}: write device:metric or device:metric:1m|1h|anomalies")
+    return {"device_id": ":".join(parts[:-1]), "metric": parts[-1], "resolution": resolution}
+
+
+def observation_id(row: Row) -> str:
+    base = f"{datastream_id(row['device_id'], row['metric'], row['resolution'])}:{_micros(row['phenomenon_start'])}"
+    return f"{base}:{row['detector']}" if row["resolution"] == "anomalies" else base
+
+
+def parse_observation_id(value: str | int) -> dict[str, Any]:
+    parts = _text_key(value, "Observation").split(":")
+    detector = ""
+    if len(parts) >= 5 and parts[-3] == "anomalies":
+        detector = parts.pop()
+    if len(parts) < 3 or not parts[-1].lstrip("-").isdigit():
+        raise RequestError(f"Observation id {value!r}: its Datastream's id, then :microseconds since 1970")
+    micros = int(parts.pop())
+    stream = parse_datastream_id(":".join(parts))
+    try:
+        start = _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise RequestError(f"Observation id {value!r}: time out of range") from None
+    return {**stream, "phenomenon_start": start, "detector": detector}
+
+
+def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, EntitySet]:
+    """Every entity set, with links made from ``base_url()`` (the service root, ending /v1.1)."""
+    units = {
+        (kind, metric): bounds.unit for kind, ks in settings.kinds.items() for metric, bounds in ks.metrics.items()
+    }
+    metrics = sorted({metric for _kind, metric in units})
+
+    def link(set_name: str, key: str) -> str:
+        return f"{base_url()}/{set_name}('{key.replace(chr(39), chr(39) * 2)}')"
+
+    def navigation_links(set_name: str, key: str, names: tuple[str, ...]) -> dict[str, str]:
+        self_link = link(set_name, key)
+        return {"@iot.selfLink": self_link} | {f"{name}@iot.navigationLink": f"{self_link}/{name}" for name in names}
+
+    # --- Things and Locations: the device registry ---------------------------------------------
+    def render_thing(row: Row) -> dict[str, Any]:
+        properties = {"kind": row["kind"], "district": row["district"]}
+        if row["capacity"] is not None:
+            properties["capacity"] = row["capacity"]
+        if row["installed"] is not None:
+            properties["installed"] = row["installed"].isoformat()
+        return {
+            "@iot.id": row["device_id"],
+            **navigation_links("Things", row["device_id"], ("Datastreams", "Locations")),
+            "name": row["device_id"],
+            "description": f"{row['kind']} sensor in {row['district']}",
+            "properties": properties,
+        }
+
+    def render_location(row: Row) -> dict[str, Any]:
+        location = None
+        if row["longitude"] is not None and row["latitude"] is not None:
+            location = {"type": "Point", "coordinates": [row["longitude"], row["latitude"]]}
+        return {
+            "@iot.id": row["device_id"],
+            **navigation_links("Locations", row["device_id"], ("Things",)),
+            "name": f"{row['device_id']} site",
+            "description": f"where {row['device_id']} stands, in {row['district']}",
+            "encodingType": "application/geo+json",
+            "location": location,
+        }
+
+    device_columns = ("device_id", "kind", "district", "latitude", "longitude", "capacity", "installed")
+    device_fields = {
+        "id": Field("device_id", "text"),
+        "name": Field("device_id", "text"),
+        "properties/kind": Field("kind", "text"),
+        "properties/district": Field("district", "text"),
+        "properties/capacity": Field("capacity", "number"),
+        "properties/installed": Field("installed", "time"),
+        "location": Field("point(longitude, latitude)", "point"),
+        "Locations/location": Field("point(longitude, latitude)", "point"),
+    }
+    device_scope = {"kind": "kind", "district": "district"}
+
+    def device_key(value: str | int) -> dict[str, Any]:
+        return {"device_id": _text_key(value, "Thing")}
+
+    things = EntitySet(
+        name="Things",
+        singular="Thing",
+        relation=sql.Identifier("sta_things"),
+        columns=device_columns,
+        key=("device_id",),
+        fields=device_fields,
+        navigation={
+            "Datastreams": Navigation("Datastreams", True, (("device_id", "device_id"),)),
+            "Locations": Navigation("Locations", True, (("device_id", "device_id"),)),
+        },
+        scoped=device_scope,
+        id_of=lambda row: str(row["device_id"]),
+        key_of=device_key,
+        render=render_thing,
+    )
+    locations = EntitySet(
+        name="Locations",
+        singular="Location",
+        relation=sql.Identifier("sta_things"),
+        columns=device_columns,
+        key=("device_id",),
+        fields=device_fields,
+        navigation={"Things": Navigation("Things", True, (("device_id", "device_id"),))},
+        scoped=device_scope,
+        id_of=lambda row: str(row["device_id"]),
+        key_of=device_key,
+        render=render_location,
+    )
+
+    # --- Sensors and ObservedProperties: from the config ---------------------------------------
+    def render_sensor(row: Row) -> dict[str, Any]:
+        kind = row["kind"]
+        return {
+            "@iot.id": kind,
+            **navigation_links("Sensors", kind, ("Datastreams",)),
+            "name": f"{kind} sensor",
+            "description": f"citytel's {kind} devices: " + ", ".join(sorted(settings.kinds[kind].metrics)),
+            "encodingType": "text/plain",
+            "metadata": f"metrics and valid ranges: [kinds.{kind}.metrics] of the city's citytel.toml",
+        }
+
+    def render_property(row: Row) -> dict[str, Any]:
+        metric = row["metric"]
+        return {
+            "@iot.id": metric,
+            **navigation_links("ObservedProperties", metric, ("Datastreams",)),
+            "name": metric,
+            "definition": f"urn:citytel:metric:{metric}",
+            "description": f"{metric}, as citytel's sensors report it",
+        }
+
+    kinds_relation = sql.SQL("(VALUES {}) AS kinds(kind)").format(
+        sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(kind)) for kind in sorted(settings.kinds))
+    )
+    metrics_relation = sql.SQL("(VALUES {}) AS metrics(metric)").format(
+        sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(metric)) for metric in metrics)
+    )
+    sensors = EntitySet(
+        name="Sensors",
+        singular="Sensor",
+        relation=kinds_relation,
+        columns=("kind",),
+        key=("kind",),
+        fields={"id": Field("kind", "text"), "name": Field("kind", "text")},
+        navigation={"Datastreams": Navigation("Datastreams", True, (("kind", "kind"),))},
+        scoped={"kind": "kind"},
+        id_of=lambda row: str(row["kind"]),
+        key_of=lambda value: {"kind": _text_key(value, "Sensor")},
+        render=render_sensor,
+    )
+    observed_properties = EntitySet(
+        name="ObservedProperties",
+        singular="ObservedProperty",
+        relation=metrics_relation,
+        columns=("metric",),
+        key=("metric",),
+        fields={"id": Field("metric", "text"), "name": Field("metric", "text")},
+        navigation={"Datastreams": Navigation("Datastreams", True, (("metric", "metric"),))},
+        scoped={"metric": "metric"},
+        id_of=lambda row: str(row["metric"]),
+        key_of=lambda value: {"metric": _text_key(value, "ObservedProperty")},
+        render=render_property,
+    )
+
+    # --- Datastreams: every series at every resolution ------------------------------------------
+    described = {
+        "raw": ("readings", "each reading as the sensor sent it"),
+        "1m": ("1-minute means", "the mean of each minute's readings; parameters give count, min and max"),
+        "1h": ("1-hour means", "the mean of each hour's readings; parameters give count, min and max"),
+        "anomalies": ("anomalies", "each anomaly a detector found: result is its score (0..1)"),
+    }
+
+    def render_datastream(row: Row) -> dict[str, Any]:
+        resolution = row["resolution"]
+        key = datastream_id(row["device_id"], row["metric"], resolution)
+        unit = units.get((row["kind"], row["metric"]), "")
+        title, explanation = described[resolution]
+        if resolution == "anomalies":
+            unit_of_measurement = {"name": "anomaly score", "symbol": "", "definition": "urn:citytel:score"}
+        else:
+            unit_of_measurement = {"name": unit, "symbol": unit, "definition": f"urn:citytel:unit:{unit}"}
+        return {
+            "@iot.id": key,
+            **navigation_links("Datastreams", key, ("Thing", "Sensor", "ObservedProperty", "Observations")),
+            "name": f"{row['device_id']} {row['metric']} ({title})",
+            "description": explanation,
+            "observationType": _OM_MEASUREMENT,
+            "unitOfMeasurement": unit_of_measurement,
+            "properties": {
+                "device_id": row["device_id"],
+                "kind": row["kind"],
+                "district": row["district"],
+                "metric": row["metric"],
+                "resolution": resolution,
+            },
+        }
+
+    datastream_id_sql = "device_id || ':' || metric || CASE resolution WHEN 'raw' THEN '' ELSE ':' || resolution END"
+    datastreams = EntitySet(
+        name="Datastreams",
+        singular="Datastream",
+        relation=sql.Identifier("sta_datastreams"),
+        columns=("series_id", "device_id", "kind", "district", "metric", "resolution", "position"),
+        key=("device_id", "metric", "resolution"),
+        fields={
+            "id": Field(datastream_id_sql, "text"),
+            "name": Field(datastream_id_sql, "text"),
+            "properties/device_id": Field("device_id", "text"),
+            "properties/kind": Field("kind", "text"),
+            "properties/district": Field("district", "text"),
+            "properties/metric": Field("metric", "text"),
+            "properties/resolution": Field("resolution", "text"),
+            "Thing/id": Field("device_id", "text"),
+            "Sensor/id": Field("kind", "text"),
+            "ObservedProperty/id": Field("metric", "text"),
+        },
+        navigation={
+            "Thing": Navigation("Things", False, (("device_id", "device_id"),)),
+            "Sensor": Navigation("Sensors", False, (("kind", "kind"),)),
+            "ObservedProperty": Navigation("ObservedProperties", False, (("metric", "metric"),)),
+            "Observations": Navigation(
+                "Observations", True, (("series_id", "series_id"), ("resolution", "resolution"))
+            ),
+        },
+        scoped={"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"},
+        id_of=lambda row: datastream_id(row["device_id"], row["metric"], row["resolution"]),
+        key_of=parse_datastream_id,
+        render=render_datastream,
+        # The registry's (device, metric) index gives this order without a sort.
+        order=(("device_id", False), ("metric", False), ("position", False)),
+    )
+
+    # --- Observations: readings, rollup buckets and anomalies -----------------------------------
+    def render_observation(row: Row) -> dict[str, Any]:
+        key = observation_id(row)
+        resolution = row["resolution"]
+        body: dict[str, Any] = {
+            "@iot.id": key,
+            **navigation_links("Observations", key, ("Datastream",)),
+        }
+        start, end = row["phenomenon_start"], row["phenomenon_end"]
+        body["phenomenonTime"] = _iso(start) if start == end else f"{_iso(start)}/{_iso(end)}"
+        body["resultTime"] = _iso(end)
+        body["result"] = row["result"]
+        if resolution == "raw":
+            body["resultQuality"] = ["late"] if row["quality"] & 1 else []
+        elif resolution == "anomalies":
+            body["parameters"] = {"detector": row["detector"], "reason": row["reason"], "value": row["value"]}
+        else:
+            body["parameters"] = {"count": row["count"], "min": row["minimum"], "max": row["maximum"]}
+        return body
+
+    observations = EntitySet(
+        name="Observations",
+        singular="Observation",
+        relation=sql.Identifier("sta_observations"),
+        columns=(
+            "series_id",
+            "device_id",
+            "kind",
+            "district",
+            "metric",
+            "resolution",
+            "phenomenon_start",
+            "phenomenon_end",
+            "result",
+            "quality",
+            "count",
+            "minimum",
+            "maximum",
+            "detector",
+            "reason",
+            "value",
+        ),
+        key=("device_id", "metric", "resolution", "phenomenon_start", "detector"),
+        fields={
+            "phenomenonTime": Field("phenomenon_start", "time"),
+            "resultTime": Field("phenomenon_end", "time"),
+            "result": Field("result", "number"),
+            "parameters/count": Field("count", "number"),
+            "parameters/min": Field("minimum", "number"),
+            "parameters/max": Field("maximum", "number"),
+            "parameters/detector": Field("detector", "text"),
+            "parameters/reason": Field("reason", "text"),
+            "parameters/value": Field("value", "number"),
+            "Datastream/id": Field(datastream_id_sql, "text"),
+            "Datastream/properties/kind": Field("kind", "text"),
+            "Datastream/properties/district": Field("district", "text"),
+            "Datastream/properties/metric": Field("metric", "text"),
+            "Datastream/properties/resolution": Field("resolution", "text"),
+        },
+        navigation={
+            "Datastream": Navigation("Datastreams", False, (("series_id", "series_id"), ("resolution", "resolution"))),
+        },
+        scoped={"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"},
+        id_of=observation_id,
+        key_of=parse_observation_id,
+        render=render_observation,
+        order=(("phenomenon_start", False), ("detector", False)),
+    )
+    sets = [things, locations, sensors, observed_properties, datastreams, observations]
+    return {entity.name: entity for entity in sets}

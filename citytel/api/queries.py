@@ -1,0 +1,239 @@
+"""A SensorThings request as one SQL statement over an entity set's relation.
+
+``$filter`` becomes a WHERE clause (literals are bound by psycopg, never pasted), ``$orderby``
+an ORDER BY over indexed columns, ``$top``/``$skip`` LIMIT/OFFSET (one row more than asked, to
+know whether to give a nextLink), and a client's usage scope further WHERE terms. Nothing is
+filtered or sorted in Python.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import sql
+
+from citytel.api.entities import EntitySet, Field
+from citytel.api.odata import Call, Compare, Expr, Literal, Logical, Not, Options, Path, RequestError
+
+__all__ = ["Scope", "compile_filter", "count_statement", "select_statement"]
+
+_OPERATORS = {"eq": "=", "ne": "<>", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_LITERAL_TYPES = {"number": "number", "string": "text", "datetime": "time", "bool": "bool", "null": "null"}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one client may read: kinds, districts and metrics (None: all of them), and raw
+    readings or only the rollups and anomalies derived from them."""
+
+    kinds: frozenset[str] | None = None
+    districts: frozenset[str] | None = None
+    metrics: frozenset[str] | None = None
+    raw: bool = True
+
+    def allowed(self, dimension: str) -> frozenset[str] | None:
+        if dimension == "resolution":
+            return None if self.raw else frozenset({"1m", "1h", "anomalies"})
+        return {"kind": self.kinds, "district": self.districts, "metric": self.metrics}[dimension]
+
+    def describe(self) -> dict[str, Any]:
+        def listed(values: frozenset[str] | None) -> list[str] | str:
+            return "all" if values is None else sorted(values)
+
+        return {
+            "kinds": listed(self.kinds),
+            "districts": listed(self.districts),
+            "metrics": listed(self.metrics),
+            "readings": "raw and rollups" if self.raw else "rollups and anomalies only",
+        }
+
+
+def _field(entity: EntitySet, path: str) -> Field:
+    normal = path.replace("@iot.id", "id")
+    found = entity.fields.get(normal)
+    if found is None:
+        known = ", ".join(sorted(name for name in entity.fields if name != "id"))
+        raise RequestError(f"{entity.name} have no property {path!r} to filter or order by; they have @iot.id, {known}")
+    return found
+
+
+def _wkt_numbers(text: str) -> list[tuple[float, float]]:
+    pairs = []
+    for pair in text.split(","):
+        numbers = pair.split()
+        if len(numbers) != 2:
+            raise RequestError(f"geography: {pair.strip()!r} is not 'longitude latitude'")
+        try:
+            pairs.append((float(numbers[0]), float(numbers[1])))
+        except ValueError:
+            raise RequestError(f"geography: {pair.strip()!r} is not two numbers") from None
+    return pairs
+
+
+def _geography(literal: Expr, wanted: str) -> list[tuple[float, float]]:
+    """``geography'POINT(113.6 34.7)'`` or ``geography'POLYGON((x y, ...))'`` → coordinates."""
+    if not isinstance(literal, Literal) or literal.kind != "geography":
+        raise RequestError(f"expected a geography'{wanted}(...)' literal")
+    text = re.sub(r"^SRID=\d+;", "", str(literal.value).strip(), flags=re.IGNORECASE)
+    pattern = r"POINT\s*\(([^()]*)\)" if wanted == "POINT" else r"POLYGON\s*\(\(([^()]*)\)\)"
+    match = re.fullmatch(pattern, text, re.IGNORECASE)
+    if match is None:
+        raise RequestError(f"geography literal {text!r}: expected {wanted}(...) in WKT")
+    coordinates = _wkt_numbers(match.group(1))
+    if wanted == "POINT" and len(coordinates) != 1:
+        raise RequestError("a POINT has one coordinate pair")
+    if wanted == "POLYGON" and len(coordinates) < 3:
+        raise RequestError("a POLYGON needs at least three corners")
+    return coordinates
+
+
+def _operand(expression: Expr, entity: EntitySet) -> tuple[sql.Composable, str]:
+    """SQL for a value in a comparison, and its type."""
+    if isinstance(expression, Path):
+        found = _field(entity, expression.text)
+        return sql.SQL(found.sql), found.type
+    if isinstance(expression, Literal):
+        if expression.kind == "geography":
+            raise RequestError("a geography literal goes inside geo.distance or st_within")
+        return sql.Literal(expression.value), _LITERAL_TYPES[expression.kind]
+    if isinstance(expression, Call) and expression.name == "geo.distance":
+        if len(expression.args) != 2:
+            raise RequestError("geo.distance takes a location and a geography'POINT(x y)'")
+        location, kind = _operand(expression.args[0], entity)
+        if kind != "point":
+            raise RequestError("geo.distance's first argument must be a location")
+        [(x, y)] = _geography(expression.args[1], "POINT")
+        return sql.SQL("({} <-> point({}, {}))").format(location, sql.Literal(x), sql.Literal(y)), "number"
+    return _predicate(expression, entity), "bool"
+
+
+def _retype(literal: Expr, sql_value: sql.Composable, kind: str, wanted: str) -> tuple[sql.Composable, str]:
+    """A quoted time ('2026-12-01T00:00:00Z') compared with a time property is a time."""
+    if wanted == "time" and kind == "text" and isinstance(literal, Literal):
+        try:
+            return sql.Literal(datetime.fromisoformat(str(literal.value).replace("Z", "+00:00"))), "time"
+        except ValueError:
+            raise RequestError(f"{literal.value!r} is not a time (ISO 8601, e.g. 2026-12-01T00:00:00Z)") from None
+    return sql_value, kind
+
+
+def _comparison(expression: Compare, entity: EntitySet) -> sql.Composable:
+    left, left_type = _operand(expression.left, entity)
+    right, right_type = _operand(expression.right, entity)
+    right, right_type = _retype(expression.right, right, right_type, left_type)
+    left, left_type = _retype(expression.left, left, left_type, right_type)
+    if "null" in (left_type, right_type):
+        if expression.op not in ("eq", "ne"):
+            raise RequestError("null can only be compared with eq or ne")
+        other = right if left_type == "null" else left
+        return sql.SQL("({} IS {}NULL)").format(other, sql.SQL("" if expression.op == "eq" else "NOT "))
+    if left_type != right_type or left_type in ("point", "bool"):
+        raise RequestError(f"cannot compare a {left_type} with a {right_type} ({expression.op})")
+    return sql.SQL("({} {} {})").format(left, sql.SQL(_OPERATORS[expression.op]), right)
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _text_arguments(call: Call, entity: EntitySet, swapped: bool = False) -> tuple[sql.Composable, str]:
+    if len(call.args) != 2:
+        raise RequestError(f"{call.name} takes two arguments")
+    column_arg, text_arg = (call.args[1], call.args[0]) if swapped else call.args
+    column, kind = _operand(column_arg, entity)
+    if kind != "text" or not isinstance(text_arg, Literal) or text_arg.kind != "string":
+        raise RequestError(f"{call.name} compares a text property with a 'quoted string'")
+    return column, _like(str(text_arg.value))
+
+
+def _predicate(expression: Expr, entity: EntitySet) -> sql.Composable:
+    """SQL for a condition."""
+    if isinstance(expression, Logical):
+        return sql.SQL("({} {} {})").format(
+            _predicate(expression.left, entity),
+            sql.SQL(expression.op.upper()),
+            _predicate(expression.right, entity),
+        )
+    if isinstance(expression, Not):
+        return sql.SQL("(NOT {})").format(_predicate(expression.operand, entity))
+    if isinstance(expression, Compare):
+        return _comparison(expression, entity)
+    if isinstance(expression, Call):
+        name = expression.name
+        if name in ("startswith", "endswith", "contains", "substringof"):
+            column, text = _text_arguments(expression, entity, swapped=name == "substringof")
+            pattern = {"startswith": f"{text}%", "endswith": f"%{text}"}.get(name, f"%{text}%")
+            return sql.SQL("({} LIKE {})").format(column, sql.Literal(pattern))
+        if name in ("st_within", "geo.intersects", "st_intersects"):
+            if len(expression.args) != 2:
+                raise RequestError(f"{name} takes a location and a geography'POLYGON((...))'")
+            location, kind = _operand(expression.args[0], entity)
+            if kind != "point":
+                raise RequestError(f"{name}'s first argument must be a location")
+            corners = _geography(expression.args[1], "POLYGON")
+            polygon = "(" + ",".join(f"({x!r},{y!r})" for x, y in corners) + ")"
+            return sql.SQL("({} <@ {}::polygon)").format(location, sql.Literal(polygon))
+        raise RequestError(
+            f"unsupported function {name}; supported: startswith, endswith, contains, substringof,"
+            " geo.distance, st_within, geo.intersects"
+        )
+    raise RequestError("$filter must be a condition (a comparison, a function, and/or/not)")
+
+
+def compile_filter(expression: Expr, entity: EntitySet) -> sql.Composable:
+    return _predicate(expression, entity)
+
+
+def _conditions(
+    entity: EntitySet, options: Options | None, scope: Scope | None, equal: Mapping[str, Any]
+) -> sql.Composable:
+    terms: list[sql.Composable] = [
+        sql.SQL("{} = {}").format(sql.Identifier(column), sql.Literal(value)) for column, value in equal.items()
+    ]
+    if scope is not None:
+        for dimension, column in entity.scoped.items():
+            allowed = scope.allowed(dimension)
+            if allowed is not None:
+                terms.append(sql.SQL("{} = ANY({})").format(sql.Identifier(column), sql.Literal(sorted(allowed))))
+    if options is not None and options.filter is not None:
+        terms.append(compile_filter(options.filter, entity))
+    if not terms:
+        return sql.SQL("")
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(terms)
+
+
+def select_statement(
+    entity: EntitySet,
+    options: Options,
+    scope: Scope | None,
+    equal: Mapping[str, Any],
+    top: int,
+) -> sql.Composed:
+    """One page of ``entity``: ``top + 1`` rows from ``$skip`` on, so a next page shows."""
+    order: list[sql.Composable] = []
+    for item in options.orderby:
+        found = _field(entity, item.path)
+        if found.type == "point":
+            raise RequestError(f"cannot order by {item.path}")
+        order.append(sql.SQL("{} {}").format(sql.SQL(found.sql), sql.SQL("DESC" if item.descending else "ASC")))
+    # Then the entity's own order, so pages never overlap or skip a row.
+    order += [
+        sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL("DESC" if descending else "ASC"))
+        for column, descending in entity.default_order()
+    ]
+    return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {} OFFSET {}").format(
+        sql.SQL(", ").join(sql.Identifier(column) for column in entity.columns),
+        entity.relation,
+        _conditions(entity, options, scope, equal),
+        sql.SQL(", ").join(order),
+        sql.Literal(top + 1),
+        sql.Literal(options.skip),
+    )
+
+
+def count_statement(entity: EntitySet, options: Options, scope: Scope | None, equal: Mapping[str, Any]) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM {}{}").format(entity.relation, _conditions(entity, options, scope, equal))
