@@ -98,6 +98,26 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
         write_private(secret_file, secret + "\n")
 
 
+def _provision_api_client(connection: psycopg.Connection, secrets: Path) -> Path:
+    """The data bureau's key to the SensorThings API (every kind, district and metric), in a
+    0600 file: what the README's curl and frost-sta-client examples use."""
+    from citytel.api.clients import add_client, rotate_client
+
+    key_file = secrets / "api-bureau"
+    active = connection.execute(
+        "SELECT 1 FROM api_clients WHERE client_id = 'bureau' AND revoked_at IS NULL"
+    ).fetchone()
+    if active and key_file.exists():
+        return key_file
+    if active:
+        key = rotate_client(connection, "bureau")
+    else:
+        connection.execute("DELETE FROM api_clients WHERE client_id = 'bureau'")
+        key = add_client(connection, "bureau", purpose="the city data bureau (local stack)")
+    write_private(key_file, key + "\n")
+    return key_file
+
+
 def _local_secret(path: Path) -> str:
     """The secret in ``path``, made (random, mode 0600) if the file is not there yet."""
     if not path.exists():
@@ -213,6 +233,7 @@ def up(settings: Settings, dev: DevSettings) -> None:
                 "citytel-processor": f"{metrics.host}:{metrics.processor_port}",
                 "citytel-simulator": f"{metrics.host}:{dev.simulator.metrics_port}",
                 "citytel-alerter": f"{metrics.host}:{metrics.alerter_port}",
+                "citytel-api": f"{metrics.host}:{metrics.api_port}",
             },
             dev.stack.scrape_interval_seconds,
         ),
@@ -242,6 +263,7 @@ def up(settings: Settings, dev: DevSettings) -> None:
                     else "database schema: up to date"
                 )
                 _provision_logins(connection, settings, dev, secrets)
+                _provision_api_client(connection, secrets)
                 apply_to_broker(connection, settings)
     _say(f"stack is up with TLS and a login per client (CA {certificates.ca_file}); data and logs under {run_dir}")
 
@@ -353,6 +375,7 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
         "processor": spawn_citytel(["process"], config_path, log_dir, "processor"),
         "bridge": spawn_citytel(["bridge"], config_path, log_dir, "bridge"),
         "alerter": spawn_citytel(["alerts", "run"], config_path, log_dir, "alerter"),
+        "api": spawn_citytel(["api"], config_path, log_dir, "api"),
     }
     _wait_for_processor(settings, children["processor"], log_dir)
     # A few faults per hour and device: the detectors and alerts have something to find.
@@ -364,6 +387,11 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
     _say(
         f"simulating {4 * simulator.devices_per_kind} sensors at {simulator.rate_per_second:.0f} msg/s;"
         f" logs in {log_dir}; Ctrl-C stops"
+    )
+    api = settings.api
+    _say(
+        f"SensorThings API on http://{api.host}:{api.port}/v1.1 (the data bureau's key:"
+        f" {_run_dir(dev) / 'secrets' / 'api-bureau'}; see the README)"
     )
     started = time.monotonic()
     previous: dict[str, float] = {}
@@ -402,7 +430,7 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
     except KeyboardInterrupt:
         print()
     finally:
-        for name in ("simulator", "bridge", "processor", "alerter"):
+        for name in ("simulator", "bridge", "processor", "alerter", "api"):
             process = children.get(name)
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -411,7 +439,7 @@ def run_city(settings: Settings, dev: DevSettings, config_path: Path | None, dur
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        _say("simulator, bridge, processor and alerter stopped; the stack keeps running (`make down` stops it)")
+        _say("simulator, bridge, processor, alerter and API stopped; the stack keeps running (`make down` stops it)")
     with psycopg.connect(settings.database.conninfo()) as connection:
         readings, anomalies = connection.execute(
             "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM anomalies)"
