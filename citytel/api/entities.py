@@ -21,7 +21,7 @@ columns that usage scopes restrict.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,11 +74,15 @@ class EntitySet:
     id_of: Callable[[Row], str]
     key_of: Callable[[str | int], dict[str, Any]]
     render: Callable[[Row], dict[str, Any]]
-    # Default order: the key, unless a better one for readers is given (Observations: time).
-    order: tuple[tuple[str, bool], ...] = field(default=())
+    # Whether an entity, once it exists, never changes (the server may keep it in memory).
+    immutable: bool = False
+    # The columns that order a page after the client's $orderby: unique together, and served by
+    # an index. Given the columns a request fixes (a Datastream's Observations: its series and
+    # resolution); by default the key.
+    order: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
 
-    def default_order(self) -> tuple[tuple[str, bool], ...]:
-        return self.order or tuple((column, False) for column in self.key)
+    def order_for(self, equal: Mapping[str, Any]) -> tuple[str, ...]:
+        return self.order(equal) if self.order is not None else self.key
 
 
 def _text_key(value: str | int, what: str) -> str:
@@ -88,6 +92,10 @@ def _text_key(value: str | int, what: str) -> str:
 
 
 def _iso(moment: datetime) -> str:
+    text = moment.isoformat()
+    # The server's connections run in UTC (citytel.api.server), so this is the common case.
+    if text.endswith("+00:00"):
+        return text[:-6] + "Z"
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -128,6 +136,14 @@ def parse_observation_id(value: str | int) -> dict[str, Any]:
     except OverflowError:
         raise RequestError(f"Observation id {value!r}: time out of range") from None
     return {**stream, "phenomenon_start": start, "detector": detector}
+
+
+def _observation_order(equal: Mapping[str, Any]) -> tuple[str, ...]:
+    """One series at one resolution other than anomalies: its time alone is unique, and its
+    (series, time) index gives the order. Otherwise series, resolution and detector break ties."""
+    if "series_id" in equal and equal.get("resolution") in ("raw", "1m", "1h"):
+        return ("phenomenon_start",)
+    return ("phenomenon_start", "series_id", "resolution", "detector")
 
 
 def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, EntitySet]:
@@ -258,6 +274,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         id_of=lambda row: str(row["kind"]),
         key_of=lambda value: {"kind": _text_key(value, "Sensor")},
         render=render_sensor,
+        immutable=True,
     )
     observed_properties = EntitySet(
         name="ObservedProperties",
@@ -271,6 +288,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         id_of=lambda row: str(row["metric"]),
         key_of=lambda value: {"metric": _text_key(value, "ObservedProperty")},
         render=render_property,
+        immutable=True,
     )
 
     # --- Datastreams: every series at every resolution ------------------------------------------
@@ -337,8 +355,9 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         id_of=lambda row: datastream_id(row["device_id"], row["metric"], row["resolution"]),
         key_of=parse_datastream_id,
         render=render_datastream,
+        immutable=True,
         # The registry's (device, metric) index gives this order without a sort.
-        order=(("device_id", False), ("metric", False), ("position", False)),
+        order=lambda _equal: ("device_id", "metric", "position"),
     )
 
     # --- Observations: readings, rollup buckets and anomalies -----------------------------------
@@ -407,7 +426,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         id_of=observation_id,
         key_of=parse_observation_id,
         render=render_observation,
-        order=(("phenomenon_start", False), ("detector", False)),
+        order=_observation_order,
     )
     sets = [things, locations, sensors, observed_properties, datastreams, observations]
     return {entity.name: entity for entity in sets}

@@ -36,7 +36,7 @@ from citytel.api.audit import Access, AuditLog
 from citytel.api.clients import Client, ClientCache, key_from_headers
 from citytel.api.entities import EntitySet, Row, build_model
 from citytel.api.odata import Options, RequestError, Resource, parse_options, parse_path
-from citytel.api.queries import Scope, count_statement, select_statement
+from citytel.api.queries import Scope, Statement, count_statement, select_statement
 from citytel.config import ApiSettings, Settings
 from citytel.core import metrics
 
@@ -50,6 +50,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _ROOT = "/v1.1"
 # The service root as this request's client sees it (its Host header), for the links in the
 # answer; a context variable, because requests run concurrently.
+_IMMUTABLE_ENTRIES = 100_000
 _BASE: ContextVar[str] = ContextVar("citytel_api_base", default="http://localhost" + _ROOT)
 _CONFORMANCE = [
     "http://www.opengis.net/spec/iot_sensing/1.1/req/datamodel",
@@ -119,10 +120,14 @@ class ApiApp:
         self.clients = ClientCache(self.pool, self.api.key_cache_seconds)
         self.audit = AuditLog(self.pool, self.api.audit_flush_seconds, self.api.audit_max_pending)
         self.limiter = RateLimiter()
+        # Entities that never change once they exist (a Datastream is a series, whose device,
+        # kind, district and metric are fixed): found once, then answered from memory.
+        self._immutable: dict[tuple[str, tuple[tuple[str, Any], ...]], Row] = {}
         self.ready = False
 
     async def _configure(self, connection: psycopg.AsyncConnection[Any]) -> None:
         await connection.execute(f"SET statement_timeout = {int(self.api.statement_timeout_ms)}")
+        await connection.execute("SET TimeZone = 'UTC'")
 
     # --- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
@@ -306,13 +311,19 @@ class ApiApp:
         scope: Scope,
     ) -> Row:
         """The one entity matching ``equal``: 403 if it exists outside the scope, 404 if not."""
-        statement = select_statement(entity_set, Options(), scope, equal, 1)
-        row = await (await connection.execute(statement)).fetchone()
-        if row is not None:
-            return dict(row)
-        if await (await connection.execute(select_statement(entity_set, Options(), None, equal, 1))).fetchone():
+        cache_key = (entity_set.name, tuple(sorted(equal.items())))
+        row = self._immutable.get(cache_key)
+        if row is None:
+            row = await self._fetchone(connection, select_statement(entity_set, Options(), None, equal, 1))
+            if row is None:
+                raise HttpError(404, f"no such {entity_set.singular}")
+            if entity_set.immutable:
+                if len(self._immutable) >= _IMMUTABLE_ENTRIES:
+                    self._immutable.clear()
+                self._immutable[cache_key] = row
+        if not scope.admits(row, entity_set.scoped):
             raise HttpError(403, f"this {entity_set.singular} is outside your scope: {scope.describe()}")
-        raise HttpError(404, f"no such {entity_set.singular}")
+        return row
 
     async def _walk(
         self, connection: psycopg.AsyncConnection[Any], resource: Resource, scope: Scope
@@ -343,6 +354,18 @@ class ApiApp:
             raise HttpError(400, f"{resource.property}: a property of one entity, e.g. {entity_set.name}('id')/...")
         return entity_set, row, equal
 
+    @staticmethod
+    async def _fetchall(connection: psycopg.AsyncConnection[Any], statement: Statement) -> list[Row]:
+        # Prepared: a request shape is planned once per connection (see citytel.api.queries).
+        cursor = await connection.execute(statement.text, statement.params, prepare=True)
+        return await cursor.fetchall()
+
+    @staticmethod
+    async def _fetchone(connection: psycopg.AsyncConnection[Any], statement: Statement) -> Row | None:
+        cursor = await connection.execute(statement.text, statement.params, prepare=True)
+        row: Row | None = await cursor.fetchone()
+        return row
+
     def _property(self, entity_set: EntitySet, row: Row, name: str) -> dict[str, Any]:
         body = entity_set.render(row)
         if name not in body:
@@ -361,15 +384,15 @@ class ApiApp:
         top = options.top if options.top is not None else self.api.default_top
         if options.expand and top > self.api.max_expand_parents:
             raise RequestError(f"with $expand, $top may be at most {self.api.max_expand_parents}")
-        rows = await (await connection.execute(select_statement(entity_set, options, scope, equal, top))).fetchall()
+        rows = await self._fetchall(connection, select_statement(entity_set, options, scope, equal, top))
         more = len(rows) > top
         rows = rows[:top]
         body: dict[str, Any] = {}
         if options.count:
-            counted = await (await connection.execute(count_statement(entity_set, options, scope, equal))).fetchone()
+            counted = await self._fetchone(connection, count_statement(entity_set, options, scope, equal))
             body["@iot.count"] = counted["count"] if counted else 0
         body["value"] = [
-            self._select(await self._render(connection, entity_set, dict(row), options, scope), options) for row in rows
+            self._select(await self._render(connection, entity_set, row, options, scope), options) for row in rows
         ]
         if more:
             pairs = [(name, value) for name, value in request.pairs if name != "$skip"]
@@ -399,8 +422,7 @@ class ApiApp:
             top = expand.options.top if expand.options.top is not None else self.api.default_top
             if not navigation.many:
                 top = 1
-            statement = select_statement(target, expand.options, scope, equal, top)
-            children = [dict(child) for child in await (await connection.execute(statement)).fetchall()]
+            children = await self._fetchall(connection, select_statement(target, expand.options, scope, equal, top))
             rendered = [
                 self._select(await self._render(connection, target, child, expand.options, scope), expand.options)
                 for child in children[:top]

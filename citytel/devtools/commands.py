@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -258,6 +259,17 @@ def _bench(arguments: argparse.Namespace) -> int:
             arguments.secure,
             arguments.readings_per_message,
         )
+    if arguments.scenario == "api":
+        from citytel.devtools.bench_api import main_api
+
+        return main_api(
+            arguments.devices,
+            arguments.readings_per_device,
+            arguments.seconds,
+            arguments.concurrency,
+            arguments.workers,
+            arguments.output,
+        )
     if arguments.scenario == "fuzz":
         from citytel.devtools.fuzz import main_fuzz
 
@@ -356,7 +368,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
-    bench.add_argument("scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls"])
+    bench.add_argument(
+        "scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls", "api"]
+    )
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
@@ -377,6 +391,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
         default=6250,
         help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
     )
+    bench.add_argument("--devices", type=int, default=1_000_000, help="api: registered devices (one series each)")
+    bench.add_argument(
+        "--readings-per-device", type=int, default=100, help="api: readings of each, 15 minutes apart (100: 100M)"
+    )
+    bench.add_argument("--seconds", type=float, default=20.0, help="api: seconds of load per question and client")
+    bench.add_argument("--concurrency", type=int, default=16, help="api: connections kept busy at once")
+    bench.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="api: server processes")
     bench.set_defaults(handler=_bench)
 
     chaos = commands.add_parser(

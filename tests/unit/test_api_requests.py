@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from citytel.api.odata import (
     parse_options,
     parse_path,
 )
-from citytel.api.queries import Scope, compile_filter, select_statement
+from citytel.api.queries import Bound, Scope, compile_filter, select_statement
 from citytel.config import Settings, default_config_path, load_settings
 
 
@@ -125,40 +126,33 @@ def test_ids_round_trip() -> None:
             parse_observation_id(bad)
 
 
-def _sql(composed: object) -> str:
-    return composed.as_string(None)  # type: ignore[attr-defined, no-any-return]
+def _compiled(text: str, entity: object) -> tuple[str, list[Any]]:
+    bind = Bound()
+    composed = compile_filter(parse_filter(text), entity, bind)  # type: ignore[arg-type]
+    return composed.as_string(None), bind.values
 
 
-def test_filters_become_bound_sql(model: dict[str, object]) -> None:
-    observations = model["Observations"]
-    text = _sql(
-        compile_filter(
-            parse_filter("result ge 75 and phenomenonTime ge '2026-12-01T00:00:00Z' and parameters/detector eq null"),
-            observations,  # type: ignore[arg-type]
-        )
+def test_filters_become_sql_with_bound_values(model: dict[str, object]) -> None:
+    text, values = _compiled(
+        "result ge 75 and phenomenonTime ge '2026-12-01T00:00:00Z' and parameters/detector eq null",
+        model["Observations"],
     )
-    assert text == (
-        "(((result >= 75) AND (phenomenon_start >= '2026-12-01 00:00:00+00:00'::timestamptz)) AND (detector IS NULL))"
+    assert text == "(((result >= %s) AND (phenomenon_start >= %s)) AND (detector IS NULL))"
+    assert values == [75, datetime(2026, 12, 1, tzinfo=UTC)]  # one value per placeholder
+    # A quote in a value is data, never SQL.
+    assert _compiled("properties/kind eq 'x'' OR 1=1 --'", model["Things"]) == ("(kind = %s)", ["x' OR 1=1 --"])
+    # A literal % and _, then anything.
+    assert _compiled("startswith(name, '50%_')", model["Things"]) == ("(device_id LIKE %s)", ["50\\%\\_%"])
+    assert _compiled("geo.distance(location, geography'POINT(113.6 34.7)') lt 0.05", model["Things"]) == (
+        "((point(longitude, latitude) <-> point(%s::float8, %s::float8)) < %s)",
+        [113.6, 34.7, 0.05],
     )
-    # A quote in a literal is data, never SQL.
-    injected = _sql(compile_filter(parse_filter("properties/kind eq 'x'' OR 1=1 --'"), model["Things"]))  # type: ignore[arg-type]
-    assert injected == "(kind = 'x'' OR 1=1 --')"
-    like = _sql(compile_filter(parse_filter("startswith(name, '50%_')"), model["Things"]))  # type: ignore[arg-type]
-    assert like == r"(device_id LIKE  E'50\\%\\_%')"  # a literal % and _, then anything
-    near = _sql(
-        compile_filter(
-            parse_filter("geo.distance(location, geography'POINT(113.6 34.7)') lt 0.05"),
-            model["Things"],  # type: ignore[arg-type]
-        )
+    assert _compiled(
+        "st_within(location, geography'POLYGON((113 34, 114 34, 114 35, 113 34))')", model["Locations"]
+    ) == (
+        "(point(longitude, latitude) <@ %s::polygon)",
+        ["((113.0,34.0),(114.0,34.0),(114.0,35.0),(113.0,34.0))"],
     )
-    assert near == "((point(longitude, latitude) <-> point(113.6, 34.7)) < 0.05)"
-    within = _sql(
-        compile_filter(
-            parse_filter("st_within(location, geography'POLYGON((113 34, 114 34, 114 35, 113 34))')"),
-            model["Locations"],  # type: ignore[arg-type]
-        )
-    )
-    assert within == "(point(longitude, latitude) <@ '((113.0,34.0),(114.0,34.0),(114.0,35.0),(113.0,34.0))'::polygon)"
 
 
 @pytest.mark.parametrize(
@@ -177,12 +171,24 @@ def test_filters_become_bound_sql(model: dict[str, object]) -> None:
 )
 def test_meaningless_filters_say_why(model: dict[str, object], entity: str, text: str, message: str) -> None:
     with pytest.raises(RequestError, match=message):
-        compile_filter(parse_filter(text), model[entity])  # type: ignore[arg-type]
+        _compiled(text, model[entity])
 
 
 def test_a_page_is_scoped_ordered_and_one_row_longer(model: dict[str, object]) -> None:
     options = parse_options([("$orderby", "phenomenonTime desc"), ("$skip", "20")], 1000)
     scope = Scope(kinds=frozenset({"air"}), districts=None, metrics=None, raw=False)
-    text = _sql(select_statement(model["Observations"], options, scope, {"series_id": 7}, top=10))  # type: ignore[arg-type]
-    assert 'WHERE "series_id" = 7 AND "kind" = ANY(\'{air}\') AND "resolution" = ANY(\'{1h,1m,anomalies}\')' in text
-    assert text.endswith('ORDER BY phenomenon_start DESC, "phenomenon_start" ASC, "detector" ASC LIMIT 11 OFFSET 20')
+    observations = model["Observations"]
+    statement = select_statement(observations, options, scope, {"series_id": 7}, top=10)  # type: ignore[arg-type]
+    text = statement.text.as_string(None)
+    assert 'WHERE "series_id" = %s AND "kind" = ANY(%s) AND "resolution" = ANY(%s)' in text
+    # Across series and resolutions, ties are broken in the direction of the first order.
+    assert text.endswith(
+        'ORDER BY phenomenon_start DESC, "phenomenon_start" DESC, "series_id" DESC, "resolution" DESC,'
+        ' "detector" DESC LIMIT %s OFFSET %s'
+    )
+    assert statement.params == [7, ["air"], ["1h", "1m", "anomalies"], 11, 20]
+    # One series at one resolution: its time is unique, and its index gives the order.
+    one = select_statement(observations, options, None, {"series_id": 7, "resolution": "raw"}, top=1)  # type: ignore[arg-type]
+    assert one.text.as_string(None).endswith(
+        'ORDER BY phenomenon_start DESC, "phenomenon_start" DESC LIMIT %s OFFSET %s'
+    )

@@ -1,0 +1,273 @@
+"""``citytel bench api``: the SensorThings API at city scale, beside the same queries in plain SQL.
+
+A private PostgreSQL+TimescaleDB gets ``devices`` registered air monitors (one pm2_5 series each)
+and ``readings_per_device`` readings of each, 15 minutes apart up to now, generated in SQL. Then
+``citytel api`` serves with one worker per core, and a keep-alive HTTP load generator (asyncio,
+``concurrency`` connections, each sending its next request when the last is answered) asks, for
+random devices: a Datastream's latest Observation, and one day of a Datastream. The same two
+questions then go straight to the database through psycopg (``concurrency`` connections), as a
+client with direct SQL access would ask them. Every answer is checked (status, and the number of
+Observations), so a fast wrong answer cannot pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import numpy as np
+import psycopg
+
+from citytel.config import dump_settings, load_settings, parse_settings
+from citytel.devtools import stack
+from citytel.devtools.localstack import spawn_citytel
+
+__all__ = ["main_api", "run_api_bench"]
+
+_SPACING = timedelta(minutes=15)
+_BATCH_DEVICES = 100_000
+
+
+def _say(message: str) -> None:
+    print(f"\033[1m[bench api]\033[0m {message}", flush=True)
+
+
+@dataclass
+class Figures:
+    query: str
+    client: str
+    requests: int
+    seconds: float
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _figures(query: str, client: str, latencies: list[float], seconds: float, errors: int) -> Figures:
+    values = np.array(latencies) * 1000.0 if latencies else np.array([float("nan")])
+    return Figures(
+        query,
+        client,
+        len(latencies),
+        round(seconds, 2),
+        round(len(latencies) / seconds, 1),
+        round(float(np.percentile(values, 50)), 2),
+        round(float(np.percentile(values, 99)), 2),
+        errors,
+    )
+
+
+def _generate(connection: psycopg.Connection, devices: int, per_device: int, end: datetime) -> float:
+    """Registry rows, series and readings, all in SQL; returns the seconds it took."""
+    started = time.monotonic()
+    connection.execute(
+        "INSERT INTO devices (device_id, kind, district, latitude, longitude)"
+        " SELECT 'dev-' || lpad(i::text, 7, '0'), 'air', 'district-' || (i %% 12),"
+        "        34.6 + (i %% 1000) * 0.0003, 113.5 + (i / 1000) * 0.0003"
+        " FROM generate_series(1, %s) AS i",
+        (devices,),
+    )
+    connection.execute(
+        "INSERT INTO series (device_id, kind, district, metric)"
+        " SELECT device_id, kind, district, 'pm2_5' FROM devices ORDER BY device_id"
+    )
+    first = end - (per_device - 1) * _SPACING
+    for low in range(1, devices + 1, _BATCH_DEVICES):
+        high = min(low + _BATCH_DEVICES - 1, devices)
+        # Ordered by series, then time: the (series_id, time) index grows at its end.
+        connection.execute(
+            "INSERT INTO readings (time, series_id, value)"
+            " SELECT %s::timestamptz + n * INTERVAL '15 minutes', s, round((random() * 150)::numeric, 1)"
+            " FROM generate_series(%s::integer, %s::integer) AS s CROSS JOIN generate_series(0, %s - 1) AS n",
+            (first, low, high, per_device),
+        )
+        _say(f"readings of devices {low:,}..{high:,} written ({time.monotonic() - started:.0f}s so far)")
+    connection.execute("ANALYZE")
+    return time.monotonic() - started
+
+
+def _device(devices: int) -> str:
+    return f"dev-{random.randint(1, devices):07d}"
+
+
+_LATEST = "/v1.1/Datastreams('{device}:pm2_5')/Observations?" + "&".join(
+    f"{quote(name)}={quote(value)}" for name, value in (("$top", "1"), ("$orderby", "phenomenonTime desc"))
+)
+
+
+def _day_path(device: str, start: datetime, end: datetime) -> str:
+    condition = f"phenomenonTime ge {start:%Y-%m-%dT%H:%M:%SZ} and phenomenonTime lt {end:%Y-%m-%dT%H:%M:%SZ}"
+    return f"/v1.1/Datastreams('{device}:pm2_5')/Observations?{quote('$filter')}={quote(condition)}&%24top=200"
+
+
+async def _http_load(
+    port: int, authorization: str, path: Callable[[], str], expected: int, concurrency: int, seconds: float
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    length_header = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                request = f"GET {path()} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {authorization}\r\n\r\n"
+                started = time.perf_counter()
+                writer.write(request.encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                match = length_header.search(head)
+                body = await reader.readexactly(int(match.group(1)) if match else 0)
+                latencies.append(time.perf_counter() - started)
+                if head[9:12] != b"200" or len(msgspec.json.decode(body)["value"]) != expected:
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+async def _sql_load(
+    conninfo: str,
+    statement: str,
+    arguments: Callable[[], tuple[Any, ...]],
+    expected: int,
+    concurrency: int,
+    seconds: float,
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                rows = await (await connection.execute(statement, arguments(), prepare=True)).fetchall()
+                latencies.append(time.perf_counter() - started)
+                if len(rows) != expected:
+                    errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def run_api_bench(devices: int, per_device: int, seconds: float, concurrency: int, workers: int) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-api-"))
+    os.chmod(run_dir, 0o755)
+    postgres = stack.start_postgres(run_dir, stack.free_port())
+    api_process = None
+    try:
+        shipped = msgspec.to_builtins(stack.open_settings(load_settings()))
+        shipped["database"] |= {"port": postgres.port}
+        shipped["metrics"] |= {"api_port": stack.free_port()}
+        shipped["api"] |= {"port": stack.free_port(), "workers": workers}
+        settings = parse_settings(shipped, "bench api settings")
+        end = datetime.now(UTC).replace(second=0, microsecond=0)
+        from citytel.api.clients import add_client
+        from citytel.processors.storage import prepare_database
+
+        with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+            prepare_database(connection, settings.storage)
+            _say(f"generating {devices:,} devices and {devices * per_device:,} readings in SQL")
+            generation = _generate(connection, devices, per_device, end)
+            key = add_client(connection, "bench", rate_per_second=1e9, burst=1_000_000)
+            size = connection.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()
+        _say(f"data ready in {generation:.0f}s ({size[0] if size else '?'})")
+        config = run_dir / "citytel.toml"
+        config.write_text(dump_settings(settings))
+        api_process = spawn_citytel(["api"], config, run_dir, "api")
+        for worker in range(workers):
+            deadline = time.monotonic() + 60
+            while not stack.port_open(settings.metrics.api_port + worker):
+                if time.monotonic() > deadline or api_process.poll() is not None:
+                    raise stack.StackError(f"citytel api did not start; see {run_dir / 'api.log'}")
+                time.sleep(0.2)
+        authorization = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
+        day_end = end
+        day_start = day_end - timedelta(days=1)  # 96 readings: [start, end) at 15 minutes
+        questions: list[tuple[str, Callable[[], str], str, Callable[[], tuple[Any, ...]], int]] = [
+            (
+                "latest Observation of a Datastream",
+                lambda: _LATEST.format(device=_device(devices)),
+                "SELECT r.time, r.value FROM readings r JOIN series s USING (series_id)"
+                " WHERE s.device_id = %s AND s.metric = 'pm2_5' ORDER BY r.time DESC LIMIT 1",
+                lambda: (_device(devices),),
+                1,
+            ),
+            (
+                "one day of a Datastream",
+                lambda: _day_path(_device(devices), day_start, day_end),
+                "SELECT r.time, r.value FROM readings r JOIN series s USING (series_id)"
+                " WHERE s.device_id = %s AND s.metric = 'pm2_5' AND r.time >= %s AND r.time < %s ORDER BY r.time",
+                lambda: (_device(devices), day_start, day_end),
+                96,
+            ),
+        ]
+        results: list[Figures] = []
+        api_port = settings.api.port
+        conninfo = settings.database.conninfo()
+        for name, path, statement, arguments, expected in questions:
+            asyncio.run(_http_load(api_port, authorization, path, expected, concurrency, 2.0))  # warm-up
+            latencies, errors, elapsed = asyncio.run(
+                _http_load(api_port, authorization, path, expected, concurrency, seconds)
+            )
+            results.append(_figures(name, f"citytel api ({workers} workers)", latencies, elapsed, errors))
+            _say(f"{name}, API: {results[-1]}")
+            asyncio.run(_sql_load(conninfo, statement, arguments, expected, concurrency, 2.0))
+            latencies, errors, elapsed = asyncio.run(
+                _sql_load(conninfo, statement, arguments, expected, concurrency, seconds)
+            )
+            results.append(_figures(name, "direct SQL (psycopg)", latencies, elapsed, errors))
+            _say(f"{name}, SQL: {results[-1]}")
+        return {
+            "devices": devices,
+            "readings": devices * per_device,
+            "generation_seconds": round(generation, 1),
+            "database_size": size[0] if size else None,
+            "concurrency": concurrency,
+            "workers": workers,
+            "seconds_per_run": seconds,
+            "cores": os.cpu_count(),
+            "results": [asdict(figures) for figures in results],
+        }
+    finally:
+        if api_process is not None and api_process.poll() is None:
+            api_process.terminate()
+            api_process.wait(timeout=30)
+        postgres.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main_api(devices: int, per_device: int, seconds: float, concurrency: int, workers: int, output: Path | None) -> int:
+    report = run_api_bench(devices, per_device, seconds, concurrency, workers)
+    print(f"{'question':<36} {'client':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for row in report["results"]:
+        print(
+            f"{row['query']:<36} {row['client']:<26} {row['per_second']:>8.0f} {row['p50_ms']:>8.2f}"
+            f" {row['p99_ms']:>8.2f} {row['errors']:>6}"
+        )
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    failed = any(row["errors"] for row in report["results"])
+    return 1 if failed else 0
