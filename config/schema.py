@@ -314,6 +314,9 @@ class ApiSettings(Strict, frozen=True):
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Where clients reach the API (behind a proxy: its https address), for the links in every
+    # answer; empty: from each request's Host header.
+    public_url: str = ""
     # Server processes; one per core serves the most requests.
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # Entities in one page when a request gives no $top, and the most any $top may ask for.
@@ -420,6 +423,12 @@ def _validate(settings: Settings) -> None:
                 problems.append(f"kinds.{kind}.metrics.{metric}: a metric name is lower-case letters, digits and _")
     if settings.api.default_top > settings.api.max_top:
         problems.append("api.default_top must not exceed api.max_top")
+    for key, url in (
+        ("api.default_terms_url", settings.api.default_terms_url),
+        ("api.public_url", settings.api.public_url),
+    ):
+        if url and not re.fullmatch(r"https?://[\x21-\x7e]+", url):
+            problems.append(f"{key}={url!r}: an http(s) address in plain ASCII")
     storage = settings.storage
     if (
         min(

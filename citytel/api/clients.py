@@ -98,6 +98,8 @@ def add_client(
     """Register a client and return its new key (the only time it is seen)."""
     if not _NAME.fullmatch(client_id):
         raise ClientError(f"client name {client_id!r}: lower-case letters, digits, '.', '_' or '-', up to 64")
+    if terms_url is not None and not re.fullmatch(r"https?://[\x21-\x7e]+", terms_url):
+        raise ClientError(f"terms URL {terms_url!r}: an http(s) address in plain ASCII (it goes in a Link header)")
     key = _new_key()
     try:
         connection.execute(

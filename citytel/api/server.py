@@ -187,7 +187,7 @@ class ApiApp:
                 "message": f"the query ran over {self.api.statement_timeout_ms} ms;"
                 " narrow it with $filter (a time range) or a smaller $top",
             }
-        except (psycopg.errors.DataError, psycopg.errors.NumericValueOutOfRange):
+        except psycopg.errors.DataError:
             status = 400
             body = {"code": 400, "type": "error", "message": "the database refused a value in the request"}
         except (psycopg.OperationalError, TimeoutError) as error:
@@ -236,6 +236,8 @@ class ApiApp:
         await send({"type": "http.response.body", "body": body})
 
     def _base_url(self, scope: AsgiScope, headers: dict[str, str]) -> str:
+        if self.api.public_url:
+            return self.api.public_url.rstrip("/") + _ROOT
         host = headers.get("host") or f"{scope['server'][0]}:{scope['server'][1]}"
         return f"{scope.get('scheme', 'http')}://{host}{_ROOT}"
 

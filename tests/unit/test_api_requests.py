@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from citytel.api.clients import key_from_headers
 from citytel.api.entities import build_model, observation_id, parse_datastream_id, parse_observation_id
 from citytel.api.odata import (
     Call,
@@ -22,6 +23,7 @@ from citytel.api.odata import (
     parse_path,
 )
 from citytel.api.queries import Bound, Scope, compile_filter, select_statement
+from citytel.api.server import RateLimiter
 from citytel.config import Settings, default_config_path, load_settings
 
 
@@ -192,3 +194,34 @@ def test_a_page_is_scoped_ordered_and_one_row_longer(model: dict[str, object]) -
     assert one.text.as_string(None).endswith(
         'ORDER BY phenomenon_start DESC, "phenomenon_start" DESC LIMIT %s OFFSET %s'
     )
+
+
+def test_keys_are_read_from_basic_bearer_or_header() -> None:
+    import base64
+
+    basic = "Basic " + base64.b64encode(b"environment:s3cret").decode()
+    assert key_from_headers({"authorization": basic}) == ("environment", "s3cret")
+    assert key_from_headers({"authorization": "Bearer s3cret"}) == (None, "s3cret")
+    assert key_from_headers({"x-api-key": "s3cret"}) == (None, "s3cret")
+    assert key_from_headers({"authorization": "Basic !!!"}) == (None, None)
+    assert key_from_headers({}) == (None, None)
+
+
+def test_a_client_gets_its_burst_then_its_rate() -> None:
+    limiter = RateLimiter()
+    waits = [limiter.wait_seconds("a", rate=2.0, burst=3, now=100.0) for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert waits[3] == pytest.approx(0.5)  # the next token in half a second at 2 a second
+    assert limiter.wait_seconds("a", rate=2.0, burst=3, now=100.5) == 0.0
+    assert limiter.wait_seconds("b", rate=2.0, burst=3, now=100.5) == 0.0  # each client its own bucket
+
+
+def test_scope_admits_what_its_where_terms_select() -> None:
+    scope = Scope(kinds=frozenset({"air"}), districts=frozenset({"jinshui"}), metrics=None, raw=False)
+    columns = {"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"}
+    row = {"kind": "air", "district": "jinshui", "metric": "pm2_5", "resolution": "1h"}
+    assert scope.admits(row, columns)
+    assert not scope.admits(row | {"resolution": "raw"}, columns)
+    assert not scope.admits(row | {"district": "zhongyuan"}, columns)
+    assert not scope.admits(row | {"kind": "traffic"}, columns)
+    assert Scope().admits(row | {"resolution": "raw"}, columns)

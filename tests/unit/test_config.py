@@ -43,6 +43,13 @@ def test_wrong_types_and_bad_values_are_rejected() -> None:
         check_components(parse_settings({"detectors": {"aqi": {"standard": "who"}}}))
     with pytest.raises(ConfigError, match="min must be below max"):
         parse_settings({"kinds": {"air": {"metrics": {"pm2_5": {"unit": "ug/m3", "min": 5.0, "max": 1.0}}}}})
+    # Metric names are part of the API's ids (device:metric): no separators, no spaces.
+    with pytest.raises(ConfigError, match=r"kinds\.air\.metrics\.pm 2\.5: a metric name"):
+        parse_settings({"kinds": {"air": {"metrics": {"pm 2.5": {"unit": "ug/m3", "min": 0.0, "max": 1.0}}}}})
+    with pytest.raises(ConfigError, match=r"api\.default_top must not exceed api\.max_top"):
+        parse_settings({"api": {"default_top": 500, "max_top": 100}})
+    with pytest.raises(ConfigError, match=r"api\.default_terms_url='ftp://x': an http\(s\) address"):
+        parse_settings({"api": {"default_terms_url": "ftp://x"}})
 
 
 def test_settings_round_trip_through_toml() -> None:
