@@ -166,6 +166,9 @@ def _comparison(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Comp
             raise RequestError("null can only be compared with eq or ne")
         other, _kind = _operand(expression.right if _is_null(expression.left) else expression.left, entity, bind)
         return sql.SQL("({} IS {}NULL)").format(other, sql.SQL("" if expression.op == "eq" else "NOT "))
+    near = _within_distance(expression, entity, bind)
+    if near is not None:
+        return near
     left_expression = _retype(expression.left, _type(expression.right, entity) or "") or expression.left
     right_expression = _retype(expression.right, _type(expression.left, entity) or "") or expression.right
     left, left_type = _operand(left_expression, entity, bind)
@@ -173,6 +176,28 @@ def _comparison(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Comp
     if left_type != right_type or left_type in ("point", "bool"):
         raise RequestError(f"cannot compare a {left_type} with a {right_type} ({expression.op})")
     return sql.SQL("({} {} {})").format(left, sql.SQL(_OPERATORS[expression.op]), right)
+
+
+def _within_distance(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Composable | None:
+    """``geo.distance(location, P) lt d``: the points in the circle of radius d around P (which
+    the location index finds), then the exact comparison."""
+    call, limit = expression.left, expression.right
+    if not (
+        expression.op in ("lt", "le")
+        and isinstance(call, Call)
+        and call.name == "geo.distance"
+        and isinstance(limit, Literal)
+        and limit.kind == "number"
+    ):
+        return None
+    # Values are bound in the order their placeholders appear in the text.
+    location, _kind = _operand(call.args[0], entity, bind)
+    [(x, y)] = _geography(call.args[1], "POINT")
+    circle = sql.SQL("{} <@ circle(point({}::float8, {}::float8), {}::float8)").format(
+        location, bind(x), bind(y), bind(limit.value)
+    )
+    distance, _kind = _operand(call, entity, bind)
+    return sql.SQL("({} AND {} {} {})").format(circle, distance, sql.SQL(_OPERATORS[expression.op]), bind(limit.value))
 
 
 def _like(text: str) -> str:

@@ -172,7 +172,10 @@ async def _sql_load(
     return latencies, errors, time.perf_counter() - started
 
 
-def run_api_bench(devices: int, per_device: int, seconds: float, concurrency: int, workers: int) -> dict[str, Any]:
+def run_api_bench(
+    devices: int, per_device: int, seconds: float, concurrency: int, workers: int, keep: bool = False
+) -> dict[str, Any]:
+    """``keep``: leave the database running afterwards (its address is printed), to explore."""
     run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-api-"))
     os.chmod(run_dir, 0o755)
     postgres = stack.start_postgres(run_dir, stack.free_port())
@@ -255,8 +258,11 @@ def run_api_bench(devices: int, per_device: int, seconds: float, concurrency: in
         if api_process is not None and api_process.poll() is None:
             api_process.terminate()
             api_process.wait(timeout=30)
-        postgres.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if keep:
+            _say(f"database kept: host=127.0.0.1 port={postgres.port} user=citytel dbname=citytel (pid {postgres.pid})")
+        else:
+            postgres.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main_api(devices: int, per_device: int, seconds: float, concurrency: int, workers: int, output: Path | None) -> int:

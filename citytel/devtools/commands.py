@@ -269,6 +269,7 @@ def _bench(arguments: argparse.Namespace) -> int:
             arguments.concurrency,
             arguments.workers,
             arguments.output,
+            arguments.keep,
         )
     if arguments.scenario == "fuzz":
         from citytel.devtools.fuzz import main_fuzz
@@ -398,6 +399,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench.add_argument("--seconds", type=float, default=20.0, help="api: seconds of load per question and client")
     bench.add_argument("--concurrency", type=int, default=16, help="api: connections kept busy at once")
     bench.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="api: server processes")
+    bench.add_argument("--keep", action="store_true", help="api: leave the generated database running afterwards")
     bench.set_defaults(handler=_bench)
 
     chaos = commands.add_parser(

@@ -145,8 +145,14 @@ def test_filters_become_sql_with_bound_values(model: dict[str, object]) -> None:
     assert _compiled("properties/kind eq 'x'' OR 1=1 --'", model["Things"]) == ("(kind = %s)", ["x' OR 1=1 --"])
     # A literal % and _, then anything.
     assert _compiled("startswith(name, '50%_')", model["Things"]) == ("(device_id LIKE %s)", ["50\\%\\_%"])
+    # A distance below a limit: a circle the location index can find, then the exact distance.
     assert _compiled("geo.distance(location, geography'POINT(113.6 34.7)') lt 0.05", model["Things"]) == (
-        "((point(longitude, latitude) <-> point(%s::float8, %s::float8)) < %s)",
+        "(point(longitude, latitude) <@ circle(point(%s::float8, %s::float8), %s::float8)"
+        " AND (point(longitude, latitude) <-> point(%s::float8, %s::float8)) < %s)",
+        [113.6, 34.7, 0.05, 113.6, 34.7, 0.05],
+    )
+    assert _compiled("geo.distance(location, geography'POINT(113.6 34.7)') gt 0.05", model["Things"]) == (
+        "((point(longitude, latitude) <-> point(%s::float8, %s::float8)) > %s)",
         [113.6, 34.7, 0.05],
     )
     assert _compiled(

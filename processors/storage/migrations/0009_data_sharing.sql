@@ -23,6 +23,9 @@ CREATE TABLE api_clients (
     CHECK ((revoked_at IS NULL) = (key_hash IS NOT NULL))
 );
 
+-- SensorThings' spatial filters on Things and Locations (st_within, geo.distance) use it.
+CREATE INDEX devices_location ON devices USING gist (point(longitude, latitude));
+
 -- Every request: who asked for what, when, and what it got.
 CREATE TABLE api_access (
     time        timestamptz NOT NULL,
