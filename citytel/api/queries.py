@@ -23,7 +23,15 @@ from psycopg import sql
 from citytel.api.entities import EntitySet, Field
 from citytel.api.odata import Call, Compare, Expr, Literal, Logical, Not, Options, Path, RequestError
 
-__all__ = ["Bound", "Scope", "Statement", "compile_filter", "count_statement", "select_statement"]
+__all__ = [
+    "Bound",
+    "Scope",
+    "Statement",
+    "compile_filter",
+    "count_statement",
+    "page_json_statement",
+    "select_statement",
+]
 
 _OPERATORS = {"eq": "=", "ne": "<>", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _LITERAL_TYPES = {"number": "number", "string": "text", "datetime": "time", "bool": "bool", "null": "null"}
@@ -309,3 +317,23 @@ def count_statement(entity: EntitySet, options: Options, scope: Scope | None, eq
         entity.relation, _conditions(entity, options, scope, equal, bind)
     )
     return Statement(text, bind.values)
+
+
+def page_json_statement(entity: EntitySet, page: Statement, top: int, base: str) -> Statement:
+    """``page`` (a ``select_statement`` of ``top + 1`` rows) as one row: the JSON array of its
+    first ``top`` entities, made by ``entity.render_sql``, and how many rows it had (more than
+    ``top``: there is a next page)."""
+    if entity.render_sql is None or entity.render_texts is None:
+        raise ValueError(f"{entity.name} have no SQL rendering")
+    text = sql.SQL(
+        "SELECT coalesce(json_agg(doc ORDER BY n) FILTER (WHERE n <= {top}), '[]'::json)::text AS value,"
+        " count(*) AS rows FROM (SELECT row_number() OVER () AS n, {document} AS doc"
+        " FROM ({page}) AS p CROSS JOIN LATERAL ({texts}) AS i) AS numbered"
+    ).format(
+        top=sql.Placeholder(),
+        document=entity.render_sql,
+        page=page.text,
+        texts=entity.render_texts(sql.Placeholder()),
+    )
+    # Parameters in the order of their placeholders: the cut, the page's, the service root.
+    return Statement(text, [top, *page.params, base])

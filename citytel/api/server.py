@@ -36,7 +36,7 @@ from citytel.api.audit import Access, AuditLog
 from citytel.api.clients import Client, ClientCache, key_from_headers
 from citytel.api.entities import EntitySet, Row, build_model
 from citytel.api.odata import Options, RequestError, Resource, parse_options, parse_path
-from citytel.api.queries import Scope, Statement, count_statement, select_statement
+from citytel.api.queries import Scope, Statement, count_statement, page_json_statement, select_statement
 from citytel.config import ApiSettings, Settings
 from citytel.core import metrics
 
@@ -386,16 +386,25 @@ class ApiApp:
         top = options.top if options.top is not None else self.api.default_top
         if options.expand and top > self.api.max_expand_parents:
             raise RequestError(f"with $expand, $top may be at most {self.api.max_expand_parents}")
-        rows = await self._fetchall(connection, select_statement(entity_set, options, scope, equal, top))
-        more = len(rows) > top
-        rows = rows[:top]
+        page = select_statement(entity_set, options, scope, equal, top)
         body: dict[str, Any] = {}
         if options.count:
             counted = await self._fetchone(connection, count_statement(entity_set, options, scope, equal))
             body["@iot.count"] = counted["count"] if counted else 0
-        body["value"] = [
-            self._select(await self._render(connection, entity_set, row, options, scope), options) for row in rows
-        ]
+        if entity_set.render_sql is not None and not options.select and not options.expand:
+            # The fast path: PostgreSQL writes the page's JSON (the same documents as render).
+            found = await self._fetchone(connection, page_json_statement(entity_set, page, top, request.base))
+            if found is None:  # an aggregate always gives a row
+                raise RuntimeError("page_json_statement gave no row")
+            more, returned = found["rows"] > top, min(found["rows"], top)
+            body["value"] = msgspec.Raw(found["value"].encode())
+        else:
+            rows = await self._fetchall(connection, page)
+            more, returned = len(rows) > top, min(len(rows), top)
+            body["value"] = [
+                self._select(await self._render(connection, entity_set, row, options, scope), options)
+                for row in rows[:top]
+            ]
         if more:
             pairs = [(name, value) for name, value in request.pairs if name != "$skip"]
             pairs.append(("$skip", str(options.skip + top)))
@@ -404,7 +413,7 @@ class ApiApp:
             body["@iot.nextLink"] = f"{request.base}{request.path[len(_ROOT) :]}?{urlencode(pairs, quote_via=quote)}"
         body |= self._terms(request.client)
         body["@citytel.scope"] = scope.describe()
-        return body, len(rows)
+        return body, returned
 
     async def _render(
         self,

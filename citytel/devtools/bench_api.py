@@ -40,6 +40,7 @@ __all__ = ["main_api", "run_api_bench"]
 
 _SPACING = timedelta(minutes=15)
 _BATCH_DEVICES = 100_000
+_TUNING = {"shared_buffers": "'4GB'", "effective_cache_size": "'16GB'", "max_wal_size": "'8GB'"}
 
 
 def _say(message: str) -> None:
@@ -178,7 +179,8 @@ def run_api_bench(
     """``keep``: leave the database running afterwards (its address is printed), to explore."""
     run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-api-"))
     os.chmod(run_dir, 0o755)
-    postgres = stack.start_postgres(run_dir, stack.free_port())
+    # Memory for a database of several GB, as a city's server would give it on this machine.
+    postgres = stack.start_postgres(run_dir, stack.free_port(), tuning=_TUNING)
     api_process = None
     try:
         shipped = msgspec.to_builtins(stack.open_settings(load_settings()))
@@ -204,7 +206,8 @@ def run_api_bench(
             deadline = time.monotonic() + 60
             while not stack.port_open(settings.metrics.api_port + worker):
                 if time.monotonic() > deadline or api_process.poll() is not None:
-                    raise stack.StackError(f"citytel api did not start; see {run_dir / 'api.log'}")
+                    log = (run_dir / "api.log").read_text(errors="replace")[-3000:]
+                    raise stack.StackError(f"citytel api did not start; its log ends:\n{log}")
                 time.sleep(0.2)
         authorization = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
         day_end = end
@@ -265,8 +268,10 @@ def run_api_bench(
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def main_api(devices: int, per_device: int, seconds: float, concurrency: int, workers: int, output: Path | None) -> int:
-    report = run_api_bench(devices, per_device, seconds, concurrency, workers)
+def main_api(
+    devices: int, per_device: int, seconds: float, concurrency: int, workers: int, output: Path | None, keep: bool
+) -> int:
+    report = run_api_bench(devices, per_device, seconds, concurrency, workers, keep)
     print(f"{'question':<36} {'client':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for row in report["results"]:
         print(

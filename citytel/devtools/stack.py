@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -784,6 +784,7 @@ def start_postgres(
     *,
     timescaledb: bool = True,
     logins: PostgresLogins | None = None,
+    tuning: Mapping[str, str] | None = None,
 ) -> Server:
     """PostgreSQL with TimescaleDB. Without ``logins`` it trusts local connections (a test's
     private server) and ``role`` is a superuser; with them every login needs its password,
@@ -845,6 +846,8 @@ def start_postgres(
                 "shared_buffers = 256MB\n"
                 "max_wal_size = 2GB\n"
                 "logging_collector = off\n"
+                # A benchmark's own settings (memory for a large database) win over the above.
+                 + "".join(f"{name} = {value}\n" for name, value in (tuning or {}).items())
             )
     server = _spawn(
         "postgres", [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port)], directory, port, user=user

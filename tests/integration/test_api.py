@@ -21,8 +21,12 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from citytel.api.clients import add_client, revoke_client
+from citytel.api.entities import build_model
+from citytel.api.odata import parse_options
+from citytel.api.queries import Statement, page_json_statement, select_statement
 from citytel.config import Settings, parse_settings
 from citytel.devtools import stack
 from citytel.processors.storage import prepare_database
@@ -77,6 +81,12 @@ def _load(connection: psycopg.Connection) -> None:
         "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
         " SELECT %s::timestamptz + INTERVAL '600 minutes', series_id, 'jump', 0.9, 'step', 99.0 FROM series"
         " WHERE device_id = %s",
+        (DAY, AIR[0]),
+    )
+    # One late reading: its Observation says so (resultQuality).
+    connection.execute(
+        "UPDATE readings SET quality = 1 WHERE time = %s::timestamptz + INTERVAL '5 minutes'"
+        " AND series_id = (SELECT series_id FROM series WHERE device_id = %s AND metric = 'pm2_5')",
         (DAY, AIR[0]),
     )
     connection.execute(
@@ -192,7 +202,44 @@ def test_things_datastreams_and_a_day_of_observations_match_sql(city: City, api:
         ).fetchall()
     assert pages == 2
     assert len(got) == 720 == len(expected)
-    assert got == [(moment.astimezone(UTC).isoformat().replace("+00:00", "Z"), value) for moment, value in expected]
+    assert got == [
+        (moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"), value)
+        for moment, value in expected
+    ]
+
+
+def test_observations_json_from_sql_equals_the_python_rendering(city: City) -> None:
+    """The fast path (PostgreSQL writes a page's JSON) against the plain one (Python renders
+    each row), on every kind of Observation: raw (one of them late), both rollups, anomalies."""
+    model = build_model(city.settings, lambda: "http://city.example/v1.1")
+    observations = model["Observations"]
+    with psycopg.connect(
+        host="127.0.0.1", port=city.port, user="citytel", dbname=city.database, row_factory=dict_row
+    ) as db:
+        for resolution in ("raw", "1m", "1h", "anomalies"):
+            series = db.execute(
+                "SELECT series_id FROM series WHERE device_id = %s AND metric = 'pm2_5'", (AIR[0],)
+            ).fetchone()
+            assert series is not None
+            options = parse_options([("$orderby", "phenomenonTime asc")], 2000)
+            page = select_statement(
+                observations, options, None, {"series_id": series["series_id"], "resolution": resolution}, 40
+            )
+            rows = db.execute(page.text, page.params).fetchall()
+            plain = [observations.render(row) for row in rows[:40]]
+            fast = db.execute(*_statement(page_json_statement(observations, page, 40, "http://city.example/v1.1")))
+            found = fast.fetchone()
+            assert found is not None
+            assert found["rows"] == len(rows)
+            assert json.loads(found["value"]) == plain, resolution
+            assert plain, resolution
+            if resolution == "raw":
+                assert plain[5]["resultQuality"] == ["late"]
+                assert plain[4]["resultQuality"] == []
+
+
+def _statement(statement: Statement) -> tuple[Any, list[Any]]:
+    return statement.text, statement.params
 
 
 def test_rollup_datastream_equals_citytel_query(city: City, api: str) -> None:
@@ -207,7 +254,8 @@ def test_rollup_datastream_equals_citytel_query(city: City, api: str) -> None:
     queried = [(row[0], float(row[3]), row[2]) for row in rows if row[1] == "pm10"]
     assert len(queried) == MINUTES
     for observation, (bucket, average, count) in zip(page["value"], queried, strict=True):
-        assert observation["phenomenonTime"].startswith(bucket.astimezone(UTC).isoformat().replace("+00:00", "Z"))
+        start = bucket.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        assert observation["phenomenonTime"].startswith(start + "/")
         assert observation["result"] == pytest.approx(average, abs=0.0005)  # citytel query rounds to 3 places
         assert observation["parameters"]["count"] == count == 1
     status, hourly = _get(
