@@ -61,7 +61,7 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
         assert rows == [
@@ -73,12 +73,13 @@ def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDataba
             (6, "mqtt_logins"),
             (7, "least_privilege"),
             (8, "certificate_logins"),
+            (9, "data_sharing"),
         ]
         hypertables = {
             row[0]
             for row in connection.execute("SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()
         }
-        assert {"readings", "anomalies", "alerts", "rollup_1m", "rollup_1h"} <= hypertables
+        assert {"readings", "anomalies", "alerts", "rollup_1m", "rollup_1h", "api_access"} <= hypertables
 
 
 def test_a_failing_migration_rolls_back_and_names_itself(database: ScratchDatabase, tmp_path: Path) -> None:
