@@ -244,40 +244,36 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         "location": Field("point(longitude, latitude)", "point"),
         "Locations/location": Field("point(longitude, latitude)", "point"),
     }
-    device_scope = {"kind": "kind", "district": "district"}
 
-    def device_key(value: str | int) -> dict[str, Any]:
-        return {"device_id": _text_key(value, "Thing")}
+    def device_set(
+        name: str, singular: str, navigation: Mapping[str, Navigation], render: Callable[[Row], dict[str, Any]]
+    ) -> EntitySet:
+        """Things and Locations: two faces of the same registry rows, keyed by device id."""
+        return EntitySet(
+            name=name,
+            singular=singular,
+            relation=sql.Identifier("sta_things"),
+            columns=device_columns,
+            key=("device_id",),
+            fields=device_fields,
+            navigation=navigation,
+            scoped={"kind": "kind", "district": "district"},
+            id_of=lambda row: str(row["device_id"]),
+            key_of=lambda value: {"device_id": _text_key(value, singular)},
+            render=render,
+        )
 
-    things = EntitySet(
-        name="Things",
-        singular="Thing",
-        relation=sql.Identifier("sta_things"),
-        columns=device_columns,
-        key=("device_id",),
-        fields=device_fields,
-        navigation={
-            "Datastreams": Navigation("Datastreams", True, (("device_id", "device_id"),)),
-            "Locations": Navigation("Locations", True, (("device_id", "device_id"),)),
+    by_device = (("device_id", "device_id"),)
+    things = device_set(
+        "Things",
+        "Thing",
+        {
+            "Datastreams": Navigation("Datastreams", True, by_device),
+            "Locations": Navigation("Locations", True, by_device),
         },
-        scoped=device_scope,
-        id_of=lambda row: str(row["device_id"]),
-        key_of=device_key,
-        render=render_thing,
+        render_thing,
     )
-    locations = EntitySet(
-        name="Locations",
-        singular="Location",
-        relation=sql.Identifier("sta_things"),
-        columns=device_columns,
-        key=("device_id",),
-        fields=device_fields,
-        navigation={"Things": Navigation("Things", True, (("device_id", "device_id"),))},
-        scoped=device_scope,
-        id_of=lambda row: str(row["device_id"]),
-        key_of=device_key,
-        render=render_location,
-    )
+    locations = device_set("Locations", "Location", {"Things": Navigation("Things", True, by_device)}, render_location)
 
     # --- Sensors and ObservedProperties: from the config ---------------------------------------
     def render_sensor(row: Row) -> dict[str, Any]:
@@ -301,40 +297,32 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             "description": f"{metric}, as citytel's sensors report it",
         }
 
-    kinds_relation = sql.SQL("(VALUES {}) AS kinds(kind)").format(
-        sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(kind)) for kind in sorted(settings.kinds))
-    )
-    metrics_relation = sql.SQL("(VALUES {}) AS metrics(metric)").format(
-        sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(metric)) for metric in metrics)
-    )
-    sensors = EntitySet(
-        name="Sensors",
-        singular="Sensor",
-        relation=kinds_relation,
-        columns=("kind",),
-        key=("kind",),
-        fields={"id": Field("kind", "text"), "name": Field("kind", "text")},
-        navigation={"Datastreams": Navigation("Datastreams", True, (("kind", "kind"),))},
-        scoped={"kind": "kind"},
-        id_of=lambda row: str(row["kind"]),
-        key_of=lambda value: {"kind": _text_key(value, "Sensor")},
-        render=render_sensor,
-        immutable=True,
-    )
-    observed_properties = EntitySet(
-        name="ObservedProperties",
-        singular="ObservedProperty",
-        relation=metrics_relation,
-        columns=("metric",),
-        key=("metric",),
-        fields={"id": Field("metric", "text"), "name": Field("metric", "text")},
-        navigation={"Datastreams": Navigation("Datastreams", True, (("metric", "metric"),))},
-        scoped={"metric": "metric"},
-        id_of=lambda row: str(row["metric"]),
-        key_of=lambda value: {"metric": _text_key(value, "ObservedProperty")},
-        render=render_property,
-        immutable=True,
-    )
+    def listed(
+        name: str, singular: str, column: str, values: list[str], render: Callable[[Row], dict[str, Any]]
+    ) -> EntitySet:
+        """An entity set of the config's names (kinds, metrics): a VALUES list, one column."""
+        relation = sql.SQL("(VALUES {}) AS {}({})").format(
+            sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(value)) for value in values),
+            sql.Identifier(name.lower()),
+            sql.Identifier(column),
+        )
+        return EntitySet(
+            name=name,
+            singular=singular,
+            relation=relation,
+            columns=(column,),
+            key=(column,),
+            fields={"id": Field(column, "text"), "name": Field(column, "text")},
+            navigation={"Datastreams": Navigation("Datastreams", True, ((column, column),))},
+            scoped={column: column},
+            id_of=lambda row: str(row[column]),
+            key_of=lambda value: {column: _text_key(value, singular)},
+            render=render,
+            immutable=True,
+        )
+
+    sensors = listed("Sensors", "Sensor", "kind", sorted(settings.kinds), render_sensor)
+    observed_properties = listed("ObservedProperties", "ObservedProperty", "metric", metrics, render_property)
 
     # --- Datastreams: every series at every resolution ------------------------------------------
     described = {

@@ -448,57 +448,21 @@ def test_citytel_api_clients_cli(city: City, run_dir: Path) -> None:
     from tests.helpers import write_config
 
     config = write_config(city.settings, run_dir)
+
+    def citytel(*arguments: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "citytel", "--config", str(config), "api", "clients", *arguments]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
     secret_file = run_dir / f"key-{uuid.uuid4().hex}"
-    added = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "citytel",
-            "--config",
-            str(config),
-            "api",
-            "clients",
-            "add",
-            "parking-co",
-            "--kinds",
-            "parking",
-            "--rollups-only",
-            "--secret-file",
-            str(secret_file),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    added = citytel("add", "parking-co", "--kinds", "parking", "--rollups-only", "--secret-file", str(secret_file))
     assert added.returncode == 0, added.stderr
     ISSUED_SECRETS.add(secret_file.read_text().strip())
     assert secret_file.stat().st_mode & 0o777 == 0o600
-    listed = subprocess.run(
-        [sys.executable, "-m", "citytel", "--config", str(config), "api", "clients", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    listed = citytel("list")
+    assert listed.returncode == 0, listed.stderr
     assert "parking-co" in listed.stdout
     assert "rollups and anomalies only" in listed.stdout
     assert secret_file.read_text().strip() not in listed.stdout
-    wrong = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "citytel",
-            "--config",
-            str(config),
-            "api",
-            "clients",
-            "add",
-            "x",
-            "--kinds",
-            "submarine",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    wrong = citytel("add", "x", "--kinds", "submarine")
     assert wrong.returncode == 1
     assert "unknown kind" in wrong.stderr
