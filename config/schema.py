@@ -202,6 +202,8 @@ class StorageSettings(Strict, frozen=True):
     retention_days_anomalies: int = 365
     retention_days_rollup_1m: int = 90
     retention_days_rollup_1h: int = 730
+    # The SensorThings API's access log (who read what, when): the data bureau's audit trail.
+    retention_days_access_log: int = 365
     compress_after_days: int = 7  # full edition only
     # How far back continuous aggregates re-read for late data (full edition); keep it at least
     # ingest.max_age_seconds.
@@ -436,6 +438,7 @@ def _validate(settings: Settings) -> None:
             storage.retention_days_anomalies,
             storage.retention_days_rollup_1m,
             storage.retention_days_rollup_1h,
+            storage.retention_days_access_log,
         )
         < 1
     ):

@@ -199,6 +199,7 @@ def _retention(settings: StorageSettings) -> list[tuple[str, int]]:
         ("anomalies", settings.retention_days_anomalies),
         ("rollup_1m", settings.retention_days_rollup_1m),
         ("rollup_1h", settings.retention_days_rollup_1h),
+        ("api_access", settings.retention_days_access_log),
     ]
 
 

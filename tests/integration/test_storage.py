@@ -179,6 +179,23 @@ def test_retention_drops_only_chunks_past_the_horizon(settings: Settings, databa
         assert [int(row[0]) for row in left] == [29, 2]
 
 
+def test_the_access_log_is_kept_for_its_own_retention(database: ScratchDatabase) -> None:
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    with database.connect() as connection:
+        prepare_database(connection, StorageSettings())
+        for age in (400, 100, 1):
+            connection.execute(
+                "INSERT INTO api_access (time, client_id, method, path, query, status, entities, duration_ms, remote)"
+                " VALUES (%s, 'bureau', 'GET', '/v1.1/Things', '', 200, 1, 1.0, '127.0.0.1')",
+                (now - timedelta(days=age),),
+            )
+        drop_old_chunks(connection, StorageSettings(retention_days_access_log=365), now=now)
+        left = connection.execute(
+            "SELECT round(extract(epoch FROM %s::timestamptz - time) / 86400) FROM api_access ORDER BY time", (now,)
+        ).fetchall()
+        assert [int(row[0]) for row in left] == [100, 1]
+
+
 def test_the_apache_edition_is_detected_and_the_full_edition_sql_is_checked(
     settings: Settings, database: ScratchDatabase
 ) -> None:
@@ -191,7 +208,7 @@ def test_the_apache_edition_is_detected_and_the_full_edition_sql_is_checked(
         # Each full-edition statement parses and names real TimescaleDB objects: the Apache
         # edition refuses it for its license, not for its syntax.
         statements = tsl_statements(settings.storage)
-        assert len(statements) == 10
+        assert len(statements) == 11  # 2 aggregates, 2 refresh policies, 5 retention policies, compression, its policy
         for statement in statements:
             with pytest.raises(psycopg.Error) as refused, connection.transaction():
                 connection.execute(statement.encode())

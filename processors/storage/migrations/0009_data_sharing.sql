@@ -40,3 +40,16 @@ CREATE TABLE api_access (
 );
 SELECT create_hypertable('api_access', by_range('time', INTERVAL '7 days'));
 CREATE INDEX api_access_client_time ON api_access (client_id, time DESC);
+
+-- The access log is kept for storage.retention_days_access_log: the processor's maintenance
+-- drops its old chunks through citytel_drop_chunks, which now lists it too.
+CREATE OR REPLACE FUNCTION citytel_drop_chunks(hypertable text, older_than timestamptz) RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+BEGIN
+    IF hypertable NOT IN ('readings', 'anomalies', 'rollup_1m', 'rollup_1h', 'api_access') THEN
+        RAISE EXCEPTION 'citytel_drop_chunks: % is not one of citytel''s hypertables', hypertable;
+    END IF;
+    RETURN QUERY SELECT drop_chunks(hypertable::regclass, older_than => older_than)::text;
+END
+$$;
+REVOKE ALL ON FUNCTION citytel_drop_chunks(text, timestamptz) FROM PUBLIC;
