@@ -71,7 +71,6 @@ class EntitySet:
     navigation: Mapping[str, Navigation]
     # Scope dimension (kind, district, metric, resolution) -> the column that holds it.
     scoped: Mapping[str, str]
-    id_of: Callable[[Row], str]
     key_of: Callable[[str | int], dict[str, Any]]
     render: Callable[[Row], dict[str, Any]]
     # Whether an entity, once it exists, never changes (the server may keep it in memory).
@@ -258,7 +257,6 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             fields=device_fields,
             navigation=navigation,
             scoped={"kind": "kind", "district": "district"},
-            id_of=lambda row: str(row["device_id"]),
             key_of=lambda value: {"device_id": _text_key(value, singular)},
             render=render,
         )
@@ -298,7 +296,12 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         }
 
     def listed(
-        name: str, singular: str, column: str, values: list[str], render: Callable[[Row], dict[str, Any]]
+        name: str,
+        singular: str,
+        column: str,
+        values: list[str],
+        render: Callable[[Row], dict[str, Any]],
+        name_sql: str,
     ) -> EntitySet:
         """An entity set of the config's names (kinds, metrics): a VALUES list, one column."""
         relation = sql.SQL("(VALUES {}) AS {}({})").format(
@@ -312,17 +315,17 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             relation=relation,
             columns=(column,),
             key=(column,),
-            fields={"id": Field(column, "text"), "name": Field(column, "text")},
+            fields={"id": Field(column, "text"), "name": Field(name_sql, "text")},
             navigation={"Datastreams": Navigation("Datastreams", True, ((column, column),))},
             scoped={column: column},
-            id_of=lambda row: str(row[column]),
             key_of=lambda value: {column: _text_key(value, singular)},
             render=render,
             immutable=True,
         )
 
-    sensors = listed("Sensors", "Sensor", "kind", sorted(settings.kinds), render_sensor)
-    observed_properties = listed("ObservedProperties", "ObservedProperty", "metric", metrics, render_property)
+    # name_sql: the name render gives, so that $filter=name eq ... finds what the answers show.
+    sensors = listed("Sensors", "Sensor", "kind", sorted(settings.kinds), render_sensor, "kind || ' sensor'")
+    observed_properties = listed("ObservedProperties", "ObservedProperty", "metric", metrics, render_property, "metric")
 
     # --- Datastreams: every series at every resolution ------------------------------------------
     described = {
@@ -366,7 +369,6 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         key=("device_id", "metric", "resolution"),
         fields={
             "id": Field(datastream_id_sql, "text"),
-            "name": Field(datastream_id_sql, "text"),
             "properties/device_id": Field("device_id", "text"),
             "properties/kind": Field("kind", "text"),
             "properties/district": Field("district", "text"),
@@ -385,7 +387,6 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             ),
         },
         scoped={"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"},
-        id_of=lambda row: datastream_id(row["device_id"], row["metric"], row["resolution"]),
         key_of=parse_datastream_id,
         render=render_datastream,
         immutable=True,
@@ -456,7 +457,6 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             "Datastream": Navigation("Datastreams", False, (("series_id", "series_id"), ("resolution", "resolution"))),
         },
         scoped={"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"},
-        id_of=observation_id,
         key_of=parse_observation_id,
         render=render_observation,
         render_sql=sql.SQL(_OBSERVATION_JSON_SQL),

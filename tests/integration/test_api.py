@@ -327,6 +327,15 @@ def test_expand_select_and_filters(city: City, api: str) -> None:
     assert high["@iot.count"] == count[0] > 0
 
 
+def test_a_name_filter_finds_the_name_an_answer_shows(city: City, api: str) -> None:
+    key = city.keys["bureau"]
+    status, sensors = _get(f"{api}/Sensors" + _q(filter="name eq 'air sensor'"), key)
+    assert status == 200
+    assert [(sensor["@iot.id"], sensor["name"]) for sensor in sensors["value"]] == [("air", "air sensor")]
+    status, things = _get(f"{api}/Things" + _q(filter=f"name eq '{TRAFFIC[2]}'"), key)
+    assert [thing["name"] for thing in things["value"]] == [TRAFFIC[2]]
+
+
 def test_scopes_refuse_what_a_client_may_not_read(city: City, api: str) -> None:
     environment = city.keys["environment"]
     refused = [
