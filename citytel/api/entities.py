@@ -235,7 +235,6 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
     device_columns = ("device_id", "kind", "district", "latitude", "longitude", "capacity", "installed")
     device_fields = {
         "id": Field("device_id", "text"),
-        "name": Field("device_id", "text"),
         "properties/kind": Field("kind", "text"),
         "properties/district": Field("district", "text"),
         "properties/capacity": Field("capacity", "number"),
@@ -245,16 +244,21 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
     }
 
     def device_set(
-        name: str, singular: str, navigation: Mapping[str, Navigation], render: Callable[[Row], dict[str, Any]]
+        name: str,
+        singular: str,
+        navigation: Mapping[str, Navigation],
+        render: Callable[[Row], dict[str, Any]],
+        name_sql: str,
     ) -> EntitySet:
-        """Things and Locations: two faces of the same registry rows, keyed by device id."""
+        """Things and Locations: two faces of the same registry rows, keyed by device id;
+        ``name_sql`` gives the name ``render`` shows."""
         return EntitySet(
             name=name,
             singular=singular,
             relation=sql.Identifier("sta_things"),
             columns=device_columns,
             key=("device_id",),
-            fields=device_fields,
+            fields={**device_fields, "name": Field(name_sql, "text")},
             navigation=navigation,
             scoped={"kind": "kind", "district": "district"},
             key_of=lambda value: {"device_id": _text_key(value, singular)},
@@ -270,8 +274,15 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
             "Locations": Navigation("Locations", True, by_device),
         },
         render_thing,
+        "device_id",
     )
-    locations = device_set("Locations", "Location", {"Things": Navigation("Things", True, by_device)}, render_location)
+    locations = device_set(
+        "Locations",
+        "Location",
+        {"Things": Navigation("Things", True, by_device)},
+        render_location,
+        "device_id || ' site'",
+    )
 
     # --- Sensors and ObservedProperties: from the config ---------------------------------------
     def render_sensor(row: Row) -> dict[str, Any]:

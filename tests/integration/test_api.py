@@ -334,6 +334,8 @@ def test_a_name_filter_finds_the_name_an_answer_shows(city: City, api: str) -> N
     assert [(sensor["@iot.id"], sensor["name"]) for sensor in sensors["value"]] == [("air", "air sensor")]
     status, things = _get(f"{api}/Things" + _q(filter=f"name eq '{TRAFFIC[2]}'"), key)
     assert [thing["name"] for thing in things["value"]] == [TRAFFIC[2]]
+    status, places = _get(f"{api}/Locations" + _q(filter=f"name eq '{TRAFFIC[2]} site'"), key)
+    assert [place["@iot.id"] for place in places["value"]] == [TRAFFIC[2]]
 
 
 def test_scopes_refuse_what_a_client_may_not_read(city: City, api: str) -> None:
