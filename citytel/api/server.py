@@ -115,7 +115,8 @@ class ApiApp:
             kwargs={"autocommit": True, "row_factory": dict_row},
             configure=self._configure,
             open=False,
-            timeout=10.0,
+            # A request waits this long for a connection, then gets 503 (the database is down or busy).
+            timeout=3.0,
         )
         self.clients = ClientCache(self.pool, self.api.key_cache_seconds)
         self.audit = AuditLog(self.pool, self.api.audit_flush_seconds, self.api.audit_max_pending)
