@@ -477,3 +477,16 @@ def test_citytel_api_clients_cli(city: City, run_dir: Path) -> None:
     wrong = citytel("add", "x", "--kinds", "submarine")
     assert wrong.returncode == 1
     assert "unknown kind" in wrong.stderr
+
+
+def test_without_its_database_the_api_answers_503_not_500(city: City, run_dir: Path) -> None:
+    data = msgspec.to_builtins(city.settings)
+    data["database"] |= {"port": stack.free_port()}  # nothing listens there
+    data["api"] |= {"port": stack.free_port()}
+    data["metrics"] |= {"api_port": stack.free_port()}
+    settings = parse_settings(data, "no database")
+    with citytel_process(settings, run_dir, "api"):
+        wait_ready(settings.metrics.api_port)
+        status, body = _get(f"http://127.0.0.1:{settings.api.port}/v1.1/Things", city.keys["bureau"])
+        assert status == 503, body
+        assert "unavailable" in body["message"]
