@@ -37,6 +37,11 @@ QUERIES: dict[str, tuple[str, str]] = {
         "SELECT bucket, metric, count, round(avg::numeric, 3) AS avg, min, max, last FROM readings_1m"
         " WHERE device_id = %(device)s AND bucket > now() - %(since)s::interval ORDER BY bucket, metric",
     ),
+    "access": (
+        "who read what through the SensorThings API (`citytel api`), newest first",
+        "SELECT time, client_id, status, entities, round(duration_ms::numeric, 1) AS ms, path, query"
+        " FROM api_access_log WHERE time > now() - %(since)s::interval ORDER BY time DESC LIMIT 500",
+    ),
     "anomalies": (
         "recent anomalies",
         "SELECT time, device_id, metric, detector, round(score::numeric, 3) AS score, reason, value"

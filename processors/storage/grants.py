@@ -49,6 +49,7 @@ GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                 "traffic_last_hour",
                 "readings_1m",
                 "readings_1h",
+                "api_access_log",
             ),
         ),
     ],

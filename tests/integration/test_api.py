@@ -414,6 +414,11 @@ def test_the_access_log_records_who_read_what(city: City, api: str) -> None:
 
     wait_for(lambda: len(logged()) == 2, 10.0, "the access log")
     assert logged() == [("jinshui", "/v1.1/Sensors", 200), (None, "/v1.1/Sensors", 401)]
+    # What the bureau sees of it with `citytel query access`.
+    with city.connect() as db:
+        columns, rows = run_query(db, "access", since="1 hour")
+    mine = [row for row in rows if marker in row[columns.index("query")]]
+    assert [(row[1], row[2]) for row in mine] == [(None, 401), ("jinshui", 200)]  # newest first
 
 
 def test_the_api_role_reads_only_the_sharing_views(city: City) -> None:

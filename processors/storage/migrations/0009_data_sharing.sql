@@ -40,6 +40,9 @@ CREATE TABLE api_access (
 );
 SELECT create_hypertable('api_access', by_range('time', INTERVAL '7 days'));
 CREATE INDEX api_access_client_time ON api_access (client_id, time DESC);
+-- What the bureau reads of it (`citytel query access`, Grafana): the reader role gets this view.
+CREATE VIEW api_access_log AS
+    SELECT time, client_id, method, path, query, status, entities, duration_ms, remote FROM api_access;
 
 -- The access log is kept for storage.retention_days_access_log: the processor's maintenance
 -- drops its old chunks through citytel_drop_chunks, which now lists it too.
