@@ -96,11 +96,7 @@ def _text_key(value: str | int, what: str) -> str:
 
 
 def _iso(moment: datetime) -> str:
-    # Always with microseconds: the text _ISO_SQL makes in PostgreSQL. The server's connections
-    # run in UTC (citytel.api.server), so the first case is the common one.
-    text = moment.isoformat(timespec="microseconds")
-    if text.endswith("+00:00"):
-        return text[:-6] + "Z"
+    # Always with microseconds: the text _ISO_SQL makes in PostgreSQL.
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

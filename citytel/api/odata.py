@@ -186,10 +186,9 @@ class _Tokens:
 
 def _tokenize(text: str) -> list[tuple[str, str]]:
     tokens: list[tuple[str, str]] = []
+    text = text.rstrip()  # each token takes the blanks before it; none may be left at the end
     position = 0
     while position < len(text):
-        if text[position:].strip() == "":
-            break
         match = _TOKEN.match(text, position)
         if match is None or match.end() == position:
             raise RequestError(f"$filter: cannot read from {text[position : position + 20]!r}")
@@ -262,7 +261,7 @@ def _primary(tokens: _Tokens, depth: int) -> Expr:
         return Literal(float(text) if any(c in text for c in ".eE") else int(text), "number")
     if kind == "datetime":
         try:
-            return Literal(datetime.fromisoformat(text.replace("Z", "+00:00")), "datetime")
+            return Literal(datetime.fromisoformat(text), "datetime")
         except ValueError:
             raise RequestError(f"$filter: {text} is not a valid time") from None
     if kind == "name":

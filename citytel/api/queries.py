@@ -153,7 +153,7 @@ def _retype(literal: Expr, wanted: str) -> Literal | None:
     """A quoted time ('2026-12-01T00:00:00Z') compared with a time property is a time."""
     if wanted == "time" and isinstance(literal, Literal) and literal.kind == "string":
         try:
-            return Literal(datetime.fromisoformat(str(literal.value).replace("Z", "+00:00")), "datetime")
+            return Literal(datetime.fromisoformat(str(literal.value)), "datetime")
         except ValueError:
             raise RequestError(f"{literal.value!r} is not a time (ISO 8601, e.g. 2026-12-01T00:00:00Z)") from None
     return None

@@ -283,9 +283,8 @@ class ApiApp:
         options = parse_options(request.pairs, self.api.max_top)
         scope = request.client.scope
         async with self.pool.connection() as connection:
-            entity_set, rows, equal = await self._walk(connection, resource, scope)
-            if rows is not None:  # one entity (the path ended with a key or a to-one step)
-                row = rows
+            entity_set, row, equal = await self._walk(connection, resource, scope)
+            if row is not None:  # one entity (the path ended with a key or a to-one step)
                 if resource.property is not None:
                     return self._property(entity_set, row, resource.property), 1
                 body = await self._render(connection, entity_set, row, options, scope)
