@@ -29,6 +29,7 @@ from psycopg import sql
 
 from citytel.api.odata import RequestError
 from citytel.config import Settings
+from citytel.core.sensorthings import datastream_id, entity_link
 
 __all__ = ["RESOLUTIONS", "EntitySet", "Field", "Navigation", "build_model", "observation_id", "parse_observation_id"]
 
@@ -143,10 +144,6 @@ def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-def datastream_id(device_id: str, metric: str, resolution: str) -> str:
-    return f"{device_id}:{metric}" if resolution == "raw" else f"{device_id}:{metric}:{resolution}"
-
-
 def parse_datastream_id(value: str | int) -> dict[str, Any]:
     parts = _text_key(value, "Datastream").split(":")
     resolution = "raw"
@@ -193,11 +190,8 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
     }
     metrics = sorted({metric for _kind, metric in units})
 
-    def link(set_name: str, key: str) -> str:
-        return f"{base_url()}/{set_name}('{key.replace(chr(39), chr(39) * 2)}')"
-
     def navigation_links(set_name: str, key: str, names: tuple[str, ...]) -> dict[str, str]:
-        self_link = link(set_name, key)
+        self_link = entity_link(base_url(), set_name, key)
         return {"@iot.selfLink": self_link} | {f"{name}@iot.navigationLink": f"{self_link}/{name}" for name in names}
 
     # --- Things and Locations: the device registry ---------------------------------------------

@@ -39,6 +39,7 @@ from citytel.api.odata import Options, RequestError, Resource, parse_options, pa
 from citytel.api.queries import Scope, Statement, count_statement, page_json_statement, select_statement
 from citytel.config import ApiSettings, Settings
 from citytel.core import metrics
+from citytel.core.sensorthings import VERSION
 
 __all__ = ["ApiApp", "run_api"]
 
@@ -47,7 +48,7 @@ log = logging.getLogger("citytel.api")
 AsgiScope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-_ROOT = "/v1.1"
+_ROOT = "/" + VERSION
 # The service root as this request's client sees it (its Host header), for the links in the
 # answer; a context variable, because requests run concurrently.
 _IMMUTABLE_ENTRIES = 100_000
