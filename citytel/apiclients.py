@@ -2,6 +2,11 @@
 
 A key is shown once (or written to ``--secret-file``, mode 0600); the registry keeps its hash.
 A running server notices a rotation or revocation within ``api.key_cache_seconds``.
+
+A client added ``--live`` may also subscribe to its Datastreams' new Observations on the city's
+MQTT broker (the API's MQTT extension): an MQTT login of the same name whose secret is the same
+key, rotated and revoked with it, and whose ACL is the client's scope. Every change to such a
+client is applied to the running broker at once, as ``citytel devices`` does for devices.
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ import psycopg
 from citytel.api.clients import ClientError, add_client, list_clients, revoke_client, rotate_client
 from citytel.config import Settings
 from citytel.core.files import write_private
+from citytel.processors.storage.logins import (
+    SAFE_NAME,
+    LoginError,
+    add_login,
+    apply_to_broker,
+    revoke_login,
+    rotate_login,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--terms-url", default=None, help="clients add: where those terms are published")
     parser.add_argument("--purpose", default="", help="clients add: what it reads the data for (kept for the audit)")
     parser.add_argument("--secret-file", default=None, help="clients add/rotate: write the key here (0600), not stdout")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="clients add: it may also subscribe to new Observations in its scope on the MQTT broker"
+        " (login: its name; secret: its key)",
+    )
 
 
 def _check_scope(settings: Settings, arguments: argparse.Namespace) -> None:
@@ -60,6 +79,25 @@ def _hand_over(name: str, key: str, secret_file: str | None) -> None:
         print(f"{name}: key (shown once; only its hash is kept): {key}")
 
 
+def _live_login(connection: psycopg.Connection, name: str) -> bool:
+    """Whether ``name`` has an active live-subscription login on the broker."""
+    row = connection.execute(
+        "SELECT 1 FROM mqtt_logins WHERE username = %s AND role = 'sharing' AND revoked_at IS NULL", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def _check_login_free(connection: psycopg.Connection, name: str) -> None:
+    """Before a --live client is added: its name must make a broker login no one holds."""
+    if SAFE_NAME.fullmatch(name) is None:
+        raise LoginError(f"a live client's name {name!r} must be 1-64 of A-Z a-z 0-9 . _ - (it is its MQTT login)")
+    taken = connection.execute(
+        "SELECT role FROM mqtt_logins WHERE username = %s AND revoked_at IS NULL", (name,)
+    ).fetchone()
+    if taken is not None:
+        raise LoginError(f"{name!r} is already an MQTT login (role {taken[0]}): choose another client name")
+
+
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
     words = arguments.words[1:]
     action = words[0] if words else ""
@@ -71,6 +109,8 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
         try:
             if action == "add":
                 _check_scope(settings, arguments)
+                if arguments.live:
+                    _check_login_free(connection, name)
                 key = add_client(
                     connection,
                     name,
@@ -85,20 +125,39 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
                     purpose=arguments.purpose,
                 )
                 _hand_over(name, key, arguments.secret_file)
+                if arguments.live:
+                    # Its MQTT login: the same name and key (a name taken by a device or
+                    # another login is refused, and the client then has no live feed).
+                    add_login(connection, name, "sharing", settings.registry.hash_iterations, secret=key)
+                    print(f"{name}: live subscription: {apply_to_broker(connection, settings)}")
             elif action == "rotate":
-                _hand_over(name, rotate_client(connection, name), arguments.secret_file)
+                key = rotate_client(connection, name)
+                _hand_over(name, key, arguments.secret_file)
+                if _live_login(connection, name):
+                    rotate_login(connection, name, settings.registry.hash_iterations, secret=key)
+                    print(f"{name}: live subscription: {apply_to_broker(connection, settings)}")
             elif action == "revoke":
                 revoke_client(connection, name)
                 print(f"{name}: revoked")
+                if _live_login(connection, name):
+                    revoke_login(connection, name)
+                    print(f"{name}: live subscription: {apply_to_broker(connection, settings)}")
             else:
+                live = {
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT username FROM mqtt_logins WHERE role = 'sharing' AND revoked_at IS NULL"
+                    )
+                }
                 for record in list_clients(connection):
                     state = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
                     scope = record.scope.describe()
                     print(
                         f"{record.client_id:<24} {state:<24} kinds={scope['kinds']} districts={scope['districts']}"
-                        f" metrics={scope['metrics']} {scope['readings']} {record.purpose}"
+                        f" metrics={scope['metrics']} {scope['readings']}{' live' if record.client_id in live else ''}"
+                        f" {record.purpose}"
                     )
-        except ClientError as error:
+        except (ClientError, LoginError) as error:
             print(f"citytel: {error}", file=sys.stderr)
             return 1
     return 0

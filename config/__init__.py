@@ -36,6 +36,7 @@ from citytel.config.schema import (
     dump_settings,
     load_settings,
     parse_settings,
+    read_secret,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "dump_settings",
     "load_settings",
     "parse_settings",
+    "read_secret",
     "suggest",
     "unknown_component",
 ]

@@ -17,7 +17,7 @@ class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """The base of every settings table: frozen, keyword-only, unknown keys refused."""
 
 
-def _read_secret(env_name: str, file_path: str, what: str) -> str:
+def read_secret(env_name: str, file_path: str, what: str) -> str:
     """Resolve a secret from an environment variable or a file, never from the config itself."""
     if env_name:
         value = os.environ.get(env_name)
@@ -57,7 +57,7 @@ class MqttSettings(Strict, frozen=True):
     tls_key_file: str = ""
 
     def password(self) -> str:
-        return _read_secret(self.password_env, self.password_file, "mqtt password")
+        return read_secret(self.password_env, self.password_file, "mqtt password")
 
 
 class IngestSettings(Strict, frozen=True):
@@ -85,7 +85,7 @@ class KafkaLogin(Strict, frozen=True):
     password_file: str = ""
 
     def password(self) -> str:
-        return _read_secret(self.password_env, self.password_file, f"kafka password of {self.username}")
+        return read_secret(self.password_env, self.password_file, f"kafka password of {self.username}")
 
 
 class KafkaSettings(Strict, frozen=True):
@@ -149,7 +149,7 @@ class DatabaseSettings(Strict, frozen=True):
             "connect_timeout": str(self.connect_timeout_seconds),
             "application_name": f"citytel-{role}",
         }
-        password = _read_secret(login.password_env, login.password_file, f"database password of {login.user}")
+        password = read_secret(login.password_env, login.password_file, f"database password of {login.user}")
         if password:
             parts["password"] = password
         return " ".join(f"{key}='{_libpq_quote(value)}'" for key, value in parts.items())
@@ -295,7 +295,7 @@ class AlertSettings(Strict, frozen=True):
     departments: dict[str, Department] = msgspec.field(default_factory=dict)
 
     def mqtt_password(self) -> str:
-        return _read_secret(self.mqtt_password_env, self.mqtt_password_file, "alerts mqtt password")
+        return read_secret(self.mqtt_password_env, self.mqtt_password_file, "alerts mqtt password")
 
 
 class RegistrySettings(Strict, frozen=True):

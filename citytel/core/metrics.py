@@ -35,6 +35,7 @@ __all__ = [
     "DETECTION_SECONDS",
     "END_TO_END_LATENCY",
     "ERRORS",
+    "LIVE_OBSERVATIONS",
     "OPEN_ALERTS",
     "PROCESSOR_SERIES",
     "RECEIVED",
@@ -149,6 +150,11 @@ API_DURATION = Histogram(
     "citytel_api_request_duration_seconds",
     "Time from a SensorThings API request to its answer.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+LIVE_OBSERVATIONS = Counter(
+    "citytel_live_observations_total",
+    "Observations for the SensorThings live feed (MQTT), by outcome: published, or dropped (broker away or slow).",
+    ["outcome"],
 )
 SIMULATOR_PUBLISHED = Counter("citytel_simulator_published_total", "Messages the simulator published.", ["kind"])
 

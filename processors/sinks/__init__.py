@@ -75,7 +75,7 @@ def register_sink(
 
 
 def _registry() -> dict[str, RegisteredSink]:
-    from citytel.processors.sinks import timescale  # noqa: F401 - registers itself
+    from citytel.processors.sinks import live, timescale  # noqa: F401 - each registers itself
 
     return SINKS
 

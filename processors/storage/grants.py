@@ -3,7 +3,8 @@
 The migrations run as the schema's owner. The other roles get only what their process does:
 
 - ``processor``: add readings, anomalies and series, keep its detector state and the rollup
-  bookkeeping, read the device registry; drop old chunks through ``citytel_drop_chunks`` only.
+  bookkeeping, read the device registry and the scopes of live subscriptions (what its live
+  feed publishes); drop old chunks through ``citytel_drop_chunks`` only.
 - ``alerter``: read anomalies and readings, keep the alerts and its own progress.
 - ``reader`` (Grafana, department queries): read the query views, nothing else; not even the
   tables behind them.
@@ -26,7 +27,7 @@ __all__ = ["GRANTS", "grant_roles"]
 GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "processor": [
         ("SELECT, INSERT", ("readings", "anomalies", "series")),
-        ("SELECT", ("devices", "aqi_breakpoints")),
+        ("SELECT", ("devices", "aqi_breakpoints", "live_scopes")),
         (
             "SELECT, INSERT, UPDATE, DELETE",
             ("detector_state", "rollup_dirty", "rollup_claimed", "rollup_1m", "rollup_1h"),

@@ -8,7 +8,10 @@ login the least it needs:
 
 - a device (or its gateway) may publish on ``{prefix}/{district}/{kind}/{device_id}/up`` only;
 - the bridge may read every sensor topic, and nothing else;
-- the alerter may publish under the alerts prefix; a department may read its own alerts only.
+- the alerter may publish under the alerts prefix; a department may read its own alerts only;
+- the processors' live feed may publish SensorThings Observations under ``v1.1/``; an API
+  client with a live subscription (role ``sharing``: its name, its API key as the secret) may
+  read the Observations of the Datastreams in its scope only (processors/sinks/live.py).
 
 A secret is made here, returned once to be shown once, and never stored or logged.
 """
@@ -22,6 +25,7 @@ import os
 import re
 import secrets
 import signal
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,9 +34,12 @@ import psycopg
 
 from citytel.config import Settings
 from citytel.core.files import write_private
+from citytel.core.sensorthings import VERSION, datastream_id, observations_topic
+from citytel.processors.storage.sharing import LIVE_ANOMALIES, LIVE_RAW, live_flags, read_live_scopes
 
 __all__ = [
     "ROLES",
+    "SAFE_NAME",
     "BrokerFiles",
     "Login",
     "LoginError",
@@ -47,7 +54,7 @@ __all__ = [
     "verify_secret",
 ]
 
-ROLES = ("device", "gateway", "bridge", "alerter", "department", "probe")
+ROLES = ("device", "gateway", "bridge", "alerter", "department", "probe", "live", "sharing")
 # Names that go into the broker's files: no spaces, newlines, '+', '#', '/' or ':' can turn one
 # login's line into another rule.
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -112,10 +119,12 @@ def add_login(
     *,
     department: str | None = None,
     certificate: bool = False,
+    secret: str | None = None,
 ) -> str:
     """Create a login and return its secret; a revoked login of the same name is re-issued.
     With ``certificate`` the login proves itself with a client certificate from the city's CA
-    whose CN is ``username`` (on the broker's certificate listener): no secret, "" returned."""
+    whose CN is ``username`` (on the broker's certificate listener): no secret, "" returned.
+    ``secret``: the login's secret is one issued elsewhere (an API client's key), not a new one."""
     _check_name("username", username)
     if role not in ROLES:
         raise LoginError(f"role {role!r} is not one of {ROLES}")
@@ -127,7 +136,10 @@ def add_login(
         row = connection.execute("SELECT 1 FROM devices WHERE device_id = %s", (username,)).fetchone()
         if row is None:
             raise LoginError(f"device {username!r} is not in the registry: import or add it with its kind and district")
-    secret = "" if certificate else new_secret()
+    if certificate:
+        secret = ""
+    elif secret is None:
+        secret = new_secret()
     with connection.transaction():
         existing = connection.execute(
             "SELECT revoked_at FROM mqtt_logins WHERE username = %s FOR UPDATE", (username,)
@@ -151,9 +163,10 @@ def add_login(
     return secret
 
 
-def rotate_login(connection: psycopg.Connection, username: str, iterations: int) -> str:
-    """Replace a login's secret: the old one stops working once the broker reloads."""
-    secret = new_secret()
+def rotate_login(connection: psycopg.Connection, username: str, iterations: int, secret: str | None = None) -> str:
+    """Replace a login's secret (by a new one, or by ``secret``): the old one stops working
+    once the broker reloads."""
+    secret = new_secret() if secret is None else secret
     with connection.transaction():
         updated = connection.execute(
             "UPDATE mqtt_logins SET secret_hash = %s, rotated_at = now()"
@@ -183,8 +196,36 @@ def list_logins(connection: psycopg.Connection) -> list[Login]:
     return [Login(*row) for row in rows]
 
 
-def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alerts_prefix: str) -> BrokerFiles:
-    """Mosquitto's password file and ACL file for every active login."""
+def _live_topics(
+    connection: psycopg.Connection, username: str, metrics_by_kind: Mapping[str, Iterable[str]]
+) -> list[str]:
+    """The Observation topics an API client's live subscription may read: one per Datastream in
+    its scope (a topic cannot be matched by district or kind: the Datastream's id is one level),
+    or every Datastream's when its scope is everything."""
+    scopes = read_live_scopes(connection, username)
+    if any(scope.everything for scope in scopes):
+        return [f"{VERSION}/+/Observations"]
+    if not scopes:
+        return []
+    topics = []
+    for device_id, kind, district in connection.execute("SELECT device_id, kind, district FROM devices ORDER BY 1"):
+        for metric in sorted(metrics_by_kind.get(kind, ())):
+            flags = live_flags(scopes, kind, district, metric)
+            if flags & LIVE_RAW:
+                topics.append(observations_topic(datastream_id(device_id, metric, "raw")))
+            if flags & LIVE_ANOMALIES:
+                topics.append(observations_topic(datastream_id(device_id, metric, "anomalies")))
+    return topics
+
+
+def render_broker_files(
+    connection: psycopg.Connection,
+    topic_prefix: str,
+    alerts_prefix: str,
+    metrics_by_kind: Mapping[str, Iterable[str]] | None = None,
+) -> BrokerFiles:
+    """Mosquitto's password file and ACL file for every active login; ``metrics_by_kind`` (the
+    config's kinds) names the Datastreams of live subscriptions."""
     active = connection.execute(
         "SELECT username, role, department, credential, secret_hash FROM mqtt_logins"
         " WHERE revoked_at IS NULL ORDER BY username"
@@ -215,6 +256,10 @@ def render_broker_files(connection: psycopg.Connection, topic_prefix: str, alert
             acl.append(f"topic read {alerts_prefix}/{department}/#")
         elif role == "probe":
             acl.append("topic readwrite citytel/ready/#")
+        elif role == "live":
+            acl.append(f"topic write {VERSION}/+/Observations")
+        elif role == "sharing":
+            acl += [f"topic read {topic}" for topic in _live_topics(connection, username, metrics_by_kind or {})]
     return BrokerFiles(passwords="\n".join(passwords) + "\n", acl="\n".join(acl) + "\n")
 
 
@@ -224,7 +269,10 @@ def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
     config = settings.registry
     if not config.broker_password_file or not config.broker_acl_file:
         return "registry.broker_password_file and broker_acl_file are not set: the broker was not updated"
-    files = render_broker_files(connection, settings.mqtt.topic_prefix, settings.alerts.mqtt_topic_prefix)
+    metrics_by_kind = {kind: list(own.metrics) for kind, own in settings.kinds.items()}
+    files = render_broker_files(
+        connection, settings.mqtt.topic_prefix, settings.alerts.mqtt_topic_prefix, metrics_by_kind
+    )
     write_private(Path(config.broker_password_file), files.passwords)
     write_private(Path(config.broker_acl_file), files.acl)
     if not config.broker_pid_file:

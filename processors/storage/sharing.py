@@ -11,11 +11,22 @@ other branches of the UNION ALL when their constant resolution cannot match).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import psycopg
 
-__all__ = ["SHARING_VIEWS", "ensure_sharing_views"]
+__all__ = [
+    "LIVE_ANOMALIES",
+    "LIVE_RAW",
+    "SHARING_VIEWS",
+    "LiveScope",
+    "ensure_sharing_views",
+    "live_flags",
+    "read_live_scopes",
+]
 
-SHARING_VIEWS = ("sta_things", "sta_datastreams", "sta_observations")
+SHARING_VIEWS = ("sta_things", "sta_datastreams", "sta_observations", "live_scopes")
 
 _VIEWS = """
 CREATE OR REPLACE VIEW sta_things AS
@@ -49,9 +60,67 @@ CREATE OR REPLACE VIEW sta_observations AS
         FROM anomalies
     ) AS o
     JOIN series s USING (series_id);
+
+-- The scopes of the API clients that also subscribe to live Observations over MQTT: what the
+-- processors' live feed publishes (processors/sinks/live.py), and nothing else of the clients.
+CREATE OR REPLACE VIEW live_scopes AS
+    SELECT a.client_id, a.kinds, a.districts, a.metrics, a.raw
+    FROM api_clients a JOIN mqtt_logins m ON m.username = a.client_id
+    WHERE m.role = 'sharing' AND m.revoked_at IS NULL AND a.revoked_at IS NULL;
 """
 
 
 def ensure_sharing_views(connection: psycopg.Connection) -> None:
     with connection.transaction():
         connection.execute(_VIEWS.encode())
+
+
+# What a series offers a live subscriber: its raw readings, its anomalies (bit flags).
+LIVE_RAW = 1
+LIVE_ANOMALIES = 2
+
+
+@dataclass(frozen=True)
+class LiveScope:
+    """What one API client with a live subscription may read: kinds, districts and metrics
+    (None: every one), and raw readings or only derived data (its anomalies live)."""
+
+    kinds: frozenset[str] | None
+    districts: frozenset[str] | None
+    metrics: frozenset[str] | None
+    raw: bool
+
+    def admits(self, kind: str, district: str, metric: str) -> bool:
+        return (
+            (self.kinds is None or kind in self.kinds)
+            and (self.districts is None or district in self.districts)
+            and (self.metrics is None or metric in self.metrics)
+        )
+
+    @property
+    def everything(self) -> bool:
+        return self.raw and self.kinds is None and self.districts is None and self.metrics is None
+
+
+def _set(values: list[str] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(values)
+
+
+def read_live_scopes(connection: psycopg.Connection, client_id: str | None = None) -> list[LiveScope]:
+    """The scopes of the active clients with a live subscription (or of one of them)."""
+    if client_id is None:
+        rows = connection.execute("SELECT kinds, districts, metrics, raw FROM live_scopes")
+    else:
+        rows = connection.execute(
+            "SELECT kinds, districts, metrics, raw FROM live_scopes WHERE client_id = %s", (client_id,)
+        )
+    return [LiveScope(_set(kinds), _set(districts), _set(metrics), raw) for kinds, districts, metrics, raw in rows]
+
+
+def live_flags(scopes: Iterable[LiveScope], kind: str, district: str, metric: str) -> int:
+    """LIVE_RAW | LIVE_ANOMALIES: what of a series some scope lets a subscriber read."""
+    flags = 0
+    for scope in scopes:
+        if scope.admits(kind, district, metric):
+            flags |= LIVE_ANOMALIES | (LIVE_RAW if scope.raw else 0)
+    return flags

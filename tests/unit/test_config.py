@@ -102,7 +102,7 @@ BAD_CONFIGS = [
     ),
     (
         "an unknown sink",
-        SHIPPED_TEXT.replace('sinks = ["timescaledb"]', 'sinks = ["timescale"]'),
+        SHIPPED_TEXT.replace('sinks = ["timescaledb", ', 'sinks = ["timescale", '),
         r"processor\.sinks\[0\]: no sink named 'timescale' \(did you mean \"timescaledb\"\?\)",
     ),
 ]
