@@ -832,6 +832,7 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
     for login in kafka_logins.values():
         _secret(Path(login.password_file))
     mqtt_port = stack.free_port()
+    live = base.sinks.get("sensorthings_mqtt", {})
     settings = msgspec.structs.replace(
         base,
         mqtt=msgspec.structs.replace(
@@ -857,6 +858,8 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
             broker_pid_file="",
         ),
         kafka=msgspec.structs.replace(base.kafka, ssl_ca_file=str(certificates.ca_file), logins=kafka_logins),
+        # The live feed logs in as in the local stack (no live subscriber here: it publishes nothing).
+        sinks=base.sinks | {"sensorthings_mqtt": live | {"password_file": str(secrets / "mqtt-live")}},
     )
     iterations = settings.registry.hash_iterations
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
@@ -867,10 +870,16 @@ def _secure_servers(run_dir: Path, prefix: str, servers: dict[str, stack.Server]
         import_devices(connection, [msgspec.structs.replace(device, gateway="bench-load") for device in devices])
         logins = {
             name: add_login(connection, name, role, iterations)
-            for name, role in (("citytel-bridge", "bridge"), ("bench-load", "gateway"), ("probe", "probe"))
+            for name, role in (
+                ("citytel-bridge", "bridge"),
+                ("bench-load", "gateway"),
+                ("probe", "probe"),
+                ("citytel-live", "live"),
+            )
         }
         apply_to_broker(connection, settings)
     (secrets / "mqtt-bridge").write_text(logins["citytel-bridge"])
+    write_private(secrets / "mqtt-live", logins["citytel-live"])
     servers["mosquitto"] = stack.start_mosquitto(
         run_dir,
         mqtt_port,

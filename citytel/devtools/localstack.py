@@ -75,6 +75,9 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
         (settings.alerts.mqtt_username, "alerter", None, _secret_file(settings.alerts.mqtt_password_file)),
         (simulator.mqtt_username, "gateway", None, _secret_file(simulator.mqtt_password_file)),
     ]
+    live = settings.sinks.get("sensorthings_mqtt", {})
+    if live.get("username") and live.get("password_file"):
+        wanted.append((live["username"], "live", None, _secret_file(live["password_file"])))
     wanted += [
         (f"dept-{name}", "department", name, secrets / f"mqtt-dept-{name}") for name in settings.alerts.departments
     ]
@@ -98,22 +101,32 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
         write_private(secret_file, secret + "\n")
 
 
-def _provision_api_client(connection: psycopg.Connection, secrets: Path) -> Path:
+def _provision_api_client(connection: psycopg.Connection, settings: Settings, secrets: Path) -> Path:
     """The data bureau's key to the SensorThings API (every kind, district and metric), in a
-    0600 file: what the README's curl and frost-sta-client examples use."""
+    0600 file: what the README's curl, frost-sta-client and live-feed examples use. The bureau
+    also subscribes live: its MQTT login is its name and the same key."""
     from citytel.api.clients import add_client, rotate_client
+    from citytel.processors.storage.logins import add_login, rotate_login
 
     key_file = secrets / "api-bureau"
     active = connection.execute(
         "SELECT 1 FROM api_clients WHERE client_id = 'bureau' AND revoked_at IS NULL"
     ).fetchone()
-    if active and key_file.exists():
+    live = connection.execute(
+        "SELECT 1 FROM mqtt_logins WHERE username = 'bureau' AND role = 'sharing' AND revoked_at IS NULL"
+    ).fetchone()
+    if active and live and key_file.exists():
         return key_file
     if active:
         key = rotate_client(connection, "bureau")
     else:
         connection.execute("DELETE FROM api_clients WHERE client_id = 'bureau'")
         key = add_client(connection, "bureau", purpose="the city data bureau (local stack)")
+    iterations = settings.registry.hash_iterations
+    if live:
+        rotate_login(connection, "bureau", iterations, secret=key)
+    else:
+        add_login(connection, "bureau", "sharing", iterations, secret=key)
     write_private(key_file, key + "\n")
     return key_file
 
@@ -263,7 +276,7 @@ def up(settings: Settings, dev: DevSettings) -> None:
                     else "database schema: up to date"
                 )
                 _provision_logins(connection, settings, dev, secrets)
-                _provision_api_client(connection, secrets)
+                _provision_api_client(connection, settings, secrets)
                 apply_to_broker(connection, settings)
     _say(f"stack is up with TLS and a login per client (CA {certificates.ca_file}); data and logs under {run_dir}")
 

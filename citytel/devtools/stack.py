@@ -45,8 +45,14 @@ class StackError(RuntimeError):
 def open_settings(settings: Settings) -> Settings:
     """``settings`` for a tool's or a test's private servers, which take any client over plain
     TCP: no logins, no TLS, no broker files to render. Never the local stack's."""
+    # The live feed's login (processors/sinks/live.py) too: it connects anonymously.
+    anonymous = {"username": "", "password_env": "", "password_file": ""}
+    sinks = dict(settings.sinks)
+    if "sensorthings_mqtt" in sinks:
+        sinks["sensorthings_mqtt"] = sinks["sensorthings_mqtt"] | anonymous
     return msgspec.structs.replace(
         settings,
+        sinks=sinks,
         mqtt=msgspec.structs.replace(
             settings.mqtt,
             username="",
