@@ -61,7 +61,7 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
         assert rows == [
@@ -74,6 +74,7 @@ def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDataba
             (7, "least_privilege"),
             (8, "certificate_logins"),
             (9, "data_sharing"),
+            (10, "live_observations"),
         ]
         hypertables = {
             row[0]
