@@ -384,10 +384,13 @@ def start_mosquitto(
     probe: MqttClientAuth | None = None,
     certificate_port: int | None = None,
     extra_listener_lines: Sequence[str] = (),
+    topic_index: bool = True,
 ) -> Server:
     """Mosquitto on ``port``. ``certificate_port``: a second TLS listener for devices that log
     in with a client certificate from the CA instead of a secret (its CN is the login).
-    ``extra_listener_lines``: more options for the first listener (a benchmark's cipher)."""
+    ``extra_listener_lines``: more options for the first listener (a benchmark's cipher).
+    ``topic_index``: load the live subscribers' topic index plugin where it is built (a
+    benchmark turns it off to compare)."""
     directory = run_dir / "mosquitto"
     (directory / "data").mkdir(parents=True, exist_ok=True)
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -424,6 +427,7 @@ def start_mosquitto(
         ]
     else:
         persistence = ["persistence true", f"persistence_location {directory / 'data'}/", "autosave_interval 5"]
+    persistence += _topic_index_plugin(durable, auth) if topic_index else []
     config.write_text(
         "\n".join(
             [
@@ -456,6 +460,20 @@ def start_mosquitto(
     server = _spawn("mosquitto", [binary, "-c", str(config)], directory, port, env=environment)
     _wait_ready(server, lambda: mqtt_roundtrip(port, probe=probe), timeout)
     return server
+
+
+def _topic_index_plugin(durable: Path | None, auth: MqttAuthFiles | None) -> list[str]:
+    """The live subscribers' exact-topic index (deploy/mosquitto/citytel_topic_index.c), where
+    it was built and the registry rendered its file; without it the ACL file alone decides, the
+    same way but with a scan of each login's rules per message."""
+    from citytel.processors.storage.logins import topic_index_path
+
+    if durable is None or auth is None:
+        return []
+    plugin, index = durable / "citytel_topic_index.so", topic_index_path(auth.acl_file)
+    if not plugin.exists() or not index.exists():
+        return []
+    return [f"plugin {plugin}", f"plugin_opt_index_file {index}"]
 
 
 def _certificate_listener(port: int | None, tls: MqttTls | None) -> list[str]:

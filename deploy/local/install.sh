@@ -142,6 +142,21 @@ else
   step "Mosquitto 2.1: already built in $mosquitto_home"
 fi
 
+# citytel's topic index for the live subscribers' ACL rules (deploy/mosquitto/), against the
+# same Mosquitto's headers; rebuilt whenever its source changes.
+index_source="$root/deploy/mosquitto/citytel_topic_index.c"
+index_plugin="$mosquitto_home/citytel_topic_index.so"
+index_want="$(sha256sum "$index_source" | cut -d' ' -f1)"
+if [ ! -f "$index_plugin" ] || [ "$(cat "$index_plugin.sha256" 2>/dev/null)" != "$index_want" ]; then
+  build="$cache/mosquitto-build"
+  source_dir="$(ls -d "$build"/src/mosquitto-2.*/ 2>/dev/null | tail -n1)"
+  [ -n "$source_dir" ] || source_dir="$(source_package sid mosquitto "$build")"
+  cc -O2 -Wall -Wextra -fPIC -shared -I"$source_dir/include" -I"$source_dir/deps" \
+     -o "$index_plugin" "$index_source"
+  echo "$index_want" >"$index_plugin.sha256"
+  step "Mosquitto topic index plugin built in $mosquitto_home"
+fi
+
 # --- Python environment ----------------------------------------------------------------------
 lock="$root/requirements.lock"
 stamp="$venv/.citytel-lock.sha256"

@@ -51,6 +51,7 @@ __all__ = [
     "render_broker_files",
     "revoke_login",
     "rotate_login",
+    "topic_index_path",
     "verify_secret",
 ]
 
@@ -80,6 +81,15 @@ class Login:
 class BrokerFiles:
     passwords: str
     acl: str
+    # The same exact-topic read rules of the live subscribers, for the broker's topic index
+    # plugin (deploy/mosquitto/citytel_topic_index.c): one hash lookup per delivery instead of
+    # a scan of the login's rules.
+    topic_index: str
+
+
+def topic_index_path(acl_file: Path) -> Path:
+    """Where the topic index is written: next to the ACL file."""
+    return acl_file.with_name(acl_file.name + ".index")
 
 
 def new_secret() -> str:
@@ -240,6 +250,7 @@ def render_broker_files(
             publishes.setdefault(publisher, []).append(f"{topic_prefix}/{district}/{kind}/{device_id}/up")
     passwords: list[str] = []
     acl = ["# Rendered from citytel's device registry by `citytel devices`: edits here are overwritten."]
+    index = ["# Rendered from citytel's device registry: each live subscriber's exact topics.", f"prefix {VERSION}/"]
     for username, role, department, credential, secret_hash in active:
         if SAFE_NAME.fullmatch(username) is None:
             continue
@@ -259,8 +270,13 @@ def render_broker_files(
         elif role == "live":
             acl.append(f"topic write {VERSION}/+/Observations")
         elif role == "sharing":
-            acl += [f"topic read {topic}" for topic in _live_topics(connection, username, metrics_by_kind or {})]
-    return BrokerFiles(passwords="\n".join(passwords) + "\n", acl="\n".join(acl) + "\n")
+            readable = _live_topics(connection, username, metrics_by_kind or {})
+            acl += [f"topic read {topic}" for topic in readable]
+            if not any("+" in topic for topic in readable):
+                index += [f"user {username}", *readable]
+    return BrokerFiles(
+        passwords="\n".join(passwords) + "\n", acl="\n".join(acl) + "\n", topic_index="\n".join(index) + "\n"
+    )
 
 
 def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
@@ -275,6 +291,7 @@ def apply_to_broker(connection: psycopg.Connection, settings: Settings) -> str:
     )
     write_private(Path(config.broker_password_file), files.passwords)
     write_private(Path(config.broker_acl_file), files.acl)
+    write_private(topic_index_path(Path(config.broker_acl_file)), files.topic_index)
     if not config.broker_pid_file:
         return "broker files written; reload the broker (SIGHUP) to apply them"
     try:
