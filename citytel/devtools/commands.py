@@ -263,7 +263,7 @@ def _bench(arguments: argparse.Namespace) -> int:
         from citytel.devtools.bench_api import main_api
 
         return main_api(
-            arguments.devices,
+            arguments.devices or 1_000_000,
             arguments.readings_per_device,
             arguments.seconds,
             arguments.concurrency,
@@ -271,6 +271,10 @@ def _bench(arguments: argparse.Namespace) -> int:
             arguments.output,
             arguments.keep,
         )
+    if arguments.scenario == "live":
+        from citytel.devtools.bench_live import main_live
+
+        return main_live(arguments.devices or 10_000, min(arguments.messages, 50_000), arguments.output)
     if arguments.scenario == "fuzz":
         from citytel.devtools.fuzz import main_fuzz
 
@@ -370,7 +374,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
 
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
     bench.add_argument(
-        "scenario", choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls", "api"]
+        "scenario",
+        choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls", "api", "live"],
     )
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
@@ -392,7 +397,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
         default=6250,
         help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
     )
-    bench.add_argument("--devices", type=int, default=1_000_000, help="api: registered devices (one series each)")
+    bench.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="api: registered devices, one series each (default 1,000,000); live: air monitors (default 10,000)",
+    )
     bench.add_argument(
         "--readings-per-device", type=int, default=100, help="api: readings of each, 15 minutes apart (100: 100M)"
     )
