@@ -177,6 +177,9 @@ def test_each_live_subscriber_gets_new_observations_of_its_scope_only_as_the_api
             assert topic == f"v1.1/Datastreams('{stream}')/Observations"
     anomaly = next(body for _topic, body in _observations(bureau.received).values() if "parameters" in body)
     assert anomaly["parameters"]["detector"] == "flatline"
+    # The broker decided the district client's reads through the topic index plugin.
+    log = (broker.directory / "mosquitto" / "mosquitto.log").read_text()
+    assert "citytel_topic_index: 2 logins" in log
 
 
 def test_a_revoked_live_client_is_cut_off_within_5_seconds_and_a_rotated_key_replaces_the_old(
