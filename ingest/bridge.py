@@ -47,6 +47,7 @@ from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.envelope import encode_envelope
 from citytel.core.errors import short
+from citytel.core.heap import freeze_startup_heap, watch_collections
 from citytel.core.kafka import client_options, deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.ingest.codecs import get_codec
@@ -546,6 +547,8 @@ def run_bridge(settings: Settings) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         bridge = Bridge(settings)
+        log.info("%d start-up objects frozen", freeze_startup_heap())
+        watch_collections()
         server = metrics.serve_metrics(settings.metrics.host, settings.metrics.bridge_port, bridge.ready)
         try:
             await bridge.run(stop)

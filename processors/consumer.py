@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError
 from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
+from citytel.core.heap import freeze_startup_heap, watch_collections
 from citytel.core.kafka import client_options, deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.processors.batch import DetectorResult, Offsets, ReadingBatch
@@ -510,7 +511,8 @@ def run_processor(settings: Settings) -> None:
     retain_freed_memory()
     # Compile the detectors before taking partitions (see warm_up).
     _stage, seconds = warm_up(settings)
-    log.info("detectors warmed up in %.1f s", seconds)
+    log.info("detectors warmed up in %.1f s, %d start-up objects frozen", seconds, freeze_startup_heap())
+    watch_collections()
 
     async def main() -> None:
         stop = asyncio.Event()

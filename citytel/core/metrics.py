@@ -35,6 +35,7 @@ __all__ = [
     "DETECTION_SECONDS",
     "END_TO_END_LATENCY",
     "ERRORS",
+    "GC_PAUSE",
     "LIVE_OBSERVATIONS",
     "OPEN_ALERTS",
     "PROCESSOR_SERIES",
@@ -150,6 +151,11 @@ API_DURATION = Histogram(
     "citytel_api_request_duration_seconds",
     "Time from a SensorThings API request to its answer.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+GC_PAUSE = Histogram(
+    "citytel_gc_full_pause_seconds",
+    "Pauses of Python's full (oldest generation) garbage collections in this process.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 LIVE_OBSERVATIONS = Counter(
     "citytel_live_observations_total",
