@@ -92,8 +92,11 @@ class Processor:
         self._unsaved: set[tuple[str, int]] = set()
         self._last_checkpoint = time.monotonic()
         # Partitions still to save in the checkpoint under way: while batches keep coming, one
-        # is saved per batch, so a checkpoint never holds the readings behind it up for long.
+        # is taken per batch, so a checkpoint never holds the readings behind it up for long.
         self._checkpoint_round: list[tuple[str, int]] = []
+        # The save of the partition taken last, going on while later batches are scored and
+        # written (at most one; the next partition is taken once it is done).
+        self._storing: asyncio.Task[None] | None = None
         # The batch being written while the next one is scored (at most one).
         self._writing: asyncio.Task[bool] | None = None
         metrics.declare_stage(STAGE, ["records", "readings"])
@@ -263,6 +266,8 @@ class Processor:
         return time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
 
     def _checkpoint_due(self) -> bool:
+        if self._storing is not None and not self._storing.done():
+            return False  # the next partition waits for the save under way
         return bool(self._checkpoint_round) or (
             bool(self._unsaved or self._writing is not None) and self._interval_passed()
         )
@@ -270,19 +275,28 @@ class Processor:
     async def _checkpoint_if_due(self, *, busy: bool) -> None:
         """Save changed partitions once the interval has passed, also when no batch comes: an
         idle processor must not sit on state it never saved. ``busy`` (a batch is waiting to
-        be scored): one partition now, the next with the next batch; idle: all that are left."""
+        be scored): one partition is taken now and saved while the batches after it go on,
+        the next once that save is done; idle: all that are left, now."""
+        if busy and self._storing is not None and not self._storing.done():
+            return
+        await self._finish_storing()
         if not self._checkpoint_round and self._unsaved and self._interval_passed():
             self._checkpoint_round = sorted(self._unsaved)
         if not self._checkpoint_round:
             return
         if busy:
             partitions, self._checkpoint_round = self._checkpoint_round[:1], self._checkpoint_round[1:]
+            # Only the copy of the state holds the batches up; the database write does not.
+            self._storing = asyncio.create_task(self._store(await self._snapshot(partitions)))
         else:
             partitions, self._checkpoint_round = self._checkpoint_round, []
-        await self._checkpoint(partitions)
-        if self._unsaved.intersection(partitions):
-            # The store is away: the round starts again once the retry wait has passed.
-            self._checkpoint_round = []
+            await self._store(await self._snapshot(partitions))
+
+    async def _finish_storing(self) -> None:
+        """Wait for the save under way, if any (before another, a revocation or a stop)."""
+        task, self._storing = self._storing, None
+        if task is not None:
+            await task
 
     async def _commit(self, offsets: Offsets) -> None:
         assert self._consumer is not None
@@ -298,25 +312,41 @@ class Processor:
     # --- state checkpoints and rebalances ---------------------------------------------------
 
     async def _checkpoint(self, partitions: list[tuple[str, int]]) -> None:
-        """Save the state of these partitions, then commit their offsets to Kafka: the committed
-        offset is never ahead of saved state."""
+        """Save the state of these partitions now, then commit their offsets to Kafka: the
+        committed offset is never ahead of saved state."""
+        await self._finish_storing()
+        await self._store(await self._snapshot(partitions))
+
+    async def _snapshot(self, partitions: list[tuple[str, int]]) -> list[tuple[str, int, int, bytes, int]]:
+        """(topic, partition, position, state, series) of each partition read from since it was
+        assigned: its state as of its position, copied between two batches."""
+        snapshots = []
+        for topic, partition in partitions:
+            position = self._positions.get((topic, partition))
+            if position is None:
+                continue  # nothing read from it since it was assigned
+            # In a worker thread, so the fetcher and any write keep going meanwhile; nothing
+            # else touches the state now (the lock is held and no batch is being scored).
+            blob, series = await asyncio.to_thread(export_partition, self.index, self.detectors, partition)
+            snapshots.append((topic, partition, position, blob, series))
+        return snapshots
+
+    async def _store(self, snapshots: list[tuple[str, int, int, bytes, int]]) -> None:
+        """Save the snapshots, then commit their positions. Batches may have gone on meanwhile:
+        a partition they moved on stays unsaved for the next checkpoint."""
         saved: Offsets = {}
         failed = False
         try:
-            for topic, partition in partitions:
-                position = self._positions.get((topic, partition))
-                if position is None:
-                    continue  # nothing read from it since it was assigned
-                # In a worker thread, so the fetcher and any write keep going meanwhile; nothing
-                # else touches the state now (the lock is held and no batch is being scored).
-                blob, series = await asyncio.to_thread(export_partition, self.index, self.detectors, partition)
+            for topic, partition, position, blob, series in snapshots:
                 await self._state.save(topic, partition, position, blob, series)
-                self._unsaved.discard((topic, partition))
+                if self._positions.get((topic, partition)) == position:
+                    self._unsaved.discard((topic, partition))
                 saved[(topic, partition)] = position
         except RetryableError as error:
             # The store is away: the partitions not saved stay unsaved (their offsets
-            # uncommitted), and the checkpoint is tried again once the retry wait has passed.
+            # uncommitted), and the checkpoint starts again once the retry wait has passed.
             failed = True
+            self._checkpoint_round = []
             self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
         if saved:
             await self._commit(saved)
