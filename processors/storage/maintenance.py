@@ -11,6 +11,7 @@ objects to readers: tables or continuous aggregates ``rollup_1m`` and ``rollup_1
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -109,35 +110,50 @@ class ManualRollups:
             ).fetchall()
             if dropped:
                 log.warning("dropped %d rollup claims for buckets no valid reading can be in", len(dropped))
-        with connection.transaction():
-            # Claims left by a pass that died are taken up here too.
-            claimed = [row[0] for row in connection.execute("DELETE FROM rollup_claimed RETURNING bucket").fetchall()]
-            if not claimed:
-                return 0
-            # One index range per claimed bucket: a single late reading from days ago must not
-            # make the refresh scan every reading in between.
-            connection.execute("DELETE FROM rollup_1m WHERE bucket = ANY(%s)", (claimed,))
-            connection.execute(
-                "INSERT INTO rollup_1m (bucket, series_id, count, sum, min, max, last_time, last_value)"
-                " SELECT b.bucket, r.series_id, count(*), sum(r.value), min(r.value), max(r.value), max(r.time),"
-                " last(r.value, r.time)"
-                " FROM unnest(%s::timestamptz[]) AS b(bucket)"
-                " JOIN readings r ON r.time >= b.bucket AND r.time < b.bucket + INTERVAL '1 minute'"
-                " GROUP BY 1, 2",
-                (claimed,),
-            )
-            hours = sorted({bucket.replace(minute=0, second=0, microsecond=0) for bucket in claimed})
-            connection.execute("DELETE FROM rollup_1h WHERE bucket = ANY(%s)", (hours,))
-            connection.execute(
-                "INSERT INTO rollup_1h (bucket, series_id, count, sum, min, max, last_time, last_value)"
-                " SELECT h.hour, m.series_id, sum(m.count), sum(m.sum), min(m.min), max(m.max), max(m.last_time),"
-                " last(m.last_value, m.last_time)"
-                " FROM unnest(%s::timestamptz[]) AS h(hour)"
-                " JOIN rollup_1m m ON m.bucket >= h.hour AND m.bucket < h.hour + INTERVAL '1 hour'"
-                " GROUP BY 1, 2",
-                (hours,),
-            )
-            return len(claimed)
+        # Claims left by a pass that died are taken up here too.
+        claimed = [row[0] for row in connection.execute("SELECT bucket FROM rollup_claimed ORDER BY 1").fetchall()]
+        by_hour: dict[datetime, list[datetime]] = {}
+        for bucket in claimed:
+            by_hour.setdefault(bucket.replace(minute=0, second=0, microsecond=0), []).append(bucket)
+        for hour, buckets in by_hour.items():
+            for position, bucket in enumerate(buckets):
+                started = time.monotonic()
+                # A bucket a transaction, its claim gone with it; the hour's row with the
+                # hour's last bucket (a pass that dies in between leaves that claim for the next).
+                with connection.transaction():
+                    connection.execute("DELETE FROM rollup_claimed WHERE bucket = %s", (bucket,))
+                    self._minute(connection, bucket)
+                    if position == len(buckets) - 1:
+                        self._hour(connection, hour)
+                # Then rest as long as that took: the pipeline shares these cores, and a minute's
+                # recomputation at full load is a burst of database work it must not wait behind.
+                time.sleep(time.monotonic() - started)
+        return len(claimed)
+
+    @staticmethod
+    def _minute(connection: psycopg.Connection, bucket: datetime) -> None:
+        # One index range: a single late reading from days ago must not make the refresh scan
+        # every reading in between.
+        connection.execute("DELETE FROM rollup_1m WHERE bucket = %s", (bucket,))
+        connection.execute(
+            "INSERT INTO rollup_1m (bucket, series_id, count, sum, min, max, last_time, last_value)"
+            " SELECT %s, series_id, count(*), sum(value), min(value), max(value), max(time), last(value, time)"
+            " FROM readings WHERE time >= %s AND time < %s::timestamptz + INTERVAL '1 minute'"
+            " GROUP BY series_id",
+            (bucket, bucket, bucket),
+        )
+
+    @staticmethod
+    def _hour(connection: psycopg.Connection, hour: datetime) -> None:
+        connection.execute("DELETE FROM rollup_1h WHERE bucket = %s", (hour,))
+        connection.execute(
+            "INSERT INTO rollup_1h (bucket, series_id, count, sum, min, max, last_time, last_value)"
+            " SELECT %s, series_id, sum(count), sum(sum), min(min), max(max), max(last_time),"
+            " last(last_value, last_time)"
+            " FROM rollup_1m WHERE bucket >= %s AND bucket < %s::timestamptz + INTERVAL '1 hour'"
+            " GROUP BY series_id",
+            (hour, hour, hour),
+        )
 
 
 def tsl_statements(settings: StorageSettings) -> list[str]:
