@@ -39,6 +39,7 @@ from citytel.api.odata import Options, RequestError, Resource, parse_options, pa
 from citytel.api.queries import Scope, Statement, count_statement, page_json_statement, select_statement
 from citytel.config import ApiSettings, Settings
 from citytel.core import metrics
+from citytel.core.heap import freeze_startup_heap, watch_collections
 from citytel.core.sensorthings import VERSION
 
 __all__ = ["ApiApp", "run_api"]
@@ -494,7 +495,12 @@ def _serve(settings: Settings, worker: int) -> None:
     )
     server = uvicorn.Server(config)
     sock = _listening_socket(api.host, api.port)
-    log.info("SensorThings API worker %d on http://%s:%d%s", worker, api.host, api.port, _ROOT)
+    # Each request makes short-lived objects by the hundred: full collections must not walk
+    # the start-up heap (citytel/core/heap.py).
+    frozen = freeze_startup_heap()
+    watch_collections()
+    log.info("SensorThings API worker %d on http://%s:%d%s (%d start-up objects frozen)", worker, api.host, api.port,
+             _ROOT, frozen)  # fmt: skip
     server.run(sockets=[sock])
 
 
