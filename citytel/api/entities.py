@@ -20,6 +20,7 @@ columns that usage scopes restrict.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,7 +113,7 @@ _OBSERVATION_JSON_SQL = """CASE p.resolution
     WHEN 'anomalies' THEN json_build_object(
         '@iot.id', i.id, '@iot.selfLink', i.link, 'Datastream@iot.navigationLink', i.link || '/Datastream',
         'phenomenonTime', i.start_text, 'resultTime', i.end_text, 'result', p.result,
-        'parameters', json_build_object('detector', p.detector, 'reason', p.reason, 'value', p.value))
+        'parameters', json_build_object('detector', p.detector, 'reason', p.reason, 'value', nullif(p.value, 'NaN')))
     ELSE json_build_object(
         '@iot.id', i.id, '@iot.selfLink', i.link, 'Datastream@iot.navigationLink', i.link || '/Datastream',
         'phenomenonTime', i.start_text || '/' || i.end_text, 'resultTime', i.end_text, 'result', p.result,
@@ -410,7 +411,13 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         if resolution == "raw":
             body["resultQuality"] = ["late"] if row["quality"] & 1 else []
         elif resolution == "anomalies":
-            body["parameters"] = {"detector": row["detector"], "reason": row["reason"], "value": row["value"]}
+            # An anomaly no reading carries (a dropout) has no value: null, as the SQL path writes it.
+            value = row["value"]
+            body["parameters"] = {
+                "detector": row["detector"],
+                "reason": row["reason"],
+                "value": None if value is not None and math.isnan(value) else value,
+            }
         else:
             body["parameters"] = {"count": row["count"], "min": row["minimum"], "max": row["maximum"]}
         return body

@@ -83,6 +83,13 @@ def _load(connection: psycopg.Connection) -> None:
         " WHERE device_id = %s",
         (DAY, AIR[0]),
     )
+    # A dropout: an anomaly no reading carries, its value NaN in the table and null in JSON.
+    connection.execute(
+        "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
+        " SELECT %s::timestamptz + INTERVAL '700 minutes', series_id, 'dropout', 0.5, 'silent', 'NaN'"
+        " FROM series WHERE device_id = %s AND metric = 'pm2_5'",
+        (DAY, AIR[0]),
+    )
     # One late reading: its Observation says so (resultQuality).
     connection.execute(
         "UPDATE readings SET quality = 1 WHERE time = %s::timestamptz + INTERVAL '5 minutes'"
@@ -290,7 +297,10 @@ def test_frost_sta_client_reads_the_city(city: City, api: str) -> None:
     assert row is not None
     assert latest.result == row[0]
     anomalies = list(service.datastreams().find(f"{AIR[0]}:pm2_5:anomalies").get_observations().query().list())
-    assert [(item.result, item.parameters["detector"]) for item in anomalies] == [(pytest.approx(0.9), "jump")]
+    assert [(item.result, item.parameters["detector"], item.parameters["value"]) for item in anomalies] == [
+        (pytest.approx(0.9), "jump", 99.0),
+        (0.5, "dropout", None),
+    ]
     near = list(service.things().query().filter("geo.distance(location, geography'POINT(113.6 34.7)') lt 0.025").list())
     assert sorted(thing.id for thing in near) == AIR[:2]
 
