@@ -22,7 +22,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from citytel.api.queries import Scope
+from citytel.core.sensorthings import Scope
 
 __all__ = [
     "Client",
@@ -72,13 +72,9 @@ def _new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _listed(values: list[str] | None) -> frozenset[str] | None:
-    return None if values is None else frozenset(values)
-
-
 def _scope(row: tuple[Any, ...]) -> Scope:
     kinds, districts, metrics, raw = row
-    return Scope(_listed(kinds), _listed(districts), _listed(metrics), bool(raw))
+    return Scope.of(kinds, districts, metrics, raw)
 
 
 def add_client(

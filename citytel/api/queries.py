@@ -22,6 +22,7 @@ from psycopg import sql
 
 from citytel.api.entities import EntitySet, Field
 from citytel.api.odata import Call, Compare, Expr, Literal, Logical, Not, Options, Path, RequestError
+from citytel.core.sensorthings import Scope
 
 __all__ = [
     "Bound",
@@ -35,42 +36,6 @@ __all__ = [
 
 _OPERATORS = {"eq": "=", "ne": "<>", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _LITERAL_TYPES = {"number": "number", "string": "text", "datetime": "time", "bool": "bool", "null": "null"}
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What one client may read: kinds, districts and metrics (None: all of them), and raw
-    readings or only the rollups and anomalies derived from them."""
-
-    kinds: frozenset[str] | None = None
-    districts: frozenset[str] | None = None
-    metrics: frozenset[str] | None = None
-    raw: bool = True
-
-    def allowed(self, dimension: str) -> frozenset[str] | None:
-        if dimension == "resolution":
-            return None if self.raw else frozenset({"1m", "1h", "anomalies"})
-        return {"kind": self.kinds, "district": self.districts, "metric": self.metrics}[dimension]
-
-    def admits(self, row: Mapping[str, Any], scoped: Mapping[str, str]) -> bool:
-        """Whether an entity's row (its scoped columns) is inside this scope: the same test as
-        the WHERE terms ``select_statement`` adds, for an entity already in memory."""
-        for dimension, column in scoped.items():
-            allowed = self.allowed(dimension)
-            if allowed is not None and row[column] not in allowed:
-                return False
-        return True
-
-    def describe(self) -> dict[str, Any]:
-        def listed(values: frozenset[str] | None) -> list[str] | str:
-            return "all" if values is None else sorted(values)
-
-        return {
-            "kinds": listed(self.kinds),
-            "districts": listed(self.districts),
-            "metrics": listed(self.metrics),
-            "readings": "raw and rollups" if self.raw else "rollups and anomalies only",
-        }
 
 
 class Bound:

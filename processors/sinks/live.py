@@ -33,12 +33,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings, Strict, read_secret
 from citytel.core import metrics
-from citytel.core.sensorthings import VERSION, datastream_id, entity_link, observations_topic
+from citytel.core.sensorthings import VERSION, Scope, datastream_id, entity_link, observations_topic
 from citytel.processors.batch import DetectorResult, ReadingBatch
 from citytel.processors.series import GrowableArray, SeriesIndex
 from citytel.processors.sinks import register_sink
 from citytel.processors.sinks.timescale import LATE_AFTER_US
-from citytel.processors.storage.sharing import LIVE_ANOMALIES, LIVE_RAW, LiveScope, live_flags, read_live_scopes
+from citytel.processors.storage.sharing import LIVE_ANOMALIES, LIVE_RAW, live_flags, read_live_scopes
 
 __all__ = ["LiveSink", "LiveSinkSettings", "iso_times"]
 
@@ -91,7 +91,7 @@ class LiveSink:
         self._flags = GrowableArray(np.int8, fill=_UNKNOWN)
         # Per series with something live: its raw and anomaly Datastream ids.
         self._streams: dict[int, tuple[str, str]] = {}
-        self._scopes: list[LiveScope] = []
+        self._scopes: list[Scope] = []
         self._scopes_read_at = -float("inf")
         self._refresh: asyncio.Task[None] | None = None
         self._client = self._start_client()
@@ -119,7 +119,7 @@ class LiveSink:
         self._client.loop_stop()
 
     # --- which series are live --------------------------------------------------------------
-    def _read_scopes(self) -> list[LiveScope]:
+    def _read_scopes(self) -> list[Scope]:
         with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as connection:
             return read_live_scopes(connection)
 

@@ -12,15 +12,15 @@ other branches of the UNION ALL when their constant resolution cannot match).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import psycopg
+
+from citytel.core.sensorthings import Scope
 
 __all__ = [
     "LIVE_ANOMALIES",
     "LIVE_RAW",
     "SHARING_VIEWS",
-    "LiveScope",
     "ensure_sharing_views",
     "live_flags",
     "read_live_scopes",
@@ -80,33 +80,11 @@ LIVE_RAW = 1
 LIVE_ANOMALIES = 2
 
 
-@dataclass(frozen=True)
-class LiveScope:
-    """What one API client with a live subscription may read: kinds, districts and metrics
-    (None: every one), and raw readings or only derived data (its anomalies live)."""
-
-    kinds: frozenset[str] | None
-    districts: frozenset[str] | None
-    metrics: frozenset[str] | None
-    raw: bool
-
-    def admits(self, kind: str, district: str, metric: str) -> bool:
-        return (
-            (self.kinds is None or kind in self.kinds)
-            and (self.districts is None or district in self.districts)
-            and (self.metrics is None or metric in self.metrics)
-        )
-
-    @property
-    def everything(self) -> bool:
-        return self.raw and self.kinds is None and self.districts is None and self.metrics is None
+# A series' scoped columns, named as Scope.admits reads them.
+_SERIES = {"kind": "kind", "district": "district", "metric": "metric"}
 
 
-def _set(values: list[str] | None) -> frozenset[str] | None:
-    return None if values is None else frozenset(values)
-
-
-def read_live_scopes(connection: psycopg.Connection, client_id: str | None = None) -> list[LiveScope]:
+def read_live_scopes(connection: psycopg.Connection, client_id: str | None = None) -> list[Scope]:
     """The scopes of the active clients with a live subscription (or of one of them)."""
     if client_id is None:
         rows = connection.execute("SELECT kinds, districts, metrics, raw FROM live_scopes")
@@ -114,13 +92,14 @@ def read_live_scopes(connection: psycopg.Connection, client_id: str | None = Non
         rows = connection.execute(
             "SELECT kinds, districts, metrics, raw FROM live_scopes WHERE client_id = %s", (client_id,)
         )
-    return [LiveScope(_set(kinds), _set(districts), _set(metrics), raw) for kinds, districts, metrics, raw in rows]
+    return [Scope.of(*row) for row in rows]
 
 
-def live_flags(scopes: Iterable[LiveScope], kind: str, district: str, metric: str) -> int:
+def live_flags(scopes: Iterable[Scope], kind: str, district: str, metric: str) -> int:
     """LIVE_RAW | LIVE_ANOMALIES: what of a series some scope lets a subscriber read."""
+    series = {"kind": kind, "district": district, "metric": metric}
     flags = 0
     for scope in scopes:
-        if scope.admits(kind, district, metric):
+        if scope.admits(series, _SERIES):
             flags |= LIVE_ANOMALIES | (LIVE_RAW if scope.raw else 0)
     return flags

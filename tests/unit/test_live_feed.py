@@ -8,13 +8,13 @@ from datetime import UTC, datetime
 import numpy as np
 
 from citytel.api.entities import _iso
-from citytel.core.sensorthings import datastream_id, entity_link, observations_topic
+from citytel.core.sensorthings import Scope, datastream_id, entity_link, observations_topic
 from citytel.processors.sinks.live import iso_times
-from citytel.processors.storage.sharing import LIVE_ANOMALIES, LIVE_RAW, LiveScope, live_flags
+from citytel.processors.storage.sharing import LIVE_ANOMALIES, LIVE_RAW, live_flags
 
-EVERYTHING = LiveScope(None, None, None, True)
-JINSHUI_AIR = LiveScope(frozenset({"air"}), frozenset({"jinshui"}), None, True)
-DERIVED_PM = LiveScope(None, None, frozenset({"pm2_5"}), False)
+EVERYTHING = Scope(None, None, None, True)
+JINSHUI_AIR = Scope(frozenset({"air"}), frozenset({"jinshui"}), None, True)
+DERIVED_PM = Scope(None, None, frozenset({"pm2_5"}), False)
 
 
 def test_a_series_is_live_as_far_as_some_scope_admits_it() -> None:
