@@ -25,6 +25,7 @@ from citytel.processors.storage.logins import (
     LoginError,
     add_login,
     apply_to_broker,
+    live_subscribers,
     revoke_login,
     rotate_login,
 )
@@ -79,14 +80,6 @@ def _hand_over(name: str, key: str, secret_file: str | None) -> None:
         print(f"{name}: key (shown once; only its hash is kept): {key}")
 
 
-def _live_login(connection: psycopg.Connection, name: str) -> bool:
-    """Whether ``name`` has an active live-subscription login on the broker."""
-    row = connection.execute(
-        "SELECT 1 FROM mqtt_logins WHERE username = %s AND role = 'sharing' AND revoked_at IS NULL", (name,)
-    ).fetchone()
-    return row is not None
-
-
 def _check_login_free(connection: psycopg.Connection, name: str) -> None:
     """Before a --live client is added: its name must make a broker login no one holds."""
     if SAFE_NAME.fullmatch(name) is None:
@@ -133,22 +126,17 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
             elif action == "rotate":
                 key = rotate_client(connection, name)
                 _hand_over(name, key, arguments.secret_file)
-                if _live_login(connection, name):
+                if name in live_subscribers(connection):
                     rotate_login(connection, name, settings.registry.hash_iterations, secret=key)
                     print(f"{name}: live subscription: {apply_to_broker(connection, settings)}")
             elif action == "revoke":
                 revoke_client(connection, name)
                 print(f"{name}: revoked")
-                if _live_login(connection, name):
+                if name in live_subscribers(connection):
                     revoke_login(connection, name)
                     print(f"{name}: live subscription: {apply_to_broker(connection, settings)}")
             else:
-                live = {
-                    row[0]
-                    for row in connection.execute(
-                        "SELECT username FROM mqtt_logins WHERE role = 'sharing' AND revoked_at IS NULL"
-                    )
-                }
+                live = live_subscribers(connection)
                 for record in list_clients(connection):
                     state = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
                     scope = record.scope.describe()

@@ -106,15 +106,13 @@ def _provision_api_client(connection: psycopg.Connection, settings: Settings, se
     0600 file: what the README's curl, frost-sta-client and live-feed examples use. The bureau
     also subscribes live: its MQTT login is its name and the same key."""
     from citytel.api.clients import add_client, rotate_client
-    from citytel.processors.storage.logins import add_login, rotate_login
+    from citytel.processors.storage.logins import add_login, live_subscribers, rotate_login
 
     key_file = secrets / "api-bureau"
     active = connection.execute(
         "SELECT 1 FROM api_clients WHERE client_id = 'bureau' AND revoked_at IS NULL"
     ).fetchone()
-    live = connection.execute(
-        "SELECT 1 FROM mqtt_logins WHERE username = 'bureau' AND role = 'sharing' AND revoked_at IS NULL"
-    ).fetchone()
+    live = "bureau" in live_subscribers(connection)
     if active and live and key_file.exists():
         return key_file
     if active:

@@ -47,6 +47,7 @@ __all__ = [
     "apply_to_broker",
     "hash_secret",
     "list_logins",
+    "live_subscribers",
     "new_secret",
     "render_broker_files",
     "revoke_login",
@@ -196,6 +197,12 @@ def revoke_login(connection: psycopg.Connection, username: str) -> None:
         ).rowcount
     if updated != 1:
         raise LoginError(f"no active login {username!r}")
+
+
+def live_subscribers(connection: psycopg.Connection) -> set[str]:
+    """The API clients with an active live-subscription login (role ``sharing``)."""
+    rows = connection.execute("SELECT username FROM mqtt_logins WHERE role = 'sharing' AND revoked_at IS NULL")
+    return {row[0] for row in rows}
 
 
 def list_logins(connection: psycopg.Connection) -> list[Login]:
