@@ -211,7 +211,8 @@ def bench_live(devices: int = 10_000, count: int = 50_000) -> dict[str, Any]:
             time.sleep(1.0)  # connected
             series_count = 1000
             for dense in range(series_count):
-                sink._streams[dense] = (f"{names[dense]}:pm2_5", f"{names[dense]}:pm2_5:anomalies")
+                raw, anomalies = f"{names[dense]}:pm2_5", f"{names[dense]}:pm2_5:anomalies"
+                sink._streams[dense] = ((raw, observations_topic(raw)), (anomalies, observations_topic(anomalies)))
             size = 20_000
             series = np.arange(size, dtype=np.int64) % series_count
             time_us = np.int64(time.time() * 1e6) + np.arange(size, dtype=np.int64)

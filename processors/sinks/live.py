@@ -89,8 +89,8 @@ class LiveSink:
         self._conninfo = settings.database.conninfo("processor")
         self._root = service_root(settings)
         self._flags = GrowableArray(np.int8, fill=_UNKNOWN)
-        # Per series with something live: its raw and anomaly Datastream ids.
-        self._streams: dict[int, tuple[str, str]] = {}
+        # Per series with something live: its raw and anomaly Datastreams, each (id, topic).
+        self._streams: dict[int, tuple[tuple[str, str], tuple[str, str]]] = {}
         self._scopes: list[Scope] = []
         self._scopes_read_at = -float("inf")
         self._refresh: asyncio.Task[None] | None = None
@@ -156,10 +156,9 @@ class LiveSink:
             ):
                 flags[dense] = live_flags(self._scopes, kind, district, metric)
                 if flags[dense]:
-                    self._streams[dense] = (
-                        datastream_id(device_id, metric, "raw"),
-                        datastream_id(device_id, metric, "anomalies"),
-                    )
+                    raw = datastream_id(device_id, metric, "raw")
+                    anomalies = datastream_id(device_id, metric, "anomalies")
+                    self._streams[dense] = ((raw, observations_topic(raw)), (anomalies, observations_topic(anomalies)))
         return flags[series]
 
     # --- publishing ---------------------------------------------------------------------------
@@ -217,7 +216,7 @@ class LiveSink:
         for dense, micros, moment, result, is_late in zip(
             series.tolist(), time_us.tolist(), iso_times(time_us), value.tolist(), late.tolist(), strict=True
         ):
-            stream = self._streams[dense][0]
+            stream, topic = self._streams[dense][0]
             link = entity_link(self._root, "Observations", f"{stream}:{micros}")
             body = {
                 "@iot.id": f"{stream}:{micros}",
@@ -228,7 +227,7 @@ class LiveSink:
                 "result": result,
                 "resultQuality": ["late"] if is_late else [],
             }
-            messages.append((observations_topic(stream), body))
+            messages.append((topic, body))
         self._send(messages)
 
     def _publish_anomalies(
@@ -252,7 +251,7 @@ class LiveSink:
             value.tolist(),
             strict=True,
         ):
-            stream = self._streams[dense][1]
+            stream, topic = self._streams[dense][1]
             key = f"{stream}:{micros}:{detector}"
             link = entity_link(self._root, "Observations", key)
             body = {
@@ -264,5 +263,5 @@ class LiveSink:
                 "result": result,
                 "parameters": {"detector": detector, "reason": reason, "value": reading},
             }
-            messages.append((observations_topic(stream), body))
+            messages.append((topic, body))
         self._send(messages)
