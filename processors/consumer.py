@@ -276,9 +276,7 @@ class Processor:
         """Save changed partitions once the interval has passed, also when no batch comes: an
         idle processor must not sit on state it never saved. ``busy`` (a batch is waiting to
         be scored): one partition is taken now and saved while the batches after it go on,
-        the next once that save is done; idle: all that are left, now."""
-        if busy and self._storing is not None and not self._storing.done():
-            return
+        the next once that save is done (``_checkpoint_due``); idle: all that are left, now."""
         await self._finish_storing()
         if not self._checkpoint_round and self._unsaved and self._interval_passed():
             self._checkpoint_round = sorted(self._unsaved)
