@@ -26,6 +26,19 @@ def write_config(settings: Settings | DevSettings, directory: Path) -> Path:
     return path
 
 
+def citytel_cli(settings: Settings, directory: Path, *arguments: str) -> str:
+    """Run ``citytel <arguments>`` to completion with these settings; its output (it must succeed)."""
+    config = write_config(settings, directory)
+    done = subprocess.run(
+        [sys.executable, "-m", "citytel", "--config", str(config), *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @contextmanager
 def citytel_process(
     settings: Settings, directory: Path, *arguments: str, log_level: str = "INFO", dev: DevSettings | None = None

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,8 @@ from citytel.config import Settings
 from citytel.processors.sinks.live import service_root
 from citytel.processors.storage.logins import add_login, apply_to_broker
 from tests.conftest import ISSUED_SECRETS, ScratchDatabase
-from tests.helpers import wait_for, write_config
-from tests.integration.test_security import Client, SecureBroker, bridge_and_processor, secure  # noqa: F401 - the fixture
+from tests.helpers import citytel_cli, wait_for
+from tests.integration.test_security import Client, SecureBroker, _reading, bridge_and_processor, secure  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +35,7 @@ class LiveCity:
 
 
 def _api_cli(settings: Settings, tmp_path: Path, *arguments: str) -> str:
-    config = write_config(settings, tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "citytel", "--config", str(config), "api", "clients", *arguments],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return citytel_cli(settings, tmp_path, "api", "clients", *arguments)
 
 
 @pytest.fixture
@@ -74,12 +64,6 @@ def live(secure: SecureBroker, database: ScratchDatabase, tmp_path: Path) -> Liv
         ISSUED_SECRETS.add(keys[name])
         assert keys[name] not in output
     return LiveCity(dataclasses.replace(secure, settings=settings), keys)
-
-
-def _reading(device_id: str, number: int, value: float = 35.0) -> bytes:
-    return json.dumps(
-        {"device_id": device_id, "time": time.time() - 60 + number * 0.001, "seq": number, "values": {"pm2_5": value}}
-    ).encode()
 
 
 def _observations(received: list[mqtt.MQTTMessage]) -> dict[str, tuple[str, dict[str, Any]]]:

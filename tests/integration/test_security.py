@@ -14,8 +14,6 @@ import contextlib
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -42,7 +40,7 @@ from citytel.processors.storage import prepare_database
 from citytel.processors.storage.devices import Device, import_devices
 from citytel.processors.storage.logins import add_login, apply_to_broker, new_secret
 from tests.conftest import ISSUED_SECRETS, ScratchDatabase
-from tests.helpers import citytel_process, wait_for, wait_ready, write_config
+from tests.helpers import citytel_cli, citytel_process, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -300,9 +298,9 @@ def _rows_of(database: ScratchDatabase, device_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _reading(device_id: str, number: int) -> bytes:
+def _reading(device_id: str, number: int, value: float = 35.0) -> bytes:
     return json.dumps(
-        {"device_id": device_id, "time": time.time() - 60 + number * 0.001, "seq": number, "values": {"pm2_5": 35.0}}
+        {"device_id": device_id, "time": time.time() - 60 + number * 0.001, "seq": number, "values": {"pm2_5": value}}
     ).encode()
 
 
@@ -366,15 +364,7 @@ def test_devices_and_departments_read_nothing_but_their_own_and_only_the_alerter
 
 
 def _devices_cli(secure: SecureBroker, tmp_path: Path, *arguments: str) -> str:
-    config = write_config(secure.settings, tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "citytel", "--config", str(config), "devices", *arguments],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return citytel_cli(secure.settings, tmp_path, "devices", *arguments)
 
 
 def test_a_revoked_device_is_cut_off_within_5_seconds_and_a_rotated_secret_replaces_the_old(
