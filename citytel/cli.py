@@ -89,9 +89,15 @@ def _query(arguments: argparse.Namespace) -> int:
 
 
 def _bridge(arguments: argparse.Namespace) -> int:
+    import msgspec
+
     from citytel.ingest.bridge import run_bridge
 
-    run_bridge(_settings(arguments))
+    settings = _settings(arguments)
+    if arguments.client_id:
+        mqtt = msgspec.structs.replace(settings.mqtt, client_id=arguments.client_id)
+        settings = msgspec.structs.replace(settings, mqtt=mqtt)
+    run_bridge(settings)
     return 0
 
 
@@ -206,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
 
-    commands.add_parser("bridge", parents=[common], help="run an MQTT → Kafka bridge").set_defaults(handler=_bridge)
+    bridge = commands.add_parser("bridge", parents=[common], help="run an MQTT → Kafka bridge")
+    bridge.add_argument(
+        "--client-id",
+        default="",
+        help="this bridge's MQTT client id (default: mqtt.client_id); each bridge of a $share group has its own",
+    )
+    bridge.set_defaults(handler=_bridge)
     process = commands.add_parser("process", parents=[common], help="run a processor (Kafka → detectors → TimescaleDB)")
     process.add_argument(
         "--warm-up-only",

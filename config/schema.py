@@ -129,6 +129,10 @@ class DatabaseSettings(Strict, frozen=True):
     password_env: str = ""
     password_file: str = ""
     connect_timeout_seconds: int = 10
+    # TLS to a database on another host: "verify-full" checks its certificate against
+    # ssl_root_cert_file and its name. Empty: libpq's default (the local stack's loopback).
+    sslmode: Literal["", "disable", "prefer", "require", "verify-ca", "verify-full"] = ""
+    ssl_root_cert_file: str = ""
     # Each process's own, lesser login (processors/storage/grants.py says what each may do):
     # processor, alerter, reader, api. A role left out connects as the owner (a test database).
     roles: dict[str, DatabaseLogin] = msgspec.field(default_factory=dict)
@@ -149,6 +153,10 @@ class DatabaseSettings(Strict, frozen=True):
             "connect_timeout": str(self.connect_timeout_seconds),
             "application_name": f"citytel-{role}",
         }
+        if self.sslmode:
+            parts["sslmode"] = self.sslmode
+        if self.ssl_root_cert_file:
+            parts["sslrootcert"] = self.ssl_root_cert_file
         password = read_secret(login.password_env, login.password_file, f"database password of {login.user}")
         if password:
             parts["password"] = password

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -53,7 +54,7 @@ class LiveSinkSettings(Strict, frozen=True):
     username: str = "citytel-live"
     password_env: str = ""
     password_file: str = ""
-    client_id: str = "citytel-live"  # each processor adds its process id
+    client_id: str = "citytel-live"  # each processor adds its host name and process id
     max_queued: int = 20000  # Observations waiting for the broker; more are dropped (counted)
     scope_refresh_seconds: float = 10.0  # a new live subscriber gets its first Observations within this
 
@@ -98,7 +99,8 @@ class LiveSink:
 
     def _start_client(self) -> mqtt.Client:
         config = self._settings.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{self._own.client_id}-{os.getpid()}")
+        client_id = f"{self._own.client_id}-{socket.gethostname()}-{os.getpid()}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if self._own.username:
             client.username_pw_set(self._own.username, self._own.password())
         if config.tls_ca_file:
