@@ -81,6 +81,20 @@ def _stack(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(arguments: argparse.Namespace) -> int:
+    from citytel.devtools import cluster
+
+    deployment = cluster.Cluster(Path(arguments.dir).resolve(), project=arguments.project)
+    if arguments.action == "up":
+        settings, dev = load_checked_settings(arguments.config), load_dev_settings()
+        cluster.up(deployment, settings, dev, build=not arguments.no_build, simulate=not arguments.no_simulator)
+        return cluster.watch(deployment, arguments.duration) if arguments.watch else 0
+    if arguments.action == "down":
+        cluster.down(deployment, volumes=arguments.volumes)
+        return 0
+    return 0 if cluster.status(deployment) else 1
+
+
 def _simulator_login(settings: Settings, simulator: SimulatorSettings) -> MqttClientAuth | None:
     """The simulator's gateway login, where the broker wants logins (the product config gives
     the bridge one); None for a private test broker that takes anyone."""
@@ -309,6 +323,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     )
     stack.add_argument("name", nargs="?", default="", help="certificate: the device's login")
     stack.set_defaults(handler=_stack)
+
+    deployment = commands.add_parser(
+        "cluster", parents=[common], help="the compose deployment (deploy/compose/): every server its own container"
+    )
+    deployment.add_argument("action", choices=["up", "down", "status"])
+    deployment.add_argument("--dir", default=".run/cluster", help="its CA, secrets and configs")
+    deployment.add_argument("--project", default="citytel", help="podman-compose project name")
+    deployment.add_argument("--no-build", action="store_true", help="up: use the images already built")
+    deployment.add_argument("--no-simulator", action="store_true", help="up: leave the simulated city out")
+    deployment.add_argument("--watch", action="store_true", help="up: then print readings/s until Ctrl-C")
+    deployment.add_argument("--duration", type=float, default=None, help="--watch: stop after this many seconds")
+    deployment.add_argument("--volumes", action="store_true", help="down: remove the servers' data too")
+    deployment.set_defaults(handler=_cluster)
 
     simulate = commands.add_parser("simulate", parents=[common], help="publish simulated city sensors over MQTT")
     simulate.add_argument("--rate", type=float, default=None, help="messages per second (default: config)")

@@ -59,7 +59,7 @@ def _secret_file(path: str) -> Path:
     return Path(path).resolve()
 
 
-def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: DevSettings, secrets: Path) -> None:
+def provision_logins(connection: psycopg.Connection, settings: Settings, dev: DevSettings, secrets: Path) -> None:
     """Every login the local stack's own clients use, each secret in a 0600 file the client's
     config names: the bridge, the alerter, the simulator (a gateway for the simulated devices,
     which are registered behind it), each department and the stack's readiness probe. A login
@@ -101,7 +101,7 @@ def _provision_logins(connection: psycopg.Connection, settings: Settings, dev: D
         write_private(secret_file, secret + "\n")
 
 
-def _provision_api_client(connection: psycopg.Connection, settings: Settings, secrets: Path) -> Path:
+def provision_api_client(connection: psycopg.Connection, settings: Settings, secrets: Path) -> Path:
     """The data bureau's key to the SensorThings API (every kind, district and metric), in a
     0600 file: what the README's curl, frost-sta-client and live-feed examples use. The bureau
     also subscribes live: its MQTT login is its name and the same key."""
@@ -129,7 +129,7 @@ def _provision_api_client(connection: psycopg.Connection, settings: Settings, se
     return key_file
 
 
-def _local_secret(path: Path) -> str:
+def local_secret(path: Path) -> str:
     """The secret in ``path``, made (random, mode 0600) if the file is not there yet."""
     if not path.exists():
         from citytel.processors.storage.logins import new_secret
@@ -145,8 +145,8 @@ def _postgres_logins(settings: Settings, secrets: Path) -> stack.PostgresLogins:
     logins = [(database.user, database.password_file)]
     logins += [(login.user, login.password_file) for login in database.roles.values()]
     return stack.PostgresLogins(
-        superuser_password=_local_secret(secrets / "pg-postgres"),
-        passwords={user: _local_secret(_secret_file(password_file)) for user, password_file in logins},
+        superuser_password=local_secret(secrets / "pg-postgres"),
+        passwords={user: local_secret(_secret_file(password_file)) for user, password_file in logins},
     )
 
 
@@ -164,7 +164,7 @@ def _kafka_security(
     users = {}
     for login in logins.values():
         path = _secret_file(login.password_file)
-        _local_secret(path)
+        local_secret(path)
         users[login.username] = path
     with_departments = msgspec.structs.replace(settings, kafka=msgspec.structs.replace(settings.kafka, logins=logins))
     return stack.KafkaSecurity(certificates, dev.stack.kafka_internal_port, users, stack.kafka_acls(with_departments))
@@ -273,8 +273,8 @@ def up(settings: Settings, dev: DevSettings) -> None:
                     if applied
                     else "database schema: up to date"
                 )
-                _provision_logins(connection, settings, dev, secrets)
-                _provision_api_client(connection, settings, secrets)
+                provision_logins(connection, settings, dev, secrets)
+                provision_api_client(connection, settings, secrets)
                 apply_to_broker(connection, settings)
     _say(f"stack is up with TLS and a login per client (CA {certificates.ca_file}); data and logs under {run_dir}")
 

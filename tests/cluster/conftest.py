@@ -1,0 +1,36 @@
+"""The compose deployment (deploy/compose/), brought up once for the cluster tests: every
+server its own container, on a project name and loopback ports of the tests' own, and taken
+down with its volumes at the end. Building the images is part of it (cached after the first
+time); a deployment that cannot come up is an error, never a skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from citytel.config import load_settings
+from citytel.devtools import cluster, stack
+from citytel.devtools.settings import load_dev_settings
+
+
+@pytest.fixture(scope="session")
+def deployment() -> Iterator[cluster.Cluster]:
+    directory = Path(tempfile.mkdtemp(prefix="citytel-cluster-"))
+    deployment = cluster.Cluster(
+        directory,
+        project=f"citytel-test-{os.getpid()}",
+        postgres_port=stack.free_port(),
+        mqtt_port=stack.free_port(),
+        prometheus_port=stack.free_port(),
+    )
+    try:
+        cluster.up(deployment, load_settings(), load_dev_settings(), build=True, simulate=False)
+        yield deployment
+    finally:
+        cluster.down(deployment, volumes=True)
+        shutil.rmtree(directory, ignore_errors=True)
