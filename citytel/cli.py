@@ -97,7 +97,11 @@ def _bridge(arguments: argparse.Namespace) -> int:
     if arguments.client_id:
         mqtt = msgspec.structs.replace(settings.mqtt, client_id=arguments.client_id)
         settings = msgspec.structs.replace(settings, mqtt=mqtt)
-    run_bridge(settings)
+    if arguments.drain and not arguments.client_id:
+        raise ConfigError("bridge --drain needs the departed bridge's --client-id")
+    if arguments.drain and settings.mqtt.protocol != "5":
+        raise ConfigError('bridge --drain ends the session with MQTT 5\'s session expiry: set mqtt.protocol = "5"')
+    run_bridge(settings, drain=arguments.drain)
     return 0
 
 
@@ -217,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "--client-id",
         default="",
         help="this bridge's MQTT client id (default: mqtt.client_id); each bridge of a $share group has its own",
+    )
+    bridge.add_argument(
+        "--drain",
+        action="store_true",
+        help="take over the session of the departed bridge --client-id names: forward what it holds, end it, exit",
     )
     bridge.set_defaults(handler=_bridge)
     process = commands.add_parser("process", parents=[common], help="run a processor (Kafka → detectors → TimescaleDB)")

@@ -63,6 +63,8 @@ MAX_BATCH_MESSAGES = 5000
 _BATCHES_IN_FLIGHT = 4
 _READS_PER_WAKEUP = 256
 _STOP_CHECK_SECONDS = 0.1
+# A drain (``drain=True``) is done once nothing has arrived for this long and all is forwarded.
+DRAIN_IDLE_SECONDS = 5.0
 # (topic, device key) -> partition; bounded because device ids come from the outside world.
 _PARTITION_CACHE_SIZE = 100_000
 # topic, key, value, headers
@@ -80,8 +82,16 @@ class _Received:
 
 
 class Bridge:
-    def __init__(self, settings: Settings) -> None:
+    """MQTT → Kafka. With ``drain``, the bridge takes over the persistent session of a member
+    of the $share group that is gone for good (its client id in ``settings.mqtt.client_id``):
+    it leaves the group at once, forwards what the session held, then ends the session, so no
+    share is stranded with nobody to read it."""
+
+    def __init__(self, settings: Settings, *, drain: bool = False) -> None:
         self._settings = settings
+        self._drain = drain
+        self._last_arrival = time.monotonic()
+        self.drained = False
         self._validator = Validator(
             settings.ingest, settings.kinds, settings.mqtt.topic_prefix, get_codec(settings.ingest.codec)
         )
@@ -162,7 +172,16 @@ class Bridge:
             log.error("MQTT connect refused: %s", reason_code)
             return
         config = self._settings.mqtt
-        client.subscribe(subscription_filter(config.topic_prefix, config.share_group), qos=config.qos)
+        topics = subscription_filter(config.topic_prefix, config.share_group)
+        if self._drain:
+            # Out of the group first: new messages go to the members left; what the session
+            # already queued is delivered all the same.
+            client.unsubscribe(topics)
+            self._last_arrival = time.monotonic()
+            self._mqtt_connected = True
+            log.info("MQTT draining the session of %s (left %s)", config.client_id, topics)
+            return
+        client.subscribe(topics, qos=config.qos)
         log.info("MQTT connected to %s:%d as %s", config.host, config.port, config.client_id)
 
     def _on_subscribe(
@@ -213,6 +232,7 @@ class Bridge:
             )
         )
         self._received += 1
+        self._last_arrival = time.monotonic()
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
@@ -277,6 +297,8 @@ class Bridge:
         longest = self._settings.processor.retry_max_seconds
         delay = min(1.0, longest)
         while not stop.is_set():
+            if self._producer is not None:
+                metrics.KAFKA_BROKERS.labels("bridge").set(len(self._producer.client.cluster.brokers()))
             if self._client.is_connected() or self._client.socket() is not None:
                 self._client.loop_misc()
                 delay = min(1.0, longest)
@@ -320,6 +342,9 @@ class Bridge:
                 linger_ms=config.linger_ms,
                 request_timeout_ms=config.request_timeout_ms,
                 max_batch_size=1 << 20,
+                # Metadata every 10 s, not 5 min: a broker that left or came back shows in
+                # citytel_kafka_brokers_items (and its alert) within seconds.
+                metadata_max_age_ms=10_000,
             )
             try:
                 await ensure_topics(config, "bridge")
@@ -482,6 +507,19 @@ class Bridge:
             self._resume_reading()
         return forwarded
 
+    def _drain_done(self, forwarding: set[asyncio.Task[bool]]) -> bool:
+        quiet = time.monotonic() - self._last_arrival >= DRAIN_IDLE_SECONDS
+        if self._drain and self._mqtt_connected and quiet and not forwarding and not self._pending:
+            self.drained = True
+            log.info("MQTT session of %s drained: %d messages forwarded", self._settings.mqtt.client_id, self.forwarded)
+        return self.drained
+
+    @staticmethod
+    def _session_end() -> Properties:
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        return properties
+
     def has_received(self) -> bool:
         return self.forwarded > 0 or bool(self._pending) or self._forwarding > 0
 
@@ -506,6 +544,8 @@ class Bridge:
                 if any(not task.result() for task in finished):
                     break
                 if not self._pending or len(forwarding) >= _BATCHES_IN_FLIGHT:
+                    if self._drain_done(forwarding):
+                        break
                     metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
                     # Until a message arrives (if none is waiting) or a batch is through; the
                     # timeout only bounds how late a stop is noticed.
@@ -535,18 +575,19 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             # What is still pending was never acknowledged: the broker keeps it for our session.
-            self._client.disconnect()
+            # A finished drain ends the session instead (expiry 0): nothing is left in it.
+            self._client.disconnect(properties=self._session_end() if self.drained else None)
             if self._producer is not None:
                 await self._producer.stop()
 
 
-def run_bridge(settings: Settings) -> None:
+def run_bridge(settings: Settings, *, drain: bool = False) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        bridge = Bridge(settings)
+        bridge = Bridge(settings, drain=drain)
         log.info("%d start-up objects frozen", freeze_startup_heap())
         watch_collections()
         server = metrics.serve_metrics(settings.metrics.host, settings.metrics.bridge_port, bridge.ready)

@@ -81,6 +81,9 @@ BRIDGE_INFLIGHT = Gauge(
     "citytel_bridge_inflight_messages", "MQTT messages received but not yet acknowledged (waiting for Kafka)."
 )
 BRIDGE_CONNECTED = Gauge("citytel_bridge_connected", "1 while the bridge is connected, by broker side.", ["broker"])
+KAFKA_BROKERS = Gauge(
+    "citytel_kafka_brokers_items", "Kafka brokers in the cluster's metadata, as a client sees it.", ["client"]
+)
 CONSUMER_LAG = Gauge("citytel_consumer_lag_records", "Records not yet consumed, per partition.", ["topic", "partition"])
 ROWS_WRITTEN = Counter("citytel_rows_written_total", "Rows newly written to the database, by table.", ["table"])
 ANOMALIES = Counter("citytel_anomalies_total", "Readings flagged as anomalous, by detector.", ["detector"])
