@@ -42,6 +42,7 @@ def test_prometheus_config_and_rules_are_valid_and_their_unit_tests_pass() -> No
         ("check", "config", "prometheus.yml"),
         ("check", "rules", "rules.yml"),
         ("test", "rules", "rules_test.yml"),
+        ("test", "rules", "rules_hosts_test.yml"),
     ):
         result = promtool(*arguments)
         assert result.returncode == 0, f"promtool {' '.join(arguments)}:\n{result.stdout}{result.stderr}"
