@@ -4,7 +4,7 @@
 VENV ?= .venv
 CITYTEL = $(VENV)/bin/citytel
 
-.PHONY: install run test lint unit integration down status
+.PHONY: install run test lint unit integration down status cluster cluster-down
 
 install:
 	@bash deploy/local/install.sh
@@ -29,6 +29,14 @@ test: lint
 
 down:
 	@$(CITYTEL) stack down
+
+# The compose deployment (deploy/compose/): builds the images, brings every server up in its
+# own container, runs the simulated city through it and prints its progress until Ctrl-C.
+cluster: install
+	@$(CITYTEL) cluster up --watch
+
+cluster-down:
+	@$(CITYTEL) cluster down
 
 status:
 	@$(CITYTEL) stack status

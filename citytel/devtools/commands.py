@@ -92,6 +92,9 @@ def _cluster(arguments: argparse.Namespace) -> int:
     if arguments.action == "down":
         cluster.down(deployment, volumes=arguments.volumes)
         return 0
+    if arguments.action == "reload-broker":
+        cluster.reload_broker(deployment)
+        return 0
     return 0 if cluster.status(deployment) else 1
 
 
@@ -327,7 +330,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     deployment = commands.add_parser(
         "cluster", parents=[common], help="the compose deployment (deploy/compose/): every server its own container"
     )
-    deployment.add_argument("action", choices=["up", "down", "status"])
+    deployment.add_argument(
+        "action",
+        choices=["up", "down", "status", "reload-broker"],
+        help="reload-broker: after `citytel --config DIR/host.toml devices …`, the broker applies the new logins",
+    )
     deployment.add_argument("--dir", default=".run/cluster", help="its CA, secrets and configs")
     deployment.add_argument("--project", default="citytel", help="podman-compose project name")
     deployment.add_argument("--no-build", action="store_true", help="up: use the images already built")

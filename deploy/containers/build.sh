@@ -84,6 +84,9 @@ mkdir -p "$ctx/wheels"
 cp "$wheels"/*.whl "$ctx/wheels/"
 "$root/.venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$ctx/wheels" "$root"
 rm -rf "$root/build"
+# The wheels reach the image through a bind mount, which podman's layer cache does not look
+# into: their checksums, copied in first, make a changed wheel rebuild what follows.
+(cd "$ctx/wheels" && sha256sum -- *.whl) >"$ctx/wheels.sha256"
 podman build --quiet -t localhost/citytel:latest -f "$ctx/Containerfile" "$ctx" >/dev/null
 step "image citytel built"
 podman build --quiet -t localhost/citytel-simulator:latest -f "$ctx/Containerfile.simulator" "$ctx" >/dev/null
