@@ -422,7 +422,8 @@ def wait_healthy(cluster: Cluster, services: list[str], timeout: float = 300.0) 
 
 
 def down(cluster: Cluster, *, volumes: bool = False) -> None:
-    cluster.compose("down", *(["-v"] if volumes else []), check=False)
+    # With the scale profile, so processor-3 goes too when it was started.
+    cluster.compose("--profile", "scale", "down", *(["-v"] if volumes else []), check=False)
 
 
 def status(cluster: Cluster) -> bool:

@@ -38,7 +38,8 @@ class Publisher(threading.Thread):
         super().__init__(daemon=True)
         dev = load_dev_settings().simulator
         city = City(dev.devices_per_kind, dev.seed)
-        self.devices = [device for device in city.devices if device.kind == "air"]
+        # Every air sensor but the first, which test_detector_state_… keeps to itself.
+        self.devices = [device for device in city.devices if device.kind == "air"][1:]
         self.settings, self.count, self.rate, self.start_time = settings, count, rate, start
         self.username = dev.mqtt_username
         self.password = (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
@@ -205,13 +206,15 @@ def test_a_bridge_removed_for_good_has_its_share_drained_by_a_stand_in(deploymen
     try:
         recovery = run_through_fault(deployment, fault)
         assert "drained" in drained[0]
-        print(
-            f"bridge-2 removed, its session drained: last reading stored {recovery:.1f}s after the last publish",
-            flush=True,
-        )
     finally:
         deployment.compose("up", "-d", "bridge-2")
     cluster.wait_healthy(deployment, ["bridge-2"])
+    alert.append(wait_for_alert(deployment, "CitytelProcessDown", fired=False))
+    print(
+        f"bridge-2 removed, its session drained: last reading stored {recovery:.1f}s after the last publish;"
+        f" CitytelProcessDown fired {alert[0]:.0f}s after the removal, cleared {alert[1]:.0f}s after its return",
+        flush=True,
+    )
 
 
 def test_a_killed_processor_and_a_third_one_joining_lose_and_duplicate_nothing(deployment: cluster.Cluster) -> None:
@@ -225,6 +228,63 @@ def test_a_killed_processor_and_a_third_one_joining_lose_and_duplicate_nothing(d
         flush=True,
     )
     cluster.wait_healthy(deployment, ["processor-1", "processor-3"])
+
+
+def publish_readings(deployment: cluster.Cluster, device: str, readings: list[tuple[float, float]]) -> None:
+    """QoS 1 pm2_5 readings (time, value) of one simulated air sensor, each acknowledged."""
+    settings = deployment.host_settings()
+    dev = load_dev_settings().simulator
+    district = next(d.district for d in City(dev.devices_per_kind, dev.seed).devices if d.device_id == device)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    client.username_pw_set(
+        dev.mqtt_username, (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
+    )
+    client.tls_set(ca_certs=settings.mqtt.tls_ca_file)
+    client.connect(settings.mqtt.host, settings.mqtt.port)
+    client.loop_start()
+    try:
+        topic = reading_topic(settings.mqtt.topic_prefix, district, "air", device)
+        for sequence, (at, value) in enumerate(readings):
+            payload = {"device_id": device, "time": at, "seq": sequence, "values": {"pm2_5": value}}
+            client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(timeout=30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def anomalies_at(settings: Settings, device: str, at: float) -> list[str]:
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT a.detector FROM anomalies a JOIN series s USING (series_id)"
+            " WHERE s.device_id = %s AND a.time = to_timestamp(%s)",
+            (device, at),
+        ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def test_detector_state_is_handed_over_when_every_processor_is_replaced(deployment: cluster.Cluster) -> None:
+    """An air sensor's steady history warms its detectors up; then every processor is killed -9
+    (their partitions change hands as they and processor-3 rejoin) and a spike follows at once.
+    A detector that lost its state would still be warming up and miss it (ewma_zscore wants 30
+    readings); handed over through the checkpoint, the spike is caught."""
+    settings = deployment.host_settings()
+    dev = load_dev_settings().simulator
+    device = next(d.device_id for d in City(dev.devices_per_kind, dev.seed).devices if d.kind == "air")
+    start = time.time() - 3 * 3600
+    steady = [(start + step * 30.0, 30.0 + (step % 5) * 0.5) for step in range(120)]
+    publish_readings(deployment, device, steady)
+    wait_for(lambda: stored(settings, [device], start)[0] >= len(steady), 120, "the steady history stored")
+    for service in ("processor-1", "processor-2"):
+        crash(deployment, service)
+    deployment.compose("--profile", "scale", "up", "-d", "processor-3")
+    time.sleep(2)
+    cluster.wait_healthy(deployment, ["processor-1", "processor-2", "processor-3"])
+    spike = start + 120 * 30.0
+    publish_readings(deployment, device, [(spike, 900.0)])
+    wait_for(lambda: bool(anomalies_at(settings, device, spike)), 120, "the spike flagged")
+    flagged = anomalies_at(settings, device, spike)
+    assert "ewma_zscore" in flagged
+    print(f"spike right after every processor was replaced: flagged by {', '.join(flagged)}", flush=True)
 
 
 def test_a_restarted_database_host_loses_and_duplicates_nothing(deployment: cluster.Cluster) -> None:
