@@ -265,6 +265,13 @@ def _chaos(arguments: argparse.Namespace) -> int:
 def _bench(arguments: argparse.Namespace) -> int:
     from citytel.devtools import bench
 
+    if arguments.scenario == "e2e" and arguments.cluster:
+        from citytel.devtools.bench_cluster import bench_cluster
+
+        output = arguments.output or Path("docs/bench/cluster.json")
+        bench_cluster(output, min(arguments.messages, 100_000))
+        print(f"figures written to {output}")
+        return 0
     if arguments.scenario == "e2e":
         from citytel.devtools import bench_e2e
 
@@ -418,6 +425,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench.add_argument("--step-seconds", type=float, default=10.0, help="e2e: seconds per offered-load step")
     bench.add_argument(
         "--secure", action="store_true", help="e2e: servers secured as the local stack runs them (TLS, logins, ACLs)"
+    )
+    bench.add_argument(
+        "--cluster",
+        action="store_true",
+        help="e2e: the compose deployment with 1-2 bridges and 1-3 processors instead (--messages per drain)",
     )
     bench.add_argument(
         "--readings-per-message",
