@@ -117,8 +117,9 @@ def _publisher(deployment: cluster.Cluster, settings: Settings) -> _BulkPublishe
 def _step(
     deployment: cluster.Cluster, settings: Settings, messages: int, rate: float, start: float
 ) -> tuple[int, float, float, dict[str, float]]:
-    """Publish ``messages`` at ``rate`` and wait for their readings: (readings, seconds from
-    the first publish to the last reading stored, publishing seconds, CPU seconds per container)."""
+    """Publish ``messages`` at ``rate`` (at most; as fast as the broker takes them when that is
+    less) and wait for their readings: (readings, seconds from the first publish to the last
+    reading stored, publishing seconds, CPU seconds per container)."""
     readings = [0]
 
     def counted() -> Iterator[tuple[bytes, bytes]]:
@@ -130,9 +131,12 @@ def _step(
     publisher = _publisher(deployment, settings)
     began = time.monotonic()
     try:
-        publisher.run(counted(), rate, messages / rate)
+        # Time enough for the slowest publisher; run() stops when the backlog is all sent.
+        sent = publisher.run(counted(), rate, messages / min(rate, 1000.0))
     finally:
         publisher.close()
+    if sent != messages:
+        raise stack.StackError(f"only {sent} of {messages} messages published")
     published = time.monotonic() - began
     deadline = time.monotonic() + 600
     while _count(settings) < before + readings[0]:

@@ -658,6 +658,8 @@ class _BulkPublisher:
                 chunk.append(_publish_packet(topic, self.sent % 65535 + 1, payload))
             if chunk:
                 self._socket.sendall(b"".join(chunk))
+            if len(chunk) < due:
+                break  # a finite backlog is all sent: what is left is waiting for its PUBACKs
             time.sleep(0.005)
         deadline = time.monotonic() + 60
         while self.acknowledged < self.sent and time.monotonic() < deadline:
