@@ -148,6 +148,15 @@ def wait_for_alert(deployment: cluster.Cluster, alert: str, fired: bool, timeout
     return time.monotonic() - began
 
 
+def report(fault: str, behind: float, alert: str = "", timings: list[float] | None = None) -> None:
+    """One line per fault for the closing notes: how far behind it left the pipeline, and when
+    its alert fired (from the fault's start) and cleared (from its end)."""
+    line = f"{fault}: last reading stored {behind:.1f}s after the last publish"
+    if alert and timings:
+        line += f"; {alert} fired {timings[0]:.0f}s into the fault, cleared {timings[1]:.0f}s after it ended"
+    print(line, flush=True)
+
+
 def crash(deployment: cluster.Cluster, service: str) -> None:
     """kill -9 of the container's processes from the host, as a crash would end them: unlike
     `podman kill`, which podman counts as a wanted stop, this leaves the restart policy to act."""
@@ -168,11 +177,7 @@ def test_a_kafka_broker_down_for_30_s_loses_and_duplicates_nothing(deployment: c
     recovery = run_through_fault(deployment, fault)
     cluster.wait_healthy(deployment, ["kafka-2"])
     alert.append(wait_for_alert(deployment, "CitytelKafkaBrokerLost", fired=False))
-    print(
-        f"kafka-2 stopped 30 s: last reading stored {recovery:.1f}s after the last publish;"
-        f" CitytelKafkaBrokerLost fired {alert[0]:.0f}s after the stop, cleared {alert[1]:.0f}s after the start",
-        flush=True,
-    )
+    report("kafka-2 stopped 30 s", recovery, "CitytelKafkaBrokerLost", alert)
 
 
 def test_a_killed_bridge_comes_back_as_itself_and_its_share_arrives(deployment: cluster.Cluster) -> None:
@@ -180,7 +185,7 @@ def test_a_killed_bridge_comes_back_as_itself_and_its_share_arrives(deployment: 
         crash(deployment, "bridge-1")
 
     recovery = run_through_fault(deployment, fault)
-    print(f"bridge-1 killed -9: last reading stored {recovery:.1f}s after the last publish", flush=True)
+    report("bridge-1 killed -9", recovery)
     cluster.wait_healthy(deployment, ["bridge-1"])
 
 
@@ -210,11 +215,7 @@ def test_a_bridge_removed_for_good_has_its_share_drained_by_a_stand_in(deploymen
         deployment.compose("up", "-d", "bridge-2")
     cluster.wait_healthy(deployment, ["bridge-2"])
     alert.append(wait_for_alert(deployment, "CitytelProcessDown", fired=False))
-    print(
-        f"bridge-2 removed, its session drained: last reading stored {recovery:.1f}s after the last publish;"
-        f" CitytelProcessDown fired {alert[0]:.0f}s after the removal, cleared {alert[1]:.0f}s after its return",
-        flush=True,
-    )
+    report("bridge-2 removed, its session drained", recovery, "CitytelProcessDown", alert)
 
 
 def test_a_killed_processor_and_a_third_one_joining_lose_and_duplicate_nothing(deployment: cluster.Cluster) -> None:
@@ -223,10 +224,7 @@ def test_a_killed_processor_and_a_third_one_joining_lose_and_duplicate_nothing(d
         deployment.compose("--profile", "scale", "up", "-d", "processor-3")
 
     recovery = run_through_fault(deployment, fault)
-    print(
-        f"processor-1 killed -9, processor-3 started: last reading stored {recovery:.1f}s after the last publish",
-        flush=True,
-    )
+    report("processor-1 killed -9, processor-3 started", recovery)
     cluster.wait_healthy(deployment, ["processor-1", "processor-3"])
 
 
@@ -292,7 +290,7 @@ def test_a_restarted_database_host_loses_and_duplicates_nothing(deployment: clus
         deployment.podman("restart", "--time", "5", deployment.container("postgres"))
 
     recovery = run_through_fault(deployment, fault)
-    print(f"postgres restarted: last reading stored {recovery:.1f}s after the last publish", flush=True)
+    report("postgres restarted", recovery)
 
 
 def test_the_secrets_folders_belong_to_their_servers_alone(deployment: cluster.Cluster) -> None:
