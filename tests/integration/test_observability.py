@@ -159,7 +159,7 @@ def test_every_panel_and_rule_returns_data_against_a_live_prometheus(
                 rules = json.loads(stack.http_get(f"http://127.0.0.1:{prometheus.port}/api/v1/rules"))
                 groups = rules["data"]["groups"]
                 all_rules = [rule for group in groups for rule in group["rules"]]
-                assert len(all_rules) == 18
+                assert len(all_rules) == 20
                 for rule in all_rules:
                     assert rule["health"] == "ok", rule
                     if rule["type"] == "recording":
