@@ -1,4 +1,4 @@
-"""The compose deployment (deploy/compose/), brought up once for the cluster tests: every
+"""The compose deployment (deploy/compose/), brought up once for the fault tests: every
 server its own container, on a project name and loopback ports of the tests' own, and taken
 down with its volumes at the end. Building the images is part of it (cached after the first
 time); a deployment that cannot come up is an error, never a skip."""
@@ -18,7 +18,8 @@ from citytel.devtools import cluster, stack
 from citytel.devtools.settings import load_dev_settings
 
 
-@pytest.fixture(scope="session")
+# Module scope: the deployment's twelve containers are gone before the next tests run.
+@pytest.fixture(scope="module")
 def deployment() -> Iterator[cluster.Cluster]:
     directory = Path(tempfile.mkdtemp(prefix="citytel-cluster-"))
     deployment = cluster.Cluster(

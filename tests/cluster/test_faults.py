@@ -140,20 +140,28 @@ def firing(deployment: cluster.Cluster, alert: str) -> list[dict[str, str]]:
     return [result["metric"] for result in answer["data"]["result"]]
 
 
-def wait_for_alert(deployment: cluster.Cluster, alert: str, fired: bool, timeout: float = 90.0) -> float:
-    """Seconds until ``alert`` fires (``fired``) or has cleared (not ``fired``)."""
+def wait_for_alert(
+    deployment: cluster.Cluster, alert: str, fired: bool, instance: str = "", timeout: float = 90.0
+) -> float:
+    """Seconds until ``alert`` fires (``fired``) or has cleared (not ``fired``), for
+    ``instance`` alone when given (another may be firing for a fault of its own)."""
     began = time.monotonic()
+
+    def now_firing() -> bool:
+        labels = firing(deployment, alert)
+        return any(entry.get("instance") == instance for entry in labels) if instance else bool(labels)
+
     state = "fire" if fired else "clear"
-    wait_for(lambda: bool(firing(deployment, alert)) == fired, timeout, f"{alert} to {state}", interval=1.0)
+    wait_for(lambda: now_firing() == fired, timeout, f"{alert} {instance} to {state}", interval=1.0)
     return time.monotonic() - began
 
 
 def report(fault: str, behind: float, alert: str = "", timings: list[float] | None = None) -> None:
-    """One line per fault for the closing notes: how far behind it left the pipeline, and when
-    its alert fired (from the fault's start) and cleared (from its end)."""
+    """One line per fault for the closing notes: how far behind it left the pipeline, when its
+    alert fired (from the fault's start) and how long it still fired once the readings were in."""
     line = f"{fault}: last reading stored {behind:.1f}s after the last publish"
     if alert and timings:
-        line += f"; {alert} fired {timings[0]:.0f}s into the fault, cleared {timings[1]:.0f}s after it ended"
+        line += f"; {alert} fired {timings[0]:.0f}s into the fault, cleared {timings[1]:.0f}s after all was stored"
     print(line, flush=True)
 
 
@@ -180,13 +188,19 @@ def test_a_kafka_broker_down_for_30_s_loses_and_duplicates_nothing(deployment: c
     report("kafka-2 stopped 30 s", recovery, "CitytelKafkaBrokerLost", alert)
 
 
-def test_a_killed_bridge_comes_back_as_itself_and_its_share_arrives(deployment: cluster.Cluster) -> None:
-    def fault() -> None:
-        crash(deployment, "bridge-1")
+def crash_and_see_it_alerted(deployment: cluster.Cluster, service: str, port: int, alert: list[float]) -> None:
+    """kill -9 of ``service``; the restart policy brings it back and CitytelProcessRestarted
+    names it."""
+    crash(deployment, service)
+    alert.append(wait_for_alert(deployment, "CitytelProcessRestarted", fired=True, instance=f"{service}:{port}"))
 
-    recovery = run_through_fault(deployment, fault)
-    report("bridge-1 killed -9", recovery)
+
+def test_a_killed_bridge_comes_back_as_itself_and_its_share_arrives(deployment: cluster.Cluster) -> None:
+    alert: list[float] = []
+    recovery = run_through_fault(deployment, lambda: crash_and_see_it_alerted(deployment, "bridge-1", 9464, alert))
     cluster.wait_healthy(deployment, ["bridge-1"])
+    alert.append(wait_for_alert(deployment, "CitytelProcessRestarted", fired=False, instance="bridge-1:9464"))
+    report("bridge-1 killed -9", recovery, "CitytelProcessRestarted", alert)
 
 
 def test_a_bridge_removed_for_good_has_its_share_drained_by_a_stand_in(deployment: cluster.Cluster) -> None:
@@ -219,13 +233,16 @@ def test_a_bridge_removed_for_good_has_its_share_drained_by_a_stand_in(deploymen
 
 
 def test_a_killed_processor_and_a_third_one_joining_lose_and_duplicate_nothing(deployment: cluster.Cluster) -> None:
+    alert: list[float] = []
+
     def fault() -> None:
-        crash(deployment, "processor-1")
+        crash_and_see_it_alerted(deployment, "processor-1", 9465, alert)
         deployment.compose("--profile", "scale", "up", "-d", "processor-3")
 
     recovery = run_through_fault(deployment, fault)
-    report("processor-1 killed -9, processor-3 started", recovery)
     cluster.wait_healthy(deployment, ["processor-1", "processor-3"])
+    alert.append(wait_for_alert(deployment, "CitytelProcessRestarted", fired=False, instance="processor-1:9465"))
+    report("processor-1 killed -9, processor-3 started", recovery, "CitytelProcessRestarted", alert)
 
 
 def publish_readings(deployment: cluster.Cluster, device: str, readings: list[tuple[float, float]]) -> None:
@@ -251,11 +268,13 @@ def publish_readings(deployment: cluster.Cluster, device: str, readings: list[tu
 
 
 def anomalies_at(settings: Settings, device: str, at: float) -> list[str]:
+    """Detectors that flagged ``device`` at ``at`` (within a millisecond: the bridge and
+    to_timestamp may round the last microsecond differently)."""
     with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
         rows = connection.execute(
             "SELECT a.detector FROM anomalies a JOIN series s USING (series_id)"
-            " WHERE s.device_id = %s AND a.time = to_timestamp(%s)",
-            (device, at),
+            " WHERE s.device_id = %s AND a.time BETWEEN to_timestamp(%s) AND to_timestamp(%s)",
+            (device, at - 0.001, at + 0.001),
         ).fetchall()
     return sorted(row[0] for row in rows)
 
@@ -268,7 +287,7 @@ def test_detector_state_is_handed_over_when_every_processor_is_replaced(deployme
     settings = deployment.host_settings()
     dev = load_dev_settings().simulator
     device = next(d.device_id for d in City(dev.devices_per_kind, dev.seed).devices if d.kind == "air")
-    start = time.time() - 3 * 3600
+    start = float(int(time.time()) - 3 * 3600)
     steady = [(start + step * 30.0, 30.0 + (step % 5) * 0.5) for step in range(120)]
     publish_readings(deployment, device, steady)
     wait_for(lambda: stored(settings, [device], start)[0] >= len(steady), 120, "the steady history stored")
@@ -286,11 +305,15 @@ def test_detector_state_is_handed_over_when_every_processor_is_replaced(deployme
 
 
 def test_a_restarted_database_host_loses_and_duplicates_nothing(deployment: cluster.Cluster) -> None:
+    alert: list[float] = []
+
     def fault() -> None:
         deployment.podman("restart", "--time", "5", deployment.container("postgres"))
+        alert.append(wait_for_alert(deployment, "CitytelDatabaseUnreachable", fired=True))
 
     recovery = run_through_fault(deployment, fault)
-    report("postgres restarted", recovery)
+    alert.append(wait_for_alert(deployment, "CitytelDatabaseUnreachable", fired=False))
+    report("postgres restarted", recovery, "CitytelDatabaseUnreachable", alert)
 
 
 def test_the_secrets_folders_belong_to_their_servers_alone(deployment: cluster.Cluster) -> None:
