@@ -28,7 +28,7 @@ import psycopg
 
 from citytel.config import Settings, load_settings
 from citytel.devtools import cluster, stack
-from citytel.devtools.bench_e2e import _BulkPublisher
+from citytel.devtools.bench_e2e import BulkPublisher
 from citytel.devtools.settings import load_dev_settings
 from citytel.devtools.simulate import City
 
@@ -107,11 +107,11 @@ def _packets(settings: Settings, start: float) -> Iterator[tuple[bytes, bytes, i
         yield message.topic.encode(), message.payload, message.readings
 
 
-def _publisher(deployment: cluster.Cluster, settings: Settings) -> _BulkPublisher:
+def _publisher(deployment: cluster.Cluster, settings: Settings) -> BulkPublisher:
     dev = load_dev_settings().simulator
     secret = (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
     auth = stack.MqttClientAuth(dev.mqtt_username, secret, Path(settings.mqtt.tls_ca_file))
-    return _BulkPublisher(settings.mqtt.port, auth)
+    return BulkPublisher(settings.mqtt.port, auth)
 
 
 def _step(

@@ -608,7 +608,7 @@ def _connect_packet(client_id: bytes, auth: stack.MqttClientAuth | None) -> byte
     return b"\x10" + _remaining_length(len(body)) + body
 
 
-class _BulkPublisher:
+class BulkPublisher:
     """The load generator of the offered-load steps: a QoS 1 MQTT publisher that writes its
     PUBLISH packets to the socket in bulk and counts the broker's PUBACKs between slices. paho
     spends tens of microseconds of Python per message; on two cores shared with the whole
@@ -717,7 +717,7 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, ac
     _wait_idle(settings.metrics.processor_port)
     before = _progress(conninfo, settings.metrics.processor_port)
     buckets_before = _latency_buckets(settings.metrics.processor_port)
-    publisher = _BulkPublisher(settings.mqtt.port, access.publisher)
+    publisher = BulkPublisher(settings.mqtt.port, access.publisher)
     try:
         with _Probe(conninfo) as probe:
             started = time.perf_counter()
