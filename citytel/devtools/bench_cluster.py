@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from citytel.config import Settings, load_settings
 from citytel.devtools import cluster, stack
 from citytel.devtools.bench_e2e import BulkPublisher
@@ -67,12 +65,6 @@ def _cpu(deployment: cluster.Cluster) -> dict[str, float]:
         if pid > 0:
             seconds[service] = _cgroup_cpu_seconds(pid)
     return seconds
-
-
-def _count(settings: Settings) -> int:
-    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
-        row = connection.execute("SELECT count(*) FROM readings").fetchone()
-    return int(row[0]) if row else 0
 
 
 def _scale(deployment: cluster.Cluster, bridges: int, processors: int) -> None:
@@ -127,7 +119,7 @@ def _step(
             readings[0] += count
             yield topic, payload
 
-    before, cpu_before = _count(settings), _cpu(deployment)
+    before, cpu_before = cluster.readings_stored(settings), _cpu(deployment)
     publisher = _publisher(deployment, settings)
     began = time.monotonic()
     try:
@@ -139,9 +131,11 @@ def _step(
         raise stack.StackError(f"only {sent} of {messages} messages published")
     published = time.monotonic() - began
     deadline = time.monotonic() + 600
-    while _count(settings) < before + readings[0]:
+    while cluster.readings_stored(settings) < before + readings[0]:
         if time.monotonic() > deadline:
-            raise stack.StackError(f"only {_count(settings) - before} of {readings[0]} readings stored in 10 minutes")
+            raise stack.StackError(
+                f"only {cluster.readings_stored(settings) - before} of {readings[0]} readings stored in 10 minutes"
+            )
         time.sleep(0.2)
     elapsed = time.monotonic() - began
     cpu_after = _cpu(deployment)

@@ -113,7 +113,7 @@ def _say(message: str) -> None:
     print(f"\033[1m[citytel cluster]\033[0m {message}", flush=True)
 
 
-def _container_settings(base: Settings, departments: list[str]) -> Settings:
+def _container_settings(base: Settings) -> Settings:
     """The processes' config inside the deployment: servers by host name, TLS everywhere,
     secrets from the mounted folder."""
 
@@ -269,12 +269,7 @@ def _kafka_security_files(cluster: Cluster, inside: Settings) -> None:
     folder = cluster.secrets / "kafka"
     users_folder = folder / "users"
     users_folder.mkdir(exist_ok=True)
-    logins = dict(inside.kafka.logins)
-    for department in inside.alerts.departments:
-        logins.setdefault(
-            f"dept-{department}",
-            KafkaLogin(username=f"dept-{department}", password_file=str(_IN_CONTAINER / f"kafka-dept-{department}")),
-        )
+    logins = localstack.with_department_logins(inside, _IN_CONTAINER)
     users = []
     for login in logins.values():
         secret = localstack.local_secret(cluster.secrets / "citytel" / Path(login.password_file).name)
@@ -321,7 +316,7 @@ def prepare(cluster: Cluster, base: Settings, dev: DevSettings) -> tuple[Setting
     """The deployment's directory: certificates, secrets, configs. Idempotent: what exists is kept."""
     cluster.directory.mkdir(parents=True, exist_ok=True)
     cluster.directory.chmod(0o755)
-    inside = _container_settings(base, list(base.alerts.departments))
+    inside = _container_settings(base)
     outside = _host_settings(inside, cluster)
     _certificates(cluster)
     (cluster.secrets / "mosquitto" / "auth").mkdir(exist_ok=True)
@@ -339,11 +334,11 @@ def _provision(cluster: Cluster, outside: Settings, dev: DevSettings) -> None:
     from citytel.processors.storage import prepare_database
     from citytel.processors.storage.logins import apply_to_broker
 
+    simulator = _dev_settings(dev).simulator
     host_dev = msgspec.structs.replace(
         dev,
         simulator=msgspec.structs.replace(
-            _dev_settings(dev).simulator,
-            mqtt_password_file=str(cluster.secrets / "citytel" / f"mqtt-{_dev_settings(dev).simulator.mqtt_username}"),
+            simulator, mqtt_password_file=str(cluster.secrets / "citytel" / f"mqtt-{simulator.mqtt_username}")
         ),
     )
     deadline = time.monotonic() + 120

@@ -150,17 +150,24 @@ def _postgres_logins(settings: Settings, secrets: Path) -> stack.PostgresLogins:
     )
 
 
-def _kafka_security(
-    settings: Settings, dev: DevSettings, certificates: stack.Certificates, secrets: Path
-) -> stack.KafkaSecurity:
-    """SCRAM users for the config's logins and for each department (whose secret files the
-    stack keeps), and the ACLs that bound them."""
+def with_department_logins(settings: Settings, secrets: Path) -> dict[str, KafkaLogin]:
+    """The config's Kafka logins and one per department (dept-<name>, its secret in
+    ``secrets``), which the stack creates and the ACLs name."""
     logins = dict(settings.kafka.logins)
     for department in settings.alerts.departments:
         logins.setdefault(
             f"dept-{department}",
             KafkaLogin(username=f"dept-{department}", password_file=str(secrets / f"kafka-dept-{department}")),
         )
+    return logins
+
+
+def _kafka_security(
+    settings: Settings, dev: DevSettings, certificates: stack.Certificates, secrets: Path
+) -> stack.KafkaSecurity:
+    """SCRAM users for the config's logins and for each department (whose secret files the
+    stack keeps), and the ACLs that bound them."""
+    logins = with_department_logins(settings, secrets)
     users = {}
     for login in logins.values():
         path = _secret_file(login.password_file)
