@@ -29,6 +29,20 @@ from tests.helpers import wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 
+def gateway_client(deployment: cluster.Cluster, settings: Settings) -> mqtt.Client:
+    """The simulated city's gateway login (every simulated device is registered behind it),
+    connected over TLS to the deployment's published MQTT port, its network loop running."""
+    dev = load_dev_settings().simulator
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    password = (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
+    client.username_pw_set(dev.mqtt_username, password)
+    client.tls_set(ca_certs=settings.mqtt.tls_ca_file)
+    client.max_inflight_messages_set(200)
+    client.connect(settings.mqtt.host, settings.mqtt.port)
+    client.loop_start()
+    return client
+
+
 class Publisher(threading.Thread):
     """The simulated city's gateway publishing ``count`` QoS 1 readings at ``rate`` per second,
     each a pm2_5 value of one air sensor with a sequence number and a time of its own; it
@@ -40,9 +54,13 @@ class Publisher(threading.Thread):
         city = City(dev.devices_per_kind, dev.seed)
         # Every air sensor but the first, which test_detector_state_… keeps to itself.
         self.devices = [device for device in city.devices if device.kind == "air"][1:]
-        self.settings, self.count, self.rate, self.start_time = settings, count, rate, start
-        self.username = dev.mqtt_username
-        self.password = (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
+        self.deployment, self.settings, self.count, self.rate, self.start_time = (
+            deployment,
+            settings,
+            count,
+            rate,
+            start,
+        )
         self.acknowledged = 0
         self.error: BaseException | None = None
 
@@ -54,12 +72,7 @@ class Publisher(threading.Thread):
 
     def _publish(self) -> None:
         mqtt_settings = self.settings.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
-        client.username_pw_set(self.username, self.password)
-        client.tls_set(ca_certs=mqtt_settings.tls_ca_file)
-        client.max_inflight_messages_set(200)
-        client.connect(mqtt_settings.host, mqtt_settings.port)
-        client.loop_start()
+        client = gateway_client(self.deployment, self.settings)
         began = time.monotonic()
         pending = []
         try:
@@ -213,7 +226,14 @@ def test_a_bridge_removed_for_good_has_its_share_drained_by_a_stand_in(deploymen
 
     def fault() -> None:
         crash(deployment, "bridge-2")
-        deployment.podman("rm", "--force", "--time", "0", deployment.container("bridge-2"))
+        name = deployment.container("bridge-2")
+
+        def removed() -> bool:
+            # Right after the crash podman may be restarting it, and refuses: try again.
+            deployment.podman("rm", "--force", "--time", "0", name, check=False)
+            return deployment.podman("container", "exists", name, check=False).returncode != 0
+
+        wait_for(removed, 30, "bridge-2's container removed", interval=1.0)
         # The share piles up in the departed member's session meanwhile, and the alert says so.
         alert.append(wait_for_alert(deployment, "CitytelProcessDown", fired=True))
         assert firing(deployment, "CitytelProcessDown")[0]["instance"] == "bridge-2:9464"
@@ -250,13 +270,7 @@ def publish_readings(deployment: cluster.Cluster, device: str, readings: list[tu
     settings = deployment.host_settings()
     dev = load_dev_settings().simulator
     district = next(d.district for d in City(dev.devices_per_kind, dev.seed).devices if d.device_id == device)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
-    client.username_pw_set(
-        dev.mqtt_username, (deployment.secrets / "citytel" / f"mqtt-{dev.mqtt_username}").read_text().strip()
-    )
-    client.tls_set(ca_certs=settings.mqtt.tls_ca_file)
-    client.connect(settings.mqtt.host, settings.mqtt.port)
-    client.loop_start()
+    client = gateway_client(deployment, settings)
     try:
         topic = reading_topic(settings.mqtt.topic_prefix, district, "air", device)
         for sequence, (at, value) in enumerate(readings):
