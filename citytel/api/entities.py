@@ -21,18 +21,29 @@ columns that usage scopes restrict.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+import numpy as np
 from psycopg import sql
 
 from citytel.api.odata import RequestError
 from citytel.config import Settings
-from citytel.core.sensorthings import datastream_id, entity_link
+from citytel.core.sensorthings import datastream_id, entity_link, quoted
 
-__all__ = ["RESOLUTIONS", "EntitySet", "Field", "Navigation", "build_model", "observation_id", "parse_observation_id"]
+__all__ = [
+    "RESOLUTIONS",
+    "EntitySet",
+    "Field",
+    "Navigation",
+    "build_model",
+    "observation_id",
+    "parse_observation_id",
+    "render_observation_page",
+]
 
 # A Datastream's resolution: its id's suffix and what its Observations are.
 RESOLUTIONS = ("raw", "1m", "1h", "anomalies")
@@ -78,10 +89,9 @@ class EntitySet:
     # Whether an entity, once it exists, never changes (the server may keep it in memory).
     immutable: bool = False
     # The fast path of ``render`` where it matters (a day of Observations is a page of ~100):
-    # SQL that makes the same JSON document in PostgreSQL from a row ``p`` of the relation and
-    # ``i``, its texts (``render_texts``). tests/integration/test_api.py compares the two.
-    render_sql: sql.Composable | None = None
-    render_texts: Callable[[sql.Composable], sql.Composable] | None = None
+    # a whole page's documents as one JSON array, from rows as tuples in ``columns`` order with
+    # times in microseconds since 1970 (queries.page_cursor). Tests compare it with ``render``.
+    render_page: Callable[[Sequence[tuple[Any, ...]], str], str] | None = None
     # The columns that order a page after the client's $orderby: unique together, and served by
     # an index. Given the columns a request fixes (a Datastream's Observations: its series and
     # resolution); by default the key.
@@ -98,47 +108,8 @@ def _text_key(value: str | int, what: str) -> str:
 
 
 def _iso(moment: datetime) -> str:
-    # Always with microseconds: the text _ISO_SQL makes in PostgreSQL.
+    # Always with microseconds: the text render_observation_page makes for a whole page.
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-# render_observation in SQL, over a row p of sta_observations and i, its id, link and times as
-# text (observation_texts). Keep the two in step: a test compares their documents.
-_ISO_SQL = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-_OBSERVATION_JSON_SQL = """CASE p.resolution
-    WHEN 'raw' THEN json_build_object(
-        '@iot.id', i.id, '@iot.selfLink', i.link, 'Datastream@iot.navigationLink', i.link || '/Datastream',
-        'phenomenonTime', i.start_text, 'resultTime', i.end_text, 'result', p.result,
-        'resultQuality', CASE WHEN p.quality & 1 = 1 THEN json_build_array('late') ELSE json_build_array() END)
-    WHEN 'anomalies' THEN json_build_object(
-        '@iot.id', i.id, '@iot.selfLink', i.link, 'Datastream@iot.navigationLink', i.link || '/Datastream',
-        'phenomenonTime', i.start_text, 'resultTime', i.end_text, 'result', p.result,
-        'parameters', json_build_object('detector', p.detector, 'reason', p.reason, 'value', nullif(p.value, 'NaN')))
-    ELSE json_build_object(
-        '@iot.id', i.id, '@iot.selfLink', i.link, 'Datastream@iot.navigationLink', i.link || '/Datastream',
-        'phenomenonTime', i.start_text || '/' || i.end_text, 'resultTime', i.end_text, 'result', p.result,
-        'parameters', json_build_object('count', p.count, 'min', p.minimum, 'max', p.maximum))
-END"""
-# observation_id in SQL: the Datastream's id, the start in microseconds since 1970 (exact:
-# extract returns numeric), and for anomalies the detector.
-_OBSERVATION_ID_SQL = (
-    "p.device_id || ':' || p.metric || CASE p.resolution WHEN 'raw' THEN '' ELSE ':' || p.resolution END"
-    " || ':' || (extract(epoch FROM p.phenomenon_start) * 1000000)::bigint"
-    " || CASE p.resolution WHEN 'anomalies' THEN ':' || p.detector ELSE '' END"
-)
-
-
-def observation_texts(base: sql.Composable) -> sql.Composable:
-    """For a row p: its id, its self link under ``base`` (the service root) and its times."""
-    return sql.SQL(
-        "SELECT ids.id, {} || '/Observations(''' || replace(ids.id, '''', '''''') || ''')' AS link, "
-        + _ISO_SQL.format("p.phenomenon_start")
-        + " AS start_text, "
-        + _ISO_SQL.format("p.phenomenon_end")
-        + " AS end_text FROM (SELECT "
-        + _OBSERVATION_ID_SQL
-        + " AS id) AS ids"
-    ).format(base)
 
 
 def _micros(moment: datetime) -> int:
@@ -174,6 +145,75 @@ def parse_observation_id(value: str | int) -> dict[str, Any]:
     except OverflowError:
         raise RequestError(f"Observation id {value!r}: time out of range") from None
     return {**stream, "phenomenon_start": start, "detector": detector}
+
+
+def _json_inner(text: str) -> str:
+    """``text`` escaped as inside a JSON string, without the quotes. Escaping is character by
+    character, so escaped pieces may be joined: the page renderer escapes each stream's part once."""
+    return msgspec.json.encode(text).decode()[1:-1]
+
+
+def _json_number(value: float | int | None) -> str:
+    # As msgspec writes the plain path's numbers: NaN and infinities have no JSON form, null.
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "null"
+    return repr(value)
+
+
+def _iso_texts(micros: Sequence[int]) -> list[str]:
+    """``_iso`` of each time (µs since 1970), for a page at once."""
+    moments = np.array(micros, dtype=np.int64).astype("datetime64[us]")
+    texts: list[str] = np.datetime_as_string(moments, unit="us", timezone="UTC").tolist()
+    return texts
+
+
+def render_observation_page(rows: Sequence[tuple[Any, ...]], base: str) -> str:
+    """The JSON array of ``render_observation``'s documents for ``rows`` (the Observations
+    relation's columns in order, times in µs since 1970), under the service root ``base``.
+
+    The same documents, made a page at a time: the times become text in one numpy call, each
+    Datastream's id and link are escaped once per page instead of per row, and each document is
+    written as text, where the plain path builds a dict per row and encodes it."""
+    if not rows:
+        return "[]"
+    columns = list(zip(*rows, strict=True))
+    starts, ends = columns[6], columns[7]
+    start_texts = _iso_texts(starts)
+    end_texts = start_texts if starts == ends else _iso_texts(ends)
+    # (device, metric, resolution) -> the escaped start of its Observations' ids and links.
+    heads: dict[tuple[str, str, str], tuple[str, str]] = {}
+    documents: list[str] = []
+    for row, start_text, end_text in zip(rows, start_texts, end_texts, strict=True):
+        (_series, device, _kind, _district, metric, resolution, start, end, result, quality, count, minimum,
+         maximum, detector, reason, value) = row  # fmt: skip
+        head = heads.get((device, metric, resolution))
+        if head is None:
+            stream = datastream_id(device, metric, resolution)
+            head = (_json_inner(f"{stream}:"), _json_inner(f"{base}/Observations('{quoted(stream)[1:-1]}:"))
+            heads[(device, metric, resolution)] = head
+        key, link = f"{head[0]}{start}", f"{head[1]}{start}"
+        if resolution == "anomalies":
+            key += _json_inner(f":{detector}")
+            link += _json_inner(f":{quoted(detector)[1:-1]}")
+        link += "')"
+        when = start_text if start == end else f"{start_text}/{end_text}"
+        if resolution == "raw":
+            tail = '"resultQuality":["late"]' if quality & 1 else '"resultQuality":[]'
+        elif resolution == "anomalies":
+            tail = (
+                f'"parameters":{{"detector":{msgspec.json.encode(detector).decode()},'
+                f'"reason":{msgspec.json.encode(reason).decode()},"value":{_json_number(value)}}}'
+            )
+        else:
+            tail = (
+                f'"parameters":{{"count":{_json_number(count)},"min":{_json_number(minimum)},'
+                f'"max":{_json_number(maximum)}}}'
+            )
+        documents.append(
+            f'{{"@iot.id":"{key}","@iot.selfLink":"{link}","Datastream@iot.navigationLink":"{link}/Datastream",'
+            f'"phenomenonTime":"{when}","resultTime":"{end_text}","result":{_json_number(result)},{tail}}}'
+        )
+    return "[" + ",".join(documents) + "]"
 
 
 def _observation_order(equal: Mapping[str, Any]) -> tuple[str, ...]:
@@ -467,8 +507,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         scoped={"kind": "kind", "district": "district", "metric": "metric", "resolution": "resolution"},
         key_of=parse_observation_id,
         render=render_observation,
-        render_sql=sql.SQL(_OBSERVATION_JSON_SQL),
-        render_texts=observation_texts,
+        render_page=render_observation_page,
         order=_observation_order,
     )
     sets = [things, locations, sensors, observed_properties, datastreams, observations]

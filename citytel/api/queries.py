@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
+from psycopg.rows import tuple_row
 
 from citytel.api.entities import EntitySet, Field
 from citytel.api.odata import Call, Compare, Expr, Literal, Logical, Not, Options, Path, RequestError
@@ -26,11 +31,12 @@ from citytel.core.sensorthings import Scope
 
 __all__ = [
     "Bound",
+    "EpochMicrosLoader",
     "Scope",
     "Statement",
     "compile_filter",
     "count_statement",
-    "page_json_statement",
+    "page_cursor",
     "select_statement",
 ]
 
@@ -284,21 +290,23 @@ def count_statement(entity: EntitySet, options: Options, scope: Scope | None, eq
     return Statement(text, bind.values)
 
 
-def page_json_statement(entity: EntitySet, page: Statement, top: int, base: str) -> Statement:
-    """``page`` (a ``select_statement`` of ``top + 1`` rows) as one row: the JSON array of its
-    first ``top`` entities, made by ``entity.render_sql``, and how many rows it had (more than
-    ``top``: there is a next page)."""
-    if entity.render_sql is None or entity.render_texts is None:
-        raise ValueError(f"{entity.name} have no SQL rendering")
-    text = sql.SQL(
-        "SELECT coalesce(json_agg(doc ORDER BY n) FILTER (WHERE n <= {top}), '[]'::json)::text AS value,"
-        " count(*) AS rows FROM (SELECT row_number() OVER () AS n, {document} AS doc"
-        " FROM ({page}) AS p CROSS JOIN LATERAL ({texts}) AS i) AS numbered"
-    ).format(
-        top=sql.Placeholder(),
-        document=entity.render_sql,
-        page=page.text,
-        texts=entity.render_texts(sql.Placeholder()),
-    )
-    # Parameters in the order of their placeholders: the cut, the page's, the service root.
-    return Statement(text, [top, *page.params, base])
+class EpochMicrosLoader(Loader):
+    """A binary timestamptz as microseconds since 1970 (an int), not a datetime: what the page
+    renderers want (ids carry the microseconds; numpy turns them into text a page at a time)."""
+
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> int:
+        # PostgreSQL's binary timestamp: microseconds since 2000-01-01, big-endian.
+        return int.from_bytes(data, "big", signed=True) + _POSTGRES_EPOCH_MICROS
+
+
+_POSTGRES_EPOCH_MICROS = 946_684_800_000_000
+
+
+def page_cursor(connection: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+    """A cursor for ``EntitySet.render_page``: rows as tuples in binary (no dict, no text to
+    parse), times as microseconds since 1970."""
+    cursor = connection.cursor(row_factory=tuple_row, binary=True)
+    cursor.adapters.register_loader("timestamptz", EpochMicrosLoader)
+    return cursor

@@ -36,7 +36,7 @@ from citytel.api.audit import Access, AuditLog
 from citytel.api.clients import Client, ClientCache, key_from_headers
 from citytel.api.entities import EntitySet, Row, build_model
 from citytel.api.odata import Options, RequestError, Resource, parse_options, parse_path
-from citytel.api.queries import Scope, Statement, count_statement, page_json_statement, select_statement
+from citytel.api.queries import Scope, Statement, count_statement, page_cursor, select_statement
 from citytel.config import ApiSettings, Settings
 from citytel.core import metrics
 from citytel.core.heap import freeze_startup_heap, watch_collections
@@ -393,13 +393,13 @@ class ApiApp:
         if options.count:
             counted = await self._fetchone(connection, count_statement(entity_set, options, scope, equal))
             body["@iot.count"] = counted["count"] if counted else 0
-        if entity_set.render_sql is not None and not options.select and not options.expand:
-            # The fast path: PostgreSQL writes the page's JSON (the same documents as render).
-            found = await self._fetchone(connection, page_json_statement(entity_set, page, top, request.base))
-            if found is None:  # an aggregate always gives a row
-                raise RuntimeError("page_json_statement gave no row")
-            more, returned = found["rows"] > top, min(found["rows"], top)
-            body["value"] = msgspec.Raw(found["value"].encode())
+        if entity_set.render_page is not None and not options.select and not options.expand:
+            # The fast path: the page's documents written a page at a time (the same as render).
+            cursor = page_cursor(connection)
+            await cursor.execute(page.text, page.params, prepare=True)
+            fetched = await cursor.fetchall()
+            more, returned = len(fetched) > top, min(len(fetched), top)
+            body["value"] = msgspec.Raw(entity_set.render_page(fetched[:top], request.base).encode())
         else:
             rows = await self._fetchall(connection, page)
             more, returned = len(rows) > top, min(len(rows), top)

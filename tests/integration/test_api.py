@@ -21,12 +21,12 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from citytel.api.clients import add_client, revoke_client
 from citytel.api.entities import build_model
 from citytel.api.odata import parse_options
-from citytel.api.queries import Statement, page_json_statement, select_statement
+from citytel.api.queries import EpochMicrosLoader, select_statement
 from citytel.config import Settings, parse_settings
 from citytel.devtools import stack
 from citytel.processors.storage import prepare_database
@@ -215,11 +215,13 @@ def test_things_datastreams_and_a_day_of_observations_match_sql(city: City, api:
     ]
 
 
-def test_observations_json_from_sql_equals_the_python_rendering(city: City) -> None:
-    """The fast path (PostgreSQL writes a page's JSON) against the plain one (Python renders
-    each row), on every kind of Observation: raw (one of them late), both rollups, anomalies."""
-    model = build_model(city.settings, lambda: "http://city.example/v1.1")
-    observations = model["Observations"]
+def test_observation_pages_equal_the_python_rendering(city: City) -> None:
+    """The fast path (rows read as binary tuples, a page rendered at once) against the plain one
+    (dict rows, each rendered alone), on every kind of Observation: raw (one of them late), both
+    rollups, anomalies."""
+    base = "http://city.example/v1.1"
+    observations = build_model(city.settings, lambda: base)["Observations"]
+    assert observations.render_page is not None
     with psycopg.connect(
         host="127.0.0.1", port=city.port, user="citytel", dbname=city.database, row_factory=dict_row
     ) as db:
@@ -234,19 +236,15 @@ def test_observations_json_from_sql_equals_the_python_rendering(city: City) -> N
             )
             rows = db.execute(page.text, page.params).fetchall()
             plain = [observations.render(row) for row in rows[:40]]
-            fast = db.execute(*_statement(page_json_statement(observations, page, 40, "http://city.example/v1.1")))
-            found = fast.fetchone()
-            assert found is not None
-            assert found["rows"] == len(rows)
-            assert json.loads(found["value"]) == plain, resolution
+            cursor = db.cursor(row_factory=tuple_row, binary=True)
+            cursor.adapters.register_loader("timestamptz", EpochMicrosLoader)
+            tuples = cursor.execute(page.text, page.params).fetchall()
+            assert len(tuples) == len(rows)
+            assert json.loads(observations.render_page(tuples[:40], base)) == plain, resolution
             assert plain, resolution
             if resolution == "raw":
                 assert plain[5]["resultQuality"] == ["late"]
                 assert plain[4]["resultQuality"] == []
-
-
-def _statement(statement: Statement) -> tuple[Any, list[Any]]:
-    return statement.text, statement.params
 
 
 def test_rollup_datastream_equals_citytel_query(city: City, api: str) -> None:
