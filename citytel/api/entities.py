@@ -77,7 +77,7 @@ Row = dict[str, Any]
 class EntitySet:
     name: str
     singular: str
-    relation: sql.Composable
+    relation: str  # SQL: a view or a VALUES list
     columns: tuple[str, ...]
     key: tuple[str, ...]
     fields: Mapping[str, Field]
@@ -286,7 +286,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         return EntitySet(
             name=name,
             singular=singular,
-            relation=sql.Identifier("sta_things"),
+            relation='"sta_things"',
             columns=device_columns,
             key=("device_id",),
             fields={**device_fields, "name": Field(name_sql, "text")},
@@ -346,10 +346,16 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
         name_sql: str,
     ) -> EntitySet:
         """An entity set of the config's names (kinds, metrics): a VALUES list, one column."""
-        relation = sql.SQL("(VALUES {}) AS {}({})").format(
-            sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(value)) for value in values),
-            sql.Identifier(name.lower()),
-            sql.Identifier(column),
+        # Written out once here, quoted by psycopg; a % would read as a placeholder in a statement.
+        relation = (
+            sql.SQL("(VALUES {}) AS {}({})")
+            .format(
+                sql.SQL(", ").join(sql.SQL("({})").format(sql.Literal(value)) for value in values),
+                sql.Identifier(name.lower()),
+                sql.Identifier(column),
+            )
+            .as_string(None)
+            .replace("%", "%%")
         )
         return EntitySet(
             name=name,
@@ -406,7 +412,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
     datastreams = EntitySet(
         name="Datastreams",
         singular="Datastream",
-        relation=sql.Identifier("sta_datastreams"),
+        relation='"sta_datastreams"',
         columns=("series_id", "device_id", "kind", "district", "metric", "resolution", "position"),
         key=("device_id", "metric", "resolution"),
         fields={
@@ -465,7 +471,7 @@ def build_model(settings: Settings, base_url: Callable[[], str]) -> dict[str, En
     observations = EntitySet(
         name="Observations",
         singular="Observation",
-        relation=sql.Identifier("sta_observations"),
+        relation='"sta_observations"',
         columns=(
             "series_id",
             "device_id",

@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
@@ -36,6 +35,7 @@ __all__ = [
     "Statement",
     "compile_filter",
     "count_statement",
+    "ident",
     "page_cursor",
     "select_statement",
 ]
@@ -50,14 +50,21 @@ class Bound:
     def __init__(self) -> None:
         self.values: list[Any] = []
 
-    def __call__(self, value: Any) -> sql.Placeholder:
+    def __call__(self, value: Any) -> str:
         self.values.append(value)
-        return sql.Placeholder()
+        return "%s"
+
+
+def ident(name: str) -> str:
+    """A column or relation name of citytel's own (never a client's) as SQL: double-quoted."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
 class Statement:
-    text: sql.Composed
+    # Plain text, not psycopg.sql objects: composing and encoding those per request was a
+    # tenth of the API's CPU, and every name here is citytel's own (values are all bound).
+    text: str
     params: list[Any]
 
 
@@ -100,11 +107,11 @@ def _geography(literal: Expr, wanted: str) -> list[tuple[float, float]]:
     return coordinates
 
 
-def _operand(expression: Expr, entity: EntitySet, bind: Bound) -> tuple[sql.Composable, str]:
+def _operand(expression: Expr, entity: EntitySet, bind: Bound) -> tuple[str, str]:
     """SQL for a value in a comparison, and its type."""
     if isinstance(expression, Path):
         found = _field(entity, expression.text)
-        return sql.SQL(found.sql), found.type
+        return found.sql, found.type
     if isinstance(expression, Literal):
         if expression.kind == "geography":
             raise RequestError("a geography literal goes inside geo.distance or st_within")
@@ -116,7 +123,7 @@ def _operand(expression: Expr, entity: EntitySet, bind: Bound) -> tuple[sql.Comp
         if kind != "point":
             raise RequestError("geo.distance's first argument must be a location")
         [(x, y)] = _geography(expression.args[1], "POINT")
-        return sql.SQL("({} <-> point({}::float8, {}::float8))").format(location, bind(x), bind(y)), "number"
+        return f"({location} <-> point({bind(x)}::float8, {bind(y)}::float8))", "number"
     return _predicate(expression, entity, bind), "bool"
 
 
@@ -139,12 +146,12 @@ def _is_null(expression: Expr) -> bool:
     return isinstance(expression, Literal) and expression.kind == "null"
 
 
-def _comparison(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Composable:
+def _comparison(expression: Compare, entity: EntitySet, bind: Bound) -> str:
     if _is_null(expression.left) or _is_null(expression.right):
         if expression.op not in ("eq", "ne"):
             raise RequestError("null can only be compared with eq or ne")
         other, _kind = _operand(expression.right if _is_null(expression.left) else expression.left, entity, bind)
-        return sql.SQL("({} IS {}NULL)").format(other, sql.SQL("" if expression.op == "eq" else "NOT "))
+        return f"({other} IS {'' if expression.op == 'eq' else 'NOT '}NULL)"
     near = _within_distance(expression, entity, bind)
     if near is not None:
         return near
@@ -154,10 +161,10 @@ def _comparison(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Comp
     right, right_type = _operand(right_expression, entity, bind)
     if left_type != right_type or left_type in ("point", "bool"):
         raise RequestError(f"cannot compare a {left_type} with a {right_type} ({expression.op})")
-    return sql.SQL("({} {} {})").format(left, sql.SQL(_OPERATORS[expression.op]), right)
+    return f"({left} {_OPERATORS[expression.op]} {right})"
 
 
-def _within_distance(expression: Compare, entity: EntitySet, bind: Bound) -> sql.Composable | None:
+def _within_distance(expression: Compare, entity: EntitySet, bind: Bound) -> str | None:
     """``geo.distance(location, P) lt d``: the points in the circle of radius d around P (which
     the location index finds), then the exact comparison."""
     call, limit = expression.left, expression.right
@@ -172,18 +179,16 @@ def _within_distance(expression: Compare, entity: EntitySet, bind: Bound) -> sql
     # Values are bound in the order their placeholders appear in the text.
     location, _kind = _operand(call.args[0], entity, bind)
     [(x, y)] = _geography(call.args[1], "POINT")
-    circle = sql.SQL("{} <@ circle(point({}::float8, {}::float8), {}::float8)").format(
-        location, bind(x), bind(y), bind(limit.value)
-    )
+    circle = f"{location} <@ circle(point({bind(x)}::float8, {bind(y)}::float8), {bind(limit.value)}::float8)"
     distance, _kind = _operand(call, entity, bind)
-    return sql.SQL("({} AND {} {} {})").format(circle, distance, sql.SQL(_OPERATORS[expression.op]), bind(limit.value))
+    return f"({circle} AND {distance} {_OPERATORS[expression.op]} {bind(limit.value)})"
 
 
 def _like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _text_arguments(call: Call, entity: EntitySet, bind: Bound, swapped: bool = False) -> tuple[sql.Composable, str]:
+def _text_arguments(call: Call, entity: EntitySet, bind: Bound, swapped: bool = False) -> tuple[str, str]:
     if len(call.args) != 2:
         raise RequestError(f"{call.name} takes two arguments")
     column_arg, text_arg = (call.args[1], call.args[0]) if swapped else call.args
@@ -193,15 +198,13 @@ def _text_arguments(call: Call, entity: EntitySet, bind: Bound, swapped: bool = 
     return column, _like(str(text_arg.value))
 
 
-def _predicate(expression: Expr, entity: EntitySet, bind: Bound) -> sql.Composable:
+def _predicate(expression: Expr, entity: EntitySet, bind: Bound) -> str:
     """SQL for a condition."""
     if isinstance(expression, Logical):
         left = _predicate(expression.left, entity, bind)
-        return sql.SQL("({} {} {})").format(
-            left, sql.SQL(expression.op.upper()), _predicate(expression.right, entity, bind)
-        )
+        return f"({left} {expression.op.upper()} {_predicate(expression.right, entity, bind)})"
     if isinstance(expression, Not):
-        return sql.SQL("(NOT {})").format(_predicate(expression.operand, entity, bind))
+        return f"(NOT {_predicate(expression.operand, entity, bind)})"
     if isinstance(expression, Compare):
         return _comparison(expression, entity, bind)
     if isinstance(expression, Call):
@@ -209,7 +212,7 @@ def _predicate(expression: Expr, entity: EntitySet, bind: Bound) -> sql.Composab
         if name in ("startswith", "endswith", "contains", "substringof"):
             column, text = _text_arguments(expression, entity, bind, swapped=name == "substringof")
             pattern = {"startswith": f"{text}%", "endswith": f"%{text}"}.get(name, f"%{text}%")
-            return sql.SQL("({} LIKE {})").format(column, bind(pattern))
+            return f"({column} LIKE {bind(pattern)})"
         if name in ("st_within", "geo.intersects", "st_intersects"):
             if len(expression.args) != 2:
                 raise RequestError(f"{name} takes a location and a geography'POLYGON((...))'")
@@ -218,7 +221,7 @@ def _predicate(expression: Expr, entity: EntitySet, bind: Bound) -> sql.Composab
                 raise RequestError(f"{name}'s first argument must be a location")
             corners = _geography(expression.args[1], "POLYGON")
             polygon = "(" + ",".join(f"({x!r},{y!r})" for x, y in corners) + ")"
-            return sql.SQL("({} <@ {}::polygon)").format(location, bind(polygon))
+            return f"({location} <@ {bind(polygon)}::polygon)"
         raise RequestError(
             f"unsupported function {name}; supported: startswith, endswith, contains, substringof,"
             " geo.distance, st_within, geo.intersects"
@@ -226,26 +229,24 @@ def _predicate(expression: Expr, entity: EntitySet, bind: Bound) -> sql.Composab
     raise RequestError("$filter must be a condition (a comparison, a function, and/or/not)")
 
 
-def compile_filter(expression: Expr, entity: EntitySet, bind: Bound) -> sql.Composable:
+def compile_filter(expression: Expr, entity: EntitySet, bind: Bound) -> str:
     return _predicate(expression, entity, bind)
 
 
 def _conditions(
     entity: EntitySet, options: Options | None, scope: Scope | None, equal: Mapping[str, Any], bind: Bound
-) -> sql.Composable:
-    terms: list[sql.Composable] = [
-        sql.SQL("{} = {}").format(sql.Identifier(column), bind(value)) for column, value in equal.items()
-    ]
+) -> str:
+    terms = [f"{ident(column)} = {bind(value)}" for column, value in equal.items()]
     if scope is not None:
         for dimension, column in entity.scoped.items():
             allowed = scope.allowed(dimension)
             if allowed is not None:
-                terms.append(sql.SQL("{} = ANY({})").format(sql.Identifier(column), bind(sorted(allowed))))
+                terms.append(f"{ident(column)} = ANY({bind(sorted(allowed))})")
     if options is not None and options.filter is not None:
         terms.append(compile_filter(options.filter, entity, bind))
     if not terms:
-        return sql.SQL("")
-    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(terms)
+        return ""
+    return " WHERE " + " AND ".join(terms)
 
 
 def select_statement(
@@ -258,35 +259,27 @@ def select_statement(
     """One page of ``entity``: ``top + 1`` rows from ``$skip`` on, so a next page shows."""
     bind = Bound()
     where = _conditions(entity, options, scope, equal, bind)
-    order: list[sql.Composable] = []
+    order: list[str] = []
     for item in options.orderby:
         found = _field(entity, item.path)
         if found.type == "point":
             raise RequestError(f"cannot order by {item.path}")
-        order.append(sql.SQL("{} {}").format(sql.SQL(found.sql), sql.SQL("DESC" if item.descending else "ASC")))
+        order.append(f"{found.sql} {'DESC' if item.descending else 'ASC'}")
     # Then the entity's own order, so pages never overlap or skip a row; in the direction of the
     # first, so one index serves both (time descending: the newest first, read backwards).
     descending = options.orderby[0].descending if options.orderby else False
-    order += [
-        sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL("DESC" if descending else "ASC"))
-        for column in entity.order_for(equal)
-    ]
-    text = sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {} OFFSET {}").format(
-        sql.SQL(", ").join(sql.Identifier(column) for column in entity.columns),
-        entity.relation,
-        where,
-        sql.SQL(", ").join(order),
-        bind(top + 1),
-        bind(options.skip),
+    order += [f"{ident(column)} {'DESC' if descending else 'ASC'}" for column in entity.order_for(equal)]
+    columns = ", ".join(ident(column) for column in entity.columns)
+    text = (
+        f"SELECT {columns} FROM {entity.relation}{where} ORDER BY {', '.join(order)}"
+        f" LIMIT {bind(top + 1)} OFFSET {bind(options.skip)}"
     )
     return Statement(text, bind.values)
 
 
 def count_statement(entity: EntitySet, options: Options, scope: Scope | None, equal: Mapping[str, Any]) -> Statement:
     bind = Bound()
-    text = sql.SQL("SELECT count(*) FROM {}{}").format(
-        entity.relation, _conditions(entity, options, scope, equal, bind)
-    )
+    text = f"SELECT count(*) FROM {entity.relation}{_conditions(entity, options, scope, equal, bind)}"
     return Statement(text, bind.values)
 
 

@@ -57,9 +57,28 @@ class Figures:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU time per answered request of each process taking part (µs): where the cost is.
+    cpu_us_per_request: dict[str, float]
 
 
-def _figures(query: str, client: str, latencies: list[float], seconds: float, errors: int) -> Figures:
+class _CpuMeter:
+    """CPU seconds of the API's workers, PostgreSQL's backends and this load generator over a run."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        seconds = {name: stack.family_cpu_seconds(pid) for name, pid in self._pids.items()}
+        return seconds | {"load generator": time.process_time()}
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        end = self._read()
+        used = {name: (end[name] - self._start[name]) / max(requests, 1) * 1e6 for name in end}
+        return {name: round(value, 1) for name, value in (used | {"total": sum(used.values())}).items()}
+
+
+def _figures(query: str, client: str, latencies: list[float], seconds: float, errors: int, cpu: _CpuMeter) -> Figures:
     values = np.array(latencies) * 1000.0 if latencies else np.array([float("nan")])
     return Figures(
         query,
@@ -70,6 +89,7 @@ def _figures(query: str, client: str, latencies: list[float], seconds: float, er
         round(float(np.percentile(values, 50)), 2),
         round(float(np.percentile(values, 99)), 2),
         errors,
+        cpu.per_request_us(len(latencies)),
     )
 
 
@@ -235,16 +255,18 @@ def run_api_bench(
         conninfo = settings.database.conninfo()
         for name, path, statement, arguments, expected in questions:
             asyncio.run(_http_load(api_port, authorization, path, expected, concurrency, 2.0))  # warm-up
+            cpu = _CpuMeter({"api": api_process.pid, "postgres": postgres.pid})
             latencies, errors, elapsed = asyncio.run(
                 _http_load(api_port, authorization, path, expected, concurrency, seconds)
             )
-            results.append(_figures(name, f"citytel api ({workers} workers)", latencies, elapsed, errors))
+            results.append(_figures(name, f"citytel api ({workers} workers)", latencies, elapsed, errors, cpu))
             _say(f"{name}, API: {results[-1]}")
             asyncio.run(_sql_load(conninfo, statement, arguments, expected, concurrency, 2.0))
+            cpu = _CpuMeter({"postgres": postgres.pid})
             latencies, errors, elapsed = asyncio.run(
                 _sql_load(conninfo, statement, arguments, expected, concurrency, seconds)
             )
-            results.append(_figures(name, "direct SQL (psycopg)", latencies, elapsed, errors))
+            results.append(_figures(name, "direct SQL (psycopg)", latencies, elapsed, errors, cpu))
             _say(f"{name}, SQL: {results[-1]}")
         return {
             "devices": devices,
@@ -272,11 +294,12 @@ def main_api(
     devices: int, per_device: int, seconds: float, concurrency: int, workers: int, output: Path | None, keep: bool
 ) -> int:
     report = run_api_bench(devices, per_device, seconds, concurrency, workers, keep)
-    print(f"{'question':<36} {'client':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"{'question':<36} {'client':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU µs/request")
     for row in report["results"]:
+        cpu = ", ".join(f"{name} {value:.0f}" for name, value in row["cpu_us_per_request"].items())
         print(
             f"{row['query']:<36} {row['client']:<26} {row['per_second']:>8.0f} {row['p50_ms']:>8.2f}"
-            f" {row['p99_ms']:>8.2f} {row['errors']:>6}"
+            f" {row['p99_ms']:>8.2f} {row['errors']:>6}  {cpu}"
         )
     if output is not None:
         output.write_text(json.dumps(report, indent=2) + "\n")

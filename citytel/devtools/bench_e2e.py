@@ -93,31 +93,9 @@ class _ProcessSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    @staticmethod
-    def _family(pid: int) -> list[int]:
-        family = [pid]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == pid:
-                    family.append(int(entry.name))
-        return family
-
-    def _cpu_seconds(self, pid: int) -> float:
-        total = 0.0
-        for member in self._family(pid):
-            try:
-                total += stack.cpu_seconds(member)
-            except OSError:
-                continue
-        return total
-
     def _rss_mb(self, pid: int) -> float:
         total = 0.0
-        for member in self._family(pid):
+        for member in stack.process_family(pid):
             try:
                 for line in Path(f"/proc/{member}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -135,7 +113,7 @@ class _ProcessSampler:
             self._sample_rss()
 
     def start(self) -> None:
-        self._cpu_start = {name: self._cpu_seconds(pid) for name, pid in self._pids.items()}
+        self._cpu_start = {name: stack.family_cpu_seconds(pid) for name, pid in self._pids.items()}
         self._started = time.perf_counter()
         self._thread.start()
 
@@ -147,8 +125,8 @@ class _ProcessSampler:
         elapsed = time.perf_counter() - self._started
         return {
             name: {
-                "cpu_seconds": round(self._cpu_seconds(pid) - self._cpu_start[name], 3),
-                "cpu_cores": round((self._cpu_seconds(pid) - self._cpu_start[name]) / elapsed, 2),
+                "cpu_seconds": round(stack.family_cpu_seconds(pid) - self._cpu_start[name], 3),
+                "cpu_cores": round((stack.family_cpu_seconds(pid) - self._cpu_start[name]) / elapsed, 2),
                 "peak_rss_mb": round(self.peak_rss_mb[name], 1),
             }
             for name, pid in self._pids.items()

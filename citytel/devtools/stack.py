@@ -123,6 +123,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_family(pid: int) -> list[int]:
+    """A process and its children (a server's workers or backends), from /proc."""
+    family = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                family.append(int(entry.name))
+    return family
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of a process and its living children together."""
+    total = 0.0
+    for member in process_family(pid):
+        try:
+            total += cpu_seconds(member)
+        except OSError:  # a child ended between the listing and the read
+            continue
+    return total
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -131,7 +131,7 @@ def test_ids_round_trip() -> None:
 def _compiled(text: str, entity: object) -> tuple[str, list[Any]]:
     bind = Bound()
     composed = compile_filter(parse_filter(text), entity, bind)  # type: ignore[arg-type]
-    return composed.as_string(None), bind.values
+    return composed, bind.values
 
 
 def test_filters_become_sql_with_bound_values(model: dict[str, object]) -> None:
@@ -187,7 +187,7 @@ def test_a_page_is_scoped_ordered_and_one_row_longer(model: dict[str, object]) -
     scope = Scope(kinds=frozenset({"air"}), districts=None, metrics=None, raw=False)
     observations = model["Observations"]
     statement = select_statement(observations, options, scope, {"series_id": 7}, top=10)  # type: ignore[arg-type]
-    text = statement.text.as_string(None)
+    text = statement.text
     assert 'WHERE "series_id" = %s AND "kind" = ANY(%s) AND "resolution" = ANY(%s)' in text
     # Across series and resolutions, ties are broken in the direction of the first order.
     assert text.endswith(
@@ -197,9 +197,7 @@ def test_a_page_is_scoped_ordered_and_one_row_longer(model: dict[str, object]) -
     assert statement.params == [7, ["air"], ["1h", "1m", "anomalies"], 11, 20]
     # One series at one resolution: its time is unique, and its index gives the order.
     one = select_statement(observations, options, None, {"series_id": 7, "resolution": "raw"}, top=1)  # type: ignore[arg-type]
-    assert one.text.as_string(None).endswith(
-        'ORDER BY phenomenon_start DESC, "phenomenon_start" DESC LIMIT %s OFFSET %s'
-    )
+    assert one.text.endswith('ORDER BY phenomenon_start DESC, "phenomenon_start" DESC LIMIT %s OFFSET %s')
 
 
 def test_keys_are_read_from_basic_bearer_or_header() -> None:
