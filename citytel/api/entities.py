@@ -35,6 +35,7 @@ from citytel.config import Settings
 from citytel.core.sensorthings import datastream_id, entity_link, quoted
 
 __all__ = [
+    "POSTGRES_EPOCH_MICROS",
     "RESOLUTIONS",
     "EntitySet",
     "Field",
@@ -160,31 +161,47 @@ def _json_number(value: float | int | None) -> str:
     return repr(value)
 
 
-def _iso_texts(micros: Sequence[int]) -> list[str]:
+def _json_numbers(values: Sequence[float | int | None]) -> list[str]:
+    """``_json_number`` of each value; a page of finite numbers (the usual one) in one pass."""
+    if np.isfinite(np.array(values, dtype=np.float64)).all():  # None becomes NaN here
+        return [repr(value) for value in values]
+    return [_json_number(value) for value in values]
+
+
+# PostgreSQL's binary timestamps count microseconds from 2000-01-01 (page_cursor keeps them so).
+POSTGRES_EPOCH_MICROS = 946_684_800_000_000
+
+
+def _iso_texts(micros: np.ndarray) -> list[str]:
     """``_iso`` of each time (µs since 1970), for a page at once."""
-    moments = np.array(micros, dtype=np.int64).astype("datetime64[us]")
-    texts: list[str] = np.datetime_as_string(moments, unit="us", timezone="UTC").tolist()
+    texts: list[str] = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us", timezone="UTC").tolist()
     return texts
 
 
 def render_observation_page(rows: Sequence[tuple[Any, ...]], base: str) -> str:
     """The JSON array of ``render_observation``'s documents for ``rows`` (the Observations
-    relation's columns in order, times in µs since 1970), under the service root ``base``.
+    relation's columns in order, times as PostgreSQL's µs since 2000), under the service root
+    ``base``.
 
-    The same documents, made a page at a time: the times become text in one numpy call, each
-    Datastream's id and link are escaped once per page instead of per row, and each document is
-    written as text, where the plain path builds a dict per row and encodes it."""
+    The same documents, made a page at a time: the times become numbers since 1970 and text in
+    a few numpy calls, the results numbers in one pass, each Datastream's id and link are escaped
+    once per page instead of per row, and each document is written as text, where the plain path
+    builds a dict per row and encodes it."""
     if not rows:
         return "[]"
     columns = list(zip(*rows, strict=True))
-    starts, ends = columns[6], columns[7]
+    starts = np.array(columns[6], dtype=np.int64) + POSTGRES_EPOCH_MICROS
+    ends = starts if columns[6] == columns[7] else np.array(columns[7], dtype=np.int64) + POSTGRES_EPOCH_MICROS
     start_texts = _iso_texts(starts)
-    end_texts = start_texts if starts == ends else _iso_texts(ends)
+    end_texts = start_texts if ends is starts else _iso_texts(ends)
+    results = _json_numbers(columns[8])
     # (device, metric, resolution) -> the escaped start of its Observations' ids and links.
     heads: dict[tuple[str, str, str], tuple[str, str]] = {}
     documents: list[str] = []
-    for row, start_text, end_text in zip(rows, start_texts, end_texts, strict=True):
-        (_series, device, _kind, _district, metric, resolution, start, end, result, quality, count, minimum,
+    for row, start, start_text, end_text, result in zip(
+        rows, starts.tolist(), start_texts, end_texts, results, strict=True
+    ):
+        (_series, device, _kind, _district, metric, resolution, _start, _end, _result, quality, count, minimum,
          maximum, detector, reason, value) = row  # fmt: skip
         head = heads.get((device, metric, resolution))
         if head is None:
@@ -196,7 +213,7 @@ def render_observation_page(rows: Sequence[tuple[Any, ...]], base: str) -> str:
             key += _json_inner(f":{detector}")
             link += _json_inner(f":{quoted(detector)[1:-1]}")
         link += "')"
-        when = start_text if start == end else f"{start_text}/{end_text}"
+        when = start_text if start_text == end_text else f"{start_text}/{end_text}"
         if resolution == "raw":
             tail = '"resultQuality":["late"]' if quality & 1 else '"resultQuality":[]'
         elif resolution == "anomalies":
@@ -211,7 +228,7 @@ def render_observation_page(rows: Sequence[tuple[Any, ...]], base: str) -> str:
             )
         documents.append(
             f'{{"@iot.id":"{key}","@iot.selfLink":"{link}","Datastream@iot.navigationLink":"{link}/Datastream",'
-            f'"phenomenonTime":"{when}","resultTime":"{end_text}","result":{_json_number(result)},{tail}}}'
+            f'"phenomenonTime":"{when}","resultTime":"{end_text}","result":{result},{tail}}}'
         )
     return "[" + ",".join(documents) + "]"
 

@@ -19,10 +19,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.abc import Buffer
-from psycopg.adapt import Loader
-from psycopg.pq import Format
 from psycopg.rows import tuple_row
+from psycopg.types.numeric import Int8BinaryLoader
 
 from citytel.api.entities import EntitySet, Field
 from citytel.api.odata import Call, Compare, Expr, Literal, Logical, Not, Options, Path, RequestError
@@ -30,7 +28,6 @@ from citytel.core.sensorthings import Scope
 
 __all__ = [
     "Bound",
-    "EpochMicrosLoader",
     "Scope",
     "Statement",
     "compile_filter",
@@ -283,23 +280,11 @@ def count_statement(entity: EntitySet, options: Options, scope: Scope | None, eq
     return Statement(text, bind.values)
 
 
-class EpochMicrosLoader(Loader):
-    """A binary timestamptz as microseconds since 1970 (an int), not a datetime: what the page
-    renderers want (ids carry the microseconds; numpy turns them into text a page at a time)."""
-
-    format = Format.BINARY
-
-    def load(self, data: Buffer) -> int:
-        # PostgreSQL's binary timestamp: microseconds since 2000-01-01, big-endian.
-        return int.from_bytes(data, "big", signed=True) + _POSTGRES_EPOCH_MICROS
-
-
-_POSTGRES_EPOCH_MICROS = 946_684_800_000_000
-
-
 def page_cursor(connection: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[tuple[Any, ...]]:
     """A cursor for ``EntitySet.render_page``: rows as tuples in binary (no dict, no text to
-    parse), times as microseconds since 1970."""
+    parse), times as PostgreSQL sends them, microseconds since 2000 (a binary timestamp is an
+    int8: read by the same compiled loader, where a datetime each would cost a Python object
+    more, then an int for its id)."""
     cursor = connection.cursor(row_factory=tuple_row, binary=True)
-    cursor.adapters.register_loader("timestamptz", EpochMicrosLoader)
+    cursor.adapters.register_loader("timestamptz", Int8BinaryLoader)
     return cursor

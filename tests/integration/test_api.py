@@ -22,11 +22,12 @@ import msgspec
 import psycopg
 import pytest
 from psycopg.rows import dict_row, tuple_row
+from psycopg.types.numeric import Int8BinaryLoader
 
 from citytel.api.clients import add_client, revoke_client
 from citytel.api.entities import build_model
 from citytel.api.odata import parse_options
-from citytel.api.queries import EpochMicrosLoader, select_statement
+from citytel.api.queries import select_statement
 from citytel.config import Settings, parse_settings
 from citytel.devtools import stack
 from citytel.processors.storage import prepare_database
@@ -237,7 +238,7 @@ def test_observation_pages_equal_the_python_rendering(city: City) -> None:
             rows = db.execute(page.text, page.params).fetchall()
             plain = [observations.render(row) for row in rows[:40]]
             cursor = db.cursor(row_factory=tuple_row, binary=True)
-            cursor.adapters.register_loader("timestamptz", EpochMicrosLoader)
+            cursor.adapters.register_loader("timestamptz", Int8BinaryLoader)
             tuples = cursor.execute(page.text, page.params).fetchall()
             assert len(tuples) == len(rows)
             assert json.loads(observations.render_page(tuples[:40], base)) == plain, resolution
