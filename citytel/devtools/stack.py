@@ -138,8 +138,10 @@ def process_family(pid: int) -> list[int]:
 
 
 def family_cpu_seconds(pid: int) -> float:
-    """``cpu_seconds`` of a process and its living children together."""
-    total = 0.0
+    """CPU seconds of a process and all its children so far: the living ones, and those it has
+    reaped (a PostgreSQL backend ends with its connection; its time stays with the postmaster)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     for member in process_family(pid):
         try:
             total += cpu_seconds(member)
