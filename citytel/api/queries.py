@@ -252,8 +252,10 @@ def select_statement(
     scope: Scope | None,
     equal: Mapping[str, Any],
     top: int,
+    columns: tuple[str, ...] | None = None,
 ) -> Statement:
-    """One page of ``entity``: ``top + 1`` rows from ``$skip`` on, so a next page shows."""
+    """One page of ``entity``: ``top + 1`` rows from ``$skip`` on, so a next page shows; all its
+    columns, or only ``columns``."""
     bind = Bound()
     where = _conditions(entity, options, scope, equal, bind)
     order: list[str] = []
@@ -266,9 +268,9 @@ def select_statement(
     # first, so one index serves both (time descending: the newest first, read backwards).
     descending = options.orderby[0].descending if options.orderby else False
     order += [f"{ident(column)} {'DESC' if descending else 'ASC'}" for column in entity.order_for(equal)]
-    columns = ", ".join(ident(column) for column in entity.columns)
+    selected = ", ".join(ident(column) for column in columns or entity.columns)
     text = (
-        f"SELECT {columns} FROM {entity.relation}{where} ORDER BY {', '.join(order)}"
+        f"SELECT {selected} FROM {entity.relation}{where} ORDER BY {', '.join(order)}"
         f" LIMIT {bind(top + 1)} OFFSET {bind(options.skip)}"
     )
     return Statement(text, bind.values)
@@ -281,7 +283,7 @@ def count_statement(entity: EntitySet, options: Options, scope: Scope | None, eq
 
 
 def page_cursor(connection: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[tuple[Any, ...]]:
-    """A cursor for ``EntitySet.render_page``: rows as tuples in binary (no dict, no text to
+    """A cursor for a ``PageRenderer``: rows as tuples in binary (no dict, no text to
     parse), times as PostgreSQL sends them, microseconds since 2000 (a binary timestamp is an
     int8: read by the same compiled loader, where a datetime each would cost a Python object
     more, then an int for its id)."""

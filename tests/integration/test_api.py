@@ -217,31 +217,34 @@ def test_things_datastreams_and_a_day_of_observations_match_sql(city: City, api:
 
 
 def test_observation_pages_equal_the_python_rendering(city: City) -> None:
-    """The fast path (rows read as binary tuples, a page rendered at once) against the plain one
-    (dict rows, each rendered alone), on every kind of Observation: raw (one of them late), both
-    rollups, anomalies."""
+    """The fast path (a Datastream's Observations read as narrow binary tuples, a page rendered
+    at once) against the plain one (dict rows, each rendered alone), on every kind of
+    Observation: raw (one of them late), both rollups, anomalies."""
     base = "http://city.example/v1.1"
-    observations = build_model(city.settings, lambda: base)["Observations"]
-    assert observations.render_page is not None
+    model = build_model(city.settings, lambda: base)
+    observations = model["Observations"]
+    fast = observations.page
+    assert fast is not None
     with psycopg.connect(
         host="127.0.0.1", port=city.port, user="citytel", dbname=city.database, row_factory=dict_row
     ) as db:
         for resolution in ("raw", "1m", "1h", "anomalies"):
-            series = db.execute(
-                "SELECT series_id FROM series WHERE device_id = %s AND metric = 'pm2_5'", (AIR[0],)
+            datastream = db.execute(
+                "SELECT * FROM sta_datastreams WHERE device_id = %s AND metric = 'pm2_5' AND resolution = %s",
+                (AIR[0], resolution),
             ).fetchone()
-            assert series is not None
+            assert datastream is not None
             options = parse_options([("$orderby", "phenomenonTime asc")], 2000)
-            page = select_statement(
-                observations, options, None, {"series_id": series["series_id"], "resolution": resolution}, 40
-            )
+            equal = {"series_id": datastream["series_id"], "resolution": resolution}
+            page = select_statement(observations, options, None, equal, 40)
             rows = db.execute(page.text, page.params).fetchall()
             plain = [observations.render(row) for row in rows[:40]]
+            narrow = select_statement(observations, options, None, equal, 40, fast.columns)
             cursor = db.cursor(row_factory=tuple_row, binary=True)
             cursor.adapters.register_loader("timestamptz", Int8BinaryLoader)
-            tuples = cursor.execute(page.text, page.params).fetchall()
+            tuples = cursor.execute(narrow.text, narrow.params).fetchall()
             assert len(tuples) == len(rows)
-            assert json.loads(observations.render_page(tuples[:40], base)) == plain, resolution
+            assert json.loads(fast.render(datastream, tuples[:40], base)) == plain, resolution
             assert plain, resolution
             if resolution == "raw":
                 assert plain[5]["resultQuality"] == ["late"]
