@@ -35,11 +35,13 @@ from citytel.config import Settings
 from citytel.core.sensorthings import datastream_id, entity_link, quoted
 
 __all__ = [
+    "OBSERVATION_PAGE_COLUMNS",
     "POSTGRES_EPOCH_MICROS",
     "RESOLUTIONS",
     "EntitySet",
     "Field",
     "Navigation",
+    "PageRenderer",
     "build_model",
     "observation_id",
     "parse_observation_id",

@@ -123,13 +123,14 @@ class _ProcessSampler:
         # A drain shorter than the sampling period still has its memory measured.
         self._sample_rss()
         elapsed = time.perf_counter() - self._started
+        used = {name: stack.family_cpu_seconds(pid) - self._cpu_start[name] for name, pid in self._pids.items()}
         return {
             name: {
-                "cpu_seconds": round(stack.family_cpu_seconds(pid) - self._cpu_start[name], 3),
-                "cpu_cores": round((stack.family_cpu_seconds(pid) - self._cpu_start[name]) / elapsed, 2),
+                "cpu_seconds": round(used[name], 3),
+                "cpu_cores": round(used[name] / elapsed, 2),
                 "peak_rss_mb": round(self.peak_rss_mb[name], 1),
             }
-            for name, pid in self._pids.items()
+            for name in self._pids
         }
 
 

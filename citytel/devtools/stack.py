@@ -117,9 +117,15 @@ def telegraf_binary() -> Path | None:
     return binary
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): field 0
+    is the state, 1 the parent, 11-12 user and system ticks, 13-14 those of reaped children."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far, in seconds (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -129,7 +135,7 @@ def process_family(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat_fields(entry.name)
             except OSError:
                 continue
             if int(fields[1]) == pid:
@@ -140,7 +146,7 @@ def process_family(pid: int) -> list[int]:
 def family_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and all its children so far: the living ones, and those it has
     reaped (a PostgreSQL backend ends with its connection; its time stays with the postmaster)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     total = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     for member in process_family(pid):
         try:
