@@ -51,6 +51,7 @@ from citytel.core.heap import freeze_startup_heap, watch_collections
 from citytel.core.kafka import client_options, deadletter_headers, ensure_topics
 from citytel.core.outage import Outage
 from citytel.ingest.codecs import get_codec
+from citytel.ingest.mqttclient import BufferedClient
 from citytel.ingest.topics import subscription_filter
 from citytel.ingest.validate import DeadLetter, Validator
 
@@ -129,10 +130,10 @@ class Bridge:
 
     # --- MQTT side, driven by the asyncio loop -----------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient:
         config = self._settings.mqtt
         version5 = config.protocol == "5"
-        client = mqtt.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if version5 else mqtt.MQTTv311,
@@ -158,6 +159,7 @@ class Bridge:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish_fields = self._on_publish_fields
         return client
 
     def _on_connect(
@@ -221,16 +223,11 @@ class Bridge:
             log.info("MQTT disconnected (%s)", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        self._pending.append(
-            _Received(
-                self._generation,
-                message.mid,
-                message.qos,
-                message.topic,
-                bytes(message.payload),
-                time.time_ns() // 1000,
-            )
-        )
+        # paho's own path: a PUBLISH with properties (the rest come to _on_publish_fields).
+        self._on_publish_fields(message.topic, message.mid, message.qos, bytes(message.payload))
+
+    def _on_publish_fields(self, topic: str, mid: int, qos: int, payload: bytes) -> None:
+        self._pending.append(_Received(self._generation, mid, qos, topic, payload, time.time_ns() // 1000))
         self._received += 1
         self._last_arrival = time.monotonic()
         if self._arrival is not None and not self._arrival.done():
@@ -265,10 +262,14 @@ class Bridge:
         if self._unacknowledged() >= self._settings.mqtt.max_inflight:
             self._pause_reading()
             return
-        # TLS: bytes already decrypted into the SSL buffer are invisible to epoll.
-        sock = self._client.socket()
-        if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
+        if self._unread() and self._loop is not None:
             self._loop.call_soon(self._on_readable)
+
+    def _unread(self) -> bool:
+        """Bytes already read, which epoll cannot see: in the client's buffer, or (TLS)
+        decrypted into the SSL socket's."""
+        sock = self._client.socket()
+        return self._client.buffered() > 0 or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
     def _unacknowledged(self) -> int:
         return len(self._pending) + self._forwarding
@@ -285,10 +286,15 @@ class Bridge:
         if sock is not None and self._reading_paused and self._loop is not None:
             self._loop.add_reader(sock, self._on_readable)
             self._reading_paused = False
+            if self._unread():
+                self._loop.call_soon(self._on_readable)
 
     def _ack(self, batch: list[_Received]) -> None:
+        # One write for the batch's PUBACKs; packet ids of an older connection are left out.
+        generation = self._generation
+        self._client.ack_all([item.mid for item in batch if item.qos == 1 and item.generation == generation])
         for item in batch:
-            if item.qos > 0 and item.generation == self._generation:
+            if item.qos == 2 and item.generation == generation:
                 self._client.ack(item.mid, item.qos)
 
     async def _keep_connected(self, stop: asyncio.Event) -> None:

@@ -17,7 +17,7 @@ from citytel.devtools.stack import MqttClientAuth
 __all__ = ["bare_drain", "create_session", "drop_session"]
 
 
-def _persistent_session(
+def persistent_session(
     port: int, client_id: str, protocol: str, receive_maximum: int, auth: MqttClientAuth | None
 ) -> mqtt.Client:
     if protocol == "3.1.1":
@@ -49,7 +49,7 @@ def create_session(
     """Connect once and subscribe, so the broker queues messages for this session while away.
     ``auth``: a login (and the CA) for a broker that wants them."""
     subscribed = threading.Event()
-    client = _persistent_session(port, client_id, protocol, receive_maximum, auth)
+    client = persistent_session(port, client_id, protocol, receive_maximum, auth)
     client.on_subscribe = lambda *_args: subscribed.set()
     client.loop_start()
     client.subscribe(topic_filter, qos=1)
@@ -83,7 +83,7 @@ def bare_drain(
         if received >= count:
             done.set()
 
-    client = _persistent_session(port, client_id, protocol, receive_maximum, auth)
+    client = persistent_session(port, client_id, protocol, receive_maximum, auth)
     client.on_message = on_message
     client.loop_start()
     if not done.wait(timeout=600):

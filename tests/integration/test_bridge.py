@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from citytel.config import Settings
 from citytel.core.envelope import decode_envelope
 from citytel.devtools import stack
+from citytel.devtools.mqtt_sessions import persistent_session
 from citytel.devtools.simulate import City, publish
 from citytel.ingest.topics import reading_topic
 from tests.helpers import citytel_process, envelope_identity, read_topic, wait_for, wait_ready
@@ -185,6 +186,35 @@ def test_no_message_is_lost_when_kafka_stops_for_ten_seconds_mid_stream(
     assert not missing, f"{len(missing)} messages never reached Kafka, e.g. {sorted(missing)[:5]}"
     # Redelivery after the outage may repeat a message; the processors' natural keys absorb that.
     assert len(records) >= total
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_stopped_bridge_s_session_holds_nothing_unacknowledged(
+    protocol: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The bridge acknowledges a batch with one write of PUBACKs: the broker must take every one
+    of them, so resuming the bridge's session after it stops redelivers nothing."""
+    settings = msgspec.structs.replace(settings, mqtt=msgspec.structs.replace(settings.mqtt, protocol=protocol))
+    total = 3 * settings.mqtt.max_inflight  # more than the broker sends without acknowledgements
+    city = City(devices_per_kind=20, seed=6, topic_prefix=settings.mqtt.topic_prefix, spike_probability=0.0)
+    with citytel_process(settings, tmp_path, "bridge"):
+        wait_ready(settings.metrics.bridge_port)
+        publish(city.messages(time.time() - 600), "127.0.0.1", settings.mqtt.port, qos=1, count=total)
+        wait_for(
+            lambda: scrape_counter(settings.metrics.bridge_port, "citytel_stage_sent_total", stage="bridge") >= total,
+            timeout=60,
+            what=f"the bridge to forward {total} messages",
+        )
+    redelivered: list[int] = []
+    session = persistent_session(
+        settings.mqtt.port, settings.mqtt.client_id, protocol, settings.mqtt.max_inflight, None
+    )
+    session.on_message = lambda _client, _userdata, message: redelivered.append(message.mid)
+    session.loop_start()
+    time.sleep(2.0)
+    session.disconnect()
+    session.loop_stop()
+    assert redelivered == [], f"{len(redelivered)} forwarded messages were never acknowledged to the broker"
 
 
 def test_two_bridges_split_one_shared_subscription(settings: Settings, tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def test_the_bridge_acknowledges_batches_in_the_order_received_whichever_kafka_h
     # not needed, and a fresh clone has none.
     bridge = Bridge(open_settings(load_settings()))
     acks: list[int] = []
-    monkeypatch.setattr(bridge._client, "ack", lambda mid, _qos: acks.append(mid))
+    monkeypatch.setattr(bridge._client, "ack_all", acks.extend)
     held: dict[int, asyncio.Event] = {}
 
     async def produce(records: list[object]) -> None:
