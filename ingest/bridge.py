@@ -4,7 +4,7 @@ One asyncio loop does everything: paho-mqtt is driven by it (paho's external-loo
 the loop watches paho's socket), received messages go to a deque, and the forwarding loop takes
 them in batches, validates them, produces records (or dead letters) to Kafka and, only once
 Kafka has acknowledged every record of the batch, acknowledges the MQTT messages to the broker.
-Up to four batches are on their way at once (one is validated while others wait for Kafka);
+Up to two batches are on their way at once (one is validated while the other waits for Kafka);
 they reach the producer in the order received and are acknowledged to MQTT in that order too.
 Nothing is acknowledged that Kafka does not hold, so a crash at any point loses nothing: the
 broker redelivers what was not acknowledged.
@@ -60,8 +60,10 @@ __all__ = ["Bridge", "run_bridge"]
 log = logging.getLogger("citytel.bridge")
 STAGE = "bridge"
 MAX_BATCH_MESSAGES = 5000
-# Batches on their way to Kafka at once: validating one overlaps the wait for another's acks.
-_BATCHES_IN_FLIGHT = 4
+# Batches on their way to Kafka at once: validating one overlaps the wait for the other's acks.
+# More made each batch smaller under a steady stream, and Kafka's requests more numerous, for
+# no faster drain (docs/bench/design-measurements.md).
+_BATCHES_IN_FLIGHT = 2
 _READS_PER_WAKEUP = 256
 _STOP_CHECK_SECONDS = 0.1
 # A drain (``drain=True``) is done once nothing has arrived for this long and all is forwarded.
