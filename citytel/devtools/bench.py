@@ -46,6 +46,9 @@ class BridgeResult:
     bare_paho_drain_per_s: float
     bridge_drain_per_s: float
     ratio: float
+    # CPU time of this process per message while each drains (paho's thread for the bare client).
+    bare_paho_cpu_us_per_message: float
+    bridge_cpu_us_per_message: float
 
 
 def _backlog(port: int, prefix: str, count: int) -> None:
@@ -116,14 +119,26 @@ def bench_bridge(
 
         create_session(port, bare_id, protocol, topic_filter, inflight)
         _backlog(port, prefix, count)
+        cpu_before = time.process_time()
         bare = bare_drain(port, bare_id, protocol, count, inflight)
+        bare_cpu = time.process_time() - cpu_before
         drop_session(port, bare_id)
 
         create_session(port, settings.mqtt.client_id, protocol, topic_filter, inflight)
         _backlog(port, prefix, count)
+        cpu_before = time.process_time()
         bridged = _bridge_drain(settings, count)
+        bridge_cpu = time.process_time() - cpu_before
         drop_session(port, settings.mqtt.client_id)
-        return BridgeResult(count, protocol, round(bare), round(bridged), round(bridged / bare, 3))
+        return BridgeResult(
+            count,
+            protocol,
+            round(bare),
+            round(bridged),
+            round(bridged / bare, 3),
+            round(bare_cpu * 1e6 / count, 1),
+            round(bridge_cpu * 1e6 / count, 1),
+        )
     finally:
         for server in reversed(servers):
             server.stop()
@@ -132,8 +147,14 @@ def bench_bridge(
 def main_bridge(count: int, protocol: str, output: Path | None) -> int:
     result = bench_bridge(count, protocol)
     print(f"QoS 1 backlog of {result.messages:,} JSON readings, MQTT {protocol}, one process each:")
-    print(f"  bare paho subscriber drain : {result.bare_paho_drain_per_s:>10,.0f} msg/s")
-    print(f"  citytel bridge → Kafka     : {result.bridge_drain_per_s:>10,.0f} msg/s")
+    print(
+        f"  bare paho subscriber drain : {result.bare_paho_drain_per_s:>10,.0f} msg/s,"
+        f" {result.bare_paho_cpu_us_per_message} µs CPU/msg"
+    )
+    print(
+        f"  citytel bridge → Kafka     : {result.bridge_drain_per_s:>10,.0f} msg/s,"
+        f" {result.bridge_cpu_us_per_message} µs CPU/msg"
+    )
     print(f"  ratio                      : {result.ratio:>10.3f}")
     if output is not None:
         output.write_text(json.dumps(asdict(result), indent=2) + "\n")
