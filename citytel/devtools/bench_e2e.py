@@ -672,7 +672,9 @@ _PROBE_EVERY_S = 0.02
 
 def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, access: _Access) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message, and at
-    least every ``_PROBE_EVERY_S``."""
+    least every ``_PROBE_EVERY_S``. Starts from an idle pipeline: the steps before it written
+    and their rollups recomputed (``_rollups_caught_up``); the processor's own maintenance pass
+    may still fall inside the step, as in a city it falls inside whatever load there is."""
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
     probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE).encode()
@@ -694,6 +696,7 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, ac
             yield topic, payload
 
     _wait_idle(settings.metrics.processor_port)
+    _rollups_caught_up(settings)
     before = _progress(conninfo, settings.metrics.processor_port)
     buckets_before = _latency_buckets(settings.metrics.processor_port)
     publisher = BulkPublisher(settings.mqtt.port, access.publisher)
@@ -918,11 +921,28 @@ def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) ->
     return bridge, time.perf_counter()
 
 
+def _rollups_caught_up(settings: Settings, timeout: float = 300.0) -> None:
+    """Recompute now the rollups of every minute written so far, before a timed drain (or
+    Telegraf's on the same database): that is the work of the parts before it, which the
+    processor would otherwise do at its next pass (a minute apart), inside whichever drain that
+    falls in. A pass the processor has under way is waited for."""
+    from citytel.processors.storage.maintenance import maintain
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(settings.database.conninfo(), autocommit=True) as connection:
+        while maintain(connection, settings.storage) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the processor's maintenance pass held its lock for over {timeout:.0f} s")
+            time.sleep(0.2)
+
+
 def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, dict[str, dict[str, float]]]:
     """Start a bridge (``children[1]``, after the processor) on the backlog queued in its
     session and wait until ``readings`` more readings are in the database: seconds from the
-    bridge's start, and each process's CPU and memory meanwhile."""
+    bridge's start, and each process's CPU and memory meanwhile. The rollups are brought up to
+    date first (``_rollups_caught_up``)."""
     settings, children, servers = pipeline.settings, pipeline.children, pipeline.servers
+    _rollups_caught_up(settings)
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
     bridge, started = _spawn_bridge(settings, pipeline.config, pipeline.run_dir, name)
     if len(children) > 1:
@@ -971,6 +991,8 @@ def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, t
     telegraf_id = _telegraf_session(settings, topic_filter) if telegraf else ""
     # Queued once, for the bridge's session and Telegraf's alike.
     publish(iter(backlog), "127.0.0.1", settings.mqtt.port, qos=1, max_inflight=1000, auth=pipeline.access.publisher)
+    if telegraf:
+        _rollups_caught_up(settings)
     peer = (
         _telegraf_drain(telegraf, settings, pipeline.run_dir, backlog, topic_filter, telegraf_id) if telegraf else None
     )

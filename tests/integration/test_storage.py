@@ -373,3 +373,33 @@ def test_a_row_from_the_year_148108_breaks_neither_rollups_nor_retention_nor_the
         assert isinstance(stored, list)
         progress = connection.execute("SELECT evaluated_until FROM alerter_progress").fetchone()
         assert progress is None or progress[0] <= now + timedelta(minutes=10)
+
+
+def test_the_benchmark_brings_the_rollups_up_to_date_once_a_pass_under_way_is_done(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    """Before a timed drain the benchmark recomputes what earlier parts wrote; if a processor's
+    pass holds the maintenance lock, it waits for it rather than skipping the work."""
+    import threading
+    import time
+
+    from citytel.devtools.bench_e2e import _rollups_caught_up
+    from citytel.processors.storage.maintenance import _MAINTENANCE_LOCK
+
+    start = int(datetime(2026, 11, 21, 9, tzinfo=UTC).timestamp() * 1e6)
+    keys = [("air-7", "air", "erqi", "pm2_5")]
+    with database.connect() as connection, database.connect() as holder:
+        prepare_database(connection, settings.storage)
+        write(settings, SeriesIndex(100), keys * 3, [start + m * 60_000_000 for m in range(3)], [1.0, 2.0, 3.0])
+        holder.execute("SELECT pg_advisory_lock(%s)", (_MAINTENANCE_LOCK,))
+        started = time.monotonic()
+        catching_up = threading.Thread(target=_rollups_caught_up, args=(settings,))
+        catching_up.start()
+        time.sleep(0.5)
+        assert catching_up.is_alive(), "it went on while another pass held the lock"
+        holder.execute("SELECT pg_advisory_unlock(%s)", (_MAINTENANCE_LOCK,))
+        catching_up.join(timeout=30)
+        assert not catching_up.is_alive()
+        assert time.monotonic() - started >= 0.5
+        assert connection.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
+        assert connection.execute("SELECT count(*), sum(count) FROM rollup_1m").fetchone() == (3, 3)
