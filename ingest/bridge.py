@@ -6,6 +6,8 @@ them in batches, validates them, produces records (or dead letters) to Kafka and
 Kafka has acknowledged every record of the batch, acknowledges the MQTT messages to the broker.
 Up to two batches are on their way at once (one is validated while the other waits for Kafka);
 they reach the producer in the order received and are acknowledged to MQTT in that order too.
+While messages keep coming, a batch starts at most every ``kafka.bridge_batch_interval_ms``, so
+a steady stream goes as fewer, fuller batches; the first message after a quiet spell goes at once.
 Nothing is acknowledged that Kafka does not hold, so a crash at any point loses nothing: the
 broker redelivers what was not acknowledged.
 
@@ -545,6 +547,8 @@ class Bridge:
         # Done when the latest batch is through with its MQTT acknowledgements: each batch
         # acknowledges after the one before it, as MQTT wants PUBACKs in the order received.
         previous_acked: asyncio.Future[None] | None = None
+        interval = self._settings.kafka.bridge_batch_interval_ms / 1000
+        last_batch = -interval
         try:
             while not stop.is_set():
                 finished = {task for task in forwarding if task.done()}
@@ -566,6 +570,13 @@ class Bridge:
                         self._arrival.cancel()
                         self._arrival = None
                     continue
+                # Under a steady stream, wait for a fuller batch; a full one, or the first after
+                # a quiet spell, goes at once.
+                hold = last_batch + interval - time.monotonic()
+                if hold > 0 and len(self._pending) < limit:
+                    await asyncio.sleep(hold)
+                    continue
+                last_batch = time.monotonic()
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), limit))]
                 self._forwarding += len(batch)
                 metrics.BRIDGE_INFLIGHT.set(self._unacknowledged())
