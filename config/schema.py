@@ -106,9 +106,9 @@ class KafkaSettings(Strict, frozen=True):
     # The bridge already groups each of its batches into one Kafka batch per partition, so a
     # linger only holds a quiet city's readings back.
     linger_ms: int = 0
-    # While messages keep coming, the bridge starts a batch at most this often: a steady stream
-    # then costs fewer, fuller batches (each a Kafka request, a round of acknowledgements),
-    # while the first message after a quiet spell still goes at once.
+    # While one of its batches is on its way to Kafka, the bridge starts the next at most this
+    # long after it: a steady stream then costs fewer, fuller batches (each a Kafka request, a
+    # round of acknowledgements); with nothing on its way, a message goes at once.
     bridge_batch_interval_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 5.0
     request_timeout_ms: int = 30000
 

@@ -6,8 +6,9 @@ them in batches, validates them, produces records (or dead letters) to Kafka and
 Kafka has acknowledged every record of the batch, acknowledges the MQTT messages to the broker.
 Up to two batches are on their way at once (one is validated while the other waits for Kafka);
 they reach the producer in the order received and are acknowledged to MQTT in that order too.
-While messages keep coming, a batch starts at most every ``kafka.bridge_batch_interval_ms``, so
-a steady stream goes as fewer, fuller batches; the first message after a quiet spell goes at once.
+While a batch is on its way and messages keep coming, the next starts at most
+``kafka.bridge_batch_interval_ms`` after it (``batch_hold``), so a steady stream goes as fewer,
+fuller batches; with nothing on its way, a message goes at once.
 Nothing is acknowledged that Kafka does not hold, so a crash at any point loses nothing: the
 broker redelivers what was not acknowledged.
 
@@ -57,7 +58,7 @@ from citytel.ingest.mqttclient import BufferedClient
 from citytel.ingest.topics import subscription_filter
 from citytel.ingest.validate import DeadLetter, Validator
 
-__all__ = ["Bridge", "run_bridge"]
+__all__ = ["Bridge", "batch_hold", "run_bridge"]
 
 log = logging.getLogger("citytel.bridge")
 STAGE = "bridge"
@@ -84,6 +85,16 @@ class _Received:
     topic: str
     payload: bytes
     received_us: int
+
+
+def batch_hold(since_last: float, interval: float, pending: int, limit: int, in_flight: int) -> float:
+    """Seconds to wait before starting the next batch, 0 for at once. While a batch is on its
+    way to Kafka and messages keep coming, batches start at most every ``interval``: a steady
+    stream goes as fewer, fuller batches (each a Kafka request and a round of PUBACKs). With
+    nothing in flight (a quiet city's next message), or a full batch waiting, there is no wait."""
+    if in_flight == 0 or pending >= limit:
+        return 0.0
+    return max(interval - since_last, 0.0)
 
 
 class Bridge:
@@ -570,11 +581,10 @@ class Bridge:
                         self._arrival.cancel()
                         self._arrival = None
                     continue
-                # Under a steady stream, wait for a fuller batch; a full one, or the first after
-                # a quiet spell, goes at once.
-                hold = last_batch + interval - time.monotonic()
-                if hold > 0 and len(self._pending) < limit:
-                    await asyncio.sleep(hold)
+                hold = batch_hold(time.monotonic() - last_batch, interval, len(self._pending), limit, len(forwarding))
+                if hold > 0:
+                    # Until then, or until the batch on its way is through (then: at once).
+                    await asyncio.wait(forwarding, timeout=hold)
                     continue
                 last_batch = time.monotonic()
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), limit))]

@@ -217,38 +217,6 @@ def test_a_stopped_bridge_s_session_holds_nothing_unacknowledged(
     assert redelivered == [], f"{len(redelivered)} forwarded messages were never acknowledged to the broker"
 
 
-def test_under_a_steady_stream_the_bridge_starts_a_batch_at_most_once_an_interval(
-    settings: Settings, tmp_path: Path
-) -> None:
-    interval_ms = 100.0
-    settings = msgspec.structs.replace(
-        settings, kafka=msgspec.structs.replace(settings.kafka, bridge_batch_interval_ms=interval_ms)
-    )
-    total = 1500
-    city = City(devices_per_kind=20, seed=7, topic_prefix=settings.mqtt.topic_prefix, spike_probability=0.0)
-
-    def batches() -> float:
-        return scrape_counter(settings.metrics.bridge_port, "citytel_stage_batch_size_items_count", stage="bridge")
-
-    with citytel_process(settings, tmp_path, "bridge"):
-        wait_ready(settings.metrics.bridge_port)
-        started = time.monotonic()
-        sent = publish(
-            city.messages(time.time() - 600), "127.0.0.1", settings.mqtt.port, qos=1, count=total, rate_per_second=1000
-        )
-        wait_for(
-            lambda: scrape_counter(settings.metrics.bridge_port, "citytel_stage_sent_total", stage="bridge") >= total,
-            timeout=60,
-            what=f"the bridge to forward {total} messages",
-        )
-        elapsed = time.monotonic() - started
-        made = batches()
-    assert sent == total
-    # One batch per interval at most, plus the first (it goes at once) and any that filled up.
-    most = elapsed * 1000 / interval_ms + 1 + total / (settings.mqtt.max_inflight / 2)
-    assert 1 <= made <= most, f"{made:.0f} batches in {elapsed:.1f} s, at most {most:.0f} expected"
-
-
 def test_two_bridges_split_one_shared_subscription(settings: Settings, tmp_path: Path) -> None:
     group = f"bridges-{uuid.uuid4().hex[:6]}"
     first = msgspec.structs.replace(

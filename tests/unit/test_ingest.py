@@ -165,3 +165,17 @@ def test_the_bridge_acknowledges_batches_in_the_order_received_whichever_kafka_h
 
     asyncio.run(scenario())
     assert acks == [1, 2, 3]
+
+
+def test_a_batch_waits_for_the_interval_only_while_another_is_on_its_way() -> None:
+    from citytel.ingest.bridge import batch_hold
+
+    # A quiet city: nothing on its way, the message goes at once however recent the last batch.
+    assert batch_hold(0.001, 0.005, pending=1, limit=1000, in_flight=0) == 0.0
+    # A steady stream: one batch on its way, the next waits out the rest of the interval.
+    assert batch_hold(0.001, 0.005, pending=30, limit=1000, in_flight=1) == pytest.approx(0.004)
+    assert batch_hold(0.007, 0.005, pending=30, limit=1000, in_flight=1) == 0.0
+    # A backlog: a full batch never waits, so two stay on their way.
+    assert batch_hold(0.001, 0.005, pending=1000, limit=1000, in_flight=1) == 0.0
+    # No interval configured: never a wait.
+    assert batch_hold(0.0, 0.0, pending=5, limit=1000, in_flight=1) == 0.0
