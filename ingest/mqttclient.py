@@ -95,8 +95,10 @@ class BufferedClient(mqtt.Client):
         except UnicodeDecodeError:
             return super()._handle_publish()
         mid = int.from_bytes(packet[topic_end : topic_end + 2], "big") if qos else 0
+        # paho's packet is a bytearray: one copy of the payload, not a slice and then a copy.
+        payload = bytes(memoryview(packet)[at:])
         with self._in_callback_mutex:
-            handler(topic, mid, qos, bytes(packet[at:]))
+            handler(topic, mid, qos, payload)
         if qos == 1 and not self._manual_ack:
             return self._send_puback(mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
