@@ -1,11 +1,12 @@
 """Readings and anomalies into TimescaleDB hypertables, exactly once in effect.
 
 Per batch, in one transaction: readings are binary-COPYed straight into the hypertable; if any
-of them is already there (a batch replayed after a crash, a message redelivered), that COPY is
-rolled back to a savepoint and the batch goes through a session-temporary staging table and
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` on the natural key instead. Anomalies always take
-the staging path (they are few). A replayed batch therefore adds no duplicate rows, and a new
-one costs a single COPY.
+of them is already there (a batch replayed after a crash, a message redelivered), the
+transaction is rolled back and the batch written again in a new one, its readings through a
+session-temporary staging table and ``INSERT … SELECT … ON CONFLICT DO NOTHING`` on the natural
+key. Anomalies always take the staging path (they are few). A replayed batch therefore adds no
+duplicate rows, and a new one costs a single COPY. (Not a savepoint around the COPY: that was
+two more round trips on every batch, to save work only on the rare replayed one.)
 """
 
 from __future__ import annotations
@@ -94,28 +95,15 @@ class TimescaleSink:
         metrics.RECEIVED.labels(STAGE, "readings").inc(len(batch))
         try:
             connection = await self._connect()
-            async with connection.transaction():
-                events = [result.events for result in results if result.events is not None and len(result.events)]
-                # A swept series may be one this process has not seen since it restored its
-                # state: it needs its id too.
-                every_series = np.concatenate([batch.series, *(event.series for event in events)])
-                self._series_ids.resize(self._index.extent)
-                new_series, new_ids = await self._resolve_series(connection, every_series)
-                # Ids of series first seen here live only in this transaction until it commits:
-                # the table of ids learns them after the commit, never from a rolled-back one.
-                series_id = self._series_ids.view[every_series]
-                if len(new_series):
-                    position = np.minimum(np.searchsorted(new_series, every_series), len(new_series) - 1)
-                    is_new = new_series[position] == every_series
-                    series_id[is_new] = new_ids[position[is_new]]
-                readings = await self._copy_readings(connection, batch, series_id[: len(batch)])
-                anomalies = 0
-                for result in results:
-                    anomalies += await self._copy_anomalies(connection, batch, series_id[: len(batch)], result)
-                start = len(batch)
-                for event in events:
-                    anomalies += await self._copy_events(connection, event, series_id[start : start + len(event)])
-                    start += len(event)
+            try:
+                new_series, new_ids, readings, anomalies = await self._write_once(
+                    connection, batch, results, replay=False
+                )
+            except psycopg.errors.UniqueViolation:
+                # Some readings are stored already: a replay, done again without duplicates.
+                new_series, new_ids, readings, anomalies = await self._write_once(
+                    connection, batch, results, replay=True
+                )
         except _PERMANENT as error:
             metrics.ERRORS.labels(STAGE, "permanent").inc()
             raise PermanentError("database_rejected", str(error)) from error
@@ -133,6 +121,36 @@ class TimescaleSink:
         for result in results:
             found = int(result.row_flagged.sum()) + (len(result.events) if result.events is not None else 0)
             metrics.ANOMALIES.labels(result.detector).inc(found)
+
+    async def _write_once(
+        self, connection: psycopg.AsyncConnection, batch: ReadingBatch, results: list[DetectorResult], *, replay: bool
+    ) -> tuple[NDArray[np.int64], NDArray[np.int32], int, int]:
+        """The batch in one transaction: (series first seen, their ids, readings written,
+        anomalies written). Raises ``UniqueViolation`` if not ``replay`` and a reading is
+        stored already; the transaction is then rolled back."""
+        async with connection.transaction():
+            events = [result.events for result in results if result.events is not None and len(result.events)]
+            # A swept series may be one this process has not seen since it restored its
+            # state: it needs its id too.
+            every_series = np.concatenate([batch.series, *(event.series for event in events)])
+            self._series_ids.resize(self._index.extent)
+            new_series, new_ids = await self._resolve_series(connection, every_series)
+            # Ids of series first seen here live only in this transaction until it commits:
+            # the table of ids learns them after the commit, never from a rolled-back one.
+            series_id = self._series_ids.view[every_series]
+            if len(new_series):
+                position = np.minimum(np.searchsorted(new_series, every_series), len(new_series) - 1)
+                is_new = new_series[position] == every_series
+                series_id[is_new] = new_ids[position[is_new]]
+            readings = await self._copy_readings(connection, batch, series_id[: len(batch)], replay=replay)
+            anomalies = 0
+            for result in results:
+                anomalies += await self._copy_anomalies(connection, batch, series_id[: len(batch)], result)
+            start = len(batch)
+            for event in events:
+                anomalies += await self._copy_events(connection, event, series_id[start : start + len(event)])
+                start += len(event)
+        return new_series, new_ids, readings, anomalies
 
     async def _resolve_series(
         self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
@@ -162,7 +180,7 @@ class TimescaleSink:
         return missing[positions][order], ids[order]
 
     async def _copy_readings(
-        self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic]
+        self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic], *, replay: bool
     ) -> int:
         quality = np.where(batch.received_us - batch.time_us > LATE_AFTER_US, QUALITY_LATE, 0).astype(np.int16)
         body = copy_body(
@@ -176,16 +194,14 @@ class TimescaleSink:
         )
         data = COPY_HEADER + body + COPY_TRAILER
         async with connection.cursor() as cursor:
-            try:
-                # Straight into the hypertable: the usual case, a batch never seen before. A
-                # savepoint keeps the transaction usable if some row is already there.
-                async with (
-                    connection.transaction(),
-                    cursor.copy("COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)") as copy,
-                ):
+            if not replay:
+                # Straight into the hypertable: the usual case, a batch never seen before.
+                async with cursor.copy(
+                    "COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
                     await copy.write(data)
                 written = len(batch)
-            except psycopg.errors.UniqueViolation:
+            else:
                 # A replay (after a crash, or a redelivered message): through the staging table,
                 # and rows already stored are skipped.
                 async with cursor.copy(

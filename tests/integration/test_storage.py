@@ -318,17 +318,25 @@ def test_a_replayed_or_overlapping_batch_adds_only_the_new_rows(settings: Settin
     keys = [("air-1", "air", "erqi", "pm2_5")] * 4
     first = [now_us - n * 60_000_000 for n in range(4)]
     write(settings, index, keys, first, [1.0, 2.0, 3.0, 4.0])  # new: the straight COPY
-    # The same four again (a replay) plus two new ones: the COPY meets existing rows, so the
-    # batch takes the staging path and only the two new rows are added, the old values kept.
-    later = [now_us + n * 60_000_000 for n in (1, 2)]
-    write(settings, index, [*keys, *keys[:2]], first + later, [9.0, 9.0, 9.0, 9.0, 5.0, 6.0])
+    # The same four again (a replay) plus three new ones, one of a series first seen here: the
+    # COPY meets existing rows, so the batch is written again through the staging path (the
+    # new series registered again, as the first attempt was rolled back) and only the new
+    # rows are added, the old values kept.
+    later = [now_us + n * 60_000_000 for n in (1, 2, 3)]
+    newcomer = ("air-2", "air", "erqi", "pm2_5")
+    write(settings, index, [*keys, *keys[:2], newcomer], first + later, [9.0, 9.0, 9.0, 9.0, 5.0, 6.0, 7.0])
     with database.connect() as connection:
         rows = connection.execute(
-            "SELECT (extract(epoch FROM time) * 1e6)::bigint, value FROM readings ORDER BY time"
+            "SELECT (extract(epoch FROM time) * 1e6)::bigint, device_id, value FROM readings JOIN series"
+            " USING (series_id) ORDER BY time"
         ).fetchall()
         dirty = connection.execute("SELECT count(*) FROM rollup_dirty").fetchone()
-    assert [(int(t), v) for t, v in rows] == sorted(
-        [*zip(first, [1.0, 2.0, 3.0, 4.0], strict=True), *zip(later, [5.0, 6.0], strict=True)]
+    assert [(int(t), device, v) for t, device, v in rows] == sorted(
+        [
+            *((t, "air-1", v) for t, v in zip(first, [1.0, 2.0, 3.0, 4.0], strict=True)),
+            *((t, "air-1", v) for t, v in zip(later[:2], [5.0, 6.0], strict=True)),
+            (later[2], "air-2", 7.0),
+        ]
     )
     assert dirty is not None
     assert dirty[0] >= 1, "the rollups learn which minutes changed"
