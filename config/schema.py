@@ -183,6 +183,8 @@ Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]
 class ProcessorSettings(Strict, frozen=True):
     max_batch_records: int = 20000
     max_batch_wait_ms: int = 200
+    # Under a steady stream a batch starts at most this often (0: as soon as records arrive).
+    batch_interval_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0
     # Detectors to run, by registered name; each may have a [detectors.<name>] table.
     detectors: list[str] = msgspec.field(default_factory=lambda: ["ewma_zscore"])
     # Where scored batches go, by registered sink name; offsets are committed once all hold it.

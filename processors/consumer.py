@@ -15,6 +15,11 @@ Detector state is checkpointed per partition (``processors/checkpoint.py``): per
 partitions are revoked in a rebalance, and on a clean stop. A processor given a partition loads
 its checkpoint and resumes reading at the checkpoint's offset, so the state is rebuilt exactly;
 the records it reads again were already written and the database's natural keys ignore them.
+
+Under a steady stream a batch starts at most every ``processor.batch_interval_ms``
+(``gather_seconds``): every batch costs milliseconds of CPU whatever its size (a transaction,
+the detectors' fixed work), so a stream of tiny batches cost more than the readings in them.
+After a quiet spell the first records go at once.
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ _STATE_SIZE_EVERY_S = 1.0
 
 class _StopRequestedError(Exception):
     """The processor is stopping with a batch not yet written: leave its offsets uncommitted."""
+
+
+def gather_seconds(since_last: float, interval: float, records: int, limit: int) -> float:
+    """How much longer to gather records before starting a batch, 0 for at once: until
+    ``interval`` has passed since the last batch started, unless the batch is full."""
+    if records >= limit:
+        return 0.0
+    return max(interval - since_last, 0.0)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -103,6 +116,10 @@ class Processor:
         self._storing: asyncio.Task[None] | None = None
         # The batch being written while the next one is scored (at most one).
         self._writing: asyncio.Task[bool] | None = None
+        # Rebalances begun so far: one ends the gathering of a batch (``_fetch``).
+        self._rebalances = 0
+        # When the last batch started (``gather_seconds``).
+        self._batch_started = -math.inf
         metrics.declare_stage(STAGE, ["records", "readings"])
         metrics.declare_stage("sink", ["readings"])
         metrics.ERRORS.labels("maintenance", "retryable")
@@ -361,6 +378,7 @@ class Processor:
             self._database_outage.recovered()
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._rebalances += 1
         async with self._lock:
             # The batch in flight belongs to these partitions' state: written first, then saved.
             await self._finish_write()
@@ -490,12 +508,40 @@ class Processor:
         self._healthy = True
         return True
 
+    async def _fetch(self) -> dict[TopicPartition, list[Any]]:
+        """The next batch's records: what has arrived, and under a steady stream what arrives
+        until ``batch_interval_ms`` after the last batch started (``gather_seconds``). A
+        rebalance ends the gathering: records held past one are what a rebalance replays."""
+        assert self._consumer is not None
+        settings = self._settings.processor
+        fetched: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
+            timeout_ms=settings.max_batch_wait_ms, max_records=settings.max_batch_records
+        )
+        count = sum(len(records) for records in fetched.values())
+        rebalances = self._rebalances
+        while fetched and rebalances == self._rebalances:
+            wait = gather_seconds(
+                time.monotonic() - self._batch_started,
+                settings.batch_interval_ms / 1000,
+                count,
+                settings.max_batch_records,
+            )
+            if wait <= 0:
+                break
+            # Each call hands over what the consumer has fetched, so it fetches on meanwhile.
+            more = await self._consumer.getmany(
+                timeout_ms=max(1, round(wait * 1000)), max_records=settings.max_batch_records - count
+            )
+            for tp, records in more.items():
+                fetched.setdefault(tp, []).extend(records)
+                count += len(records)
+        return fetched
+
     async def run(self, stop: asyncio.Event) -> None:
         if not await self._start(stop):
             return
         assert self._consumer is not None
         assert self._producer is not None
-        settings = self._settings.processor
         await self._refresh_registry(stop)
         maintenance = [
             asyncio.create_task(self._maintain(sink, stop)) for sink in self.sinks if isinstance(sink, Maintained)
@@ -503,9 +549,7 @@ class Processor:
         maintenance.append(asyncio.create_task(self._keep_registry(stop)))
         try:
             while not stop.is_set():
-                fetched = await self._consumer.getmany(
-                    timeout_ms=settings.max_batch_wait_ms, max_records=settings.max_batch_records
-                )
+                fetched = await self._fetch()
                 if not fetched:
                     async with self._lock:
                         # Nothing new: let the last batch land, and save state if it is time.
@@ -518,6 +562,7 @@ class Processor:
                     (tp.topic, tp.partition): partition_records[-1].offset + 1
                     for tp, partition_records in fetched.items()
                 }
+                self._batch_started = time.monotonic()
                 if not await self.handle(records, offsets, stop):
                     break
                 for tp in self._consumer.assignment():

@@ -555,3 +555,74 @@ def test_once_a_registry_is_used_records_of_unregistered_devices_are_quarantined
     rules.use_registry(None)
     batch, rejected = decode_batch(records, SeriesIndex(1000), {}, rules)
     assert (len(batch), rejected) == (6, [])
+
+
+def test_a_batch_gathers_records_until_the_interval_since_the_last_one() -> None:
+    from citytel.processors.consumer import gather_seconds
+
+    # After a quiet spell (the last batch long ago) the records go at once.
+    assert gather_seconds(5.0, 0.010, records=3, limit=20_000) == 0.0
+    # A steady stream: the rest of the interval since the last batch started.
+    assert gather_seconds(0.004, 0.010, records=3, limit=20_000) == pytest.approx(0.006)
+    # A full batch never waits; nor does any batch with no interval configured.
+    assert gather_seconds(0.001, 0.010, records=20_000, limit=20_000) == 0.0
+    assert gather_seconds(0.0, 0.0, records=3, limit=20_000) == 0.0
+
+
+class _TrickleConsumer:
+    """Hands over one record per call, a millisecond apart, as a consumer does under a steady
+    stream; numbers them so their order can be checked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[str, list[int]]:
+        import asyncio
+
+        await asyncio.sleep(0.001)
+        self.calls += 1
+        return {f"partition-{self.calls % 2}": [self.calls]}
+
+
+def test_the_processor_gathers_a_steady_stream_and_sends_a_first_record_at_once() -> None:
+    import asyncio
+    import math
+
+    import msgspec
+
+    from citytel.processors.consumer import Processor
+
+    settings = msgspec.structs.replace(
+        SETTINGS,
+        processor=msgspec.structs.replace(
+            # An interval no machine runs out of here, so only the batch's size ends it.
+            SETTINGS.processor,
+            batch_interval_ms=60_000.0,
+            max_batch_records=10,
+            sinks=[],
+            detectors=["ewma_zscore"],
+        ),
+    )
+    processor = Processor(settings)
+    consumer = _TrickleConsumer()
+    processor._consumer = consumer
+
+    async def fetch() -> dict[str, list[int]]:
+        return await processor._fetch()
+
+    # Nothing for a long while: the first record is not held back.
+    processor._batch_started = -math.inf
+    assert asyncio.run(fetch()) == {"partition-1": [1]}
+    # A batch just started: records are gathered, in order, until the batch is full (10).
+    processor._batch_started = time.monotonic()
+    gathered = asyncio.run(fetch())
+    assert sorted(record for records in gathered.values() for record in records) == list(range(2, 12))
+    assert gathered["partition-0"] == [2, 4, 6, 8, 10]
+    # ... or until the interval has passed, whichever comes first.
+    settings = msgspec.structs.replace(
+        settings, processor=msgspec.structs.replace(settings.processor, batch_interval_ms=5.0, max_batch_records=1000)
+    )
+    processor._settings = settings
+    processor._batch_started = time.monotonic()
+    gathered = asyncio.run(fetch())
+    assert 1 <= sum(len(records) for records in gathered.values()) < 1000
