@@ -15,6 +15,7 @@ import base64
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -156,11 +157,39 @@ def family_cpu_seconds(pid: int) -> float:
     return total
 
 
+# Ports free_port has handed out in this process: never the same one twice.
+_HANDED_OUT: set[int] = set()
+# Below every fixed port of the project's own config (11883-19470).
+_LOWEST_PORT = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A loopback port free now, for a server about to start. Taken below the kernel's
+    ephemeral range: a port from bind(0) lies in that range, and an outgoing connection could
+    be given it before the server binds it (a benchmark once failed so, "Address already in
+    use"); the kernel never hands out these."""
+    low, high = _LOWEST_PORT, _ephemeral_start() - 1
+    chooser = random.Random()
+    for _ in range(100):
+        port = chooser.randint(low, high) if high > low else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = probe.getsockname()[1]
+        _HANDED_OUT.add(chosen)
+        return chosen
+    raise StackError(f"no free loopback port between {low} and {high}")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

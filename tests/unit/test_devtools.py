@@ -71,3 +71,15 @@ def test_the_load_generators_connect_packet_carries_its_login() -> None:
     assert length == len(packet) - 3
     assert packet[3 + 7] == 0xC2
     assert packet.endswith(b"\x00\x02gw\x00\xc8" + b"s" * 200)
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
+    import socket
+
+    from citytel.devtools import stack
+
+    ports = [stack.free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(stack._LOWEST_PORT <= port < stack._ephemeral_start() for port in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", ports[0]))
