@@ -411,3 +411,11 @@ def test_the_benchmark_brings_the_rollups_up_to_date_once_a_pass_under_way_is_do
         assert time.monotonic() - started >= 0.5
         assert connection.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
         assert connection.execute("SELECT count(*), sum(count) FROM rollup_1m").fetchone() == (3, 3)
+
+
+def test_the_stack_s_postgresql_does_not_zero_fill_new_wal_segments(database: ScratchDatabase) -> None:
+    """On a new cluster every WAL segment is created afresh; zero-filling each stalled a write
+    every 16 MB of WAL (docs/bench/design-measurements.md)."""
+    with database.connect() as connection:
+        setting = connection.execute("SHOW wal_init_zero").fetchone()
+    assert setting == ("off",)
