@@ -165,10 +165,21 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   step "creating the Python environment in $venv from requirements.lock"
   started=$SECONDS
   pip_log="$venv.pip.log"
+  # A download cut short by the network (it happened: a wheel stopped 0.2 MB from its end six
+  # times over) is worth another try a little later; pip's cache keeps the wheels that arrived.
+  locked_install() {
+    local attempt
+    for attempt in 1 2 3; do
+      "$venv/bin/python" -m pip install --require-hashes -r "$lock" && return 0
+      echo "installing requirements.lock failed (attempt $attempt of 3)"
+      [ "$attempt" -lt 3 ] && sleep 15
+    done
+    return 1
+  }
   {
     python3 -m venv "$venv" \
       && "$venv/bin/python" -m pip install --upgrade pip \
-      && "$venv/bin/python" -m pip install --require-hashes -r "$lock" \
+      && locked_install \
       && "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e "$root"
   } >"$pip_log" 2>&1 || { tail -n 40 "$pip_log" >&2; echo "Python environment failed; log: $pip_log" >&2; exit 1; }
   echo "$want" >"$stamp"
