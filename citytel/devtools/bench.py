@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import resource
 import struct
-import tempfile
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -88,8 +87,7 @@ def bench_bridge(
 ) -> BridgeResult:
     """Start a private Mosquitto and Kafka (unless ``settings`` points at running ones)."""
     servers: list[stack.Server] = []
-    own_dir = run_dir or Path(tempfile.mkdtemp(prefix="citytel-bench-"))
-    os.chmod(own_dir, 0o755)
+    own_dir = run_dir or stack.scratch_dir("citytel-bench-")
     try:
         if settings is None:
             mosquitto = stack.start_mosquitto(own_dir, stack.free_port())
@@ -142,6 +140,8 @@ def bench_bridge(
     finally:
         for server in reversed(servers):
             server.stop()
+        if run_dir is None:
+            stack.discard_scratch_dir(own_dir, failed=sys.exc_info()[0] is not None)
 
 
 def main_bridge(count: int, protocol: str, output: Path | None) -> int:
@@ -289,8 +289,7 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
     from citytel.processors.detection import warm_up
     from citytel.processors.storage import prepare_database
 
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-bench-")
     servers = [stack.start_kafka(run_dir, stack.free_port(), stack.free_port())]
     servers.append(stack.start_postgres(run_dir, stack.free_port()))
     try:
@@ -402,6 +401,7 @@ def bench_processor(readings: int, readings_per_record: int = 9) -> dict[str, fl
     finally:
         for server in reversed(servers):
             server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
 
 
 def main_processor(readings: int, output: Path | None) -> int:
@@ -648,8 +648,7 @@ def bench_mqtt_tls(count: int = 60_000) -> dict[str, dict[str, float]]:
     CPU per message is what TLS costs it."""
     from citytel.processors.storage.logins import hash_secret
 
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-tls-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-bench-tls-")
     certificates = stack.make_certificates(run_dir / "tls")
     secret = "bench-secret"
     logins = run_dir / "logins.passwords"
@@ -693,6 +692,7 @@ def bench_mqtt_tls(count: int = 60_000) -> dict[str, dict[str, float]]:
             drop_session(server.port, client_id, subscriber)
         finally:
             server.stop()
+    stack.discard_scratch_dir(run_dir, failed=False)
     return results
 
 

@@ -31,12 +31,11 @@ import contextlib
 import datetime as dt
 import itertools
 import json
-import os
 import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
+import sys
 import threading
 import time
 import urllib.request
@@ -1022,8 +1021,7 @@ def bench_e2e(
     """``secure``: every server as the local stack runs it (TLS, logins, ACLs, roles).
     ``pack_sizes``: after the rest, a drain of ``pack_readings`` readings for each number of
     readings per message."""
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-e2e-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-bench-e2e-")
     unique = uuid.uuid4().hex[:8]
     prefix = f"bench-{unique}"
     servers: dict[str, stack.Server] = {}
@@ -1199,6 +1197,7 @@ def bench_e2e(
                 child.wait()
         for server in reversed(servers.values()):
             server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

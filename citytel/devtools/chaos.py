@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import subprocess
-import tempfile
+import sys
 import threading
 import time
 import uuid
@@ -175,8 +175,7 @@ def _count(conninfo: str) -> int:
 def run_chaos(
     minutes: float, seed: int = 1, rate_per_second: float = 200.0, say: Callable[[str], None] = print
 ) -> ChaosReport:
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-chaos-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-chaos-")
     servers = {
         "mosquitto": stack.start_mosquitto(run_dir, stack.free_port()),
         "kafka": stack.start_kafka(run_dir, stack.free_port(), stack.free_port()),
@@ -282,6 +281,7 @@ def run_chaos(
         for server in servers.values():
             if stack.pid_alive(server.pid):
                 server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None or not report.clean)
     return report
 
 

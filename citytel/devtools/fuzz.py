@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import tempfile
+import sys
 import time
 import uuid
 from collections import Counter
@@ -154,8 +153,7 @@ async def _accounted(bootstrap: str, readings: str, deadletters: str, count: int
 
 
 def run_fuzz(count: int, seed: int = 24) -> FuzzResult:
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-fuzz-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-fuzz-")
     servers = [stack.start_mosquitto(run_dir, stack.free_port())]
     servers.append(stack.start_kafka(run_dir, stack.free_port(), stack.free_port()))
     try:
@@ -195,6 +193,7 @@ def run_fuzz(count: int, seed: int = 24) -> FuzzResult:
     finally:
         for server in reversed(servers):
             server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
 
 
 def main_fuzz(count: int, output: Path | None) -> int:

@@ -21,6 +21,8 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +192,24 @@ def free_port() -> int:
         _HANDED_OUT.add(chosen)
         return chosen
     raise StackError(f"no free loopback port between {low} and {high}")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A run's directory for its own servers, under the system's temporary directory; open to
+    PostgreSQL's own user, which must reach its data directory inside."""
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    run_dir.chmod(0o755)
+    return run_dir
+
+
+def discard_scratch_dir(run_dir: Path, *, failed: bool) -> None:
+    """The end of a run's directory, once its servers are stopped: removed (a benchmark's Kafka
+    and PostgreSQL data reach gigabytes, and a disk once filled up with them), unless the run
+    failed, when its logs are worth keeping."""
+    if failed:
+        print(f"the run's server data and logs are kept in {run_dir}", file=sys.stderr)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,16 @@ from citytel.devtools.bench_e2e import bench_e2e, plot
 pytestmark = pytest.mark.integration
 
 
+def _bench_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("citytel-bench-e2e-*"))
+
+
 def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path: Path) -> None:
+    before = _bench_dirs()
     # Drains long enough that the pipeline's CPU spans many of the kernel's 10 ms clock ticks.
     result = bench_e2e(messages=3000, steps=(0.5,), step_seconds=2.0, pack_sizes=(1, 20), pack_readings=20_000)
+    # Its servers' data (gigabytes after a full run) goes with it.
+    assert _bench_dirs() <= before
     references = result["references"]
     peers = ["mosquitto_sub_drain_msg_per_s"]
     # Telegraf is built on first use where Go is installed (these machines have it).

@@ -83,3 +83,17 @@ def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> N
     assert all(stack._LOWEST_PORT <= port < stack._ephemeral_start() for port in ports)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
         server.bind(("127.0.0.1", ports[0]))
+
+
+def test_a_scratch_dir_is_removed_after_a_run_and_kept_after_a_failure() -> None:
+    from citytel.devtools import stack
+
+    for failed in (False, True):
+        run_dir = stack.scratch_dir("citytel-unit-")
+        (run_dir / "server.log").write_text("the server's log\n")
+        assert run_dir.stat().st_mode & 0o777 == 0o755
+        stack.discard_scratch_dir(run_dir, failed=failed)
+        assert run_dir.exists() == failed
+        if failed:
+            (run_dir / "server.log").unlink()
+            run_dir.rmdir()
