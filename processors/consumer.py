@@ -17,9 +17,9 @@ its checkpoint and resumes reading at the checkpoint's offset, so the state is r
 the records it reads again were already written and the database's natural keys ignore them.
 
 Under a steady stream a batch starts at most every ``processor.batch_interval_ms``
-(``gather_seconds``): every batch costs milliseconds of CPU whatever its size (a transaction,
-the detectors' fixed work), so a stream of tiny batches cost more than the readings in them.
-After a quiet spell the first records go at once.
+(``gather_seconds``): every batch costs milliseconds of CPU whatever its size (the database
+transaction's round trips, the event loop and worker thread around them), so a stream of tiny
+batches cost more than the readings in them. After a quiet spell the first records go at once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from citytel.processors.memory import retain_freed_memory
 from citytel.processors.sinks import Maintained, Sink, build_sink
 from citytel.processors.storage.devices import registered_kinds
 
-__all__ = ["Processor", "run_processor"]
+__all__ = ["Processor", "gather_seconds", "run_processor"]
 
 log = logging.getLogger("citytel.processor")
 STAGE = "processor"
@@ -511,7 +511,7 @@ class Processor:
     async def _fetch(self) -> dict[TopicPartition, list[Any]]:
         """The next batch's records: what has arrived, and under a steady stream what arrives
         until ``batch_interval_ms`` after the last batch started (``gather_seconds``). A
-        rebalance ends the gathering: records held past one are what a rebalance replays."""
+        rebalance that begins ends the gathering, so what was fetched before it is not held."""
         assert self._consumer is not None
         settings = self._settings.processor
         fetched: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
