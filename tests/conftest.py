@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -59,8 +58,7 @@ def _reclaim_kafka_clients(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # Not pytest's tmp_path: its parent is private to root, and PostgreSQL runs as 'postgres'.
-    directory = Path(tempfile.mkdtemp(prefix="citytel-test-"))
-    directory.chmod(0o755)
+    directory = stack.scratch_dir("citytel-test-")
     yield directory
     leaks = _leaked([directory, tmp_path_factory.getbasetemp()])
     shutil.rmtree(directory, ignore_errors=True)

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -242,8 +241,7 @@ def run_api_bench(
 def _run_api_bench(
     devices: int, per_device: int, seconds: float, concurrency: int, workers: int, keep: bool, huge_pages: bool
 ) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-api-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-bench-api-")
     # Memory for a database of several GB, as a city's server would give it on this machine.
     tuning = _TUNING | {"huge_pages": "on" if huge_pages else "try"}
     postgres = stack.start_postgres(run_dir, stack.free_port(), tuning=tuning)

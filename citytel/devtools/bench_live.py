@@ -15,9 +15,7 @@ PostgreSQL; the broker's password and ACL files rendered from it by ``apply_to_b
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -116,8 +114,7 @@ def bench_live(devices: int = 10_000, count: int = 50_000) -> dict[str, Any]:
     from citytel.processors.storage.devices import Device, import_devices
     from citytel.processors.storage.logins import add_login, apply_to_broker
 
-    run_dir = Path(tempfile.mkdtemp(prefix="citytel-bench-live-"))
-    os.chmod(run_dir, 0o755)
+    run_dir = stack.scratch_dir("citytel-bench-live-")
     servers: list[stack.Server] = []
     try:
         certificates = stack.make_certificates(run_dir / "tls")
