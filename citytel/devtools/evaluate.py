@@ -77,21 +77,23 @@ class TypeScore:
 
 
 def kafka_records(messages: Iterable[Message], partitions: int) -> Iterator[Record]:
-    """Simulated messages as the Kafka records the bridge would have produced for them."""
+    """Simulated messages as the Kafka records the bridge would have produced for them: a
+    gateway's pack (``Message.packed``) as every reading it carries, received at its last."""
     for offset, message in enumerate(messages):
         _, district, kind, device_id, _ = message.topic.rsplit("/", 4)
-        time_us = round(message.time_s * 1e6)
+        readings = message.packed or tuple((message.time_s, metric, value) for metric, value in message.values.items())
+        times_us = [round(time_s * 1e6) for time_s, _, _ in readings]
         envelope = Envelope(
             ENVELOPE_VERSION,
             device_id,
             kind,
             district,
-            time_us,
+            max(times_us),
             message.topic,
             message.sequence,
-            [time_us] * len(message.values),
-            list(message.values),
-            list(message.values.values()),
+            times_us,
+            [metric for _, metric, _ in readings],
+            [value for _, _, value in readings],
         )
         key = device_id.encode()
         yield Record("offline", zlib.crc32(key) % partitions, offset, key, encode_envelope(envelope))

@@ -97,3 +97,26 @@ def test_a_scratch_dir_is_removed_after_a_run_and_kept_after_a_failure() -> None
         if failed:
             (run_dir / "server.log").unlink()
             run_dir.rmdir()
+
+
+def test_kafka_records_of_a_gateways_pack_carry_every_reading_its_payload_does() -> None:
+    import itertools
+
+    from citytel.core.envelope import decode_envelope
+    from citytel.devtools.evaluate import kafka_records
+    from citytel.devtools.simulate import City, pack
+    from citytel.ingest.codecs import get_codec
+
+    city = City(2, seed=5)
+    packs = list(itertools.islice(pack(city.messages(1_795_000_000.0, 1.0), 20), 30))
+    codec = get_codec("json")
+    for message, record in zip(packs, kafka_records(packs, 6), strict=True):
+        envelope = decode_envelope(record.value)
+        from_payload = [
+            (reading.time_us, metric, value)
+            for reading in codec.decode(message.payload).readings
+            for metric, value in reading.values.items()
+        ]
+        assert message.readings == 20
+        assert list(zip(envelope.times_us, envelope.metrics, envelope.values, strict=True)) == from_payload
+        assert envelope.received_us == max(envelope.times_us)
