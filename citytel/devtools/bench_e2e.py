@@ -18,7 +18,11 @@ citytel
       rate and the latency from publish to row visible, measured on a probe device whose
       readings carry their publish time (its rows are looked up by their series' index every
       millisecond, so the figure is the pipeline's). Each step starts once the pipeline is idle,
-      so it measures that load, not the previous step's backlog.
+      so it measures that load, not the previous step's backlog;
+    * packed readings: a backlog of gateway packs (N readings per message) drained end to end,
+      Telegraf draining the same packs first;
+    * the processor alone: the records of the largest packs queued in Kafka while it is paused,
+      then drained (the same measure as ``citytel bench processor``, on this run's servers).
 
 Writes the figures as JSON and, with ``plot``, a PNG of throughput and latency against offered
 load.
@@ -31,7 +35,9 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -969,6 +975,81 @@ def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, 
     return seconds, sampler.stop()
 
 
+def _pack_backlog(prefix: str, size: int, readings: int, start: float) -> tuple[list[Message], int]:
+    """Packs of ``size`` readings (a JSON list per message, as gateways send them), about
+    ``readings`` in all, their stream starting at ``start``: the messages and their readings."""
+    backlog: list[Message] = []
+    total = 0
+    for message in pack(_city_messages(prefix, 30 + size, start), size):
+        backlog.append(message)
+        total += message.readings
+        if total >= readings:
+            break
+    return backlog, total
+
+
+def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float) -> dict[str, Any]:
+    """The processor by itself on the records the bridge makes of packs of ``size``: they are
+    queued in Kafka while the processor is paused (SIGSTOP, so it keeps its partitions, state
+    and compiled detectors), then timed from its resumption until every reading is in the
+    database, as ``citytel bench processor`` times an in-process one. Readings/s and CPU per
+    reading of the processor, Kafka and PostgreSQL."""
+    from aiokafka import AIOKafkaProducer
+
+    from citytel.core.kafka import client_options
+
+    settings, processor = pipeline.settings, pipeline.children[0]
+    backlog, total = _pack_backlog(settings.mqtt.topic_prefix, size, readings, start)
+    records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(
+            **client_options(settings.kafka, "bridge"), acks="all", linger_ms=5, enable_idempotence=True
+        )
+        await producer.start()
+        try:
+            futures = [await producer.send(settings.kafka.readings_topic, value, key=key) for key, value in records]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    _rollups_caught_up(settings)
+    _wait_idle(settings.metrics.processor_port)
+    before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
+    os.kill(processor.pid, signal.SIGSTOP)
+    try:
+        asyncio.run(produce())
+        sampler = _ProcessSampler(
+            {
+                "processor": processor.pid,
+                "kafka": pipeline.servers["kafka"].pid,
+                "postgres": pipeline.servers["postgres"].pid,
+            }
+        )
+        sampler.start()
+        started = time.perf_counter()
+    finally:
+        os.kill(processor.pid, signal.SIGCONT)
+    seconds = _wait_rows(
+        settings.database.conninfo(),
+        settings.metrics.processor_port,
+        total,
+        timeout=600,
+        since=before,
+        started=started,
+    )
+    processes = sampler.stop()
+    for figures in processes.values():
+        figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
+    return {
+        "readings_per_record": size,
+        "records": len(records),
+        "readings": total,
+        "readings_per_s": round(total / seconds),
+        "processes": processes,
+    }
+
+
 def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, telegraf: Path | None) -> dict[str, Any]:
     """A backlog of about ``readings`` readings in packs of ``size`` (a JSON list per message,
     as gateways send them) queued while the bridge is stopped, then drained: readings/s and
@@ -978,14 +1059,7 @@ def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, t
     bridge = pipeline.children[1]
     bridge.terminate()
     bridge.wait(timeout=30)
-    stream = pack(_city_messages(settings.mqtt.topic_prefix, 30 + size, start), size)
-    backlog: list[Message] = []
-    total = 0
-    for message in stream:
-        backlog.append(message)
-        total += message.readings
-        if total >= readings:
-            break
+    backlog, total = _pack_backlog(settings.mqtt.topic_prefix, size, readings, start)
     topic_filter = f"{settings.mqtt.topic_prefix}/+/+/+/up"
     telegraf_id = _telegraf_session(settings, topic_filter) if telegraf else ""
     # Queued once, for the bridge's session and Telegraf's alike.
@@ -1017,10 +1091,13 @@ def bench_e2e(
     secure: bool = False,
     pack_sizes: tuple[int, ...] = (1, 4, 20, 50),
     pack_readings: int = 200_000,
+    pack_messages: int = 20_000,
 ) -> dict[str, Any]:
     """``secure``: every server as the local stack runs it (TLS, logins, ACLs, roles).
-    ``pack_sizes``: after the rest, a drain of ``pack_readings`` readings for each number of
-    readings per message."""
+    ``pack_sizes``: after the rest, a drain for each number of readings per message, of
+    ``pack_readings`` readings or ``pack_messages`` messages, whichever is more (so that the
+    largest packs drain for seconds, not mostly the bridge's start); then the processor alone on
+    the records of the largest packs."""
     run_dir = stack.scratch_dir("citytel-bench-e2e-")
     unique = uuid.uuid4().hex[:8]
     prefix = f"bench-{unique}"
@@ -1146,9 +1223,17 @@ def bench_e2e(
         # Packed readings last: each drain replaces the bridge. Stream times 10 minutes apart,
         # clear of every other part's, so no reading repeats one already stored.
         result["packed"] = [
-            _packed_drain(pipeline, size, pack_readings, time.time() - 5400 + 600 * n, telegraf_binary)
+            _packed_drain(
+                pipeline, size, max(pack_readings, pack_messages * size), time.time() - 5400 + 600 * n, telegraf_binary
+            )
             for n, size in enumerate(pack_sizes)
         ]
+        largest = max(pack_sizes, default=None)
+        result["processor_alone"] = (
+            None
+            if largest is None
+            else _processor_alone(pipeline, largest, max(pack_readings, pack_messages * largest), time.time() - 6000)
+        )
         references = result["references"]
         half = min(result["offered_load"], key=lambda step: abs(step["offered_msg_per_s"] - drain_rate / 2))
         result["ratios"] = {
@@ -1181,6 +1266,16 @@ def bench_e2e(
                 result["packed"][-1]["readings_per_s"] / references["raw_copy_readings_per_s"], 3
             )
             if result["packed"]
+            else None,
+            "e2e_readings_per_s_largest_packs_vs_processor_alone": round(
+                result["packed"][-1]["readings_per_s"] / result["processor_alone"]["readings_per_s"], 3
+            )
+            if result["processor_alone"]
+            else None,
+            "processor_alone_vs_raw_copy": round(
+                result["processor_alone"]["readings_per_s"] / references["raw_copy_readings_per_s"], 3
+            )
+            if result["processor_alone"]
             else None,
             "bridge_cpu_vs_bare_paho": round(
                 result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
@@ -1240,6 +1335,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
             packs.bar(positions + 0.2, peers, 0.4, color="purple", label="Telegraf")
         packs.set_xticks(positions, [str(drain["readings_per_message"]) for drain in drains])
         packs.axhline(result["references"]["raw_copy_readings_per_s"], color="grey", ls="--", label="raw COPY")
+        if result.get("processor_alone"):
+            packs.axhline(
+                result["processor_alone"]["readings_per_s"],
+                color="green",
+                ls="-.",
+                label=f"processor alone ({result['processor_alone']['readings_per_record']} per record)",
+            )
         packs.set_xlabel("readings per MQTT message")
         packs.set_ylabel("readings/s, backlog drained")
         packs.set_title("packed readings")
@@ -1311,10 +1413,22 @@ def main_e2e(
                 f"      Telegraf, same packs: {peer['readings_per_s']:>8,} readings/s,"
                 f" {peer['cpu_us_per_reading']} µs CPU per reading (Telegraf alone)"
             )
+    alone = result["processor_alone"]
+    if alone is not None:
+        cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in alone["processes"].items())
+        print(
+            f"  processor alone, records of {alone['readings_per_record']} readings: {alone['readings_per_s']:>8,}"
+            f" readings/s; CPU µs per reading: {cpu}"
+        )
     ratios = result["ratios"]
     print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
           f"{ratios['e2e_qos1_vs_naive_pipeline']}, p99 at half load {ratios['p99_ms_at_half_load']} ms")  # fmt: skip
     print(f"  bridge CPU per message / bare paho client's: {ratios['bridge_cpu_vs_bare_paho']}")
+    print(
+        f"  largest packs: e2e / processor alone {ratios['e2e_readings_per_s_largest_packs_vs_processor_alone']},"
+        f" / Telegraf {ratios['e2e_readings_per_s_largest_packs_vs_telegraf']};"
+        f" processor alone / raw COPY {ratios['processor_alone_vs_raw_copy']}"
+    )
     print(
         f"  citytel / Telegraf {ratios['e2e_qos1_vs_telegraf']}, citytel / mosquitto_sub"
         f" {ratios['e2e_qos1_vs_mosquitto_sub_ceiling']}; pipeline CPU {ratios['pipeline_cpu_us_per_message']} µs/msg"

@@ -24,7 +24,9 @@ def _bench_dirs() -> set[Path]:
 def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path: Path) -> None:
     before = _bench_dirs()
     # Drains long enough that the pipeline's CPU spans many of the kernel's 10 ms clock ticks.
-    result = bench_e2e(messages=3000, steps=(0.5,), step_seconds=2.0, pack_sizes=(1, 20), pack_readings=20_000)
+    result = bench_e2e(
+        messages=3000, steps=(0.5,), step_seconds=2.0, pack_sizes=(1, 20), pack_readings=20_000, pack_messages=500
+    )
     # Its servers' data (gigabytes after a full run) goes with it.
     assert _bench_dirs() <= before
     references = result["references"]
@@ -52,6 +54,16 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
         assert sum(figures["cpu_us_per_reading"] for figures in drain["processes"].values()) > 0
         if telegraf:
             assert drain["telegraf"]["readings_per_s"] > 0
+    # The processor alone drains the records of the largest packs, every reading of them.
+    alone = result["processor_alone"]
+    assert alone["readings_per_record"] == 20
+    assert alone["readings"] >= 20_000
+    assert alone["readings"] == alone["records"] * 20
+    assert alone["readings_per_s"] > 0
+    assert set(alone["processes"]) == {"processor", "kafka", "postgres"}
+    assert alone["processes"]["processor"]["cpu_us_per_reading"] > 0
+    assert result["ratios"]["e2e_readings_per_s_largest_packs_vs_processor_alone"] > 0
+    assert result["ratios"]["processor_alone_vs_raw_copy"] > 0
     if telegraf:
         assert result["ratios"]["e2e_qos1_vs_telegraf"] > 0
         assert result["ratios"]["e2e_readings_per_s_largest_packs_vs_telegraf"] > 0
@@ -119,13 +131,23 @@ def test_the_end_to_end_benchmark_runs_on_servers_secured_as_the_local_stack_run
     """TLS and a login per client everywhere: the load generator (a gateway), the reference
     subscriber, the bridge, the processor and the raw Kafka reference all get through, and
     the pipeline stores what was published."""
-    result = bench_e2e(messages=2000, steps=(0.5,), step_seconds=2.0, secure=True, pack_sizes=(4,), pack_readings=2000)
+    result = bench_e2e(
+        messages=2000,
+        steps=(0.5,),
+        step_seconds=2.0,
+        secure=True,
+        pack_sizes=(4,),
+        pack_readings=2000,
+        pack_messages=100,
+    )
     assert result["references"]["bare_paho_drain_msg_per_s"] > 0
     # Peers from outside the project have no login on a secured broker.
     assert "telegraf_drain_msg_per_s" not in result["references"]
     [drain] = result["packed"]
     assert drain["readings_per_s"] > 0
     assert drain["telegraf"] is None
+    # The processor alone gets its records through a secured Kafka too.
+    assert result["processor_alone"]["readings_per_s"] > 0
     assert result["references"]["produce_records_per_s"] > 0
     assert result["references"]["naive_pipeline_readings_per_s"] is None
     assert result["citytel_qos1"]["msg_per_s"] > 0
