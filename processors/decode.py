@@ -24,6 +24,7 @@ from citytel.config import Settings
 from citytel.core import metrics
 from citytel.core.envelope import Envelope, decode_envelope, decode_envelopes
 from citytel.core.errors import short
+from citytel.core.heap import collections_paused
 from citytel.processors.batch import Offsets, ReadingBatch
 from citytel.processors.series import SeriesIndex
 
@@ -323,6 +324,16 @@ def decode_batch(
     records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets, rules: EnvelopeRules
 ) -> tuple[ReadingBatch, list[BadRecord]]:
     """The batch of the records that pass ``rules``, and the records set aside with a reason."""
+    # Decoding makes a few Python objects per reading (envelopes, their lists), alive until the
+    # batch's columns are built and freed then, without cycles: the collector would only walk
+    # them over and over as they pile up. They are gone when _decode_batch's frame is.
+    with collections_paused():
+        return _decode_batch(records, index, offsets, rules)
+
+
+def _decode_batch(
+    records: Sequence[_RecordLike], index: SeriesIndex, offsets: Offsets, rules: EnvelopeRules
+) -> tuple[ReadingBatch, list[BadRecord]]:
     envelopes, positions, readings, bad = _checked(records, rules, index)
     if not envelopes:
         return ReadingBatch.empty(offsets), bad

@@ -11,13 +11,15 @@ find the same garbage.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from citytel.core import metrics
 
-__all__ = ["freeze_startup_heap", "watch_collections"]
+__all__ = ["collections_paused", "freeze_startup_heap", "watch_collections"]
 
 _started: dict[int, float] = {}
 
@@ -43,3 +45,19 @@ def watch_collections() -> None:
     """Time every full collection into ``citytel_gc_full_pause_seconds``."""
     if _timed not in gc.callbacks:
         gc.callbacks.append(_timed)
+
+
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """No collection while the block runs: for a block that makes many container objects which
+    all live until it ends and hold no reference cycles (a batch's decoded records), which the
+    collector would otherwise walk again and again as they pile up. What the block leaves alive
+    is collected as usual afterwards. The collector is process-wide: a thread running meanwhile
+    is not collected either, for as long as the block lasts."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
