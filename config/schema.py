@@ -182,6 +182,9 @@ Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]
 
 class ProcessorSettings(Strict, frozen=True):
     max_batch_records: int = 20000
+    # Record bytes per batch, at most (one record always goes): what bounds a batch's memory,
+    # since a record may carry one reading or a gateway's pack of hundreds.
+    max_batch_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 << 20)] = 4 << 20
     max_batch_wait_ms: int = 200
     # Under a steady stream a batch starts at most this often (0: as soon as records arrive).
     batch_interval_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0

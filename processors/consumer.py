@@ -31,6 +31,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,26 @@ def gather_seconds(since_last: float, interval: float, records: int, limit: int)
     if records >= limit:
         return 0.0
     return max(interval - since_last, 0.0)
+
+
+def byte_bounded(fetched: dict[TopicPartition, list[Any]], limit: int) -> Iterator[tuple[list[Any], Offsets]]:
+    """The fetched records in order, as batches of at most ``limit`` bytes of record values (a
+    larger record alone), each with the offsets it completes: per partition it holds, the one
+    after its last record there."""
+    records: list[Any] = []
+    offsets: Offsets = {}
+    size = 0
+    for tp, partition_records in fetched.items():
+        for record in partition_records:
+            length = len(record.value or b"")
+            if records and size + length > limit:
+                yield records, offsets
+                records, offsets, size = [], {}, 0
+            records.append(record)
+            offsets[(tp.topic, tp.partition)] = record.offset + 1
+            size += length
+    if records:
+        yield records, offsets
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -557,13 +578,14 @@ class Processor:
                             break
                         await self._checkpoint_if_due(busy=False)
                     continue
-                records = [record for partition_records in fetched.values() for record in partition_records]
-                offsets = {
-                    (tp.topic, tp.partition): partition_records[-1].offset + 1
-                    for tp, partition_records in fetched.items()
-                }
-                self._batch_started = time.monotonic()
-                if not await self.handle(records, offsets, stop):
+                # A fetch of large records (gateways' packs) goes as several batches: a batch's
+                # memory and transaction stay bounded whatever a record holds.
+                handled = True
+                for records, offsets in byte_bounded(fetched, self._settings.processor.max_batch_bytes):
+                    self._batch_started = time.monotonic()
+                    if not (handled := await self.handle(records, offsets, stop)):
+                        break
+                if not handled:
                     break
                 for tp in self._consumer.assignment():
                     highwater = self._consumer.highwater(tp)

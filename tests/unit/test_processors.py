@@ -627,3 +627,34 @@ def test_the_processor_gathers_a_steady_stream_and_sends_a_first_record_at_once(
     processor._batch_started = time.monotonic()
     gathered = asyncio.run(fetch())
     assert 1 <= sum(len(records) for records in gathered.values()) < 1000
+
+
+def test_a_fetch_goes_as_batches_of_bounded_record_bytes_each_with_the_offsets_it_completes() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    from citytel.processors.consumer import byte_bounded
+
+    def record(partition: int, offset: int, size: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("r", partition, offset, 0, 0, None, b"x" * size, None, 0, size, [])
+
+    a, b = TopicPartition("r", 0), TopicPartition("r", 1)
+    fetched = {
+        a: [record(0, 10, 400), record(0, 11, 400), record(0, 12, 400)],
+        b: [record(1, 5, 2000), record(1, 6, 100)],
+    }
+    batches = list(byte_bounded(fetched, 1000))
+    # In order, none over 1,000 bytes but a record larger than that alone.
+    assert [[(r.partition, r.offset) for r in records] for records, _ in batches] == [
+        [(0, 10), (0, 11)],
+        [(0, 12)],
+        [(1, 5)],
+        [(1, 6)],
+    ]
+    # Each batch commits only as far as it goes, and only for the partitions it holds.
+    assert [offsets for _, offsets in batches] == [{("r", 0): 12}, {("r", 0): 13}, {("r", 1): 6}, {("r", 1): 7}]
+    # Everything in one batch when it fits; nothing fetched, no batch.
+    [(records, offsets)] = byte_bounded(fetched, 10_000)
+    assert len(records) == 5
+    assert offsets == {("r", 0): 13, ("r", 1): 7}
+    assert list(byte_bounded({}, 1000)) == []
