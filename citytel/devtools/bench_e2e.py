@@ -337,21 +337,22 @@ def _mosquitto_sub_ceiling(settings: Settings, backlog: list[Message], topic_fil
     return {"mosquitto_sub_drain_msg_per_s": round(len(backlog) / seconds)}
 
 
-def _copy_reference(conninfo: str, readings: int) -> float:
+def _copy_reference(conninfo: str, readings: int, label: str = "raw", start: float | None = None) -> float:
+    """Readings/s of one binary COPY of ``readings`` readings of 2,000 new series (devices
+    ``{label}-n``) into the readings hypertable, their times from ``start`` (default: two hours
+    ago) a millisecond apart per round of series."""
     from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
 
     rng = np.random.default_rng(0)
     series = 2000
     with psycopg.connect(conninfo, autocommit=True) as connection:
-        connection.execute(
+        added = connection.execute(
             "INSERT INTO series (device_id, kind, district, metric)"
-            " SELECT 'raw-' || n, 'air', 'erqi', 'pm2_5' FROM generate_series(1, %s) n",
-            (series,),
-        )
-        first = connection.execute("SELECT min(series_id) FROM series WHERE device_id LIKE 'raw-%%'").fetchone()
-        assert first is not None
-        ids = first[0] + np.arange(readings, dtype=np.int32) % series
-        start_us = int((time.time() - 7200) * 1e6)
+            " SELECT %s || '-' || n, 'air', 'erqi', 'pm2_5' FROM generate_series(1, %s) n RETURNING series_id",
+            (label, series),
+        ).fetchall()
+        ids = np.array(sorted(row[0] for row in added), np.int32)[np.arange(readings) % series]
+        start_us = int(((time.time() - 7200) if start is None else start) * 1e6)
         times = start_us + (np.arange(readings, dtype=np.int64) // series) * 1000
         body = copy_body(
             [
@@ -1015,6 +1016,9 @@ def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float
 
     _rollups_caught_up(settings)
     _wait_idle(settings.metrics.processor_port)
+    # The raw COPY reference again, on the tables as they are now (larger than at the start of
+    # the run, when the first was measured), into times just before these packs'.
+    copy_rate = _copy_reference(settings.database.conninfo(), total, "raw-late", start - 600)
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
     os.kill(processor.pid, signal.SIGSTOP)
     try:
@@ -1047,6 +1051,7 @@ def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float
         "readings": total,
         "readings_per_s": round(total / seconds),
         "processes": processes,
+        "raw_copy_same_tables_readings_per_s": round(copy_rate),
     }
 
 
@@ -1277,6 +1282,13 @@ def bench_e2e(
             )
             if result["processor_alone"]
             else None,
+            "processor_alone_vs_raw_copy_same_tables": round(
+                result["processor_alone"]["readings_per_s"]
+                / result["processor_alone"]["raw_copy_same_tables_readings_per_s"],
+                3,
+            )
+            if result["processor_alone"]
+            else None,
             "bridge_cpu_vs_bare_paho": round(
                 result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
             ),
@@ -1418,7 +1430,8 @@ def main_e2e(
         cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in alone["processes"].items())
         print(
             f"  processor alone, records of {alone['readings_per_record']} readings: {alone['readings_per_s']:>8,}"
-            f" readings/s; CPU µs per reading: {cpu}"
+            f" readings/s; CPU µs per reading: {cpu}; raw COPY just before it"
+            f" {alone['raw_copy_same_tables_readings_per_s']:,} readings/s"
         )
     ratios = result["ratios"]
     print(f"  ratios: e2e/bare drain {ratios['e2e_qos1_vs_bare_paho_drain']}, e2e/naive "
@@ -1428,6 +1441,7 @@ def main_e2e(
         f"  largest packs: e2e / processor alone {ratios['e2e_readings_per_s_largest_packs_vs_processor_alone']},"
         f" / Telegraf {ratios['e2e_readings_per_s_largest_packs_vs_telegraf']};"
         f" processor alone / raw COPY {ratios['processor_alone_vs_raw_copy']}"
+        f" (/ the same tables' COPY {ratios['processor_alone_vs_raw_copy_same_tables']})"
     )
     print(
         f"  citytel / Telegraf {ratios['e2e_qos1_vs_telegraf']}, citytel / mosquitto_sub"

@@ -64,6 +64,8 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     assert alone["processes"]["processor"]["cpu_us_per_reading"] > 0
     assert result["ratios"]["e2e_readings_per_s_largest_packs_vs_processor_alone"] > 0
     assert result["ratios"]["processor_alone_vs_raw_copy"] > 0
+    assert alone["raw_copy_same_tables_readings_per_s"] > 0
+    assert result["ratios"]["processor_alone_vs_raw_copy_same_tables"] > 0
     if telegraf:
         assert result["ratios"]["e2e_qos1_vs_telegraf"] > 0
         assert result["ratios"]["e2e_readings_per_s_largest_packs_vs_telegraf"] > 0
