@@ -969,15 +969,30 @@ def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, 
         }
     )
     sampler.start()
+    return _wait_sampled(settings, sampler, readings, before, started)
+
+
+def _wait_sampled(
+    settings: Settings, sampler: _ProcessSampler, readings: int, since: tuple[int, float], started: float
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """A timed drain's end: seconds from ``started`` until ``readings`` more readings are in the
+    database (``_wait_rows``, at most 600 s), and what ``sampler`` saw of the processes meanwhile."""
     seconds = _wait_rows(
         settings.database.conninfo(),
         settings.metrics.processor_port,
         readings,
         timeout=600,
-        since=before,
+        since=since,
         started=started,
     )
     return seconds, sampler.stop()
+
+
+def _with_cpu_per_reading(processes: dict[str, dict[str, float]], readings: int) -> dict[str, dict[str, float]]:
+    """Each process's figures with its CPU µs per reading added."""
+    for figures in processes.values():
+        figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / readings, 2)
+    return processes
 
 
 def _pack_backlog(prefix: str, size: int, readings: int, start: float) -> tuple[list[Message], int]:
@@ -1038,23 +1053,13 @@ def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float
         started = time.perf_counter()
     finally:
         os.kill(processor.pid, signal.SIGCONT)
-    seconds = _wait_rows(
-        settings.database.conninfo(),
-        settings.metrics.processor_port,
-        total,
-        timeout=600,
-        since=before,
-        started=started,
-    )
-    processes = sampler.stop()
-    for figures in processes.values():
-        figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
+    seconds, processes = _wait_sampled(settings, sampler, total, before, started)
     return {
         "readings_per_record": size,
         "records": len(records),
         "readings": total,
         "readings_per_s": round(total / seconds),
-        "processes": processes,
+        "processes": _with_cpu_per_reading(processes, total),
         "raw_copy_same_tables_readings_per_s": round(copy_rate),
     }
 
@@ -1079,15 +1084,13 @@ def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, t
         _telegraf_drain(telegraf, settings, pipeline.run_dir, backlog, topic_filter, telegraf_id) if telegraf else None
     )
     seconds, processes = _timed_drain(pipeline, total, f"bridge-packs-of-{size}")
-    for figures in processes.values():
-        figures["cpu_us_per_reading"] = round(figures["cpu_seconds"] * 1e6 / total, 2)
     return {
         "readings_per_message": size,
         "messages": len(backlog),
         "readings": total,
         "msg_per_s": round(len(backlog) / seconds),
         "readings_per_s": round(total / seconds),
-        "processes": processes,
+        "processes": _with_cpu_per_reading(processes, total),
         "telegraf": peer,
     }
 
