@@ -142,8 +142,28 @@ class _ProcessSampler:
 # --- references -----------------------------------------------------------------------------
 
 
+async def _produce(settings: Settings, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    """Produce (key, value) records to ``topic`` as the bridge's producer is set up (acks=all,
+    idempotent); records/s from the first send until Kafka holds them all."""
+    from aiokafka import AIOKafkaProducer
+
+    from citytel.core.kafka import client_options
+
+    producer = AIOKafkaProducer(
+        **client_options(settings.kafka, "bridge"), acks="all", linger_ms=5, enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
 def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> dict[str, float]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer
 
     from citytel.core.kafka import client_options, ensure_topics
 
@@ -155,15 +175,7 @@ def _kafka_reference(settings: Settings, records: list[tuple[bytes, bytes]]) -> 
 
     async def run() -> dict[str, float]:
         await ensure_topics(topic_settings, "bridge")
-        producer = AIOKafkaProducer(
-            **client_options(settings.kafka, "bridge"), acks="all", linger_ms=5, enable_idempotence=True
-        )
-        await producer.start()
-        started = time.perf_counter()
-        futures = [await producer.send(topic_settings.readings_topic, value, key=key) for key, value in records]
-        await asyncio.gather(*futures)
-        produce = len(records) / (time.perf_counter() - started)
-        await producer.stop()
+        produce = await _produce(settings, topic_settings.readings_topic, records)
         consumer = AIOKafkaConsumer(
             topic_settings.readings_topic,
             **client_options(settings.kafka, "processor"),
@@ -1014,25 +1026,9 @@ def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float
     and compiled detectors), then timed from its resumption until every reading is in the
     database, as ``citytel bench processor`` times an in-process one. Readings/s and CPU per
     reading of the processor, Kafka and PostgreSQL."""
-    from aiokafka import AIOKafkaProducer
-
-    from citytel.core.kafka import client_options
-
     settings, processor = pipeline.settings, pipeline.children[0]
     backlog, total = _pack_backlog(settings.mqtt.topic_prefix, size, readings, start)
     records = [(record.key, record.value) for record in kafka_records(backlog, settings.kafka.partitions)]
-
-    async def produce() -> None:
-        producer = AIOKafkaProducer(
-            **client_options(settings.kafka, "bridge"), acks="all", linger_ms=5, enable_idempotence=True
-        )
-        await producer.start()
-        try:
-            futures = [await producer.send(settings.kafka.readings_topic, value, key=key) for key, value in records]
-            await asyncio.gather(*futures)
-        finally:
-            await producer.stop()
-
     _rollups_caught_up(settings)
     _wait_idle(settings.metrics.processor_port)
     # The raw COPY reference again, on the tables as they are now (larger than at the start of
@@ -1041,7 +1037,7 @@ def _processor_alone(pipeline: _Pipeline, size: int, readings: int, start: float
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
     os.kill(processor.pid, signal.SIGSTOP)
     try:
-        asyncio.run(produce())
+        asyncio.run(_produce(settings, settings.kafka.readings_topic, records))
         sampler = _ProcessSampler(
             {
                 "processor": processor.pid,
