@@ -364,11 +364,17 @@ def reload_broker(cluster: Cluster) -> None:
     cluster.podman("kill", "--signal", "HUP", cluster.container("mosquitto"), check=False)
 
 
+def build_images(timeout: float = 1800.0) -> None:
+    """citytel's images, from Debian's archive and the lock file: about ten minutes on a fresh
+    machine (podman and its tools installed first), seconds once they are cached."""
+    _say("building the images (deploy/containers/build.sh; cached after the first time)")
+    subprocess.run(["bash", str(BUILD)], check=True, timeout=timeout)
+
+
 def up(cluster: Cluster, base: Settings, dev: DevSettings, *, build: bool = True, simulate: bool = True) -> None:
     started = time.monotonic()
     if build:
-        _say("building the images (deploy/containers/build.sh; cached after the first time)")
-        subprocess.run(["bash", str(BUILD)], check=True)
+        build_images()
     _inside, outside = prepare(cluster, base, dev)
     _chown_secrets(cluster)
     _say(f"deployment directory {cluster.directory} (CA, certificates, secrets, citytel.toml)")
