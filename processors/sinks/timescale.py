@@ -49,6 +49,14 @@ CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
 _PERMANENT = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.SyntaxErrorOrAccessRuleViolation)
 
 
+def key_order(series_id: NDArray[np.generic], time_us: NDArray[np.int64]) -> NDArray[np.intp]:
+    """Row positions in the order of the natural key's index, ``(series_id, time DESC)``:
+    ``sorted(range(n), key=lambda i: (series_id[i], -time_us[i]))``. A batch COPYed in this
+    order walks the index's leaf pages once, left to right, instead of jumping between them
+    row by row as readings of many devices interleave."""
+    return np.lexsort((-time_us, series_id))
+
+
 class TimescaleSinkSettings(Strict, frozen=True):
     """[sinks.timescaledb]: none of its own yet; it writes to ``[database]`` and keeps rollups
     and retention as ``[storage]`` says."""
@@ -183,12 +191,13 @@ class TimescaleSink:
         self, connection: psycopg.AsyncConnection, batch: ReadingBatch, series_id: NDArray[np.generic], *, replay: bool
     ) -> int:
         quality = np.where(batch.received_us - batch.time_us > LATE_AFTER_US, QUALITY_LATE, 0).astype(np.int16)
+        order = key_order(series_id, batch.time_us)
         body = copy_body(
             [
-                Column("timestamptz", batch.time_us),
-                Column("int4", series_id),
-                Column("float8", batch.value),
-                Column("int2", quality),
+                Column("timestamptz", batch.time_us[order]),
+                Column("int4", series_id[order]),
+                Column("float8", batch.value[order]),
+                Column("int2", quality[order]),
             ],
             len(batch),
         )

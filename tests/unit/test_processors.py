@@ -25,6 +25,7 @@ from citytel.processors.kernels import (
 )
 from citytel.processors.series import SERIES_BLOCK, GrowableArray, SeriesIndex
 from citytel.processors.sinks.pgcopy import COPY_HEADER, Column, copy_body
+from citytel.processors.sinks.timescale import key_order
 
 SETTINGS = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
 RULES = EnvelopeRules(SETTINGS)
@@ -242,6 +243,16 @@ def test_binary_copy_rows_have_postgres_wire_layout() -> None:
     assert COPY_HEADER.startswith(b"PGCOPY\n\xff\r\n\x00")
     with pytest.raises(ValueError, match="needs 2 values"):
         copy_body([Column("int4", np.array([1], np.int32))], 2)
+
+
+def test_readings_are_copied_in_the_natural_key_index_order() -> None:
+    rng = np.random.default_rng(11)
+    series_id = rng.integers(1, 40, 500).astype(np.int32)
+    time_us = rng.integers(0, 1_000, 500).astype(np.int64) * 1_000_000
+    order = key_order(series_id, time_us)
+    keys = [(int(series_id[i]), -int(time_us[i])) for i in order]
+    assert sorted(order.tolist()) == list(range(500))  # every row once
+    assert keys == sorted((int(s), -int(t)) for s, t in zip(series_id, time_us, strict=True))
 
 
 def test_flatline_flags_a_stuck_series_once_and_leaves_excluded_metrics_alone() -> None:
