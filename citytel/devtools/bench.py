@@ -416,6 +416,99 @@ def main_processor(readings: int, output: Path | None) -> int:
     return 0
 
 
+# --- the readings COPY: row order against PostgreSQL's CPU -------------------------------------
+
+
+def bench_copy_order(
+    rows: int = 6_000_000, series: int = 8_000, batch: int = 50_000, runs: int = 2, sample_rows: int = 1_000_000
+) -> dict[str, object]:
+    """PostgreSQL's CPU per reading for the sink's binary COPY into ``readings`` (citytel's own
+    schema), rows in arrival order (every series once per second, interleaved) against the
+    natural key's index order (``sinks.timescale.key_order``). Each run fills a fresh database
+    to ``rows``; the two orders alternate ``runs`` times, so the machine's drift hits both.
+    CPU is the whole server's (backends, WAL writer, checkpointer), per ``sample_rows`` rows."""
+    import psycopg
+
+    from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+    from citytel.processors.sinks.timescale import key_order
+    from citytel.processors.storage import prepare_database
+
+    run_dir = stack.scratch_dir("citytel-bench-")
+    server = stack.start_postgres(run_dir, stack.free_port())
+    storage = load_settings().storage
+    start_us = int((time.time() - 86400) * 1e6)
+    rng = np.random.default_rng(0)
+    per_sample: dict[str, list[float]] = {"arrival": [], "key_order": []}
+    try:
+        for run, order_name in itertools.product(range(runs), per_sample):
+            conninfo = f"host=127.0.0.1 port={server.port} user=citytel"
+            database = f"copy_{order_name}_{run}"
+            with psycopg.connect(f"{conninfo} dbname=citytel", autocommit=True) as connection:
+                connection.execute(f"CREATE DATABASE {database}")
+            with psycopg.connect(f"{conninfo} dbname={database}", autocommit=True) as connection:
+                prepare_database(connection, storage)
+                spent, counted = stack.family_cpu_seconds(server.pid), 0
+                for first in range(0, rows, batch):
+                    size = min(batch, rows - first)
+                    position = np.arange(first, first + size, dtype=np.int64)
+                    series_id = (position % series + 1).astype(np.int32)
+                    time_us = start_us + (position // series) * 1_000_000 + series_id * 37 % 1_000_000
+                    value = rng.normal(50, 5, size)
+                    order = key_order(series_id, time_us) if order_name == "key_order" else np.arange(size)
+                    columns = [
+                        Column("timestamptz", time_us[order]),
+                        Column("int4", series_id[order]),
+                        Column("float8", value[order]),
+                        Column("int2", np.zeros(size, np.int16)),
+                    ]
+                    with (
+                        connection.transaction(),
+                        connection.cursor() as cursor,
+                        cursor.copy(
+                            "COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
+                        ) as copy,
+                    ):
+                        copy.write(COPY_HEADER + copy_body(columns, size) + COPY_TRAILER)
+                    counted += size
+                    if counted >= sample_rows:
+                        now = stack.family_cpu_seconds(server.pid)
+                        per_sample[order_name].append(round((now - spent) * 1e6 / counted, 2))
+                        spent, counted = now, 0
+                stored = connection.execute("SELECT count(*) FROM readings").fetchone()
+                if stored is None or stored[0] != rows:
+                    raise RuntimeError(f"{database} holds {stored} readings, not {rows}")
+                print(f"  {database}: {per_sample[order_name][-(rows // sample_rows) :]} us per row", flush=True)
+            with psycopg.connect(f"{conninfo} dbname=citytel", autocommit=True) as connection:
+                connection.execute(f"DROP DATABASE {database}")
+    finally:
+        server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
+    mean = {name: round(float(np.mean(values)), 2) for name, values in per_sample.items()}
+    return {
+        "rows": rows,
+        "series": series,
+        "batch": batch,
+        "runs": runs,
+        "sample_rows": sample_rows,
+        "postgres_cpu_us_per_row_each_sample": per_sample,
+        "postgres_cpu_us_per_row_mean": mean,
+        "key_order_vs_arrival": round(mean["key_order"] / mean["arrival"], 3),
+    }
+
+
+def main_copy_order(rows: int, output: Path | None) -> int:
+    # A sample a million rows; at least six samples in a shorter run.
+    result = bench_copy_order(rows, sample_rows=max(1, min(1_000_000, rows // 6)))
+    mean = result["postgres_cpu_us_per_row_mean"]
+    print(
+        f"readings COPY, PostgreSQL CPU per row (mean of the samples): {mean}; key order / arrival"
+        f" {result['key_order_vs_arrival']}"
+    )
+    if output is not None:
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # --- the detector stage alone -------------------------------------------------------------------
 
 _BENCH_EPOCH_US = 1_795_000_000_000_000  # November 2026: real times, a reading a minute

@@ -307,6 +307,8 @@ def _bench(arguments: argparse.Namespace) -> int:
         return bench.main_codecs(arguments.messages, arguments.output)
     if arguments.scenario == "processor":
         return bench.main_processor(arguments.messages, arguments.output)
+    if arguments.scenario == "copy-order":
+        return bench.main_copy_order(arguments.messages, arguments.output)
     if arguments.scenario == "detectors":
         return bench.main_detectors(arguments.output, arguments.city_devices)
     if arguments.scenario == "mqtt-tls":
@@ -416,9 +418,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
     bench.add_argument(
         "scenario",
-        choices=["e2e", "bridge", "codecs", "processor", "detectors", "fuzz", "mqtt-tls", "api", "live"],
+        choices=["e2e", "bridge", "codecs", "processor", "copy-order", "detectors", "fuzz", "mqtt-tls", "api", "live"],
     )
-    bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings)")
+    bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings; copy-order: rows)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
     bench.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
     bench.add_argument("--plot", type=Path, default=None, help="e2e: write a PNG of throughput and latency here")
