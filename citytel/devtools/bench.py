@@ -429,8 +429,7 @@ def bench_copy_order(
     CPU is the whole server's (backends, WAL writer, checkpointer), per ``sample_rows`` rows."""
     import psycopg
 
-    from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
-    from citytel.processors.sinks.timescale import key_order
+    from citytel.processors.sinks.timescale import COPY_READINGS, key_order, readings_copy
     from citytel.processors.storage import prepare_database
 
     run_dir = stack.scratch_dir("citytel-bench-")
@@ -455,20 +454,10 @@ def bench_copy_order(
                     time_us = start_us + (position // series) * 1_000_000 + series_id * 37 % 1_000_000
                     value = rng.normal(50, 5, size)
                     order = key_order(series_id, time_us) if order_name == "key_order" else np.arange(size)
-                    columns = [
-                        Column("timestamptz", time_us[order]),
-                        Column("int4", series_id[order]),
-                        Column("float8", value[order]),
-                        Column("int2", np.zeros(size, np.int16)),
-                    ]
-                    with (
-                        connection.transaction(),
-                        connection.cursor() as cursor,
-                        cursor.copy(
-                            "COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
-                        ) as copy,
-                    ):
-                        copy.write(COPY_HEADER + copy_body(columns, size) + COPY_TRAILER)
+                    quality = np.zeros(size, np.int16)
+                    data = readings_copy(time_us[order], series_id[order], value[order], quality)
+                    with connection.transaction(), connection.cursor() as cursor, cursor.copy(COPY_READINGS) as copy:
+                        copy.write(data)
                     counted += size
                     if counted >= sample_rows:
                         now = stack.family_cpu_seconds(server.pid)

@@ -353,7 +353,7 @@ def _copy_reference(conninfo: str, readings: int, label: str = "raw", start: flo
     """Readings/s of one binary COPY of ``readings`` readings of 2,000 new series (devices
     ``{label}-n``) into the readings hypertable, their times from ``start`` (default: two hours
     ago) a millisecond apart per round of series."""
-    from citytel.processors.sinks.pgcopy import COPY_HEADER, COPY_TRAILER, Column, copy_body
+    from citytel.processors.sinks.timescale import COPY_READINGS, readings_copy
 
     rng = np.random.default_rng(0)
     series = 2000
@@ -366,21 +366,10 @@ def _copy_reference(conninfo: str, readings: int, label: str = "raw", start: flo
         ids = np.array(sorted(row[0] for row in added), np.int32)[np.arange(readings) % series]
         start_us = int(((time.time() - 7200) if start is None else start) * 1e6)
         times = start_us + (np.arange(readings, dtype=np.int64) // series) * 1000
-        body = copy_body(
-            [
-                Column("timestamptz", times),
-                Column("int4", ids),
-                Column("float8", rng.normal(50, 5, readings)),
-                Column("int2", np.zeros(readings, np.int16)),
-            ],
-            readings,
-        )
+        data = readings_copy(times, ids, rng.normal(50, 5, readings), np.zeros(readings, np.int16))
         started = time.perf_counter()
-        with (
-            connection.cursor() as cursor,
-            cursor.copy("COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)") as copy,
-        ):
-            copy.write(COPY_HEADER + body + COPY_TRAILER)
+        with connection.cursor() as cursor, cursor.copy(COPY_READINGS) as copy:
+            copy.write(data)
         return readings / (time.perf_counter() - started)
 
 

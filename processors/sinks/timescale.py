@@ -49,6 +49,23 @@ CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
 _PERMANENT = (psycopg.errors.DataError, psycopg.errors.IntegrityError, psycopg.errors.SyntaxErrorOrAccessRuleViolation)
 
 
+COPY_READINGS = "COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
+
+
+def readings_copy(
+    time_us: NDArray[np.int64], series_id: NDArray[np.generic], value: NDArray[np.float64], quality: NDArray[np.int16]
+) -> bytes:
+    """The binary COPY data of these readings, rows in the order given (``COPY_READINGS``, or
+    the staging table's COPY, which has the same columns)."""
+    columns = [
+        Column("timestamptz", time_us),
+        Column("int4", series_id),
+        Column("float8", value),
+        Column("int2", quality),
+    ]
+    return COPY_HEADER + copy_body(columns, len(time_us)) + COPY_TRAILER
+
+
 def key_order(series_id: NDArray[np.generic], time_us: NDArray[np.int64]) -> NDArray[np.intp]:
     """Row positions in the order of the natural key's index, ``(series_id, time DESC)``:
     ``sorted(range(n), key=lambda i: (series_id[i], -time_us[i]))``. A batch COPYed in this
@@ -192,22 +209,11 @@ class TimescaleSink:
     ) -> int:
         quality = np.where(batch.received_us - batch.time_us > LATE_AFTER_US, QUALITY_LATE, 0).astype(np.int16)
         order = key_order(series_id, batch.time_us)
-        body = copy_body(
-            [
-                Column("timestamptz", batch.time_us[order]),
-                Column("int4", series_id[order]),
-                Column("float8", batch.value[order]),
-                Column("int2", quality[order]),
-            ],
-            len(batch),
-        )
-        data = COPY_HEADER + body + COPY_TRAILER
+        data = readings_copy(batch.time_us[order], series_id[order], batch.value[order], quality[order])
         async with connection.cursor() as cursor:
             if not replay:
                 # Straight into the hypertable: the usual case, a batch never seen before.
-                async with cursor.copy(
-                    "COPY readings (time, series_id, value, quality) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
+                async with cursor.copy(COPY_READINGS) as copy:
                     await copy.write(data)
                 written = len(batch)
             else:
