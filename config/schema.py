@@ -188,6 +188,9 @@ class ProcessorSettings(Strict, frozen=True):
     max_batch_wait_ms: int = 200
     # Under a steady stream a batch starts at most this often (0: as soon as records arrive).
     batch_interval_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0
+    # Batches written at once, each on its own database connection (a COPY keeps one of the
+    # database's cores busy); later batches are scored meanwhile.
+    writes_in_flight: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
     # Detectors to run, by registered name; each may have a [detectors.<name>] table.
     detectors: list[str] = msgspec.field(default_factory=lambda: ["ewma_zscore"])
     # Where scored batches go, by registered sink name; offsets are committed once all hold it.

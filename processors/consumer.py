@@ -3,13 +3,15 @@
 Offsets are committed only after every sink has durably written the batch, and only together
 with a checkpoint of the detector state (below): the committed offset never runs ahead of the
 saved state, so a crash replays from the checkpoint, or from the start when there is none, and
-the state is rebuilt exactly. A batch is written while the next one is fetched and scored (one
-write at a time, in order); checkpoints and rebalances first wait for that write, so saved state
-never runs ahead of written rows either. A retryable sink
-error pauses the assigned partitions (so the group keeps us, but no more data comes), backs off
-and retries the same batch. A permanent one is narrowed down by splitting the batch until the
-rows that can never be written are found; those go to the dead-letter topic with the reason and
-the rest are written.
+the state is rebuilt exactly. A batch is written while the next ones are fetched and scored: up
+to ``processor.writes_in_flight`` batches at once, since one database connection keeps only one
+of the database's cores busy. Sinks that need batches in order (the live feed) get them one at a
+time in scoring order, and a batch's offsets are recorded in that order too, whichever write
+ends first; checkpoints and rebalances first wait for every write, so saved state never runs
+ahead of written rows either. A retryable sink error pauses the assigned partitions (so the
+group keeps us, but no more data comes), backs off and retries the same batch. A permanent one
+is narrowed down by splitting the batch until the rows that can never be written are found;
+those go to the dead-letter topic with the reason and the rest are written.
 
 Detector state is checkpointed per partition (``processors/checkpoint.py``): periodically, when
 partitions are revoked in a rebalance, and on a clean stop. A processor given a partition loads
@@ -25,6 +27,7 @@ batches cost more than the readings in them. After a quiet spell the first recor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -38,6 +41,7 @@ import numpy as np
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from numpy.typing import NDArray
 
 from citytel.config import Settings
 from citytel.core import metrics
@@ -110,6 +114,9 @@ class Processor:
         self.index = self.stage.index
         self.detectors = self.stage.detectors
         self.sinks: list[Sink] = [build_sink(name, settings, self.index) for name in settings.processor.sinks]
+        # Written concurrently, then (in batch order) the sinks that need it.
+        self._concurrent = [sink for sink in self.sinks if not sink.in_order]
+        self._in_order = [sink for sink in self.sinks if sink.in_order]
         # Records are checked again here: anyone who can write to the topic bypasses the bridge.
         self._rules = EnvelopeRules(settings)
         # Sinks and checkpoints share it: both are the database today.
@@ -135,8 +142,11 @@ class Processor:
         # The save of the partition taken last, going on while later batches are scored and
         # written (at most one; the next partition is taken once it is done).
         self._storing: asyncio.Task[None] | None = None
-        # The batch being written while the next one is scored (at most one).
-        self._writing: asyncio.Task[bool] | None = None
+        # The batches being written while the next one is scored, oldest first (at most
+        # ``processor.writes_in_flight``).
+        self._writing: collections.deque[asyncio.Task[bool]] = collections.deque()
+        # Writes retrying with the partitions paused: resumed when the last of them is done.
+        self._pausing = 0
         # Rebalances begun so far: one ends the gathering of a batch (``_fetch``).
         self._rebalances = 0
         # When the last batch started (``gather_seconds``).
@@ -157,16 +167,18 @@ class Processor:
 
     # --- writing ------------------------------------------------------------------------------
 
-    async def _write(self, batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event) -> None:
-        """Every sink holds the batch on return. Raises PermanentError for data that can never
-        be written, _StopRequestedError if asked to stop while retrying."""
+    async def _write(
+        self, sinks: list[Sink], batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event
+    ) -> None:
+        """Every one of ``sinks`` holds the batch on return. Raises PermanentError for data
+        that can never be written, _StopRequestedError if asked to stop while retrying."""
         assert self._consumer is not None
         delay = self._settings.processor.retry_initial_seconds
         paused = False
         try:
             while True:
                 try:
-                    for sink in self.sinks:
+                    for sink in sinks:
                         await sink.write(batch, results)
                     self._healthy = True
                     self._database_outage.recovered()
@@ -177,6 +189,7 @@ class Processor:
                     metrics.RETRIES.labels(STAGE).inc()
                     self._database_outage.failed(error, self._settings.processor.retry_max_seconds)
                     if not paused:
+                        self._pausing += 1
                         self._consumer.pause(*self._consumer.assignment())
                         paused = True
                     if stop.is_set():
@@ -185,30 +198,38 @@ class Processor:
                     delay = min(delay * 2, self._settings.processor.retry_max_seconds)
         finally:
             if paused:
-                self._consumer.resume(*self._consumer.assignment())
+                self._pausing -= 1
+                if not self._pausing:
+                    self._consumer.resume(*self._consumer.assignment())
 
-    async def _write_isolating(self, batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event) -> None:
-        """Write the batch; if the database refuses some rows for good, split the batch until
-        those rows are found, dead-letter them with the reason and write the rest."""
+    async def _write_isolating(
+        self, sinks: list[Sink], batch: ReadingBatch, results: list[DetectorResult], stop: asyncio.Event
+    ) -> NDArray[np.int64]:
+        """Write the batch to ``sinks``; if one refuses some rows for good, split the batch
+        until those rows are found, dead-letter them with the reason and write the rest.
+        Returns the rows refused (the batch's row numbers)."""
         rejected: list[tuple[ReadingBatch, PermanentError]] = []
+        refused: list[int] = []
 
-        async def attempt(part: ReadingBatch, part_results: list[DetectorResult]) -> None:
+        async def attempt(part: ReadingBatch, part_results: list[DetectorResult], rows: NDArray[np.int64]) -> None:
             try:
-                await self._write(part, part_results, stop)
+                await self._write(sinks, part, part_results, stop)
             except PermanentError as error:
                 if len(part) == 1:
                     rejected.append((part, error))
+                    refused.append(int(rows[0]))
                     if len(rejected) > self._settings.processor.max_deadletter_rows_per_batch:
                         raise RetryableError(f"more than {len(rejected) - 1} rows refused: systemic") from error
                     return
                 middle = len(part) // 2
-                for rows in (np.arange(middle), np.arange(middle, len(part))):
-                    await attempt(part.take(rows), [result.take(rows) for result in part_results])
+                for half in (np.arange(middle), np.arange(middle, len(part))):
+                    await attempt(part.take(half), [result.take(half) for result in part_results], rows[half])
 
         while True:
             rejected.clear()
+            refused.clear()
             try:
-                await attempt(batch, results)
+                await attempt(batch, results, np.arange(len(batch)))
                 break
             except RetryableError as error:
                 # Too many rows refused: not the data's fault. Hold the batch and try again.
@@ -220,6 +241,7 @@ class Processor:
         if rejected:
             metrics.ERRORS.labels(STAGE, "permanent").inc(len(rejected))
             await self._dead_letter_rows(rejected)
+        return np.array(sorted(refused), np.int64)
 
     async def _dead_letter_rows(self, rejected: list[tuple[ReadingBatch, PermanentError]]) -> None:
         assert self._producer is not None
@@ -260,8 +282,8 @@ class Processor:
 
     async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
         """Decode and detect one fetched batch, then start writing it; it is written while the
-        next batch is fetched and scored (its offsets are committed with the next state
-        checkpoint). False if stopping before the previous batch was written."""
+        next batches are fetched and scored (its offsets are committed with the next state
+        checkpoint). False if stopping before an earlier batch was written."""
         async with self._lock:
             started = time.perf_counter()
             batch, bad = decode_batch(records, self.index, offsets, self._rules)
@@ -274,35 +296,68 @@ class Processor:
                     return False
                 await self._checkpoint_if_due(busy=True)
             owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
-            # Scoring runs in a worker thread (numpy releases the GIL), so the previous batch's
-            # database round trips go on meanwhile. One batch is written at a time, in order.
+            # Scoring runs in a worker thread (numpy releases the GIL), so the earlier batches'
+            # database round trips go on meanwhile.
             results = await asyncio.to_thread(self.detect, batch, owned)
             for part, seconds in self.stage.last_seconds.items():
                 metrics.DETECTION_SECONDS.labels(part).inc(seconds)
-            if not await self._finish_write():
-                return False
-            self._writing = asyncio.create_task(self._write_batch(batch, results, len(records), started, stop))
-            return True
+            return await self._start_write(batch, results, len(records), started, stop)
 
-    async def _write_batch(
+    async def _start_write(
         self, batch: ReadingBatch, results: list[DetectorResult], record_count: int, started: float, stop: asyncio.Event
     ) -> bool:
-        if len(batch):
-            try:
-                await self._write_isolating(batch, results, stop)
-            except _StopRequestedError:
+        """Start writing a scored batch once fewer than ``writes_in_flight`` are; False if an
+        earlier one was given up because the processor is stopping."""
+        if not await self._finish_writes(self._settings.processor.writes_in_flight - 1):
+            return False
+        earlier = self._writing[-1] if self._writing else None
+        self._writing.append(
+            asyncio.create_task(self._write_batch(batch, results, record_count, started, earlier, stop))
+        )
+        return True
+
+    async def _write_batch(
+        self,
+        batch: ReadingBatch,
+        results: list[DetectorResult],
+        record_count: int,
+        started: float,
+        earlier: asyncio.Task[bool] | None,
+        stop: asyncio.Event,
+    ) -> bool:
+        """Write to the concurrent sinks, then, once the batch before it is done, to the
+        in-order sinks, and record its offsets."""
+        try:
+            refused = await self._write_isolating(self._concurrent, batch, results, stop) if len(batch) else None
+            if earlier is not None and not await earlier:
                 return False
+            if self._in_order and len(batch):
+                written, written_results = batch, results
+                if refused is not None and len(refused):
+                    # Rows the database refused are not published either.
+                    kept = np.setdiff1d(np.arange(len(batch)), refused)
+                    written, written_results = batch.take(kept), [result.take(kept) for result in results]
+                await self._write_isolating(self._in_order, written, written_results, stop)
+        except _StopRequestedError:
+            return False
         # Not committed yet: offsets go to Kafka with the next state checkpoint.
         self._positions.update(batch.offsets)
         self._unsaved.update(batch.offsets)
         self._observe(batch, record_count, time.perf_counter() - started)
         return True
 
+    async def _finish_writes(self, room: int) -> bool:
+        """Wait for the oldest writes until at most ``room`` are in flight (their offsets then
+        recorded); False if one was given up because the processor is stopping."""
+        while len(self._writing) > room:
+            if not await self._writing.popleft():
+                return False
+        return True
+
     async def _finish_write(self) -> bool:
-        """Wait until the batch being written is in the database (and its offsets recorded);
-        False if it was given up because the processor is stopping."""
-        task, self._writing = self._writing, None
-        return True if task is None else await task
+        """Wait until every batch being written is in the database (and its offsets recorded);
+        False if one was given up because the processor is stopping."""
+        return await self._finish_writes(0)
 
     def _interval_passed(self) -> bool:
         return time.monotonic() - self._last_checkpoint >= self._settings.processor.checkpoint_interval_seconds
@@ -310,9 +365,7 @@ class Processor:
     def _checkpoint_due(self) -> bool:
         if self._storing is not None and not self._storing.done():
             return False  # the next partition waits for the save under way
-        return bool(self._checkpoint_round) or (
-            bool(self._unsaved or self._writing is not None) and self._interval_passed()
-        )
+        return bool(self._checkpoint_round) or (bool(self._unsaved or self._writing) and self._interval_passed())
 
     async def _checkpoint_if_due(self, *, busy: bool) -> None:
         """Save changed partitions once the interval has passed, also when no batch comes: an

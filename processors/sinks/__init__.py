@@ -4,6 +4,12 @@ A sink either writes the whole batch durably, or raises ``RetryableError`` (noth
 counted as written; the same batch will come again) or ``PermanentError`` (the data can never be
 written). Writing the same batch twice must not duplicate anything: offsets are committed only
 after every sink returns, so a crash in between replays the batch.
+
+The processor writes up to ``processor.writes_in_flight`` batches at once. A sink whose
+``in_order`` is False takes them as they come, concurrently, each call on its own (the database
+sink: a connection per call, natural keys for the rest). A sink whose ``in_order`` is True gets
+one batch at a time, in the order they were scored (the live feed: a device's Observations must
+not overtake each other).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
 
 class Sink(Protocol):
     name: str
+    in_order: bool  # True: one batch at a time, in scoring order; False: concurrent calls are safe
 
     async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None: ...
 

@@ -82,6 +82,7 @@ def service_root(settings: Settings) -> str:
 @register_sink("sensorthings_mqtt", LiveSinkSettings)
 class LiveSink:
     name = "sensorthings_mqtt"
+    in_order = True  # a device's Observations go out in the order they were read
 
     def __init__(self, settings: Settings, own: LiveSinkSettings, index: SeriesIndex) -> None:
         self._settings = settings

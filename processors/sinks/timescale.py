@@ -7,6 +7,12 @@ session-temporary staging table and ``INSERT … SELECT … ON CONFLICT DO NOTHI
 key. Anomalies always take the staging path (they are few). A replayed batch therefore adds no
 duplicate rows, and a new one costs a single COPY. (Not a savepoint around the COPY: that was
 two more round trips on every batch, to save work only on the rare replayed one.)
+
+Batches may be written concurrently (``processor.writes_in_flight``), each on a connection of
+its own: one COPY keeps one PostgreSQL backend, hence one core, busy, and the database is the
+slowest stage on the packs gateways send. Concurrent transactions cannot deadlock on what they
+insert: readings go in key order, new series and minute markers in ascending order, so two
+transactions take any locks they share in the same order.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class TimescaleSinkSettings(Strict, frozen=True):
 @register_sink("timescaledb", TimescaleSinkSettings)
 class TimescaleSink:
     name = "timescaledb"
+    in_order = False
 
     def __init__(self, settings: Settings, own: TimescaleSinkSettings, index: SeriesIndex) -> None:
         self._conninfo = settings.database.conninfo("processor")
@@ -90,14 +97,19 @@ class TimescaleSink:
         # The database's id of each series, by dense index (0 until assigned): this sink's own
         # table, next to the shared index rather than in it.
         self._series_ids = GrowableArray(np.int32)
-        self._connection: psycopg.AsyncConnection | None = None
+        # Connections no write is using; there are as many as writes ever ran at once, so at
+        # most ``processor.writes_in_flight``.
+        self._idle: list[psycopg.AsyncConnection] = []
 
     async def _connect(self) -> psycopg.AsyncConnection:
-        if self._connection is None or self._connection.closed:
-            self._connection = await psycopg.AsyncConnection.connect(self._conninfo)
-            await self._connection.execute(_STAGING.encode())
-            await self._connection.commit()
-        return self._connection
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+        connection = await psycopg.AsyncConnection.connect(self._conninfo)
+        await connection.execute(_STAGING.encode())
+        await connection.commit()
+        return connection
 
     @property
     def maintenance_interval_seconds(self) -> float:
@@ -111,13 +123,14 @@ class TimescaleSink:
         return str(report) if report is not None and report.buckets_refreshed else None
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()
 
     async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None:
         started = time.perf_counter()
         metrics.RECEIVED.labels(STAGE, "readings").inc(len(batch))
+        connection: psycopg.AsyncConnection | None = None
         try:
             connection = await self._connect()
             try:
@@ -131,11 +144,15 @@ class TimescaleSink:
                 )
         except _PERMANENT as error:
             metrics.ERRORS.labels(STAGE, "permanent").inc()
+            if connection is not None:
+                self._idle.append(connection)  # its transaction was rolled back; it is fine
             raise PermanentError("database_rejected", str(error)) from error
         except psycopg.Error as error:
             metrics.ERRORS.labels(STAGE, "retryable").inc()
-            await self.close()
+            if connection is not None:
+                await connection.close()
             raise RetryableError(f"database write failed: {error}") from error
+        self._idle.append(connection)
         self._series_ids.view[new_series] = new_ids
         metrics.SENT.labels(STAGE, "readings").inc(len(batch))
         metrics.BATCH_SIZE.labels(STAGE).observe(len(batch))
@@ -175,6 +192,9 @@ class TimescaleSink:
             for event in events:
                 anomalies += await self._copy_events(connection, event, series_id[start : start + len(event)])
                 start += len(event)
+            # Last, because a marker row stays locked until this transaction commits: a
+            # concurrent write of the same minutes waits for it only from here on.
+            await self._mark_minutes(connection, batch)
         return new_series, new_ids, readings, anomalies
 
     async def _resolve_series(
@@ -228,15 +248,18 @@ class TimescaleSink:
                     " ON CONFLICT DO NOTHING"
                 )
                 written = cursor.rowcount
-            # Mark the minute buckets the rollups must recompute (the Apache-edition path). The
-            # upsert locks each marker row until this transaction commits; see maintenance.py.
-            minutes = np.unique(batch.time_us // 60_000_000)
-            await cursor.execute(
-                "INSERT INTO rollup_dirty (bucket) SELECT to_timestamp(minute * 60) FROM unnest(%s::bigint[]) minute"
-                " ON CONFLICT (bucket) DO UPDATE SET marked_at = now()",
-                (minutes.tolist(),),
-            )
             return written
+
+    @staticmethod
+    async def _mark_minutes(connection: psycopg.AsyncConnection, batch: ReadingBatch) -> None:
+        """Mark the minute buckets the rollups must recompute (the Apache-edition path). The
+        upsert locks each marker row until the transaction commits; see maintenance.py."""
+        minutes = np.unique(batch.time_us // 60_000_000)  # ascending: see the module's docstring
+        await connection.execute(
+            "INSERT INTO rollup_dirty (bucket) SELECT to_timestamp(minute * 60) FROM unnest(%s::bigint[]) minute"
+            " ON CONFLICT (bucket) DO UPDATE SET marked_at = now()",
+            (minutes.tolist(),),
+        )
 
     async def _copy_anomalies(
         self,

@@ -159,6 +159,53 @@ def test_rollups_equal_a_direct_group_by_also_after_late_readings(
         assert late_flags == (3,), "readings received 10 minutes after their time are flagged late"
 
 
+def test_concurrent_writes_store_each_reading_once_and_keep_rollups_whole(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    """What ``processor.writes_in_flight`` relies on: one sink, several batches at once, some
+    readings in two of them (a redelivery) and series first seen by two at once."""
+    rng = np.random.default_rng(11)
+    start = int(datetime(2026, 11, 20, 8, tzinfo=UTC).timestamp() * 1e6)
+    index = SeriesIndex(10_000)
+    keys = [(f"air-{n}", "air", "erqi", metric) for n in range(300) for metric in ("pm2_5", "no2")]
+    devices = np.array([index.device_code(d, k, district) for d, k, district, _ in keys], np.int64)
+    index.add_metrics({metric for *_, metric in keys})
+    metrics = np.array([index.metric_codes[metric] for *_, metric in keys], np.int64)
+    series = index.lookup(SeriesIndex.keys(devices, metrics))
+    # Six batches of five seconds of readings each; each batch also carries the first half of the
+    # one before it, and every batch holds readings of every series.
+    seconds = [np.arange(step * 5, step * 5 + 5) for step in range(6)]
+    batches = []
+    for step, own in enumerate(seconds):
+        held = np.concatenate([seconds[step - 1][:3], own]) if step else own
+        time_us = start + np.repeat(held, len(keys)) * 1_000_000
+        rows = np.tile(np.arange(len(keys)), len(held))
+        order = rng.permutation(len(rows))
+        batches.append(
+            ReadingBatch.of(
+                time_us[order], series[rows[order]], rng.normal(50, 10, len(rows)), device=devices[rows[order]]
+            )
+        )
+
+    async def go() -> int:
+        sink = TimescaleSink(settings, TimescaleSinkSettings(), index)
+        try:
+            await asyncio.gather(*(sink.write(batch, []) for batch in batches))
+            return len(sink._idle)
+        finally:
+            await sink.close()
+
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        connections = asyncio.run(go())
+        assert connections == len(batches), "each concurrent write had a connection of its own"
+        stored = connection.execute("SELECT count(*), count(DISTINCT (series_id, time)) FROM readings").fetchone()
+        assert stored == (len(keys) * 30, len(keys) * 30)
+        assert connection.execute("SELECT count(*) FROM series").fetchone() == (len(keys),)
+        ManualRollups().refresh(connection)
+        rollup_matches_group_by(connection)
+
+
 def test_retention_drops_only_chunks_past_the_horizon(settings: Settings, database: ScratchDatabase) -> None:
     now = datetime(2026, 11, 26, 12, tzinfo=UTC)
     index = SeriesIndex(100)

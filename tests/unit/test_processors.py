@@ -669,3 +669,108 @@ def test_a_fetch_goes_as_batches_of_bounded_record_bytes_each_with_the_offsets_i
     assert len(records) == 5
     assert offsets == {("r", 0): 13, ("r", 1): 7}
     assert list(byte_bounded({}, 1000)) == []
+
+
+class _HeldSink:
+    """A sink whose writes end only when the test says so, counting how many run at once."""
+
+    name = "held"
+
+    def __init__(self, in_order: bool) -> None:
+        import asyncio
+
+        self.in_order = in_order
+        self.release: dict[int, asyncio.Event] = {}
+        self.running = 0
+        self.most_at_once = 0
+        self.written: list[int] = []
+
+    async def write(self, batch: ReadingBatch, results: list[DetectorResult]) -> None:
+        import asyncio
+
+        key = int(batch.time_us[0])
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        await self.release.setdefault(key, asyncio.Event()).wait()
+        self.running -= 1
+        self.written.append(key)
+
+    async def close(self) -> None:
+        pass
+
+
+class _PausingConsumer:
+    def assignment(self) -> set[str]:
+        return {"partition-0"}
+
+    def pause(self, *partitions: str) -> None:
+        raise AssertionError("no write failed, so nothing is paused")
+
+    def resume(self, *partitions: str) -> None:
+        raise AssertionError("no write failed, so nothing is resumed")
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_in_order(in_flight: int) -> None:
+    import asyncio
+    import collections
+    import logging
+
+    import msgspec
+
+    from citytel.core.outage import Outage
+    from citytel.processors.consumer import Processor
+
+    # Only what writing touches (see the gathering test above for why not a whole Processor).
+    processor = Processor.__new__(Processor)
+    processor._settings = msgspec.structs.replace(
+        SETTINGS, processor=msgspec.structs.replace(SETTINGS.processor, writes_in_flight=in_flight)
+    )
+    database, live = _HeldSink(in_order=False), _HeldSink(in_order=True)
+    processor._concurrent, processor._in_order = [database], [live]
+    processor._writing = collections.deque()
+    processor._pausing = 0
+    processor._consumer = _PausingConsumer()
+    processor._database_outage = Outage(logging.getLogger("test"), "the database")
+    processor._positions, processor._unsaved = {}, set()
+    processor._observe = lambda batch, records, seconds: None  # type: ignore[method-assign]
+    # Batch k holds one reading at time k and takes partition 0 up to offset 10 k.
+    batches = [dataclasses.replace(ReadingBatch.of([k], [0], [1.0]), offsets={("r", 0): 10 * k}) for k in range(1, 6)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        # Every in-order write may end at once; the database's writes end newest first.
+        for k in range(1, 6):
+            live.release[k] = asyncio.Event()
+            live.release[k].set()
+            database.release[k] = asyncio.Event()
+        started: list[bool] = []
+
+        async def feed() -> None:
+            # One batch after another, as ``handle`` (under the processor's lock) starts them.
+            for batch in batches:
+                started.append(await processor._start_write(batch, [], 1, time.perf_counter(), stop))
+
+        feeding = asyncio.create_task(feed())
+        await asyncio.sleep(0.05)
+        # As many database writes under way as allowed, the next batch waiting for room.
+        assert database.running == in_flight
+        assert len(started) == in_flight
+        # A later batch done first records nothing: its offsets wait for the ones before it.
+        if in_flight > 1:
+            database.release[in_flight].set()
+            await asyncio.sleep(0.01)
+            assert database.written == [in_flight]
+            assert live.written == [] and processor._positions == {}
+        for k in range(5, 0, -1):
+            database.release[k].set()
+        await feeding
+        assert started == [True] * 5
+        assert await processor._finish_write()
+
+    asyncio.run(scenario())
+    assert database.most_at_once == in_flight
+    assert live.most_at_once == 1
+    assert live.written == [1, 2, 3, 4, 5]
+    assert processor._positions == {("r", 0): 50}
+    assert not processor._writing
