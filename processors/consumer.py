@@ -3,15 +3,19 @@
 Offsets are committed only after every sink has durably written the batch, and only together
 with a checkpoint of the detector state (below): the committed offset never runs ahead of the
 saved state, so a crash replays from the checkpoint, or from the start when there is none, and
-the state is rebuilt exactly. A batch is written while the next ones are fetched and scored: up
-to ``processor.writes_in_flight`` batches at once, since one database connection keeps only one
-of the database's cores busy. Sinks that need batches in order (the live feed) get them one at a
-time in scoring order, and a batch's offsets are recorded in that order too, whichever write
-ends first; checkpoints and rebalances first wait for every write, so saved state never runs
-ahead of written rows either. A retryable sink error pauses the assigned partitions (so the
-group keeps us, but no more data comes), backs off and retries the same batch. A permanent one
-is narrowed down by splitting the batch until the rows that can never be written are found;
-those go to the dead-letter topic with the reason and the rest are written.
+the state is rebuilt exactly. A batch is written while the next one is fetched and scored. A
+full batch (cut short by its record or byte bound: more records are waiting) may be written
+alongside the ones before it, up to ``processor.writes_in_flight`` at once, since one database
+connection keeps only one of the database's cores busy. Any other batch waits until the writes
+before it are done (the next one gathers meanwhile): under a stream of small batches a second
+transaction costs the processor and the database more CPU than the overlap saves. Sinks that need batches in order
+(the live feed) get them one at a time in scoring order, and a batch's offsets are recorded in
+that order too, whichever write ends first; checkpoints and rebalances first wait for every
+write, so saved state never runs ahead of written rows either. A retryable sink error pauses
+the assigned partitions (so the group keeps us, but no more data comes), backs off and retries
+the same batch. A permanent one is narrowed down by splitting the batch until the rows that can
+never be written are found; those go to the dead-letter topic with the reason and the rest are
+written.
 
 Detector state is checkpointed per partition (``processors/checkpoint.py``): periodically, when
 partitions are revoked in a rebalance, and on a clean stop. A processor given a partition loads
@@ -280,10 +284,11 @@ class Processor:
             metrics.DEADLETTERED.labels(STAGE, record.reason_code).inc()
         await asyncio.gather(*futures)
 
-    async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event) -> bool:
-        """Decode and detect one fetched batch, then start writing it; it is written while the
-        next batches are fetched and scored (its offsets are committed with the next state
-        checkpoint). False if stopping before an earlier batch was written."""
+    async def handle(self, records: list[Any], offsets: Offsets, stop: asyncio.Event, *, full: bool = False) -> bool:
+        """Decode and detect one fetched batch, then start writing it (alongside earlier writes
+        if ``full``); it is written while the next batch is fetched and scored (its offsets are
+        committed with the next state checkpoint). False if stopping before an earlier batch
+        was written."""
         async with self._lock:
             started = time.perf_counter()
             batch, bad = decode_batch(records, self.index, offsets, self._rules)
@@ -301,14 +306,23 @@ class Processor:
             results = await asyncio.to_thread(self.detect, batch, owned)
             for part, seconds in self.stage.last_seconds.items():
                 metrics.DETECTION_SECONDS.labels(part).inc(seconds)
-            return await self._start_write(batch, results, len(records), started, stop)
+            return await self._start_write(batch, results, len(records), started, stop, alongside=full)
 
     async def _start_write(
-        self, batch: ReadingBatch, results: list[DetectorResult], record_count: int, started: float, stop: asyncio.Event
+        self,
+        batch: ReadingBatch,
+        results: list[DetectorResult],
+        record_count: int,
+        started: float,
+        stop: asyncio.Event,
+        *,
+        alongside: bool,
     ) -> bool:
-        """Start writing a scored batch once fewer than ``writes_in_flight`` are; False if an
-        earlier one was given up because the processor is stopping."""
-        if not await self._finish_writes(self._settings.processor.writes_in_flight - 1):
+        """Start writing a scored batch: if ``alongside``, once fewer than ``writes_in_flight``
+        writes are under way, else once none is. False if an earlier one was given up because
+        the processor is stopping."""
+        room = self._settings.processor.writes_in_flight - 1 if alongside else 0
+        if not await self._finish_writes(room):
             return False
         earlier = self._writing[-1] if self._writing else None
         self._writing.append(
@@ -634,9 +648,13 @@ class Processor:
                 # A fetch of large records (gateways' packs) goes as several batches: a batch's
                 # memory and transaction stay bounded whatever a record holds.
                 handled = True
-                for records, offsets in byte_bounded(fetched, self._settings.processor.max_batch_bytes):
+                batches = list(byte_bounded(fetched, self._settings.processor.max_batch_bytes))
+                fetched_full = sum(map(len, fetched.values())) >= self._settings.processor.max_batch_records
+                for position, (records, offsets) in enumerate(batches):
                     self._batch_started = time.monotonic()
-                    if not (handled := await self.handle(records, offsets, stop)):
+                    # Cut short by a bound: more records are waiting than one batch takes.
+                    full = position < len(batches) - 1 or fetched_full
+                    if not (handled := await self.handle(records, offsets, stop, full=full)):
                         break
                 if not handled:
                     break

@@ -710,8 +710,10 @@ class _PausingConsumer:
         raise AssertionError("no write failed, so nothing is resumed")
 
 
-@pytest.mark.parametrize("in_flight", [1, 2, 3])
-def test_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_in_order(in_flight: int) -> None:
+@pytest.mark.parametrize(("in_flight", "full"), [(1, True), (2, True), (3, True), (2, False), (3, False)])
+def test_full_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_in_order(
+    in_flight: int, full: bool
+) -> None:
     import asyncio
     import collections
     import logging
@@ -733,7 +735,9 @@ def test_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_i
     processor._consumer = _PausingConsumer()
     processor._database_outage = Outage(logging.getLogger("test"), "the database")
     processor._positions, processor._unsaved = {}, set()
-    processor._observe = lambda batch, records, seconds: None  # type: ignore[method-assign]
+    processor._observe = lambda batch, record_count, seconds: None  # type: ignore[method-assign]
+    # Only full batches go alongside earlier ones; any other waits until no write is under way.
+    at_once = in_flight if full else 1
     # Batch k holds one reading at time k and takes partition 0 up to offset 10 k.
     batches = [dataclasses.replace(ReadingBatch.of([k], [0], [1.0]), offsets={("r", 0): 10 * k}) for k in range(1, 6)]
 
@@ -749,19 +753,20 @@ def test_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_i
         async def feed() -> None:
             # One batch after another, as ``handle`` (under the processor's lock) starts them.
             for batch in batches:
-                started.append(await processor._start_write(batch, [], 1, time.perf_counter(), stop))
+                started.append(await processor._start_write(batch, [], 1, time.perf_counter(), stop, alongside=full))
 
         feeding = asyncio.create_task(feed())
         await asyncio.sleep(0.05)
         # As many database writes under way as allowed, the next batch waiting for room.
-        assert database.running == in_flight
-        assert len(started) == in_flight
+        assert database.running == at_once
+        assert len(started) == at_once
         # A later batch done first records nothing: its offsets wait for the ones before it.
-        if in_flight > 1:
-            database.release[in_flight].set()
+        if at_once > 1:
+            database.release[at_once].set()
             await asyncio.sleep(0.01)
-            assert database.written == [in_flight]
-            assert live.written == [] and processor._positions == {}
+            assert database.written == [at_once]
+            assert live.written == []
+            assert processor._positions == {}
         for k in range(5, 0, -1):
             database.release[k].set()
         await feeding
@@ -769,7 +774,7 @@ def test_batches_are_written_concurrently_but_reach_in_order_sinks_and_offsets_i
         assert await processor._finish_write()
 
     asyncio.run(scenario())
-    assert database.most_at_once == in_flight
+    assert database.most_at_once == at_once
     assert live.most_at_once == 1
     assert live.written == [1, 2, 3, 4, 5]
     assert processor._positions == {("r", 0): 50}
