@@ -22,7 +22,15 @@ from hypothesis import strategies as st
 from citytel.config import Settings, load_settings
 from citytel.core import metrics
 from citytel.devtools.fuzz import mutate
-from citytel.ingest.codecs import CODECS, MAX_NESTING, Decoded, get_codec, nesting_depth
+from citytel.ingest.codecs import (
+    CODECS,
+    MAX_NESTING,
+    Decoded,
+    _pack_nesting_depth,
+    _scanned_nesting_depth,
+    get_codec,
+    nesting_depth,
+)
 from citytel.ingest.validate import Validator
 
 SETTINGS: Settings = load_settings(Path(__file__).resolve().parents[2] / "config" / "citytel.toml")
@@ -214,6 +222,24 @@ JSON_VALUES = st.recursive(
 def test_nesting_depth_equals_the_plain_walk(value: Any) -> None:
     payload = json.dumps(value).encode()
     assert nesting_depth(payload) == plain_nesting_depth(payload)
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"x", b":", b","]), max_size=200))
+def test_the_quick_depth_of_a_pack_answers_only_what_the_scan_says(parts: list[bytes]) -> None:
+    payload = b"".join(parts)
+    quick = _pack_nesting_depth(payload)
+    assert quick is None or quick == _scanned_nesting_depth(payload)
+    assert nesting_depth(payload) == _scanned_nesting_depth(payload)
+
+
+def test_the_quick_depth_answers_for_gateway_packs_and_not_for_brackets_in_strings() -> None:
+    readings = [{"device_id": "tc-0001", "time": NOW + n, "values": {"vehicle_count": n}} for n in range(50)]
+    assert _pack_nesting_depth(json.dumps(readings).encode()) == 3
+    assert _pack_nesting_depth(json.dumps([{"a": ["{", 1]}]).encode()) is None
+    assert _pack_nesting_depth(json.dumps([{"a": 'say "hi"'}]).encode()) is None
+    assert _pack_nesting_depth(b"[" * 40 + b"]" * 40) is None  # deeper than the limit: the scan says how deep
+    assert nesting_depth(b"[" * 40 + b"]" * 40) == 40
 
 
 @PROPERTY
