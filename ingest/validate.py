@@ -8,10 +8,11 @@ reason.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 
-from citytel.config import IngestSettings, KindSettings
+from citytel.config import IngestSettings, KindSettings, MetricRange
 from citytel.core import metrics
 from citytel.core.envelope import ENVELOPE_VERSION, Envelope
 from citytel.core.errors import PermanentError, short
@@ -156,6 +157,7 @@ class Validator:
         times_us: list[int] = []
         metric_names: list[str] = []
         values: list[float] = []
+        declared = kind.metrics
         for reading in readings:
             if reading.device_id is not None and reading.device_id != parts.device_id:
                 reject(
@@ -175,27 +177,24 @@ class Validator:
                 continue
             units = reading.units or {}
             for metric, value in reading.values.items():
-                bounds = kind.metrics.get(metric)
-                if bounds is None:
-                    reject("unknown_metric", f"metric {short(metric)} is not declared for kind {parts.kind!r}")
-                elif metric in units and not bounds.accepts_unit(units[metric]):
-                    reject(
-                        "unit_mismatch",
-                        f"metric {metric!r} is stated in {short(units[metric])}, expected {bounds.unit!r}",
-                    )
-                elif isinstance(value, bool) or not isinstance(value, int | float):
-                    reject("bad_type", f"metric {metric!r} has a {type(value).__name__} value, not a number")
-                elif not is_number(value):
-                    reject("not_finite", f"metric {metric!r} value {short(value)} is not a finite number")
-                elif not bounds.min <= value <= bounds.max:
-                    reject(
-                        "out_of_range",
-                        f"metric {metric!r} value {value!r} is outside [{bounds.min}, {bounds.max}] {bounds.unit}",
-                    )
-                else:
-                    times_us.append(reading.time_us)
-                    metric_names.append(metric)
-                    values.append(float(value))
+                bounds = declared.get(metric)
+                # Most values are a float of a declared metric, no unit stated, within range:
+                # accepted in one test (NaN fails the comparison; isfinite catches an infinity
+                # in an unbounded range). Any other value goes through every check in turn.
+                if not (
+                    type(value) is float
+                    and bounds is not None
+                    and not units
+                    and bounds.min <= value <= bounds.max
+                    and math.isfinite(value)
+                ):
+                    refusal = _refusal(parts.kind, metric, value, bounds, units)
+                    if refusal is not None:
+                        reject(*refusal)
+                        continue
+                times_us.append(reading.time_us)
+                metric_names.append(metric)
+                values.append(float(value))
         if metric_names:
             # One record per MQTT message: the device's readings stay together and in order.
             result.envelope = Envelope(
@@ -210,3 +209,24 @@ class Validator:
                 metric_names,
                 values,
             )
+
+
+def _refusal(
+    kind: str, metric: str, value: object, bounds: MetricRange | None, units: dict[str, str]
+) -> tuple[str, str] | None:
+    """Why a metric's value is refused (reason code, reason), checked in this order; None if
+    it is accepted."""
+    if bounds is None:
+        return "unknown_metric", f"metric {short(metric)} is not declared for kind {kind!r}"
+    if metric in units and not bounds.accepts_unit(units[metric]):
+        return "unit_mismatch", f"metric {metric!r} is stated in {short(units[metric])}, expected {bounds.unit!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "bad_type", f"metric {metric!r} has a {type(value).__name__} value, not a number"
+    if not is_number(value):
+        return "not_finite", f"metric {metric!r} value {short(value)} is not a finite number"
+    if not bounds.min <= value <= bounds.max:
+        return (
+            "out_of_range",
+            f"metric {metric!r} value {value!r} is outside [{bounds.min}, {bounds.max}] {bounds.unit}",
+        )
+    return None

@@ -4,13 +4,15 @@ import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from citytel.config import IngestSettings, KindSettings, MetricRange
 from citytel.core.envelope import Envelope, decode_envelope, decode_envelopes, encode_envelope
 from citytel.core.errors import PermanentError
-from citytel.ingest.codecs import get_codec, parse_time_us
+from citytel.ingest.codecs import Decoded, RawReading, get_codec, parse_time_us
 from citytel.ingest.topics import parse_topic, reading_topic, subscription_filter
-from citytel.ingest.validate import Validator
+from citytel.ingest.validate import Validator, _refusal
 
 KINDS = {
     "air": KindSettings(
@@ -179,3 +181,44 @@ def test_a_batch_waits_for_the_interval_only_while_another_is_on_its_way() -> No
     assert batch_hold(0.001, 0.005, pending=1000, limit=1000, in_flight=1) == 0.0
     # No interval configured: never a wait.
     assert batch_hold(0.0, 0.0, pending=5, limit=1000, in_flight=1) == 0.0
+
+
+class _GivenReadings:
+    """A codec that hands over readings made by the test, so values no JSON holds (NaN,
+    infinities, odd types) reach validation."""
+
+    name = "given"
+
+    def __init__(self, readings: list[RawReading]) -> None:
+        self.readings = readings
+
+    def decode(self, payload: bytes) -> Decoded:
+        return Decoded(self.readings, [])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    value=st.floats() | st.integers(min_value=-(2**70), max_value=2**70) | st.booleans() | st.text(max_size=3),
+    low=st.floats(allow_nan=False, max_value=0.0),
+    high=st.floats(allow_nan=False, min_value=0.0),
+    metric=st.sampled_from(["m", "undeclared"]),
+    unit=st.sampled_from([None, "u", "other"]),
+)
+def test_the_quick_acceptance_agrees_with_every_check_in_turn(
+    value: object, low: float, high: float, metric: str, unit: str | None
+) -> None:
+    """Each value is accepted, or refused for the first reason the checks give, whether it
+    takes the one-test path for plain floats or the checks one by one (``_refusal``)."""
+    kinds = {"air": KindSettings(metrics={"m": MetricRange(unit="u", min=low, max=high)})}
+    units = None if unit is None else {metric: unit}
+    reading = RawReading(None, NOW_US, {metric: value}, units=units)
+    checker = Validator(IngestSettings(), kinds, "city", _GivenReadings([reading]))
+    result = checker.validate(TOPIC, b"-", NOW_US)
+    expected = _refusal("air", metric, value, kinds["air"].metrics.get(metric), units or {})
+    if expected is None:
+        assert result.envelope is not None
+        assert result.envelope.values == [float(value)]  # type: ignore[arg-type]
+        assert not result.dead_letters
+    else:
+        assert result.envelope is None
+        assert [(dead.reason_code, dead.reason) for dead in result.dead_letters] == [expected]
