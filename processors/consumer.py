@@ -8,14 +8,14 @@ full batch (cut short by its record or byte bound: more records are waiting) may
 alongside the ones before it, up to ``processor.writes_in_flight`` at once, since one database
 connection keeps only one of the database's cores busy. Any other batch waits until the writes
 before it are done (the next one gathers meanwhile): under a stream of small batches a second
-transaction costs the processor and the database more CPU than the overlap saves. Sinks that need batches in order
-(the live feed) get them one at a time in scoring order, and a batch's offsets are recorded in
-that order too, whichever write ends first; checkpoints and rebalances first wait for every
-write, so saved state never runs ahead of written rows either. A retryable sink error pauses
-the assigned partitions (so the group keeps us, but no more data comes), backs off and retries
-the same batch. A permanent one is narrowed down by splitting the batch until the rows that can
-never be written are found; those go to the dead-letter topic with the reason and the rest are
-written.
+transaction costs the processor and the database more CPU than the overlap saves. Sinks that
+need batches in order (the live feed) get them one at a time in scoring order, and a batch's
+offsets are recorded in that order too, whichever write ends first; checkpoints and rebalances
+first wait for every write, so saved state never runs ahead of written rows either. A retryable
+sink error pauses the assigned partitions (so the group keeps us, but no more data comes),
+backs off and retries the same batch. A permanent one is narrowed down by splitting the batch
+until the rows that can never be written are found; those go to the dead-letter topic with the
+reason and the rest are written.
 
 Detector state is checkpointed per partition (``processors/checkpoint.py``): periodically, when
 partitions are revoked in a rebalance, and on a clean stop. A processor given a partition loads
