@@ -107,8 +107,12 @@ class TimescaleSink:
             if not connection.closed:
                 return connection
         connection = await psycopg.AsyncConnection.connect(self._conninfo)
-        await connection.execute(_STAGING.encode())
-        await connection.commit()
+        try:
+            await connection.execute(_STAGING.encode())
+            await connection.commit()
+        except psycopg.Error:
+            await connection.close()
+            raise
         return connection
 
     @property
