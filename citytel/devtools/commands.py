@@ -265,6 +265,9 @@ def _chaos(arguments: argparse.Namespace) -> int:
 def _bench(arguments: argparse.Namespace) -> int:
     from citytel.devtools import bench
 
+    if arguments.config:
+        # The benches read their base settings as a process started without --config does.
+        os.environ["CITYTEL_CONFIG"] = str(arguments.config)
     if arguments.scenario == "e2e" and arguments.cluster:
         from citytel.devtools.bench_cluster import bench_cluster
 

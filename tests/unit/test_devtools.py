@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import signal
 import time
 
 import pytest
 
+from citytel.config import default_config_path as config_path
 from citytel.devtools.bench_e2e import _bucket_quantile_ms
 from citytel.devtools.commands import _reporting_stack_errors
 from citytel.devtools.stack import StackError
@@ -120,3 +122,40 @@ def test_kafka_records_of_a_gateways_pack_carry_every_reading_its_payload_does()
         assert message.readings == 20
         assert list(zip(envelope.times_us, envelope.metrics, envelope.values, strict=True)) == from_payload
         assert envelope.received_us == max(envelope.times_us)
+
+
+def test_a_bench_given_config_reads_its_settings_from_that_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    from citytel.config import load_settings
+    from citytel.devtools import bench_e2e
+    from citytel.devtools.commands import _bench
+
+    shipped = load_settings()
+    config = tmp_path / "one-writer.toml"
+    text = config_path().read_text()
+    assert "writes_in_flight = 2 " in text
+    config.write_text(text.replace("writes_in_flight = 2 ", "writes_in_flight = 1 "))
+    seen: list[int] = []
+    # Set here first so that the test restores it: _bench sets it for the rest of the process.
+    monkeypatch.setenv("CITYTEL_CONFIG", str(config_path()))
+
+    def main_e2e(*_: object) -> int:
+        seen.append(load_settings().processor.writes_in_flight)
+        return 0
+
+    monkeypatch.setattr(bench_e2e, "main_e2e", main_e2e)
+    arguments = argparse.Namespace(
+        scenario="e2e",
+        cluster=False,
+        config=str(config),
+        messages=10,
+        output=None,
+        plot=None,
+        step_seconds=1.0,
+        secure=False,
+        readings_per_message="",
+    )
+    assert _bench(arguments) == 0
+    assert seen == [1]
+    assert shipped.processor.writes_in_flight == 2
