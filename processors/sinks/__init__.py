@@ -5,11 +5,11 @@ counted as written; the same batch will come again) or ``PermanentError`` (the d
 written). Writing the same batch twice must not duplicate anything: offsets are committed only
 after every sink returns, so a crash in between replays the batch.
 
-The processor writes up to ``processor.writes_in_flight`` batches at once. A sink whose
-``in_order`` is False takes them as they come, concurrently, each call on its own (the database
-sink: a connection per call, natural keys for the rest). A sink whose ``in_order`` is True gets
-one batch at a time, in the order they were scored (the live feed: a device's Observations must
-not overtake each other).
+The processor may write up to ``processor.writes_in_flight`` batches at once (a backlog's full
+batches; see processors/consumer.py). A sink whose ``in_order`` is False takes them as they
+come, concurrently, each call on its own (the database sink: a connection per call, natural keys
+for the rest). A sink whose ``in_order`` is True gets one batch at a time, in the order they
+were scored (the live feed: a device's Observations must not overtake each other).
 """
 
 from __future__ import annotations
