@@ -33,9 +33,10 @@ GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
             ("detector_state", "rollup_dirty", "rollup_claimed", "rollup_1m", "rollup_1h"),
         ),
         ("TRUNCATE", ("rollup_dirty",)),
+        ("SELECT, INSERT, UPDATE", ("readings_newest",)),
     ],
     "alerter": [
-        ("SELECT", ("anomalies", "readings", "series", "devices")),
+        ("SELECT", ("anomalies", "readings", "readings_newest", "series", "devices")),
         ("SELECT, INSERT, UPDATE, DELETE", ("alerts", "alert_state", "alerter_progress")),
     ],
     "reader": [

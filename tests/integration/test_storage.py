@@ -17,7 +17,7 @@ import pytest
 
 from citytel.config import Settings, StorageSettings, dump_settings
 from citytel.devtools import stack
-from citytel.processors.alerts.engine import evaluate
+from citytel.processors.alerts.engine import _newest_reading_us, evaluate
 from citytel.processors.batch import ReadingBatch
 from citytel.processors.series import SeriesIndex
 from citytel.processors.sinks.timescale import TimescaleSink, TimescaleSinkSettings
@@ -61,7 +61,7 @@ def write(
 def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDatabase) -> None:
     with database.connect() as connection:
         applied = prepare_database(connection, StorageSettings())
-        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+        assert [m.version for m in applied] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         assert prepare_database(connection, StorageSettings()) == []
         rows = connection.execute("SELECT version, name FROM citytel_migrations ORDER BY version").fetchall()
         assert rows == [
@@ -75,6 +75,7 @@ def test_migrations_apply_from_empty_and_then_are_no_ops(database: ScratchDataba
             (8, "certificate_logins"),
             (9, "data_sharing"),
             (10, "live_observations"),
+            (11, "readings_time_brin"),
         ]
         hypertables = {
             row[0]
@@ -202,8 +203,55 @@ def test_concurrent_writes_store_each_reading_once_and_keep_rollups_whole(
         stored = connection.execute("SELECT count(*), count(DISTINCT (series_id, time)) FROM readings").fetchone()
         assert stored == (len(keys) * 30, len(keys) * 30)
         assert connection.execute("SELECT count(*) FROM series").fetchone() == (len(keys),)
+        newest = connection.execute("SELECT (SELECT time FROM readings_newest) = (SELECT max(time) FROM readings)")
+        assert newest.fetchone() == (True,), "whichever write committed last, the bound is the newest reading"
         ManualRollups().refresh(connection)
         rollup_matches_group_by(connection)
+
+
+def test_the_time_index_is_a_brin_and_the_alerter_finds_the_newest_reading_from_the_sink_s_bound(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    keys = [("air-1", "air", "erqi", "pm2_5"), ("air-2", "air", "erqi", "pm2_5")]
+    index = SeriesIndex(1000)
+
+    def us(at: datetime) -> int:
+        return int(at.timestamp() * 1e6)
+
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        indexes: dict[str, str] = dict(
+            connection.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'readings' ORDER BY indexname"
+            ).fetchall()
+        )
+        assert set(indexes) == {"readings_series_time", "readings_time_brin"}
+        assert "USING brin" in indexes["readings_time_brin"]
+        assert _newest_reading_us(connection, 300.0) is None, "no reading yet"
+
+        newest = now - timedelta(minutes=1, microseconds=7)  # not a whole second: no rounding
+        write(settings, index, keys, [us(now - timedelta(minutes=3)), us(newest)], [40.0, 41.0])
+        assert _newest_reading_us(connection, 300.0) == us(newest)
+        bound = connection.execute("SELECT time FROM readings_newest").fetchone()
+        assert bound == (newest,)
+        # A late batch does not lower the bound.
+        write(settings, index, keys[:1], [us(now - timedelta(hours=5))], [39.0])
+        assert connection.execute("SELECT time FROM readings_newest").fetchone() == (newest,)
+
+        # A reading stored by other means, newer than the bound, is still found.
+        series_id = connection.execute("SELECT series_id FROM series ORDER BY series_id LIMIT 1").fetchone()
+        assert series_id is not None
+        by_hand = now - timedelta(seconds=30)
+        connection.execute(
+            "INSERT INTO readings (time, series_id, value) VALUES (%s, %s, 1.0)", (by_hand, series_id[0])
+        )
+        assert _newest_reading_us(connection, 300.0) == us(by_hand)
+        # A bound past every reading, or none at all: the whole table is searched instead.
+        connection.execute("UPDATE readings_newest SET time = now() + interval '1 hour'")
+        assert _newest_reading_us(connection, 300.0) == us(by_hand)
+        connection.execute("DELETE FROM readings_newest")
+        assert _newest_reading_us(connection, 300.0) == us(by_hand)
 
 
 def test_retention_drops_only_chunks_past_the_horizon(settings: Settings, database: ScratchDatabase) -> None:
