@@ -424,9 +424,11 @@ def bench_copy_order(
 ) -> dict[str, object]:
     """PostgreSQL's CPU per reading for the sink's binary COPY into ``readings`` (citytel's own
     schema), rows in arrival order (every series once per second, interleaved) against the
-    natural key's index order (``sinks.timescale.key_order``). Each run fills a fresh database
-    to ``rows``; the two orders alternate ``runs`` times, so the machine's drift hits both.
-    CPU is the whole server's (backends, WAL writer, checkpointer), per ``sample_rows`` rows."""
+    natural key's index order (``sinks.timescale.key_order``), and key order again with the
+    time index the B-tree TimescaleDB creates instead of citytel's BRIN (migration 0011: what
+    the B-tree cost a write). Each run fills a fresh database to ``rows``; the variants alternate ``runs`` times,
+    so the machine's drift hits all of them. CPU is the whole server's (backends, WAL writer,
+    checkpointer), per ``sample_rows`` rows."""
     import psycopg
 
     from citytel.processors.sinks.timescale import COPY_READINGS, key_order, readings_copy
@@ -437,7 +439,7 @@ def bench_copy_order(
     storage = load_settings().storage
     start_us = int((time.time() - 86400) * 1e6)
     rng = np.random.default_rng(0)
-    per_sample: dict[str, list[float]] = {"arrival": [], "key_order": []}
+    per_sample: dict[str, list[float]] = {"arrival": [], "key_order": [], "key_order_time_btree": []}
     try:
         for run, order_name in itertools.product(range(runs), per_sample):
             conninfo = f"host=127.0.0.1 port={server.port} user=citytel"
@@ -446,6 +448,9 @@ def bench_copy_order(
                 connection.execute(f"CREATE DATABASE {database}")
             with psycopg.connect(f"{conninfo} dbname={database}", autocommit=True) as connection:
                 prepare_database(connection, storage)
+                if order_name == "key_order_time_btree":
+                    connection.execute("DROP INDEX readings_time_brin")
+                    connection.execute("CREATE INDEX readings_time_idx ON readings (time DESC)")
                 spent, counted = stack.family_cpu_seconds(server.pid), 0
                 for first in range(0, rows, batch):
                     size = min(batch, rows - first)
@@ -453,7 +458,7 @@ def bench_copy_order(
                     series_id = (position % series + 1).astype(np.int32)
                     time_us = start_us + (position // series) * 1_000_000 + series_id * 37 % 1_000_000
                     value = rng.normal(50, 5, size)
-                    order = key_order(series_id, time_us) if order_name == "key_order" else np.arange(size)
+                    order = np.arange(size) if order_name == "arrival" else key_order(series_id, time_us)
                     quality = np.zeros(size, np.int16)
                     data = readings_copy(time_us[order], series_id[order], value[order], quality)
                     with connection.transaction(), connection.cursor() as cursor, cursor.copy(COPY_READINGS) as copy:
@@ -482,6 +487,7 @@ def bench_copy_order(
         "postgres_cpu_us_per_row_each_sample": per_sample,
         "postgres_cpu_us_per_row_mean": mean,
         "key_order_vs_arrival": round(mean["key_order"] / mean["arrival"], 3),
+        "time_brin_vs_btree": round(mean["key_order"] / mean["key_order_time_btree"], 3),
     }
 
 
@@ -491,7 +497,7 @@ def main_copy_order(rows: int, output: Path | None) -> int:
     mean = result["postgres_cpu_us_per_row_mean"]
     print(
         f"readings COPY, PostgreSQL CPU per row (mean of the samples): {mean}; key order / arrival"
-        f" {result['key_order_vs_arrival']}"
+        f" {result['key_order_vs_arrival']}; time index BRIN / B-tree {result['time_brin_vs_btree']}"
     )
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
