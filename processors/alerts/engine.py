@@ -49,7 +49,6 @@ _MINUTE_US = 60_000_000
 _MAX_STEPS_PER_PASS = 5000  # a long backlog is replayed over several passes
 _PROGRESS = "alerter"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
 def _at(time_us: int) -> dt.datetime:
@@ -128,22 +127,25 @@ def _load_alerts(connection: psycopg.Connection, name: str) -> dict[str, Alert]:
 
 
 def _newest_reading_us(connection: psycopg.Connection, skew_s: float) -> int | None:
-    """The newest reading no later than the database's clock allows: a row stored by hand in
-    the far future must not drag event time there (ingest refuses such readings). Searched
-    from the sink's ``readings_newest`` on, which the time index (a BRIN) narrows to a few
-    block ranges; from the start only if that finds nothing (no sink has written yet, or the
-    bound is past every reading, which retention or a hand edit can leave)."""
-    bound = connection.execute("SELECT least(time, now()) FROM readings_newest").fetchone()
-    query = (
+    """The newest reading, no later than the database's clock allows: a row stored by hand in
+    the far future must not drag event time there (ingest refuses such readings). The sink
+    keeps it in ``readings_newest``, raised in the transaction that writes the readings, so
+    this is one row, not a search of the readings (their time index is a BRIN, which cannot
+    give the newest row). A database no sink has written to, with readings stored by other
+    means only, is searched instead."""
+    kept = connection.execute(
+        "SELECT (extract(epoch FROM least(time, now() + make_interval(secs => %s))) * 1e6)::bigint"
+        " FROM readings_newest",
+        (skew_s,),
+    ).fetchone()
+    if kept is not None:
+        return int(kept[0])
+    found = connection.execute(
         "SELECT (extract(epoch FROM max(time)) * 1e6)::bigint FROM readings"
-        " WHERE time >= %s AND time <= now() + make_interval(secs => %s)"
-    )
-    for since in ([bound[0]] if bound else []) + [_EARLIEST]:
-        # Never a generic plan: the bound's value is what makes the BRIN scan narrow.
-        newest = connection.execute(query, (since, skew_s), prepare=False).fetchone()
-        if newest is not None and newest[0] is not None:
-            return int(newest[0])
-    return None
+        " WHERE time <= now() + make_interval(secs => %s)",
+        (skew_s,),
+    ).fetchone()
+    return int(found[0]) if found is not None and found[0] is not None else None
 
 
 def evaluate(connection: psycopg.Connection, settings: Settings) -> list[tuple[Transition, list[str]]]:

@@ -257,17 +257,17 @@ class TimescaleSink:
     @staticmethod
     async def _mark_minutes(connection: psycopg.AsyncConnection, batch: ReadingBatch) -> None:
         """Mark the minute buckets the rollups must recompute (the Apache-edition path), and
-        raise ``readings_newest`` to the batch's newest reading (where the alerter looks for
-        the newest reading from; migration 0011). Each upsert locks its row until the
-        transaction commits; see maintenance.py. One statement, one round trip: the minutes
-        are marked first (the second insert reads the first's rows), the newest row last."""
+        raise ``readings_newest`` to the batch's newest reading (the alerter's event time;
+        migration 0011). Each upsert locks its row until the transaction commits; see
+        maintenance.py. One statement, one round trip: the minutes are marked first (the second
+        insert reads the first's rows), the newest row last."""
         minutes = np.unique(batch.time_us // 60_000_000)  # ascending: see the module's docstring
         await connection.execute(
             "WITH marked AS ("
             " INSERT INTO rollup_dirty (bucket) SELECT to_timestamp(minute * 60) FROM unnest(%s::bigint[]) minute"
             " ON CONFLICT (bucket) DO UPDATE SET marked_at = now() RETURNING 1)"
             " INSERT INTO readings_newest AS newest (time)"
-            # Whole microseconds, no float: the bound must never pass the reading it stands for.
+            # Whole microseconds, no float: exactly the reading's time.
             " SELECT timestamptz 'epoch' + %s::bigint * interval '1 microsecond' FROM (SELECT count(*) FROM marked) m"
             " ON CONFLICT (only_row) DO UPDATE SET time = greatest(newest.time, excluded.time)",
             (minutes.tolist(), int(batch.time_us.max())),

@@ -204,12 +204,12 @@ def test_concurrent_writes_store_each_reading_once_and_keep_rollups_whole(
         assert stored == (len(keys) * 30, len(keys) * 30)
         assert connection.execute("SELECT count(*) FROM series").fetchone() == (len(keys),)
         newest = connection.execute("SELECT (SELECT time FROM readings_newest) = (SELECT max(time) FROM readings)")
-        assert newest.fetchone() == (True,), "whichever write committed last, the bound is the newest reading"
+        assert newest.fetchone() == (True,), "whichever write committed last, the newest reading is kept"
         ManualRollups().refresh(connection)
         rollup_matches_group_by(connection)
 
 
-def test_the_time_index_is_a_brin_and_the_alerter_finds_the_newest_reading_from_the_sink_s_bound(
+def test_the_time_index_is_a_brin_and_the_alerter_reads_the_newest_reading_the_sink_keeps(
     settings: Settings, database: ScratchDatabase
 ) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
@@ -228,28 +228,27 @@ def test_the_time_index_is_a_brin_and_the_alerter_finds_the_newest_reading_from_
         )
         assert set(indexes) == {"readings_series_time", "readings_time_brin"}
         assert "USING brin" in indexes["readings_time_brin"]
+        assert "autosummarize='on'" in indexes["readings_time_brin"], "new block ranges summarized as they fill"
         assert _newest_reading_us(connection, 300.0) is None, "no reading yet"
 
         newest = now - timedelta(minutes=1, microseconds=7)  # not a whole second: no rounding
         write(settings, index, keys, [us(now - timedelta(minutes=3)), us(newest)], [40.0, 41.0])
         assert _newest_reading_us(connection, 300.0) == us(newest)
-        bound = connection.execute("SELECT time FROM readings_newest").fetchone()
-        assert bound == (newest,)
-        # A late batch does not lower the bound.
+        kept = connection.execute("SELECT time FROM readings_newest").fetchone()
+        assert kept == (newest,)
+        # A late batch does not lower it.
         write(settings, index, keys[:1], [us(now - timedelta(hours=5))], [39.0])
         assert connection.execute("SELECT time FROM readings_newest").fetchone() == (newest,)
 
-        # A reading stored by other means, newer than the bound, is still found.
+        # A reading stored by other means is not the sink's: the newest stays the sink's.
         series_id = connection.execute("SELECT series_id FROM series ORDER BY series_id LIMIT 1").fetchone()
         assert series_id is not None
         by_hand = now - timedelta(seconds=30)
         connection.execute(
             "INSERT INTO readings (time, series_id, value) VALUES (%s, %s, 1.0)", (by_hand, series_id[0])
         )
-        assert _newest_reading_us(connection, 300.0) == us(by_hand)
-        # A bound past every reading, or none at all: the whole table is searched instead.
-        connection.execute("UPDATE readings_newest SET time = now() + interval '1 hour'")
-        assert _newest_reading_us(connection, 300.0) == us(by_hand)
+        assert _newest_reading_us(connection, 300.0) == us(newest)
+        # No sink has written: the readings are searched.
         connection.execute("DELETE FROM readings_newest")
         assert _newest_reading_us(connection, 300.0) == us(by_hand)
 
