@@ -426,9 +426,9 @@ def bench_copy_order(
     schema), rows in arrival order (every series once per second, interleaved) against the
     natural key's index order (``sinks.timescale.key_order``), and key order again with the
     time index the B-tree TimescaleDB creates instead of citytel's BRIN (migration 0011: what
-    the B-tree cost a write). Each run fills a fresh database to ``rows``; the variants alternate ``runs`` times,
-    so the machine's drift hits all of them. CPU is the whole server's (backends, WAL writer,
-    checkpointer), per ``sample_rows`` rows."""
+    the B-tree cost a write). Each run fills a fresh database to ``rows``; the variants
+    alternate ``runs`` times, so the machine's drift hits all of them. CPU is the whole
+    server's (backends, WAL writer, checkpointer), per ``sample_rows`` rows."""
     import psycopg
 
     from citytel.processors.sinks.timescale import COPY_READINGS, key_order, readings_copy
