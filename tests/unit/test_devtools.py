@@ -11,7 +11,7 @@ import time
 import pytest
 
 from citytel.config import default_config_path as config_path
-from citytel.devtools.bench_e2e import _bucket_quantile_ms
+from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run
 from citytel.devtools.commands import _reporting_stack_errors
 from citytel.devtools.stack import StackError
 
@@ -55,6 +55,22 @@ def test_a_quantile_of_the_readings_written_between_two_histogram_samples() -> N
     assert _bucket_quantile_ms(before, after, 0.99) == 50.0
     assert _bucket_quantile_ms(before, after, 1.0) == 250.0
     assert _bucket_quantile_ms(after, after, 0.5) is None, "nothing written: no quantile"
+
+
+def test_a_part_run_several_times_reports_its_median_run_and_every_runs_rate() -> None:
+    runs = [
+        {"readings_per_s": 210, "processes": {"bridge": 1.0}},
+        {"readings_per_s": 180, "processes": {"bridge": 2.0}},
+        {"readings_per_s": 250, "processes": {"bridge": 3.0}},
+    ]
+    median = _median_run(runs)
+    # The median run's own figures, not a mix of runs.
+    assert median["readings_per_s"] == 210
+    assert median["processes"] == {"bridge": 1.0}
+    assert median["readings_per_s_runs"] == [210, 180, 250], "in run order"
+    # Of two, the slower: the figure never rounds up.
+    assert _median_run(runs[:1] + runs[2:])["readings_per_s"] == 210
+    assert _median_run(runs[1:2]) == {**runs[1], "readings_per_s_runs": [180]}
 
 
 def test_the_load_generators_connect_packet_carries_its_login() -> None:
