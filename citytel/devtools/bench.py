@@ -504,6 +504,115 @@ def main_copy_order(rows: int, output: Path | None) -> int:
     return 0
 
 
+# --- detector state checkpoints -----------------------------------------------------------------
+
+
+def bench_checkpoint(
+    devices_per_kind: int = 250, partitions: int = 6, days: int = 7, saves: int = 10
+) -> dict[str, object]:
+    """A partition's detector state saved to ``detector_state`` as the processor saves it
+    (``checkpoint.StateStore``), with the column compressed by lz4 (migration 0012) and by
+    pglz (PostgreSQL's default, before it): wall ms, the database's CPU ms, stored bytes and
+    WAL bytes per save. The state is the simulated city's (``devices_per_kind``, as
+    ``citytel bench e2e`` runs it) after ``days`` of readings, one every half hour per device,
+    so that every half-hour slot of the daily profiles has as many readings as in a city that
+    has run that long; the partition is one of ``partitions``. The two compressions alternate
+    in blocks of ``saves`` saves, twice each: the database's CPU is read per block (the
+    kernel counts it in 10 ms ticks)."""
+    import psycopg
+
+    from citytel.devtools.evaluate import kafka_records
+    from citytel.processors.checkpoint import StateStore, export_partition
+    from citytel.processors.decode import decode_batch
+    from citytel.processors.detection import DetectionStage
+    from citytel.processors.storage import prepare_database
+
+    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
+    stage = DetectionStage(load_settings())
+    messages = city.messages(time.time() - 86400, interval_s=1800.0)
+    for _slot in range(48 * days):
+        records = list(kafka_records(itertools.islice(messages, len(city.devices)), partitions))
+        stage.detect(decode_batch(records, stage.index, {}, stage.rules)[0])
+    started = time.perf_counter()
+    blob, series = export_partition(stage.index, stage.detectors, 0)
+    export_ms = (time.perf_counter() - started) * 1000
+
+    run_dir = stack.scratch_dir("citytel-bench-")
+    server = stack.start_postgres(run_dir, stack.free_port())
+    conninfo = f"host=127.0.0.1 port={server.port} user=citytel dbname=citytel"
+    figures: dict[str, dict[str, list[float]]] = {
+        method: {"ms": [], "postgres_cpu_ms": [], "wal_bytes": [], "stored_bytes": []} for method in ("lz4", "pglz")
+    }
+
+    async def block(store: StateStore, connection: psycopg.Connection, method: str) -> None:
+        connection.execute(f"ALTER TABLE detector_state ALTER COLUMN state SET COMPRESSION {method}")
+        cpu_before = stack.family_cpu_seconds(server.pid)
+        for _ in range(saves):
+            wal_before = connection.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+            clock = time.perf_counter()
+            await store.save("readings", 0, 1, blob, series)
+            figures[method]["ms"].append((time.perf_counter() - clock) * 1000)
+            wal = connection.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)", wal_before)
+            figures[method]["wal_bytes"].append(float(wal.fetchone()[0]))  # type: ignore[index]
+        # Includes this connection's few statements: the same for both methods.
+        cpu = stack.family_cpu_seconds(server.pid) - cpu_before
+        figures[method]["postgres_cpu_ms"].append(cpu * 1000 / saves)
+        stored = connection.execute("SELECT pg_column_size(state) FROM detector_state").fetchone()
+        figures[method]["stored_bytes"].append(float(stored[0]))  # type: ignore[index]
+
+    async def run() -> None:
+        store = StateStore(conninfo, "bench")
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as connection:
+                await store.save("readings", 0, 1, blob, series)  # the connection's login, untimed
+                for _ in range(2):
+                    for method in figures:
+                        await block(store, connection, method)
+        finally:
+            await store.close()
+
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as connection:
+            prepare_database(connection, load_settings().storage)
+        asyncio.run(run())
+    finally:
+        server.stop()
+        stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
+    median = {
+        method: {name: round(float(np.median(values)), 1) for name, values in by_name.items()}
+        for method, by_name in figures.items()
+    }
+    return {
+        "series": series,
+        "days": days,
+        "blob_bytes": len(blob),
+        "export_ms": round(export_ms, 1),
+        "saves": 2 * saves,
+        "median_per_save": median,
+        # None when too small a state to register at the kernel's 10 ms ticks.
+        "lz4_vs_pglz_postgres_cpu": round(median["lz4"]["postgres_cpu_ms"] / median["pglz"]["postgres_cpu_ms"], 3)
+        if median["pglz"]["postgres_cpu_ms"]
+        else None,
+    }
+
+
+def main_checkpoint(devices_per_kind: int, output: Path | None) -> int:
+    result = bench_checkpoint(devices_per_kind)
+    print(
+        f"a partition's detector state, {result['series']} series, {result['blob_bytes']:,} bytes"
+        f" after {result['days']} days (exported in {result['export_ms']} ms); per save, median of {result['saves']}:"
+    )
+    for method, median in result["median_per_save"].items():  # type: ignore[attr-defined]
+        print(
+            f"  {method:5} {median['ms']:7.1f} ms, database CPU {median['postgres_cpu_ms']:7.1f} ms,"
+            f" stored {median['stored_bytes']:,.0f} bytes, WAL {median['wal_bytes']:,.0f} bytes"
+        )
+    print(f"  database CPU lz4 / pglz {result['lz4_vs_pglz_postgres_cpu']}")
+    if output is not None:
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # --- the detector stage alone -------------------------------------------------------------------
 
 _BENCH_EPOCH_US = 1_795_000_000_000_000  # November 2026: real times, a reading a minute

@@ -312,8 +312,10 @@ def _bench(arguments: argparse.Namespace) -> int:
         return bench.main_processor(arguments.messages, arguments.output)
     if arguments.scenario == "copy-order":
         return bench.main_copy_order(arguments.messages, arguments.output)
+    if arguments.scenario == "checkpoint":
+        return bench.main_checkpoint(arguments.city_devices or 250, arguments.output)
     if arguments.scenario == "detectors":
-        return bench.main_detectors(arguments.output, arguments.city_devices)
+        return bench.main_detectors(arguments.output, arguments.city_devices or 6250)
     if arguments.scenario == "mqtt-tls":
         return bench.main_mqtt_tls(arguments.messages, arguments.output)
     return bench.main_bridge(arguments.messages, arguments.protocol, arguments.output)
@@ -421,7 +423,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench = commands.add_parser("bench", parents=[common], help="measure citytel against bare references, in one run")
     bench.add_argument(
         "scenario",
-        choices=["e2e", "bridge", "codecs", "processor", "copy-order", "detectors", "fuzz", "mqtt-tls", "api", "live"],
+        choices=[
+            "e2e",
+            "bridge",
+            "codecs",
+            "processor",
+            "copy-order",
+            "checkpoint",
+            "detectors",
+            "fuzz",
+            "mqtt-tls",
+            "api",
+            "live",
+        ],
     )
     bench.add_argument("--messages", type=int, default=200_000, help="messages (processor: readings; copy-order: rows)")
     bench.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version, for both sides")
@@ -445,8 +459,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], comm
     bench.add_argument(
         "--city-devices",
         type=int,
-        default=6250,
-        help="detectors: devices of each sort in the whole-stage run (16 series per 1 of each; 6,250: 100,000)",
+        default=None,
+        help="devices of each sort in the simulated city: detectors, the whole-stage run (16 series per 1 of each;"
+        " default 6,250: 100,000); checkpoint (default 250, as e2e runs it)",
     )
     bench.add_argument(
         "--devices",
