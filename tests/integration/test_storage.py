@@ -146,20 +146,27 @@ def test_rollups_equal_a_direct_group_by_also_after_late_readings(
         assert ManualRollups().refresh(connection) == 120
         rollup_matches_group_by(connection)
         # Late readings land in minutes (and hours) already rolled up, and one in a new hour.
-        late_times = [start + 5 * 60_000_000 + 7_000_000, start + 70 * 60_000_000 + 3_000_000, start + 3 * HOUR_US]
+        # Two of them in one hour, 45 minutes apart: the minutes between, rolled up already and
+        # not claimed, are left as they are (recomputed, they would collide with their rows).
+        late_times = [
+            start + 5 * 60_000_000 + 7_000_000,
+            start + 50 * 60_000_000 + 11_000_000,
+            start + 70 * 60_000_000 + 3_000_000,
+            start + 3 * HOUR_US,
+        ]
         write(
             settings,
             index,
-            keys[:1] * 3,
+            keys[:1] * 4,
             late_times,
-            [500.0, -1.0, 42.0],
+            [500.0, 600.0, -1.0, 42.0],
             received_us=[t + 10 * 60_000_000 for t in late_times],
         )
-        assert ManualRollups().refresh(connection) == 3
+        assert ManualRollups().refresh(connection) == 4
         rollup_matches_group_by(connection)
         assert ManualRollups().refresh(connection) == 0
         late_flags = connection.execute("SELECT count(*) FROM readings WHERE quality & 1 = 1").fetchone()
-        assert late_flags == (3,), "readings received 10 minutes after their time are flagged late"
+        assert late_flags == (4,), "readings received 10 minutes after their time are flagged late"
 
 
 def test_concurrent_writes_store_each_reading_once_and_keep_rollups_whole(
