@@ -524,12 +524,9 @@ def bench_checkpoint(
     from citytel.devtools.evaluate import kafka_records
     from citytel.processors.checkpoint import StateStore, export_partition
     from citytel.processors.decode import decode_batch
-    from citytel.processors.detection import DetectionStage
     from citytel.processors.storage import prepare_database
 
-    city = City(devices_per_kind, seed=3, spike_probability=0.0005)
-    stage = DetectionStage(load_settings())
-    messages = city.messages(time.time() - 86400, interval_s=1800.0)
+    city, messages, stage = _stage_city(devices_per_kind, interval_s=1800.0)
     for _slot in range(48 * days):
         records = list(kafka_records(itertools.islice(messages, len(city.devices)), partitions))
         stage.detect(decode_batch(records, stage.index, {}, stage.rules)[0])
@@ -753,13 +750,13 @@ def bench_state_growth(devices_per_kind: int = 6250, waves: int = 20) -> dict[st
     return {"waves": waves, **_state_per_series(stage)}
 
 
-def _stage_city(devices_per_kind: int) -> tuple[City, Iterator[Message], DetectionStage]:
-    """The simulated city of the stage benchmarks, its messages a minute apart, and a fresh
-    detection stage."""
+def _stage_city(devices_per_kind: int, interval_s: float = 60.0) -> tuple[City, Iterator[Message], DetectionStage]:
+    """The simulated city of the stage benchmarks, each device's messages ``interval_s`` apart
+    (a minute by default), and a fresh detection stage."""
     from citytel.processors.detection import DetectionStage
 
     city = City(devices_per_kind, seed=3, spike_probability=0.0005)
-    return city, city.messages(1_795_000_000.0, interval_s=60.0), DetectionStage(load_settings())
+    return city, city.messages(1_795_000_000.0, interval_s=interval_s), DetectionStage(load_settings())
 
 
 def _state_per_series(stage: DetectionStage) -> dict[str, float | int]:
