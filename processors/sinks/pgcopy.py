@@ -25,28 +25,20 @@ _WIRE_TYPES = {"timestamptz": ">i8", "int2": ">i2", "int4": ">i4", "int8": ">i8"
 
 @dataclass(frozen=True, slots=True)
 class Column:
-    """One column: ``pg_type`` is a key of the table above, or ``text`` for a constant string
-    (the same value on every row, e.g. a detector name), given as ``constant``."""
+    """One column: ``pg_type`` is a key of the table above."""
 
     pg_type: str
-    values: NDArray[np.generic] | None = None
-    constant: bytes = b""
+    values: NDArray[np.generic]
 
 
 def copy_body(columns: Sequence[Column], rows: int) -> bytes:
     fields: list[tuple[str, str]] = [("field_count", ">i2")]
     for position, column in enumerate(columns):
-        width = len(column.constant) if column.pg_type == "text" else np.dtype(_WIRE_TYPES[column.pg_type]).itemsize
-        wire = f"S{width}" if column.pg_type == "text" else _WIRE_TYPES[column.pg_type]
-        fields += [(f"length{position}", ">i4"), (f"value{position}", wire)]
+        fields += [(f"length{position}", ">i4"), (f"value{position}", _WIRE_TYPES[column.pg_type])]
     body = np.empty(rows, dtype=np.dtype(fields))
     body["field_count"] = len(columns)
     for position, column in enumerate(columns):
-        if column.pg_type == "text":
-            body[f"length{position}"] = len(column.constant)
-            body[f"value{position}"] = column.constant
-            continue
-        if column.values is None or len(column.values) != rows:
+        if len(column.values) != rows:
             raise ValueError(f"column {position} ({column.pg_type}) needs {rows} values")
         body[f"length{position}"] = np.dtype(_WIRE_TYPES[column.pg_type]).itemsize
         values = column.values

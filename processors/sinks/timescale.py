@@ -4,9 +4,11 @@ Per batch, in one transaction: readings are binary-COPYed straight into the hype
 of them is already there (a batch replayed after a crash, a message redelivered), the
 transaction is rolled back and the batch written again in a new one, its readings through a
 session-temporary staging table and ``INSERT … SELECT … ON CONFLICT DO NOTHING`` on the natural
-key. Anomalies always take the staging path (they are few). A replayed batch therefore adds no
-duplicate rows, and a new one costs a single COPY. (Not a savepoint around the COPY: that was
-two more round trips on every batch, to save work only on the rare replayed one.)
+key. Anomalies are few: they go in as arrays (``INSERT … SELECT … FROM unnest … ON CONFLICT DO
+NOTHING``), pipelined with the rollups' minute markers and the COMMIT. A replayed batch
+therefore adds no duplicate rows, and a new one costs a single COPY and four round trips. (Not
+a savepoint around the COPY: that was two more round trips on every batch, to save work only
+on the rare replayed one.)
 
 Batches may be written concurrently (``processor.writes_in_flight``), each on a connection of
 its own: one COPY keeps one PostgreSQL backend, hence one core, busy, and the database is the
@@ -17,8 +19,10 @@ transactions take any locks they share in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -45,9 +49,6 @@ LATE_AFTER_US = 5 * 60 * 1_000_000
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS readings_stage
     (time timestamptz, series_id integer, value double precision, quality smallint) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS anomalies_stage
-    (time timestamptz, series_id integer, detector text, score real, reason text, value double precision)
-    ON COMMIT DELETE ROWS;
 """
 
 # Errors about the data itself: replaying cannot help. Everything else is about the connection
@@ -173,8 +174,12 @@ class TimescaleSink:
     ) -> tuple[NDArray[np.int64], NDArray[np.int32], int, int]:
         """The batch in one transaction: (series first seen, their ids, readings written,
         anomalies written). Raises ``UniqueViolation`` if not ``replay`` and a reading is
-        stored already; the transaction is then rolled back."""
-        async with connection.transaction():
+        stored already; the transaction is then rolled back.
+
+        Four round trips whatever the batch holds: the BEGIN psycopg sends before the first
+        statement, the COPY's two (start, end), and one for the rest (``_finish``). Not
+        ``connection.transaction()``: its COMMIT would be a round trip of its own."""
+        try:
             events = [result.events for result in results if result.events is not None and len(result.events)]
             # A swept series may be one this process has not seen since it restored its
             # state: it needs its id too.
@@ -189,17 +194,62 @@ class TimescaleSink:
                 is_new = new_series[position] == every_series
                 series_id[is_new] = new_ids[position[is_new]]
             readings = await self._copy_readings(connection, batch, series_id[: len(batch)], replay=replay)
-            anomalies = 0
+            anomalies = await self._finish(connection, batch, series_id, results, events)
+        except BaseException:
+            # A broken connection cannot roll back; the caller closes it, which rolls back too.
+            with contextlib.suppress(psycopg.Error):
+                await connection.rollback()
+            raise
+        return new_series, new_ids, readings, anomalies
+
+    async def _finish(
+        self,
+        connection: psycopg.AsyncConnection,
+        batch: ReadingBatch,
+        series_id: NDArray[np.generic],
+        results: list[DetectorResult],
+        events: list[AnomalyEvents],
+    ) -> int:
+        """The anomalies, the minute markers and COMMIT, pipelined: one round trip. Returns the
+        anomalies written."""
+        inserted: list[psycopg.AsyncCursor[Any]] = []
+        async with connection.pipeline():
             for result in results:
-                anomalies += await self._copy_anomalies(connection, batch, series_id[: len(batch)], result)
+                rows, score, reason = result.anomalies()
+                if len(rows):
+                    inserted.append(
+                        await self._insert_anomalies(
+                            connection,
+                            result.detector,
+                            result.reasons,
+                            batch.time_us[rows],
+                            series_id[rows],
+                            score,
+                            reason,
+                            batch.value[rows],
+                        )
+                    )
             start = len(batch)
             for event in events:
-                anomalies += await self._copy_events(connection, event, series_id[start : start + len(event)])
+                # Anomalies no reading carries (a dropout): no value, so NaN.
+                inserted.append(
+                    await self._insert_anomalies(
+                        connection,
+                        event.detector,
+                        event.reasons,
+                        event.time_us,
+                        series_id[start : start + len(event)],
+                        event.score,
+                        event.reason,
+                        np.full(len(event), np.nan),
+                    )
+                )
                 start += len(event)
             # Last, because a marker row stays locked until this transaction commits: a
             # concurrent write of the same minutes waits for it only from here on.
             await self._mark_minutes(connection, batch)
-        return new_series, new_ids, readings, anomalies
+            await connection.commit()
+        return sum(cursor.rowcount for cursor in inserted)
 
     async def _resolve_series(
         self, connection: psycopg.AsyncConnection, series: NDArray[np.int64]
@@ -273,42 +323,6 @@ class TimescaleSink:
             (minutes.tolist(), int(batch.time_us.max())),
         )
 
-    async def _copy_anomalies(
-        self,
-        connection: psycopg.AsyncConnection,
-        batch: ReadingBatch,
-        series_id: NDArray[np.generic],
-        result: DetectorResult,
-    ) -> int:
-        rows, score, reason = result.anomalies()
-        if not len(rows):
-            return 0
-        return await self._insert_anomalies(
-            connection,
-            result.detector,
-            result.reasons,
-            batch.time_us[rows],
-            series_id[rows],
-            score,
-            reason,
-            batch.value[rows],
-        )
-
-    async def _copy_events(
-        self, connection: psycopg.AsyncConnection, events: AnomalyEvents, series_id: NDArray[np.generic]
-    ) -> int:
-        """Anomalies no reading carries (a dropout): no value, so NaN."""
-        return await self._insert_anomalies(
-            connection,
-            events.detector,
-            events.reasons,
-            events.time_us,
-            series_id,
-            events.score,
-            events.reason,
-            np.full(len(events), np.nan),
-        )
-
     @staticmethod
     async def _insert_anomalies(
         connection: psycopg.AsyncConnection,
@@ -319,31 +333,27 @@ class TimescaleSink:
         score: NDArray[np.float32],
         reason: NDArray[np.uint8],
         value: NDArray[np.float64],
-    ) -> int:
-        parts = [COPY_HEADER]
-        # Text fields vary in width; within one reason code they do not, so each group is one
-        # fixed-width numpy block.
-        for code in np.unique(reason):
-            group = np.flatnonzero(reason == code)
-            parts.append(
-                copy_body(
-                    [
-                        Column("timestamptz", time_us[group]),
-                        Column("int4", series_id[group]),
-                        Column("text", constant=detector.encode()),
-                        Column("float4", score[group]),
-                        Column("text", constant=reasons[int(code)].encode()),
-                        Column("float8", value[group]),
-                    ],
-                    len(group),
-                )
-            )
-        parts.append(COPY_TRAILER)
-        async with connection.cursor() as cursor:
-            async with cursor.copy("COPY anomalies_stage FROM STDIN (FORMAT BINARY)") as copy:
-                await copy.write(b"".join(parts))
-            await cursor.execute(
-                "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
-                " SELECT * FROM anomalies_stage ON CONFLICT DO NOTHING"
-            )
-            return cursor.rowcount
+    ) -> psycopg.AsyncCursor[Any]:
+        """Queue one detector's anomalies (in the pipeline of ``_finish``); their count is the
+        cursor's ``rowcount`` once the pipeline is synced. Stored ones are skipped, so a replay
+        adds none twice. As arrays, not a COPY: a COPY cannot join a pipeline, and anomalies
+        are few."""
+        cursor = connection.cursor()
+        await cursor.execute(
+            "INSERT INTO anomalies (time, series_id, detector, score, reason, value)"
+            " SELECT timestamptz 'epoch' + a.time_us * interval '1 microsecond', a.series_id, %s, a.score,"
+            " (%s::text[])[a.reason + 1], a.value"
+            " FROM unnest(%s::bigint[], %s::integer[], %s::real[], %s::smallint[], %s::double precision[])"
+            " AS a(time_us, series_id, score, reason, value)"
+            " ON CONFLICT DO NOTHING",
+            (
+                detector,
+                list(reasons),
+                time_us.tolist(),
+                series_id.tolist(),
+                score.tolist(),
+                reason.tolist(),
+                value.tolist(),
+            ),
+        )
+        return cursor

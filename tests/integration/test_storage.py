@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from citytel.config import Settings, StorageSettings, dump_settings
 from citytel.devtools import stack
 from citytel.processors.alerts.engine import _newest_reading_us, evaluate
-from citytel.processors.batch import ReadingBatch
+from citytel.processors.batch import AnomalyEvents, DetectorResult, ReadingBatch
 from citytel.processors.checkpoint import StateStore
 from citytel.processors.series import SeriesIndex
 from citytel.processors.sinks.timescale import TimescaleSink, TimescaleSinkSettings
@@ -40,8 +41,10 @@ def write(
     times_us: list[int],
     values: list[float],
     received_us: list[int] | None = None,
+    results: Callable[[ReadingBatch], list[DetectorResult]] = lambda batch: [],
 ) -> None:
-    """Write readings through the real sink (COPY, ON CONFLICT, dirty-bucket marking)."""
+    """Write readings, and the anomalies ``results`` finds in their batch, through the real sink
+    (COPY, ON CONFLICT, dirty-bucket marking)."""
     devices = np.array([index.device_code(d, k, district) for d, k, district, _ in keys], np.int64)
     index.add_metrics({metric for *_, metric in keys})
     metrics = np.array([index.metric_codes[metric] for *_, metric in keys], np.int64)
@@ -52,7 +55,7 @@ def write(
     async def go() -> None:
         sink = TimescaleSink(settings, TimescaleSinkSettings(), index)
         try:
-            await sink.write(batch, [])
+            await sink.write(batch, results(batch))
         finally:
             await sink.close()
 
@@ -471,6 +474,52 @@ def test_a_replayed_or_overlapping_batch_adds_only_the_new_rows(settings: Settin
     )
     assert dirty is not None
     assert dirty[0] >= 1, "the rollups learn which minutes changed"
+
+
+def test_anomalies_of_several_detectors_and_a_sweep_are_stored_once_also_on_a_replay(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+    index = SeriesIndex(1000)
+    now_us = 1_795_000_000_000_000
+    keys = [("air-1", "air", "erqi", "pm2_5"), ("air-2", "air", "erqi", "pm2_5"), ("air-3", "air", "erqi", "pm2_5")]
+    times = [now_us, now_us, now_us]
+
+    def verdicts(batch: ReadingBatch) -> list[DetectorResult]:
+        # Two detectors flag readings (one of them two, with different reasons); a sweep reports
+        # a silent series with no reading in the batch, so no value.
+        spike = DetectorResult(
+            "spike", len(batch), np.array([0, 2]), np.array([0.9, 0.7], np.float32),
+            np.array([True, True]), np.array([1, 2], np.uint8), ("", "too high", "too fast"),
+        )  # fmt: skip
+        stuck = DetectorResult(
+            "stuck", len(batch), np.array([1, 2]), np.array([0.2, 1.0], np.float32),
+            np.array([False, True]), np.array([0, 1], np.uint8), ("", "flat"),
+        )  # fmt: skip
+        silent = AnomalyEvents(
+            "quiet", batch.series[:1], np.array([now_us - 60_000_000]), np.array([1.0], np.float32),
+            np.array([1], np.uint8), ("", "silent"),
+        )  # fmt: skip
+        return [spike, stuck, DetectorResult.none("quiet", len(batch), ("", "silent"), silent)]
+
+    write(settings, index, keys, times, [80.0, 5.0, 6.0], results=verdicts)
+    # A replay of the same batch plus a new reading: the stored anomalies are not added again.
+    write(settings, index, [*keys, keys[0]], [*times, now_us + 1], [80.0, 5.0, 6.0, 7.0], results=verdicts)
+    with database.connect() as connection:
+        rows = connection.execute(
+            "SELECT device_id, (extract(epoch FROM time) * 1e6)::bigint, detector, score, reason, value"
+            " FROM anomalies JOIN series USING (series_id) ORDER BY detector, device_id"
+        ).fetchall()
+    assert [(device, int(t), detector, round(score, 3), reason) for device, t, detector, score, reason, _ in rows] == [
+        ("air-1", now_us - 60_000_000, "quiet", 1.0, "silent"),
+        ("air-1", now_us, "spike", 0.9, "too high"),
+        ("air-3", now_us, "spike", 0.7, "too fast"),
+        ("air-3", now_us, "stuck", 1.0, "flat"),
+    ]
+    values = [value for *_, value in rows]
+    assert np.isnan(values[0]), "a sweep's anomaly has no value"
+    assert values[1:] == [80.0, 6.0, 6.0]
 
 
 def test_a_row_from_the_year_148108_breaks_neither_rollups_nor_retention_nor_the_alerter(

@@ -233,12 +233,12 @@ def test_binary_copy_rows_have_postgres_wire_layout() -> None:
         [
             Column("timestamptz", np.array([946_684_800_000_001], np.int64)),
             Column("int4", np.array([7], np.int32)),
-            Column("text", constant=b"ewma"),
+            Column("int2", np.array([-3], np.int16)),
             Column("float8", np.array([1.5])),
         ],
         1,
     )
-    expected = struct.pack(">hiqiiI4siD".replace("D", "d"), 4, 8, 1, 4, 7, 4, b"ewma", 8, 1.5)
+    expected = struct.pack(">hiqiiihid", 4, 8, 1, 4, 7, 2, -3, 8, 1.5)
     assert body == expected
     assert COPY_HEADER.startswith(b"PGCOPY\n\xff\r\n\x00")
     with pytest.raises(ValueError, match="needs 2 values"):
