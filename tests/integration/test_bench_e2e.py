@@ -32,6 +32,7 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
         pack_readings=20_000,
         pack_messages=500,
         repeats=2,
+        warm_up_seconds=1.0,
     )
     # Its servers' data (gigabytes after a full run) goes with it.
     assert _bench_dirs() <= before
@@ -156,6 +157,7 @@ def test_the_end_to_end_benchmark_runs_on_servers_secured_as_the_local_stack_run
         pack_readings=2000,
         pack_messages=100,
         repeats=1,
+        warm_up_seconds=1.0,
     )
     assert result["references"]["bare_paho_drain_msg_per_s"] > 0
     # Peers from outside the project have no login on a secured broker.

@@ -6,12 +6,14 @@ import argparse
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from citytel.config import default_config_path as config_path
-from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run
+from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run, _wait_cpu_quiet
 from citytel.devtools.commands import _reporting_stack_errors
 from citytel.devtools.stack import StackError
 
@@ -71,6 +73,20 @@ def test_a_part_run_several_times_reports_its_median_run_and_every_runs_rate() -
     # Of two, the slower: the figure never rounds up.
     assert _median_run(runs[:1] + runs[2:])["readings_per_s"] == 210
     assert _median_run(runs[1:2]) == {**runs[1], "readings_per_s_runs": [180]}
+
+
+def test_the_warm_up_waits_while_a_process_is_busy_and_no_longer() -> None:
+    # A child that spins for about 3 s, then sleeps: the wait ends once it sleeps.
+    spin = "import time\nend = time.monotonic() + 3\nwhile time.monotonic() < end: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        waited = _wait_cpu_quiet(child.pid, timeout=20)
+        assert 1.0 <= waited <= 10.0, "waited while it spun, and stopped once it slept"
+        assert _wait_cpu_quiet(child.pid, timeout=20) <= 3.0, "quiet at once"
+        assert _wait_cpu_quiet(child.pid, below_cores=-1.0, timeout=2) >= 2.0, "gives up"
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_the_load_generators_connect_packet_carries_its_login() -> None:
