@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from citytel.config import Settings, StorageSettings, dump_settings
 from citytel.devtools import stack
@@ -503,9 +504,15 @@ def test_anomalies_of_several_detectors_and_a_sweep_are_stored_once_also_on_a_re
         )  # fmt: skip
         return [spike, stuck, DetectorResult.none("quiet", len(batch), ("", "silent"), silent)]
 
+    def anomalies_written() -> float:
+        return REGISTRY.get_sample_value("citytel_rows_written_total", {"table": "anomalies"}) or 0.0
+
+    before = anomalies_written()
     write(settings, index, keys, times, [80.0, 5.0, 6.0], results=verdicts)
+    assert anomalies_written() - before == 4
     # A replay of the same batch plus a new reading: the stored anomalies are not added again.
     write(settings, index, [*keys, keys[0]], [*times, now_us + 1], [80.0, 5.0, 6.0, 7.0], results=verdicts)
+    assert anomalies_written() - before == 4, "the replay counts none"
     with database.connect() as connection:
         rows = connection.execute(
             "SELECT device_id, (extract(epoch FROM time) * 1e6)::bigint, detector, score, reason, value"
