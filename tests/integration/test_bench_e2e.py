@@ -7,12 +7,16 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from citytel.config import StorageSettings
 from citytel.devtools import stack
-from citytel.devtools.bench_e2e import bench_e2e, plot
+from citytel.devtools.bench_e2e import _PROBE, _notify_probe_rows, _Probe, bench_e2e, plot
+from citytel.processors.storage import prepare_database
+from tests.conftest import ScratchDatabase
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +187,37 @@ def test_the_mqtt_tls_benchmark_drains_every_variant() -> None:
     for figures in results.values():
         assert figures["drain_msg_per_s"] > 0
         assert figures["broker_cpu_us_per_message"] > 0
+
+
+def test_the_latency_probe_hears_a_probe_row_when_its_transaction_commits(database: ScratchDatabase) -> None:
+    conninfo = f"host=127.0.0.1 port={database.port} user=citytel dbname={database.name}"
+    with database.connect() as connection:
+        prepare_database(connection, StorageSettings())
+    _notify_probe_rows(conninfo)
+    _notify_probe_rows(conninfo)  # again, as a rerun on the same database would: no error, one trigger
+    with database.connect() as connection:
+        row = connection.execute("SELECT series_id FROM series WHERE device_id = %s", (_PROBE,)).fetchone()
+        assert row is not None
+        probe_series = row[0]
+        other = connection.execute(
+            "INSERT INTO series (device_id, kind, district, metric) VALUES ('air-0001', 'air', 'jinshui', 'noise')"
+            " RETURNING series_id"
+        ).fetchone()
+        assert other is not None
+        insert = "INSERT INTO readings (time, series_id, value) VALUES (to_timestamp(%s), %s, 50)"
+        with _Probe(conninfo) as probe:
+            published = time.time()
+            with connection.transaction():
+                connection.execute(insert, (published, probe_series))
+                # Not the probe's: no notification (a time of its own, as PostgreSQL folds a
+                # transaction's identical notifications into one).
+                connection.execute(insert, (published + 0.002, other[0]))
+                connection.execute(insert, (published - 3600, probe_series))  # before the probe began
+                time.sleep(0.3)
+                # Not committed yet, so not visible, so not heard.
+                assert probe.latencies_ms == []
+            committed = time.time()
+        assert len(probe.latencies_ms) == 1
+        # Publish → visible: at least the 300 ms the transaction stayed open, at most until
+        # just after it committed.
+        assert 300 <= probe.latencies_ms[0] <= (committed - published) * 1000 + 200
