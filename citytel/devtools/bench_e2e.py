@@ -703,17 +703,16 @@ def _warm_stream(settings: Settings, prefix: str, seconds: float, access: _Acces
     """City messages at a steady 2,000 msg/s (QoS 1) for ``seconds``, until written: small
     requests, many of them, as a city's stream makes."""
     rate = 2000.0
-    city = itertools.islice(_city_messages(prefix, 14, time.time() - 3600), int(rate * seconds) + 1)
-    encoded = [(message.topic.encode(), message.payload, message.readings) for message in city]
+    city = list(itertools.islice(_city_messages(prefix, 14, time.time() - 3600), int(rate * seconds) + 1))
+    encoded = [(message.topic.encode(), message.payload) for message in city]
     conninfo = settings.database.conninfo()
     before = _progress(conninfo, settings.metrics.processor_port)
     publisher = BulkPublisher(settings.mqtt.port, access.publisher)
     try:
-        sent = publisher.run(((topic, payload) for topic, payload, _ in encoded), rate, seconds)
+        sent = publisher.run(iter(encoded), rate, seconds)
     finally:
         publisher.close()
-    readings = sum(count for _, _, count in encoded[:sent])
-    _wait_rows(conninfo, settings.metrics.processor_port, readings, timeout=300, since=before)
+    _wait_rows(conninfo, settings.metrics.processor_port, _readings_in(city[:sent]), timeout=300, since=before)
 
 
 def _wait_cpu_quiet(pid: int, below_cores: float = 0.05, timeout: float = 90.0) -> float:
