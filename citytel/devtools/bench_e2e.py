@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -71,13 +72,45 @@ __all__ = ["bench_e2e"]
 _PROBE = "probe-0000"
 
 
-def _city_messages(prefix: str, seed: int, start: float, interval_s: float = 0.01) -> Iterator[Message]:
-    city = City(devices_per_kind=250, seed=seed, topic_prefix=prefix, spike_probability=0.0)
-    return city.messages(start, interval_s=interval_s)
+_CITY_DEVICES = 1000  # 250 of each of the four sorts
+_CITY_INTERVAL_S = 0.01  # between a device's messages
+
+
+def _city_messages(prefix: str, seed: int, start: float) -> Iterator[Message]:
+    city = City(devices_per_kind=_CITY_DEVICES // 4, seed=seed, topic_prefix=prefix, spike_probability=0.0)
+    return city.messages(start, interval_s=_CITY_INTERVAL_S)
+
+
+class _StreamClock:
+    """Stream times for the parts of a run that go through the processor, handed out in the
+    order the parts run. Every part simulates the same city (the same devices, so the same
+    series), and a part stamped earlier than one already written would be late for every
+    series: the detectors neither learn from late readings nor, mostly, score them, so such a
+    part would be measured doing less than a city's live data makes the processor do. (Each
+    used to take a fixed offset from the wall clock, and the packed drains and the processor
+    alone came out hours before the offered-load steps that ran ahead of them.) A part's slot
+    is as long as its messages can span, plus a second: a longer silence of every device
+    between parts would be a dropout of each (``detectors.dropout.min_silence_seconds``)."""
+
+    def __init__(self, start: float) -> None:
+        self._next = start
+
+    def take(self, messages: int) -> float:
+        """The start of a part of at most ``messages`` city messages (``_city_messages``)."""
+        start = self._next
+        rounds = math.ceil(messages / _CITY_DEVICES)
+        self._next += rounds * _CITY_INTERVAL_S + 1.0
+        return start
 
 
 def _readings_in(messages: list[Message]) -> int:
     return sum(message.readings for message in messages)
+
+
+def _stream_span(messages: list[Message]) -> list[float]:
+    """The first and the last stream time (s) of the readings in some messages."""
+    first = min(message.packed[0][0] if message.packed else message.time_s for message in messages)
+    return [round(first, 2), round(max(message.time_s for message in messages), 2)]
 
 
 def _count(conninfo: str) -> int:
@@ -459,6 +492,15 @@ def _bucket_quantile_ms(before: dict[float, float], after: dict[float, float], q
     return None
 
 
+def _anomalies(processor_port: int) -> float:
+    """Readings the processor's detectors have flagged so far, all detectors together."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{processor_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("citytel_anomalies_total{")
+    )
+
+
 def _written(processor_port: int) -> float:
     """Readings the processor has committed to the database so far."""
     return _metric(processor_port, 'citytel_stage_sent_total{stage="sink",unit="readings"}')
@@ -699,11 +741,18 @@ class BulkPublisher:
         self._socket.close()
 
 
-def _warm_stream(settings: Settings, prefix: str, seconds: float, access: _Access) -> None:
+_WARM_RATE = 2000.0
+
+
+def _warm_messages(seconds: float) -> int:
+    return int(_WARM_RATE * seconds) + 1
+
+
+def _warm_stream(settings: Settings, prefix: str, seconds: float, access: _Access, start: float) -> None:
     """City messages at a steady 2,000 msg/s (QoS 1) for ``seconds``, until written: small
-    requests, many of them, as a city's stream makes."""
-    rate = 2000.0
-    city = list(itertools.islice(_city_messages(prefix, 14, time.time() - 3600), int(rate * seconds) + 1))
+    requests, many of them, as a city's stream makes. ``start``: the stream's first time."""
+    rate = _WARM_RATE
+    city = list(itertools.islice(_city_messages(prefix, 14, start), _warm_messages(seconds)))
     encoded = [(message.topic.encode(), message.payload) for message in city]
     conninfo = settings.database.conninfo()
     before = _progress(conninfo, settings.metrics.processor_port)
@@ -748,16 +797,23 @@ def _wait_idle(processor_port: int, quiet_seconds: float = 1.0, timeout: float =
 _PROBE_EVERY_S = 0.02
 
 
-def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, access: _Access) -> dict[str, Any]:
+def _offered_messages(rate: float, seconds: float) -> int:
+    return int(rate * seconds) + 1
+
+
+def _offered_step(
+    settings: Settings, rate: float, seconds: float, seed: int, access: _Access, start: float
+) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message, and at
-    least every ``_PROBE_EVERY_S``. Starts from an idle pipeline: the steps before it written
+    least every ``_PROBE_EVERY_S``; the city's stream times from ``start`` (the probe's are
+    the wall clock's, as its latency is measured from them). Starts from an idle pipeline: the steps before it written
     and their rollups recomputed (``_rollups_caught_up``); the processor's own maintenance pass
     may still fall inside the step, as in a city it falls inside whatever load there is."""
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
     probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE).encode()
     # Made before the clock starts: the load generator must not be what limits the rate.
-    city = list(itertools.islice(_city_messages(prefix, seed, time.time() - 600), int(rate * seconds) + 1))
+    city = list(itertools.islice(_city_messages(prefix, seed, start), _offered_messages(rate, seconds)))
     encoded = [(message.topic.encode(), message.payload) for message in city]
     readings = 0
 
@@ -790,6 +846,7 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, ac
     buckets_after = _latency_buckets(settings.metrics.processor_port)
     latencies = np.array(probe.latencies_ms)
     return {
+        "stream_s": _stream_span(city[: max(1, published)]),
         # Where the time goes: from the bridge's receipt to the row, by the processor's own
         # histogram (the rest of publish → row is Mosquitto and the bridge's wait for it).
         "receipt_to_row_ms_at_most": {
@@ -806,11 +863,14 @@ def _offered_step(settings: Settings, rate: float, seconds: float, seed: int, ac
     }
 
 
-def _qos0(settings: Settings, seconds: float, access: _Access) -> dict[str, Any]:
+_QOS0_MESSAGES = 200_000
+
+
+def _qos0(settings: Settings, seconds: float, access: _Access, start: float) -> dict[str, Any]:
     conninfo = settings.database.conninfo()
     sent: list[Message] = []
     before = _count(conninfo)
-    prepared = list(itertools.islice(_city_messages(settings.mqtt.topic_prefix, 5, time.time() - 1200), 200_000))
+    prepared = list(itertools.islice(_city_messages(settings.mqtt.topic_prefix, 5, start), _QOS0_MESSAGES))
     started = time.perf_counter()
     published = publish(
         iter(prepared), "127.0.0.1", settings.mqtt.port, qos=0, duration_s=seconds, on_sent=sent.append,
@@ -829,6 +889,7 @@ def _qos0(settings: Settings, seconds: float, access: _Access) -> dict[str, Any]
         arrived = now
     total = time.perf_counter() - started
     return {
+        "stream_s": _stream_span(sent or prepared[:1]),
         "published_msg_per_s": round(published / elapsed),
         "readings_published": readings,
         "readings_arrived": arrived,
@@ -1094,6 +1155,7 @@ def _processor_alone(
     # the run, when the first was measured), into times just before these packs'.
     copy_rate = _copy_reference(settings.database.conninfo(), total, label, start - 600)
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
+    flagged_before = _anomalies(settings.metrics.processor_port)
     os.kill(processor.pid, signal.SIGSTOP)
     try:
         asyncio.run(_produce(settings, settings.kafka.readings_topic, records))
@@ -1110,6 +1172,8 @@ def _processor_alone(
         os.kill(processor.pid, signal.SIGCONT)
     seconds, processes = _wait_sampled(settings, sampler, total, before, started)
     return {
+        "stream_s": _stream_span(backlog),
+        "anomalies": round(_anomalies(settings.metrics.processor_port) - flagged_before),
         "readings_per_record": size,
         "records": len(records),
         "readings": total,
@@ -1145,8 +1209,11 @@ def _packed_drain(pipeline: _Pipeline, size: int, readings: int, start: float, t
     peer = (
         _telegraf_drain(telegraf, settings, pipeline.run_dir, backlog, topic_filter, telegraf_id) if telegraf else None
     )
+    flagged_before = _anomalies(settings.metrics.processor_port)
     seconds, processes = _timed_drain(pipeline, total, f"bridge-packs-of-{size}")
     return {
+        "stream_s": _stream_span(backlog),
+        "anomalies": round(_anomalies(settings.metrics.processor_port) - flagged_before),
         "readings_per_message": size,
         "messages": len(backlog),
         "readings": total,
@@ -1271,7 +1338,11 @@ def bench_e2e(
             settings.mqtt.max_inflight,
             access.subscriber,
         )
-        warm_up = list(itertools.islice(_city_messages(prefix, 12, time.time() - 3000), max(100, messages // 20)))
+        # Everything from here on goes through the processor, in this order (``_StreamClock``).
+        clock = _StreamClock(time.time() - 1800)
+        warm_up = list(
+            itertools.islice(_city_messages(prefix, 12, clock.take(max(100, messages // 20))), max(100, messages // 20))
+        )
         publish(iter(warm_up), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
         _wait_partitions(settings.metrics.processor_port, timeout=120)
@@ -1281,12 +1352,12 @@ def bench_e2e(
             _wait_rows(
                 conninfo, settings.metrics.processor_port, _readings_in(warm_up), timeout=300, since=before_warm_up
             )
-            _warm_stream(settings, prefix, warm_up_seconds, access)
+            _warm_stream(settings, prefix, warm_up_seconds, access, clock.take(_warm_messages(warm_up_seconds)))
         finally:
             warm_bridge.terminate()
             warm_bridge.wait(timeout=30)
         kafka_quiet_after_s = _wait_cpu_quiet(servers["kafka"].pid)
-        drain_backlog = list(itertools.islice(_city_messages(prefix, 13, time.time() - 2400), messages))
+        drain_backlog = list(itertools.islice(_city_messages(prefix, 13, clock.take(messages)), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         drain_readings = _readings_in(drain_backlog)
         pipeline = _Pipeline(settings, config, run_dir, access, servers, children)
@@ -1295,6 +1366,7 @@ def bench_e2e(
             # Everything shares two cores, so CPU per message is what bounds the rate.
             figures["cpu_us_per_message"] = round(figures["cpu_seconds"] * 1e6 / len(drain_backlog), 1)
         result["citytel_qos1"] = {
+            "stream_s": _stream_span(drain_backlog),
             # How long Kafka went on compiling after the warm-up (the timeout if it never went quiet).
             "kafka_quiet_after_warm_up_s": kafka_quiet_after_s,
             "msg_per_s": round(len(drain_backlog) / seconds),
@@ -1304,31 +1376,41 @@ def bench_e2e(
 
         # QoS 0 at full speed, then rising offered load (QoS 1) for latency.
         # The bridge subscribes with QoS 1; messages published at QoS 0 are delivered at QoS 0.
-        result["citytel_qos0"] = _qos0(settings, step_seconds, access)
+        result["citytel_qos0"] = _qos0(settings, step_seconds, access, clock.take(_QOS0_MESSAGES))
         drain_rate = len(drain_backlog) / seconds
         result["offered_load"] = [
-            _offered_step(settings, fraction * drain_rate, step_seconds, 20 + position, access)
+            _offered_step(
+                settings,
+                fraction * drain_rate,
+                step_seconds,
+                20 + position,
+                access,
+                clock.take(_offered_messages(fraction * drain_rate, step_seconds)),
+            )
             for position, fraction in enumerate(steps)
         ]
-        # Packed readings last: each drain replaces the bridge. Stream times 10 minutes apart,
-        # clear of every other part's, so no reading repeats one already stored.
+        # Packed readings last: each drain replaces the bridge.
         result["packed"] = [
+            # A pack's readings come from at most as many city messages.
             _packed_drain(
-                pipeline, size, max(pack_readings, pack_messages * size), time.time() - 5400 + 600 * n, telegraf_binary
+                pipeline,
+                size,
+                max(pack_readings, pack_messages * size),
+                clock.take(max(pack_readings, pack_messages * size)),
+                telegraf_binary,
             )
-            for n, size in enumerate(pack_sizes)
+            for size in pack_sizes
         ]
         largest = max(pack_sizes, default=None)
         result["processor_alone"] = None
         largest_drain: dict[str, Any] | None = None
         if largest is not None:
-            # Repeats of the largest packs, each stream 50 minutes clear of every other (a
-            # million readings of the simulated city span about 40).
+            # Repeats of the largest packs.
             size, readings = largest, max(pack_readings, pack_messages * largest)
             position = len(pack_sizes) - 1 - pack_sizes[::-1].index(largest)
             drains = [result["packed"][position]]
             drains += [
-                _packed_drain(pipeline, size, readings, time.time() - 15_000 - 3000 * run, telegraf_binary)
+                _packed_drain(pipeline, size, readings, clock.take(readings), telegraf_binary)
                 for run in range(repeats - 1)
             ]
             median = _median_run(drains)
@@ -1337,7 +1419,7 @@ def bench_e2e(
             result["packed"][position] = largest_drain = median
             result["processor_alone"] = _median_run(
                 [
-                    _processor_alone(pipeline, size, readings, time.time() - 6000 - 3000 * run, f"raw-late{run}")
+                    _processor_alone(pipeline, size, readings, clock.take(readings), f"raw-late{run}")
                     for run in range(repeats)
                 ]
             )
