@@ -303,6 +303,8 @@ class EwmaParams(NamedTuple):
     weights: NDArray[np.float64]
     slow_weights: NDArray[np.float64]
     settled: bool
+    # A reading older than its series' last by more than this is not scored.
+    late_horizon_us: int
 
 
 class EwmaPart(NamedTuple):
@@ -343,7 +345,7 @@ EWMA_OFF = EwmaPart(
     False,
     np.empty(0, np.int64),
     EwmaState(np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0, np.int64)),
-    EwmaParams(0.0, 0.0, 0, 0.0, np.empty(0), np.empty(0), True),
+    EwmaParams(0.0, 0.0, 0, 0.0, np.empty(0), np.empty(0), True, 0),
     Verdicts(np.empty(0, np.float32), np.empty(0, np.bool_), np.empty(0, np.uint8)),
 )
 FLATLINE_OFF = FlatlinePart(
@@ -374,7 +376,7 @@ def ewma_flatline_kernel(
     # Every array out of its bundle once, here, so the loop reads as the recurrence it computes.
     run_ewma, ewma_slots, ewma_state = ewma.on, ewma.block_slot, ewma.state
     mean, variance, slow_variance, count, last_time = ewma_state
-    alpha, threshold, warmup, long_run_share, weights, slow_weights, settled = ewma.params
+    alpha, threshold, warmup, long_run_share, weights, slow_weights, settled, late_horizon = ewma.params
     score, flagged, reason = ewma.verdicts
     run_flatline, flatline_slots, flatline_state = flatline.on, flatline.block_slot, flatline.state
     last_value, run, flatline_last_time = flatline_state
@@ -401,12 +403,14 @@ def ewma_flatline_kernel(
             if not np.isfinite(absolute):
                 absolute = 0.0  # a non-finite value is neither scored nor learned
             seen = count[s]
-            if seen >= warmup:
+            # (Added to t, not taken from the last time: that starts at the lowest int64.)
+            if seen >= warmup and t + late_horizon >= last_time[s]:
                 score[k] = absolute / (absolute + threshold)
                 if absolute >= threshold:
                     flagged[k] = True
                     reason[k] = 1 if z > 0 else 2
-            # Late or repeated readings are scored above but leave the state alone.
+            # Late or repeated readings are scored above (if within the horizon) but leave the
+            # state alone.
             if t > last_time[s] and np.isfinite(v):
                 learned = v
                 if seen >= warmup:

@@ -6,7 +6,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from citytel.config import Positive, Rate, Strict
+from citytel.config import NonNegative, Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
 from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector, register_pair
 from citytel.processors.detectors.flatline import Flatline
@@ -61,6 +61,12 @@ class EwmaZScoreSettings(Strict, frozen=True):
     """|z| at which a reading is anomalous (score 0.5)."""
     warmup: int = 30
     """Readings a series needs before it is scored."""
+    late_horizon_seconds: NonNegative = 300.0
+    """A reading older than its series' last one by more than this is stored but not scored:
+    the running mean and variance describe the series as it is now, not as it was then. (Judged
+    against the present, a gateway's backlog from hours before had a sixth to a quarter of its
+    readings flagged in the simulated city, whose levels swing through the day.) A reading
+    late by less is scored as it comes; no late reading is learned."""
     exclude_metrics: list[str] = msgspec.field(default_factory=list)
     """Metrics left alone (constant or binary by nature, like a lot's capacity)."""
 
@@ -68,7 +74,8 @@ class EwmaZScoreSettings(Strict, frozen=True):
 @register_detector("ewma_zscore", EwmaZScoreSettings)
 class EwmaZScore(SeriesState):
     """Flags a reading whose distance from the series' EWMA mean exceeds ``threshold`` EWMA
-    standard deviations, once the series has ``warmup`` readings.
+    standard deviations, once the series has ``warmup`` readings; a reading more than
+    ``late_horizon_seconds`` older than the series' last is not scored.
 
     Robustness: a flagged reading is learned only as far as the threshold (winsorised), so one
     spike does not drag the mean and inflate the variance for long. Metrics in
@@ -91,6 +98,7 @@ class EwmaZScore(SeriesState):
             weights=weights,
             slow_weights=slow_weights,
             settled=settled,
+            late_horizon_us=round(settings.late_horizon_seconds * 1e6),
         )
         self.state = {
             "slow_variance": GrowableArray(np.float64),

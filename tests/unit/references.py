@@ -45,7 +45,8 @@ def float32(value: float) -> float:
 class EwmaZScoreReference:
     """The distance from the series' exponentially weighted mean, in its standard deviations
     (at least a quarter of the long-run variance), scored z / (z + threshold). A late reading
-    is scored but not learned; a warm series learns a reading only up to the threshold."""
+    is not learned, and scored only if it is at most ``late_horizon_seconds`` older than the
+    series' last; a warm series learns a reading only up to the threshold."""
 
     LONG_RUN_SHARE = 0.25
 
@@ -60,7 +61,8 @@ class EwmaZScoreReference:
         deviation = math.sqrt(spread) + 1e-6 + 1e-3 * abs(m["mean"])
         z = (value - m["mean"]) / deviation
         verdict = NONE
-        if m["seen"] >= s.warmup:
+        late_by_us = m["last"] - time_us
+        if m["seen"] >= s.warmup and late_by_us <= round(s.late_horizon_seconds * 1e6):
             flagged = abs(z) >= s.threshold
             verdict = Verdict(
                 abs(z) / (abs(z) + s.threshold), flagged, ("zscore_high" if z > 0 else "zscore_low") if flagged else ""

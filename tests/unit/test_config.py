@@ -78,7 +78,8 @@ BAD_CONFIGS = [
     (
         "a key another detector takes",
         SHIPPED_TEXT.replace("[detectors.ewma_zscore]\n", "[detectors.ewma_zscore]\nwindow = 5\n"),
-        r"detectors\.ewma_zscore: unknown key 'window'; keys it takes: alpha, threshold, warmup, exclude_metrics",
+        r"detectors\.ewma_zscore: unknown key 'window'; keys it takes: alpha, threshold, warmup,"
+        r" late_horizon_seconds, exclude_metrics",
     ),
     (
         "an unknown codec",

@@ -205,6 +205,24 @@ def test_a_late_reading_is_scored_but_does_not_move_the_state() -> None:
     assert np.array_equal(state["variance"].view, state_before[1])
 
 
+def test_a_reading_later_than_the_horizon_is_stored_unscored() -> None:
+    # A series a reading a second; its last at 149 s. Judged against the level of now, a
+    # gateway's backlog from hours before would be flagged wholesale.
+    detector = build_detector("ewma_zscore", dict(alpha=0.1, threshold=6.0, warmup=5, late_horizon_seconds=60.0))
+    seconds = 1_000_000
+    detector.process(
+        batch_of([0] * 50, [t * seconds for t in range(100, 150)], [10.0 + (t % 2) * 0.1 for t in range(50)]), 1
+    )
+    state = detector.state  # type: ignore[attr-defined]
+    before = {name: array.view.copy() for name, array in state.items()}
+    last = 149 * seconds
+    late = detector.process(batch_of([0, 0, 0], [last - 60 * seconds, last - 60 * seconds - 1, 5], [1000.0] * 3), 1)
+    assert late.flagged.tolist() == [True, False, False], "at the horizon scored; beyond it not"
+    assert late.score[0] > 0.5
+    assert late.score[1:].tolist() == [0.0, 0.0]
+    assert all(np.array_equal(state[name].view, before[name]) for name in before), "no late reading is learned"
+
+
 @pytest.mark.parametrize(("alpha", "readings"), [(0.05, 300), (1.0, 20), (1e-4, 4200)])
 def test_ewma_state_follows_its_recurrence_to_the_bit_before_and_after_the_weights_settle(
     alpha: float, readings: int
