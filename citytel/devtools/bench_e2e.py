@@ -16,13 +16,16 @@ citytel
     * QoS 0: publishing as fast as one client can for a few seconds, what arrives and how fast;
     * rising offered load (QoS 1): steps at fractions of the drain rate; per step the achieved
       rate and the latency from publish to row visible, measured on a probe device whose
-      readings carry their publish time (its rows are looked up by their series' index every
-      millisecond, so the figure is the pipeline's). Each step starts once the pipeline is idle,
+      readings carry their publish time (the database announces each of its rows as it
+      commits, so the figure is the pipeline's). Each step starts once the pipeline is idle,
       so it measures that load, not the previous step's backlog;
     * packed readings: a backlog of gateway packs (N readings per message) drained end to end,
       Telegraf draining the same packs first;
     * the processor alone: the records of the largest packs queued in Kafka while it is paused,
       then drained (the same measure as ``citytel bench processor``, on this run's servers).
+
+The parts that go through the processor simulate the same city one after the other in stream
+time (``_StreamClock``), so its detectors see live data in order, as a city's.
 
 Writes the figures as JSON and, with ``plot``, a PNG of throughput and latency against offered
 load.
