@@ -809,9 +809,10 @@ def _offered_step(
 ) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message, and at
     least every ``_PROBE_EVERY_S``; the city's stream times from ``start`` (the probe's are
-    the wall clock's, as its latency is measured from them). Starts from an idle pipeline: the steps before it written
-    and their rollups recomputed (``_rollups_caught_up``); the processor's own maintenance pass
-    may still fall inside the step, as in a city it falls inside whatever load there is."""
+    the wall clock's, as its latency is measured from them). Starts from an idle pipeline: the
+    steps before it written and their rollups recomputed (``_rollups_caught_up``); the
+    processor's own maintenance pass may still fall inside the step, as in a city it falls
+    inside whatever load there is."""
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
     probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE).encode()
