@@ -175,7 +175,6 @@ def _libpq_quote(value: str) -> str:
 # use numpy's error model: see processors/kernels.py), or never flag at all. Components use
 # these in their own settings.
 Positive = Annotated[float, msgspec.Meta(gt=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 # A learning rate: the weight of the newest reading.
 Rate = Annotated[float, msgspec.Meta(gt=0, le=1)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from citytel.config import NonNegative, Positive, Rate, Strict
+from citytel.config import Positive, Rate, Strict
 from citytel.processors.batch import DetectorResult, ReadingBatch
 from citytel.processors.detectors import SeriesState, blank_verdicts, readings, register_detector, register_pair
 from citytel.processors.detectors.flatline import Flatline
@@ -61,7 +63,7 @@ class EwmaZScoreSettings(Strict, frozen=True):
     """|z| at which a reading is anomalous (score 0.5)."""
     warmup: int = 30
     """Readings a series needs before it is scored."""
-    late_horizon_seconds: NonNegative = 300.0
+    late_horizon_seconds: Annotated[float, msgspec.Meta(ge=0, le=366 * 86400)] = 300.0
     """A reading older than its series' last one by more than this is stored but not scored:
     the running mean and variance describe the series as it is now, not as it was then. (Judged
     against the present, a gateway's backlog from hours before had a sixth to a quarter of its

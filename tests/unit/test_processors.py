@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from citytel.config import load_settings
+from citytel.config import ConfigError, load_settings
 from citytel.core.envelope import Envelope, encode_envelope
 from citytel.processors.batch import DetectorResult, ReadingBatch, group_ranks, group_runs
 from citytel.processors.decode import BadRecord, EnvelopeRules, decode_batch
@@ -221,6 +221,9 @@ def test_a_reading_later_than_the_horizon_is_stored_unscored() -> None:
     assert late.score[0] > 0.5
     assert late.score[1:].tolist() == [0.0, 0.0]
     assert all(np.array_equal(state[name].view, before[name]) for name in before), "no late reading is learned"
+    # Bounded, so the horizon in µs added to a reading's time stays an int64.
+    with pytest.raises(ConfigError, match="late_horizon_seconds"):
+        build_detector("ewma_zscore", dict(late_horizon_seconds=1e9))
 
 
 @pytest.mark.parametrize(("alpha", "readings"), [(0.05, 300), (1.0, 20), (1e-4, 4200)])
