@@ -455,13 +455,18 @@ def _naive_reference(settings: Settings, prefix: str, messages: list[Message]) -
 # --- citytel --------------------------------------------------------------------------------
 
 
+def _metrics_lines(port: int) -> list[str]:
+    """A citytel process's /metrics, line by line."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+    return text.splitlines()
+
+
 def _metric(port: int, sample: str) -> float:
     """One sample from a citytel process's /metrics. Polled every 50 ms, a ``count(*)`` over the
     growing hypertable took a good part of a core from the pipeline being measured; this costs
     the process a millisecond or so."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
+    for line in _metrics_lines(port):
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -472,10 +477,8 @@ _LATENCY = "citytel_end_to_end_latency_seconds_bucket"
 
 def _latency_buckets(processor_port: int) -> dict[float, float]:
     """The processor's histogram of bridge receipt → row committed: cumulative count by bound."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{processor_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
     buckets: dict[float, float] = {}
-    for line in text.splitlines():
+    for line in _metrics_lines(processor_port):
         if line.startswith(_LATENCY + "{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
@@ -497,10 +500,10 @@ def _bucket_quantile_ms(before: dict[float, float], after: dict[float, float], q
 
 def _anomalies(processor_port: int) -> float:
     """Readings the processor's detectors have flagged so far, all detectors together."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{processor_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("citytel_anomalies_total{")
+        float(line.rsplit(" ", 1)[1])
+        for line in _metrics_lines(processor_port)
+        if line.startswith("citytel_anomalies_total{")
     )
 
 
@@ -1344,9 +1347,8 @@ def bench_e2e(
         )
         # Everything from here on goes through the processor, in this order (``_StreamClock``).
         clock = _StreamClock(time.time() - 1800)
-        warm_up = list(
-            itertools.islice(_city_messages(prefix, 12, clock.take(max(100, messages // 20))), max(100, messages // 20))
-        )
+        warm_up_messages = max(100, messages // 20)
+        warm_up = list(itertools.islice(_city_messages(prefix, 12, clock.take(warm_up_messages)), warm_up_messages))
         publish(iter(warm_up), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         children.append(spawn_citytel(["process"], config, run_dir, "process", "WARNING"))
         _wait_partitions(settings.metrics.processor_port, timeout=120)
