@@ -36,9 +36,11 @@ __all__ = [
     "END_TO_END_LATENCY",
     "ERRORS",
     "GC_PAUSE",
+    "KAFKA_WAIT",
     "LIVE_OBSERVATIONS",
     "OPEN_ALERTS",
     "PROCESSOR_SERIES",
+    "PROCESSOR_WAIT",
     "RECEIVED",
     "RETRIES",
     "ROWS_WRITTEN",
@@ -137,10 +139,23 @@ class BulkHistogram(Collector):
         yield family
 
 
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 END_TO_END_LATENCY = BulkHistogram(
     "citytel_end_to_end_latency_seconds",
     "From the bridge receiving a reading to its row being committed in the database.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=_LATENCY_BUCKETS,
+)
+# The two later parts of that wait, per Kafka record (the rest is the bridge's, from receipt to
+# handing the record to Kafka): where a reading waits, at a glance.
+KAFKA_WAIT = BulkHistogram(
+    "citytel_kafka_wait_seconds",
+    "From the bridge handing a record to Kafka to the processor starting the batch that holds it.",
+    buckets=_LATENCY_BUCKETS,
+)
+PROCESSOR_WAIT = BulkHistogram(
+    "citytel_processor_wait_seconds",
+    "From the processor starting a batch to its rows being committed, per Kafka record.",
+    buckets=_LATENCY_BUCKETS,
 )
 ALERT_TRANSITIONS = Counter(
     "citytel_alert_transitions_total", "Alert transitions decided, by rule and state.", ["rule", "state"]

@@ -472,22 +472,29 @@ def _metric(port: int, sample: str) -> float:
     return 0.0
 
 
-_LATENCY = "citytel_end_to_end_latency_seconds_bucket"
+# The processor's histograms of where a reading waits: bridge receipt → row committed, and its
+# two later parts per Kafka record (the rest, receipt → handed to Kafka, is the bridge's).
+_WAITS = {
+    "receipt_to_row": "citytel_end_to_end_latency_seconds_bucket",
+    "kafka_wait": "citytel_kafka_wait_seconds_bucket",
+    "processor_wait": "citytel_processor_wait_seconds_bucket",
+}
 
 
-def _latency_buckets(processor_port: int) -> dict[float, float]:
-    """The processor's histogram of bridge receipt → row committed: cumulative count by bound."""
-    buckets: dict[float, float] = {}
+def _wait_buckets(processor_port: int) -> dict[str, dict[float, float]]:
+    """Each of ``_WAITS``' histograms: cumulative count by bound."""
+    histograms: dict[str, dict[float, float]] = {name: {} for name in _WAITS}
     for line in _metrics_lines(processor_port):
-        if line.startswith(_LATENCY + "{"):
-            bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
-    return buckets
+        for name, sample in _WAITS.items():
+            if line.startswith(sample + "{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                histograms[name][float(bound)] = float(line.rsplit(" ", 1)[1])
+    return histograms
 
 
 def _bucket_quantile_ms(before: dict[float, float], after: dict[float, float], quantile: float) -> float | None:
-    """The upper bound, in ms, of the histogram bucket holding ``quantile`` of the readings
-    written between two samples (the buckets are coarse: 5, 10, 25, 50, 100, 250 ms, ...)."""
+    """The upper bound, in ms, of the histogram bucket holding ``quantile`` of what was observed
+    between two samples (the buckets are coarse: 5, 10, 25, 50, 100, 250 ms, ...)."""
     bounds = sorted(after)
     counts = [after[bound] - before.get(bound, 0.0) for bound in bounds]
     if not counts or counts[-1] <= 0:
@@ -839,7 +846,7 @@ def _offered_step(
     _wait_idle(settings.metrics.processor_port)
     _rollups_caught_up(settings)
     before = _progress(conninfo, settings.metrics.processor_port)
-    buckets_before = _latency_buckets(settings.metrics.processor_port)
+    waits_before = _wait_buckets(settings.metrics.processor_port)
     publisher = BulkPublisher(settings.mqtt.port, access.publisher)
     try:
         with _Probe(conninfo) as probe:
@@ -850,14 +857,19 @@ def _offered_step(
             drained = time.perf_counter() - started
     finally:
         publisher.close()
-    buckets_after = _latency_buckets(settings.metrics.processor_port)
+    waits_after = _wait_buckets(settings.metrics.processor_port)
     latencies = np.array(probe.latencies_ms)
     return {
         "stream_s": _stream_span(city[: max(1, published)]),
-        # Where the time goes: from the bridge's receipt to the row, by the processor's own
-        # histogram (the rest of publish → row is Mosquitto and the bridge's wait for it).
-        "receipt_to_row_ms_at_most": {
-            q: _bucket_quantile_ms(buckets_before, buckets_after, p) for q, p in (("p50", 0.5), ("p99", 0.99))
+        # Where the time goes, by the processor's own histograms: from the bridge's receipt to
+        # the row (the rest of publish → row is Mosquitto and the bridge's wait for it), and of
+        # that, the records' wait in Kafka and then in the processor until committed.
+        **{
+            f"{name}_ms_at_most": {
+                q: _bucket_quantile_ms(waits_before[name], waits_after[name], p)
+                for q, p in (("p50", 0.5), ("p99", 0.99))
+            }
+            for name in _WAITS
         },
         "offered_msg_per_s": round(rate),
         "published_msg_per_s": round(published / elapsed),
@@ -1606,11 +1618,14 @@ def main_e2e(
           f"{qos0['readings_arrived']:,} of {qos0['readings_published']:,} readings arrived")  # fmt: skip
     for step in result["offered_load"]:
         latency, receipt = step["latency_ms"], step["receipt_to_row_ms_at_most"]
+        kafka, processor = step["kafka_wait_ms_at_most"], step["processor_wait_ms_at_most"]
         print(
             f"  offered {step['offered_msg_per_s']:>7,} msg/s: published {step['published_msg_per_s']:>7,},"
             f" written {step['written_readings_per_s']:>8,} readings/s,"
             f" publish→row p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']} ms;"
             f" receipt→row p50 ≤{receipt['p50']} p99 ≤{receipt['p99']} ms"
+            f" (in Kafka p50 ≤{kafka['p50']} p99 ≤{kafka['p99']},"
+            f" in the processor p50 ≤{processor['p50']} p99 ≤{processor['p99']})"
         )
     for drain in result["packed"]:
         cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in drain["processes"].items())

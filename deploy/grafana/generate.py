@@ -28,6 +28,18 @@ PIPELINE: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Where a reading waits (p99)",
+        "s",
+        [
+            (f"histogram_quantile(0.99, sum by (le) (rate({metric}_bucket[1m])))", legend)
+            for metric, legend in (
+                ("citytel_end_to_end_latency_seconds", "bridge → row"),
+                ("citytel_kafka_wait_seconds", "in Kafka"),
+                ("citytel_processor_wait_seconds", "in the processor"),
+            )
+        ],
+    ),
+    (
         "Dead letters by reason",
         "msg/s",
         [("sum by (reason_code) (rate(citytel_stage_deadlettered_total[5m]))", "{{reason_code}}")],
