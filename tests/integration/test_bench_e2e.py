@@ -118,7 +118,8 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     receipt = step["receipt_to_row_ms_at_most"]
     assert receipt["p50"] is not None
     assert receipt["p50"] <= receipt["p99"]
-    # Two parts of that wait, per Kafka record: observed, and each no longer than the whole.
+    # Two parts of that wait, per Kafka record: observed, and each one's median no longer than
+    # the whole wait's p99 (the buckets are coarse, and one is per record, the other per reading).
     for part in (step["kafka_wait_ms_at_most"], step["processor_wait_ms_at_most"]):
         assert part["p50"] is not None
         assert part["p50"] <= part["p99"]
