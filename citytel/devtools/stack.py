@@ -530,7 +530,11 @@ def start_mosquitto(
                 # through but exceeds ingest.max_payload_bytes the bridge dead-letters as too_large.
                 "max_packet_size 2097152",
                 "max_queued_bytes 0",
-                "max_inflight_messages 0",
+                # Not 0 ("no maximum"; 65535 reads as 0 too): Mosquitto 2.1 then gives every
+                # client an incoming quota of 0 and logs a "receive-maximum quota" warning for
+                # each QoS 1 PUBLISH, a log line per reading. 65534 is as good as no maximum:
+                # packet ids are 16 bits, so no client can have more in flight than that.
+                "max_inflight_messages 65534",
                 "persistent_client_expiration 1d",
                 *_certificate_listener(certificate_port, tls),
                 "",

@@ -48,6 +48,20 @@ def private_mosquitto(run_dir: Path) -> Iterator[stack.Server]:
         server.stop()
 
 
+def test_the_broker_takes_a_publisher_s_whole_window_without_a_log_line_per_message(
+    private_mosquitto: stack.Server,
+) -> None:
+    # With "max_inflight_messages 0" Mosquitto 2.1 gave every client an incoming quota of 0 and
+    # logged a warning for each QoS 1 PUBLISH: a line per reading in the broker's log, written
+    # by its one thread.
+    city = City(devices_per_kind=5, seed=3, topic_prefix="quota", spike_probability=0.0)
+    messages = city.messages(time.time() - 600, interval_s=0.01)
+    assert publish(messages, "127.0.0.1", private_mosquitto.port, qos=1, count=2000, max_inflight=1000) == 2000
+    log = (private_mosquitto.directory / "mosquitto.log").read_text()
+    assert "New client connected" in log  # the log is the one this broker writes
+    assert "receive-maximum" not in log
+
+
 def test_the_bridge_reconnects_after_the_broker_restarts_and_loses_nothing(
     settings: Settings, private_mosquitto: stack.Server, tmp_path: Path
 ) -> None:
