@@ -11,11 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import StorageSettings
 from citytel.devtools import stack
-from citytel.devtools.bench_e2e import _PROBE, _notify_probe_rows, _Probe, bench_e2e, plot
+from citytel.devtools.bench_e2e import _PROBE, BulkPublisher, _notify_probe_rows, _Probe, bench_e2e, plot
 from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
 
@@ -242,3 +244,41 @@ def test_the_latency_probe_hears_a_probe_row_when_its_transaction_commits(databa
         # Publish → visible: at least the 300 ms the transaction stayed open, at most until
         # just after it committed.
         assert 300 <= probe.latencies_ms[0] <= (committed - published) * 1000 + 200
+
+
+def test_the_load_generator_spreads_devices_over_its_connections_and_keeps_each_in_order(
+    run_dir: Path, mqtt_port: int
+) -> None:
+    prefix = f"load-{time.monotonic_ns()}"
+    received: list[tuple[str, bytes]] = []
+    subscriber = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    subscriber.on_message = lambda _client, _userdata, message: received.append((message.topic, bytes(message.payload)))
+    subscriber.connect("127.0.0.1", mqtt_port)
+    subscriber.subscribe(f"{prefix}/#", qos=1)
+    subscriber.loop_start()
+    try:
+        time.sleep(0.5)  # subscribed before the first message
+        # 97 devices, so that a publisher dealing messages out in turn would put each device's
+        # on every connection; all in one burst, so they would overtake each other.
+        devices = [f"{prefix}/d{number}" for number in range(97)]
+        messages = [(devices[n % 97].encode(), str(n // 97).encode()) for n in range(97 * 30)]
+        publisher = BulkPublisher(mqtt_port, connections=4)
+        try:
+            assert publisher.run(iter(messages), rate=1e6, seconds=5.0) == len(messages)
+            assert publisher.acknowledged == len(messages)
+        finally:
+            publisher.close()
+        deadline = time.monotonic() + 30
+        while len(received) < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
+    assert len(received) == len(messages)
+    # Each device's messages arrive in the order it sent them, whichever connection it is on.
+    for device in devices:
+        assert [int(payload) for topic, payload in received if topic == device] == list(range(30))
+    # And the load came over all four connections (97 devices: each gets some of them).
+    log = (run_dir / "mosquitto" / "mosquitto.log").read_text()
+    assert all(f"as {client_id} " in log for client_id in publisher.client_ids)
+    assert all(count > 0 for count in publisher.acknowledged_per_connection)
