@@ -303,7 +303,7 @@ class Processor:
                 # of what is written when it is taken.
                 if not await self._finish_write():
                     return False
-                await self._checkpoint_if_due(busy=True)
+                await self._checkpoint_next()
             owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
             # Scoring runs in a worker thread (numpy releases the GIL), so the earlier batches'
             # database round trips go on meanwhile.
@@ -385,23 +385,20 @@ class Processor:
             return False  # the next partition waits for the save under way
         return bool(self._checkpoint_round) or (bool(self._unsaved or self._writing) and self._interval_passed())
 
-    async def _checkpoint_if_due(self, *, busy: bool) -> None:
-        """Save changed partitions once the interval has passed, also when no batch comes: an
-        idle processor must not sit on state it never saved. ``busy`` (a batch is waiting to
-        be scored): one partition is taken now and saved while the batches after it go on,
-        the next once that save is done (``_checkpoint_due``); idle: all that are left, now."""
+    async def _checkpoint_next(self) -> None:
+        """Save changed partitions once the interval has passed, one at a time: a partition
+        is taken now and saved while the batches after it go on, the next once that save is
+        done (``_checkpoint_due``), whether batches come or not (an idle processor must not
+        sit on state it never saved). Saving every partition at once, as the idle processor
+        once did, held the first records of the next burst until all were written."""
         await self._finish_storing()
         if not self._checkpoint_round and self._unsaved and self._interval_passed():
             self._checkpoint_round = sorted(self._unsaved)
         if not self._checkpoint_round:
             return
-        if busy:
-            partitions, self._checkpoint_round = self._checkpoint_round[:1], self._checkpoint_round[1:]
-            # Only the copy of the state holds the batches up; the database write does not.
-            self._storing = asyncio.create_task(self._store(await self._snapshot(partitions)))
-        else:
-            partitions, self._checkpoint_round = self._checkpoint_round, []
-            await self._store(await self._snapshot(partitions))
+        partitions, self._checkpoint_round = self._checkpoint_round[:1], self._checkpoint_round[1:]
+        # Only the copy of the state holds the batches up; the database write does not.
+        self._storing = asyncio.create_task(self._store(await self._snapshot(partitions)))
 
     async def _finish_storing(self) -> None:
         """Wait for the save under way, if any (before another, a revocation or a stop)."""
@@ -648,7 +645,8 @@ class Processor:
                         # Nothing new: let the last batch land, and save state if it is time.
                         if not await self._finish_write():
                             break
-                        await self._checkpoint_if_due(busy=False)
+                        if self._checkpoint_due():
+                            await self._checkpoint_next()
                     continue
                 # A fetch of large records (gateways' packs) goes as several batches: a batch's
                 # memory and transaction stay bounded whatever a record holds.
