@@ -20,6 +20,7 @@ from citytel.devtools import stack
 from citytel.devtools.bench_e2e import _PROBE, BulkPublisher, _notify_probe_rows, _Probe, bench_e2e, plot
 from citytel.processors.storage import prepare_database
 from tests.conftest import ScratchDatabase
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -268,9 +269,7 @@ def test_the_load_generator_spreads_devices_over_its_connections_and_keeps_each_
             assert publisher.acknowledged == len(messages)
         finally:
             publisher.close()
-        deadline = time.monotonic() + 30
-        while len(received) < len(messages) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(received) >= len(messages), timeout=30, what="every message at the subscriber")
     finally:
         subscriber.loop_stop()
         subscriber.disconnect()
