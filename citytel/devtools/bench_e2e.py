@@ -1521,6 +1521,7 @@ def bench_e2e(
                 result["citytel_qos1"]["processes"]["bridge"]["cpu_us_per_message"] / max(bare_cpu_us, 1e-9), 2
             ),
         }
+        result["targets"] = targets(result)
         return result
     finally:
         for child in children:
@@ -1533,6 +1534,53 @@ def bench_e2e(
         for server in reversed(servers.values()):
             server.stop()
         stack.discard_scratch_dir(run_dir, failed=sys.exc_info()[0] is not None)
+
+
+# Issue 23's targets for one run of the default benchmark: (name, figure, at most or at least,
+# limit). Latency steps are told apart by their share of the run's own drain rate.
+_LOW_SHARE, _HALF_SHARE, _HIGH_SHARE = 0.01, 0.5, 0.8
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the run as {name, value, limit, bound ("max" or "min"), met}. A target
+    whose figure the run lacks (no Telegraf on a secured run, no packs) has value None and is
+    not met."""
+    drain = result["citytel_qos1"]["msg_per_s"]
+    ratios = result["ratios"]
+    checks: list[tuple[str, float | None, str, float]] = []
+    steps = [(step["offered_msg_per_s"] / drain, step) for step in result["offered_load"]]
+    low = min(steps, key=lambda item: abs(item[0] - _LOW_SHARE), default=None)
+    if low is not None:
+        checks.append((f"p50 publish → row ms at {low[0]:.0%} load", low[1]["latency_ms"]["p50"], "max", 30.0))
+    for share, step in steps:
+        if share <= _HALF_SHARE + 0.005:
+            checks.append((f"p99 publish → row ms at {share:.0%} load", step["latency_ms"]["p99"], "max", 100.0))
+    high = [item for item in steps if abs(item[0] - _HIGH_SHARE) < 0.005]
+    for share, step in high:
+        checks.append((f"p99 publish → row ms at {share:.0%} load", step["latency_ms"]["p99"], "max", 250.0))
+    checks += [
+        ("bridge CPU a message / the bare paho client's", ratios["bridge_cpu_vs_bare_paho"], "max", 1.15),
+        ("pipeline CPU µs a message", ratios["pipeline_cpu_us_per_message"], "max", 100.0),
+        ("drain msg/s / Telegraf's", ratios["e2e_qos1_vs_telegraf"], "min", 0.8),
+        ("largest packs' readings/s / Telegraf's", ratios["e2e_readings_per_s_largest_packs_vs_telegraf"], "min", 1.0),
+        (
+            "largest packs' readings/s / the processor alone",
+            ratios["e2e_readings_per_s_largest_packs_vs_processor_alone"],
+            "min",
+            0.8,
+        ),
+        ("the processor alone / the run's first raw COPY", ratios["processor_alone_vs_raw_copy"], "min", 0.8),
+    ]
+    return [
+        {
+            "name": name,
+            "value": value,
+            "limit": limit,
+            "bound": bound,
+            "met": value is not None and (value <= limit if bound == "max" else value >= limit),
+        }
+        for name, value, bound, limit in checks
+    ]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -1687,6 +1735,12 @@ def main_e2e(
         f"  citytel / Telegraf {ratios['e2e_qos1_vs_telegraf']}, citytel / mosquitto_sub"
         f" {ratios['e2e_qos1_vs_mosquitto_sub_ceiling']}; pipeline CPU {ratios['pipeline_cpu_us_per_message']} µs/msg"
     )
+    met = [target for target in result["targets"] if target["met"]]
+    print(f"  targets met: {len(met)} of {len(result['targets'])}")
+    for target in result["targets"]:
+        sign = "≤" if target["bound"] == "max" else "≥"
+        verdict = "met   " if target["met"] else "MISSED"
+        print(f"    {verdict} {target['name']}: {target['value']} ({sign} {target['limit']})")
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
     if plot_path is not None:

@@ -130,6 +130,12 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     # Normally 6-14 even on this short run. Below 1 it caught a processor that stalled 7 s
     # mid-stream, compiling a kernel for a second argument layout.
     assert result["ratios"]["e2e_qos1_vs_naive_pipeline"] > 1, "citytel must beat one INSERT per reading"
+    # The run judges itself against the targets, its one step being the half-load one.
+    checked = {target["name"]: target for target in result["targets"]}
+    assert checked["p99 publish → row ms at 50% load"]["value"] == step["latency_ms"]["p99"]
+    assert checked["pipeline CPU µs a message"]["value"] == result["ratios"]["pipeline_cpu_us_per_message"]
+    # p50 and p99 of that step (no 80 % step in this run), and the six throughput and CPU ones.
+    assert len(checked) == 8
     path = tmp_path / "bench.png"
     plot(result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from citytel.config import default_config_path as config_path
-from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run, _wait_cpu_quiet
+from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run, _wait_cpu_quiet, targets
 from citytel.devtools.commands import _reporting_stack_errors
 from citytel.devtools.stack import StackError
 
@@ -73,6 +74,52 @@ def test_a_part_run_several_times_reports_its_median_run_and_every_runs_rate() -
     # Of two, the slower: the figure never rounds up.
     assert _median_run(runs[:1] + runs[2:])["readings_per_s"] == 210
     assert _median_run(runs[1:2]) == {**runs[1], "readings_per_s_runs": [180]}
+
+
+def _run_figures(p99_by_share: dict[float, float], processor_vs_copy: float) -> dict[str, Any]:
+    drain = 20_000
+    return {
+        "citytel_qos1": {"msg_per_s": drain},
+        "offered_load": [
+            {"offered_msg_per_s": round(share * drain), "latency_ms": {"p50": 12.0, "p99": p99}}
+            for share, p99 in p99_by_share.items()
+        ],
+        "ratios": {
+            "bridge_cpu_vs_bare_paho": 0.4,
+            "pipeline_cpu_us_per_message": 80.0,
+            "e2e_qos1_vs_telegraf": 1.2,
+            "e2e_readings_per_s_largest_packs_vs_telegraf": None,  # no Telegraf in this run
+            "e2e_readings_per_s_largest_packs_vs_processor_alone": 0.9,
+            "processor_alone_vs_raw_copy": processor_vs_copy,
+        },
+    }
+
+
+def test_a_run_s_targets_say_which_figures_are_within_their_limits() -> None:
+    result = targets(_run_figures({0.01: 20.0, 0.1: 30.0, 0.25: 99.0, 0.5: 101.0, 0.8: 250.0, 1.0: 3000.0}, 0.8))
+    missed = {target["name"] for target in result if not target["met"]}
+    assert missed == {"p99 publish → row ms at 50% load", "largest packs' readings/s / Telegraf's"}
+    by_name = {target["name"]: target for target in result}
+    # Every step up to half load has the 100 ms limit, 80 % the 250 ms one, full load none.
+    assert [name for name in by_name if name.startswith("p99")] == [
+        f"p99 publish → row ms at {share} load" for share in ("1%", "10%", "25%", "50%", "80%")
+    ]
+    assert by_name["p99 publish → row ms at 80% load"]["limit"] == 250.0
+    assert by_name["p50 publish → row ms at 1% load"] == {
+        "name": "p50 publish → row ms at 1% load",
+        "value": 12.0,
+        "limit": 30.0,
+        "bound": "max",
+        "met": True,
+    }
+    # A figure at its limit meets it, from either side; just past it does not.
+    assert by_name["the processor alone / the run's first raw COPY"]["met"]
+    slower = targets(_run_figures({0.01: 20.0, 0.8: 250.1}, 0.799))
+    assert {target["name"] for target in slower if not target["met"]} == {
+        "p99 publish → row ms at 80% load",
+        "largest packs' readings/s / Telegraf's",
+        "the processor alone / the run's first raw COPY",
+    }
 
 
 def test_the_warm_up_waits_while_a_process_is_busy_and_no_longer() -> None:
