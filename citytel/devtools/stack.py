@@ -756,6 +756,11 @@ def start_kafka(
         "-Xms256m",
         "-Xmx1g",
         "-XX:+UseG1GC",
+        # A bridge's produce request of gateway packs runs to megabytes. With this heap's default
+        # 1 MB regions G1 takes anything over half a region as a humongous object: Kafka's CPU
+        # per 50-reading record swung between 12 and 64 µs, against 11-22 with 8 MB regions
+        # (docs/bench/design-measurements.md). Kafka's own guide runs G1 with large regions.
+        "-XX:G1HeapRegionSize=8m",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={log4j}",
     ]
