@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What citytel's images and compose deployment need on a Debian 12 machine, idempotently:
 # podman with runc (containers), netavark and aardvark-dns (container networks in which services
-# find each other by name), mmdebstrap (base images from Debian's archive, with the machine's own
-# apt sources), podman-compose (PyPI, pinned, in its own venv) and Helm (built
-# from the Go module proxy, for rendering and linting deploy/k8s). A second run takes seconds.
+# find each other by name; netavark sets them up with iptables, which some Debian 12 machines lack:
+# without it every build step that runs a command fails), mmdebstrap (base images from Debian's
+# archive, with the machine's own apt sources), podman-compose (PyPI, pinned, in its own venv) and
+# Helm (built from the Go module proxy, for rendering and linting deploy/k8s). A second run takes
+# seconds.
 set -euo pipefail
 
 cache="${CITYTEL_CACHE:-$HOME/.cache/citytel}"
@@ -16,7 +18,7 @@ as_root() {
 }
 
 missing=()
-for package in podman runc netavark aardvark-dns mmdebstrap uidmap openssl; do
+for package in podman runc netavark aardvark-dns iptables mmdebstrap uidmap openssl; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
