@@ -111,6 +111,10 @@ def is_number(value: object) -> bool:
 
 def seconds_to_us(seconds: float | int) -> int:
     """Seconds since the epoch to whole microseconds, refusing what no sensor clock could say."""
+    # A float within range is what sensors send: one test (NaN fails the comparison, an
+    # infinity the range) before the checks for everything else.
+    if type(seconds) is float and -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
+        return round(seconds * 1_000_000)
     if not is_number(seconds) or not -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
         raise PermanentError("bad_time", f"time {short(seconds)} is not a finite number of seconds up to year 9999")
     return round(seconds * 1_000_000)
@@ -274,8 +278,7 @@ class JsonCodec:
         items = decoded if isinstance(decoded, list) else [decoded]
         if not items:
             raise PermanentError("empty_payload", "the JSON list holds no readings")
-        keys = sum(3 + (item.seq is not msgspec.UNSET) + count_keys(item.values) for item in items)
-        check_unique_keys(payload, keys)
+        check_unique_keys(payload, reading_keys(payload, items))
         readings, problems = [], []
         for item in items:
             sequence = -1 if item.seq is msgspec.UNSET else item.seq
@@ -284,6 +287,18 @@ class JsonCodec:
             except PermanentError as error:
                 problems.append(error)
         return Decoded(readings, problems)
+
+
+def reading_keys(payload: bytes, items: list[_JsonReading]) -> int:
+    """The object keys the decoder kept in these readings, at every depth: each reading's own
+    (``device_id``, ``time``, ``values``, perhaps ``seq``) and those of its values, counted by
+    ``count_keys``. A text with exactly two ``{`` per reading (the reading's and its values')
+    holds no other object, neither among the values nor as a brace inside a string, so each
+    reading's values hold ``len(values)`` keys and nothing deeper: the same count without
+    walking every value (a gateway's pack of dozens is the common case)."""
+    if payload.count(b"{") == 2 * len(items):
+        return sum([3 + (item.seq is not msgspec.UNSET) + len(item.values) for item in items])
+    return sum(3 + (item.seq is not msgspec.UNSET) + count_keys(item.values) for item in items)
 
 
 def _decode_json(payload: bytes) -> Any:

@@ -9,27 +9,35 @@ structure-aware mutations of valid JSON, SenML and FIWARE payloads. Each asserts
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citytel.config import Settings, load_settings
 from citytel.core import metrics
+from citytel.core.errors import PermanentError
 from citytel.devtools.fuzz import mutate
 from citytel.ingest.codecs import (
     CODECS,
+    MAX_EPOCH_SECONDS,
     MAX_NESTING,
     Decoded,
+    _JsonReading,
     _pack_nesting_depth,
     _scanned_nesting_depth,
+    count_keys,
     get_codec,
     nesting_depth,
+    reading_keys,
+    seconds_to_us,
 )
 from citytel.ingest.validate import Validator
 
@@ -384,6 +392,55 @@ def test_a_key_given_twice_is_dead_lettered_not_silently_overwritten(codec: str,
         result = VALIDATORS[name].validate(TOPIC, payload, NOW_US)
         assert result.envelope is None, name
         assert [dead.reason_code for dead in result.dead_letters] == ["duplicate_key"], (name, result.dead_letters)
+
+
+def test_a_key_given_twice_deep_inside_a_pack_is_dead_lettered() -> None:
+    readings = [{"device_id": "air-0001", "time": NOW, "values": {"pm2_5": 30.0}} for _ in range(20)]
+    payload = json.dumps(readings).encode()
+    assert VALIDATORS["json"].validate(TOPIC, payload, NOW_US).dead_letters == []
+    nested = payload.replace(b'"pm2_5": 30.0}}]', b'"pm2_5": {"a": 1, "a": 2}}}]')
+    result = VALIDATORS["json"].validate(TOPIC, nested, NOW_US)
+    assert [dead.reason_code for dead in result.dead_letters] == ["duplicate_key"]
+
+
+_LEAF = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-5, 5), st.text('{}[]"a:', max_size=4))
+_VALUE = st.recursive(
+    _LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text("{ab", max_size=3), inner, max_size=3)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"device_id": st.text("air-{}01", min_size=1, max_size=8), "time": st.floats(0, 2e9)},
+            optional={"seq": st.integers(0, 9)},
+        ).flatmap(
+            lambda head: st.dictionaries(st.text("pm{}", max_size=4), _VALUE, max_size=4).map(
+                lambda values: {**head, "values": values}
+            )
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_reading_keys_counts_what_count_keys_counts(readings: list[dict[str, Any]]) -> None:
+    """The quick count (two braces per reading) against the walk over every value."""
+    payload = json.dumps(readings).encode()
+    items = msgspec.json.decode(payload, type=list[_JsonReading])
+    plain = sum(3 + (item.seq is not msgspec.UNSET) + count_keys(item.values) for item in items)
+    assert reading_keys(payload, items) == plain
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats() | st.integers(-(2**70), 2**70))
+def test_seconds_to_us_takes_what_is_a_finite_number_of_seconds_in_range(seconds: float | int) -> None:
+    within = math.isfinite(seconds) and -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS
+    if within:
+        assert seconds_to_us(seconds) == round(seconds * 1_000_000)
+    else:
+        with pytest.raises(PermanentError):
+            seconds_to_us(seconds)
 
 
 def test_keys_spelled_inside_strings_are_not_taken_for_repeats() -> None:
