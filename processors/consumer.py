@@ -38,7 +38,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,7 @@ from citytel.processors.memory import retain_freed_memory
 from citytel.processors.sinks import Maintained, Sink, build_sink
 from citytel.processors.storage.devices import registered_kinds
 
-__all__ = ["Processor", "gather_seconds", "run_processor"]
+__all__ = ["INLINE_SCORING_READINGS", "Processor", "gather_seconds", "run_processor", "scored"]
 
 log = logging.getLogger("citytel.processor")
 STAGE = "processor"
@@ -70,6 +70,26 @@ _STATE_SIZE_EVERY_S = 1.0
 
 class _StopRequestedError(Exception):
     """The processor is stopping with a batch not yet written: leave its offsets uncommitted."""
+
+
+# A batch of up to this many readings is scored on the event loop itself; a larger one (a
+# backlog's) in a worker thread, so the earlier batches' database round trips go on meanwhile.
+# A stream's batches are small: handing each to a thread and waiting for the GIL to come back
+# cost more than the overlap saved (docs/bench/design-measurements.md).
+INLINE_SCORING_READINGS = 20_000
+
+
+async def scored(
+    detect: Callable[[ReadingBatch, set[int] | None], list[DetectorResult]],
+    batch: ReadingBatch,
+    partitions: set[int] | None,
+) -> list[DetectorResult]:
+    """``detect(batch, partitions)``, on the event loop or in a worker thread by the batch's size
+    (``INLINE_SCORING_READINGS``)."""
+    if len(batch) <= INLINE_SCORING_READINGS:
+        return detect(batch, partitions)
+    # numpy and the compiled kernels release the GIL while they run.
+    return await asyncio.to_thread(detect, batch, partitions)
 
 
 def gather_seconds(since_last: float, interval: float, records: int, limit: int) -> float:
@@ -305,9 +325,7 @@ class Processor:
                     return False
                 await self._checkpoint_next()
             owned = {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else None
-            # Scoring runs in a worker thread (numpy releases the GIL), so the earlier batches'
-            # database round trips go on meanwhile.
-            results = await asyncio.to_thread(self.detect, batch, owned)
+            results = await scored(self.detect, batch, owned)
             for part, seconds in self.stage.last_seconds.items():
                 metrics.DETECTION_SECONDS.labels(part).inc(seconds)
             return await self._start_write(batch, results, len(records), started, stop, alongside=full)

@@ -601,6 +601,39 @@ def test_a_batch_gathers_records_until_the_interval_since_the_last_one() -> None
     assert gather_seconds(0.0, 0.0, records=3, limit=20_000) == 0.0
 
 
+def test_a_stream_s_batch_is_scored_on_the_event_loop_and_a_backlog_s_in_a_thread() -> None:
+    import asyncio
+    import threading
+    from typing import Any, cast
+
+    from citytel.processors.batch import ReadingBatch
+    from citytel.processors.consumer import INLINE_SCORING_READINGS, scored
+
+    class Sized:
+        def __init__(self, readings: int) -> None:
+            self.readings = readings
+
+        def __len__(self) -> int:
+            return self.readings
+
+    threads: list[int] = []
+
+    def detect(batch: ReadingBatch, partitions: set[int] | None) -> list[Any]:
+        threads.append(threading.get_ident())
+        return [len(batch), partitions]
+
+    async def both() -> tuple[list[Any], list[Any], int]:
+        small = await scored(detect, cast(ReadingBatch, Sized(INLINE_SCORING_READINGS)), {1})
+        large = await scored(detect, cast(ReadingBatch, Sized(INLINE_SCORING_READINGS + 1)), None)
+        return small, large, threading.get_ident()
+
+    small, large, loop_thread = asyncio.run(both())
+    assert small == [INLINE_SCORING_READINGS, {1}]
+    assert large == [INLINE_SCORING_READINGS + 1, None]
+    assert threads[0] == loop_thread
+    assert threads[1] != loop_thread
+
+
 class _TrickleConsumer:
     """Hands over one record per call, a millisecond apart, as a consumer does under a steady
     stream; numbers them so their order can be checked."""
