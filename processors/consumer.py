@@ -47,7 +47,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from numpy.typing import NDArray
 
-from citytel.config import Settings
+from citytel.config import ProcessorSettings, Settings
 from citytel.core import metrics
 from citytel.core.errors import PermanentError, RetryableError
 from citytel.core.heap import freeze_startup_heap, watch_collections
@@ -61,7 +61,7 @@ from citytel.processors.memory import retain_freed_memory
 from citytel.processors.sinks import Maintained, Sink, build_sink
 from citytel.processors.storage.devices import registered_kinds
 
-__all__ = ["INLINE_SCORING_READINGS", "Processor", "gather_seconds", "run_processor", "scored"]
+__all__ = ["INLINE_SCORING_READINGS", "Processor", "fetch_options", "gather_seconds", "run_processor", "scored"]
 
 log = logging.getLogger("citytel.processor")
 STAGE = "processor"
@@ -90,6 +90,22 @@ async def scored(
         return detect(batch, partitions)
     # numpy and the compiled kernels release the GIL while they run.
     return await asyncio.to_thread(detect, batch, partitions)
+
+
+def fetch_options(settings: ProcessorSettings) -> dict[str, int]:
+    """How long Kafka may hold a fetch before answering, and how many bytes answer it sooner.
+
+    A batch starts at most every ``batch_interval_ms``, so a fetch answered sooner than that,
+    with less than a batch's bytes, only costs a round trip: under a stream of a few thousand
+    messages a second, fetches answered at the first record came hundreds of times a second,
+    each costing Kafka and the processor's event loop more than the records it carried
+    (docs/bench/design-measurements.md). So Kafka holds a fetch up to the interval, or until it
+    has ``max_batch_bytes``; a backlog is answered at once. With no interval, Kafka's defaults:
+    answered at the first byte, else after half a second."""
+    interval_ms = round(settings.batch_interval_ms)
+    if interval_ms < 1:
+        return {"fetch_min_bytes": 1, "fetch_max_wait_ms": 500}
+    return {"fetch_min_bytes": settings.max_batch_bytes, "fetch_max_wait_ms": interval_ms}
 
 
 def gather_seconds(since_last: float, interval: float, records: int, limit: int) -> float:
@@ -608,6 +624,7 @@ class Processor:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
+            **fetch_options(self._settings.processor),
         )
         self._consumer.subscribe([config.readings_topic], listener=_Rebalance(self))
         self._producer = AIOKafkaProducer(**client_options(config, "processor"), acks="all", enable_idempotence=True)

@@ -1400,7 +1400,9 @@ def bench_e2e(
         finally:
             warm_bridge.terminate()
             warm_bridge.wait(timeout=30)
-        kafka_quiet_after_s = _wait_cpu_quiet(servers["kafka"].pid)
+        # Idle, Kafka still answers the processor's fetches, each held up to the batch interval
+        # (``consumer.fetch_options``): about 0.06 cores here; its compiler at work takes far more.
+        kafka_quiet_after_s = _wait_cpu_quiet(servers["kafka"].pid, below_cores=0.1)
         drain_backlog = list(itertools.islice(_city_messages(prefix, 13, clock.take(messages)), messages))
         publish(iter(drain_backlog), "127.0.0.1", port, qos=1, max_inflight=1000, auth=access.publisher)
         drain_readings = _readings_in(drain_backlog)

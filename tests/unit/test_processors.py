@@ -601,6 +601,22 @@ def test_a_batch_gathers_records_until_the_interval_since_the_last_one() -> None
     assert gather_seconds(0.0, 0.0, records=3, limit=20_000) == 0.0
 
 
+def test_kafka_holds_a_fetch_for_up_to_the_batch_interval_unless_a_batch_s_bytes_are_there() -> None:
+    from citytel.config import ProcessorSettings
+    from citytel.processors.consumer import fetch_options
+
+    assert fetch_options(ProcessorSettings(batch_interval_ms=10.0, max_batch_bytes=1 << 20)) == {
+        "fetch_min_bytes": 1 << 20,
+        "fetch_max_wait_ms": 10,
+    }
+    # No interval (or one under a millisecond): answered at the first byte, never polled in a loop.
+    for interval in (0.0, 0.4):
+        assert fetch_options(ProcessorSettings(batch_interval_ms=interval)) == {
+            "fetch_min_bytes": 1,
+            "fetch_max_wait_ms": 500,
+        }
+
+
 def test_a_stream_s_batch_is_scored_on_the_event_loop_and_a_backlog_s_in_a_thread() -> None:
     import asyncio
     import threading
