@@ -75,7 +75,7 @@ class _StopRequestedError(Exception):
 # A batch of up to this many readings is scored on the event loop itself; a larger one (a
 # backlog's) in a worker thread, so the earlier batches' database round trips go on meanwhile.
 # A stream's batches are small: handing each to a thread and waiting for the GIL to come back
-# cost more than the overlap saved (docs/bench/design-measurements.md).
+# delayed its readings more than the overlap saved (docs/bench/design-measurements.md).
 INLINE_SCORING_READINGS = 20_000
 
 
@@ -96,8 +96,8 @@ def fetch_options(settings: ProcessorSettings) -> dict[str, int]:
     """How long Kafka may hold a fetch before answering, and how many bytes answer it sooner.
 
     A batch starts at most every ``batch_interval_ms``, so a fetch answered sooner than that,
-    with less than a batch's bytes, only costs a round trip: under a stream of a few thousand
-    messages a second, fetches answered at the first record came hundreds of times a second,
+    with less than a batch's bytes, only costs a round trip: answered at the first record,
+    fetches came hundreds of times a second under a stream of a few hundred messages a second,
     each costing Kafka and the processor's event loop more than the records it carried
     (docs/bench/design-measurements.md). So Kafka holds a fetch up to the interval, or until it
     has ``max_batch_bytes``; a backlog is answered at once. With no interval, Kafka's defaults:
