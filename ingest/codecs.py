@@ -111,11 +111,10 @@ def is_number(value: object) -> bool:
 
 def seconds_to_us(seconds: float | int) -> int:
     """Seconds since the epoch to whole microseconds, refusing what no sensor clock could say."""
-    # A float within range is what sensors send: one test (NaN fails the comparison, an
-    # infinity the range) before the checks for everything else.
-    if type(seconds) is float and -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
-        return round(seconds * 1_000_000)
-    if not is_number(seconds) or not -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
+    # A float needs only the range test (NaN fails the comparison, an infinity the range), so
+    # the float sensors send skips is_number; anything else takes it.
+    number = type(seconds) is float or is_number(seconds)
+    if not number or not -MAX_EPOCH_SECONDS <= seconds <= MAX_EPOCH_SECONDS:
         raise PermanentError("bad_time", f"time {short(seconds)} is not a finite number of seconds up to year 9999")
     return round(seconds * 1_000_000)
 
