@@ -17,8 +17,10 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psycopg
@@ -52,6 +54,9 @@ _SERVICES = (
     "processor-2",
     "alerter",
 )
+# What the compose file runs: bridge-1 and -2, kafka-1 to -3.
+BRIDGES = 2
+KAFKA_BROKERS = 3
 
 
 @dataclass(frozen=True)
@@ -385,6 +390,7 @@ def up(cluster: Cluster, base: Settings, dev: DevSettings, *, build: bool = True
     cluster.compose("up", "-d", *services)
     _say(f"started: postgres, {', '.join(services)}")
     wait_healthy(cluster, ["kafka-1", "kafka-2", "kafka-3", "bridge-1", "bridge-2", "processor-1", "processor-2"])
+    wait_brokers_seen(cluster)
     _say(f"deployment healthy in {time.monotonic() - started:.0f}s")
 
 
@@ -418,6 +424,35 @@ def wait_healthy(cluster: Cluster, services: list[str], timeout: float = 300.0) 
             raise stack.StackError(
                 f"not healthy after {timeout:.0f}s: "
                 + ", ".join(f"{service} ({states.get(service, 'absent')})" for service in waiting)
+            )
+        time.sleep(2)
+
+
+def prometheus_query(cluster: Cluster, expression: str) -> list[dict[str, Any]]:
+    """The result series of an instant query to the deployment's Prometheus."""
+    url = f"http://127.0.0.1:{cluster.prometheus_port}/api/v1/query?query={urllib.parse.quote(expression)}"
+    result: list[dict[str, Any]] = json.loads(stack.http_get(url))["data"]["result"]
+    return result
+
+
+def wait_brokers_seen(cluster: Cluster, timeout: float = 120.0) -> None:
+    """Until Prometheus has recorded both bridges seeing every Kafka broker in the metadata. A
+    broker's listener answers (its health check) a little before the controller lists it, so a
+    bridge may start with a partial view until its next metadata refresh (10 s); until the full
+    count has been recorded once, CitytelKafkaBrokerLost has nothing to compare a loss with."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [
+            float(entry["value"][1])
+            for entry in prometheus_query(cluster, 'citytel_kafka_brokers_items{client="bridge"}')
+        ]
+        recorded = [float(entry["value"][1]) for entry in prometheus_query(cluster, "citytel:kafka_brokers:min")]
+        if len(seen) == BRIDGES and min(seen + recorded) >= KAFKA_BROKERS and recorded:
+            return
+        if time.monotonic() > deadline:
+            raise stack.StackError(
+                f"the bridges did not see all {KAFKA_BROKERS} Kafka brokers within {timeout:.0f}s: "
+                f"per bridge {seen}, recorded minimum {recorded}"
             )
         time.sleep(2)
 

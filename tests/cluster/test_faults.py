@@ -10,10 +10,8 @@ import os
 import signal
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -21,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from citytel.config import Settings
-from citytel.devtools import cluster, stack
+from citytel.devtools import cluster
 from citytel.devtools.settings import load_dev_settings
 from citytel.devtools.simulate import City
 from citytel.ingest.topics import reading_topic
@@ -146,16 +144,9 @@ def run_through_fault(deployment: cluster.Cluster, fault: Callable[[], None], co
     return behind
 
 
-def prometheus_query(deployment: cluster.Cluster, expression: str) -> list[dict[str, Any]]:
-    """The result series of an instant query to the deployment's Prometheus."""
-    url = f"http://127.0.0.1:{deployment.prometheus_port}/api/v1/query?query={urllib.parse.quote(expression)}"
-    result: list[dict[str, Any]] = json.loads(stack.http_get(url))["data"]["result"]
-    return result
-
-
 def firing(deployment: cluster.Cluster, alert: str) -> list[dict[str, str]]:
     """The labels of each firing instance of ``alert`` in the deployment's Prometheus."""
-    series = prometheus_query(deployment, f'ALERTS{{alertname="{alert}",alertstate="firing"}}')
+    series = cluster.prometheus_query(deployment, f'ALERTS{{alertname="{alert}",alertstate="firing"}}')
     return [entry["metric"] for entry in series]
 
 
@@ -194,7 +185,7 @@ def crash(deployment: cluster.Cluster, service: str) -> None:
 def brokers_seen(deployment: cluster.Cluster) -> str:
     """What each bridge reported as the Kafka brokers in its metadata over the last three
     minutes, and kafka-2's state: the evidence when the broker alert is late."""
-    series = prometheus_query(deployment, "citytel_kafka_brokers_items[3m]")
+    series = cluster.prometheus_query(deployment, "citytel_kafka_brokers_items[3m]")
     seen = {entry["metric"].get("instance", "?"): [value for _, value in entry["values"]] for entry in series}
     state = deployment.podman("inspect", "--format", "{{.State.Status}}", deployment.container("kafka-2"), check=False)
     return f"brokers seen, every scrape: {seen}; kafka-2 {state.stdout.strip()}"
