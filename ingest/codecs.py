@@ -295,9 +295,8 @@ def reading_keys(payload: bytes, items: list[_JsonReading]) -> int:
     holds no other object, neither among the values nor as a brace inside a string, so each
     reading's values hold ``len(values)`` keys and nothing deeper: the same count without
     walking every value (a gateway's pack of dozens is the common case)."""
-    if payload.count(b"{") == 2 * len(items):
-        return sum([3 + (item.seq is not msgspec.UNSET) + len(item.values) for item in items])
-    return sum(3 + (item.seq is not msgspec.UNSET) + count_keys(item.values) for item in items)
+    count: Callable[[dict[str, Any]], int] = len if payload.count(b"{") == 2 * len(items) else count_keys
+    return sum([3 + (item.seq is not msgspec.UNSET) + count(item.values) for item in items])
 
 
 def _decode_json(payload: bytes) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,8 +144,7 @@ def _step(
 
 def _p99_ms(deployment: cluster.Cluster, window_s: int) -> float | None:
     query = f"histogram_quantile(0.99, sum by (le) (rate(citytel_end_to_end_latency_seconds_bucket[{window_s}s])))"
-    url = f"http://127.0.0.1:{deployment.prometheus_port}/api/v1/query?query={urllib.parse.quote(query)}"
-    result = json.loads(stack.http_get(url))["data"]["result"]
+    result = cluster.prometheus_query(deployment, query)
     if not result or result[0]["value"][1] in ("NaN", "+Inf"):
         return None
     return round(float(result[0]["value"][1]) * 1000, 1)
