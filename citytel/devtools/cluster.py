@@ -389,7 +389,9 @@ def up(cluster: Cluster, base: Settings, dev: DevSettings, *, build: bool = True
     services = [*_SERVICES, *(["simulator"] if simulate else [])]
     cluster.compose("up", "-d", *services)
     _say(f"started: postgres, {', '.join(services)}")
-    wait_healthy(cluster, ["kafka-1", "kafka-2", "kafka-3", "bridge-1", "bridge-2", "processor-1", "processor-2"])
+    brokers = [f"kafka-{number}" for number in range(1, KAFKA_BROKERS + 1)]
+    bridges = [f"bridge-{number}" for number in range(1, BRIDGES + 1)]
+    wait_healthy(cluster, [*brokers, *bridges, "processor-1", "processor-2"])
     wait_brokers_seen(cluster)
     _say(f"deployment healthy in {time.monotonic() - started:.0f}s")
 
