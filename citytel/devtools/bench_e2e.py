@@ -840,15 +840,18 @@ def _offered_messages(rate: float, seconds: float) -> int:
     return int(rate * seconds) + 1
 
 
-def _offered_step(
-    settings: Settings, rate: float, seconds: float, seed: int, access: _Access, start: float
-) -> dict[str, Any]:
+def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, start: float) -> dict[str, Any]:
     """Publish city messages at ``rate`` msg/s (QoS 1) with a probe every 20th message, and at
     least every ``_PROBE_EVERY_S``; the city's stream times from ``start`` (the probe's are
     the wall clock's, as its latency is measured from them). Starts from an idle pipeline: the
     steps before it written and their rollups recomputed (``_rollups_caught_up``); the
     processor's own maintenance pass may still fall inside the step, as in a city it falls
-    inside whatever load there is."""
+    inside whatever load there is.
+
+    Each process's CPU is sampled from the first publish until the step's last reading is
+    written, the load generator's too (this process: it shares the two cores with what it
+    measures), so a step's CPU a message can be set beside the drain's."""
+    settings, access = pipeline.settings, pipeline.access
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
     probe_topic = reading_topic(prefix, "jinshui", "air", _PROBE).encode()
@@ -874,15 +877,27 @@ def _offered_step(
     before = _progress(conninfo, settings.metrics.processor_port)
     waits_before = _wait_buckets(settings.metrics.processor_port)
     publisher = BulkPublisher(settings.mqtt.port, access.publisher)
+    sampler = _ProcessSampler(_pipeline_pids(pipeline))
     try:
         with _Probe(conninfo) as probe:
+            sampler.start()
+            generator_cpu = time.process_time()
             started = time.perf_counter()
             published = publisher.run(stream(), rate, seconds)
             elapsed = time.perf_counter() - started
             _wait_rows(conninfo, settings.metrics.processor_port, readings, timeout=120, since=before)
             drained = time.perf_counter() - started
+            # The probe's listener and the sampler are threads of this process: counted in too.
+            generator_cpu = time.process_time() - generator_cpu
+            processes = sampler.stop()
     finally:
         publisher.close()
+    processes["load_generator"] = {
+        "cpu_seconds": round(generator_cpu, 3),
+        "cpu_cores": round(generator_cpu / drained, 2),
+    }
+    for figures in processes.values():
+        figures["cpu_us_per_message"] = round(figures["cpu_seconds"] * 1e6 / max(published, 1), 1)
     waits_after = _wait_buckets(settings.metrics.processor_port)
     latencies = np.array(probe.latencies_ms)
     return {
@@ -905,6 +920,8 @@ def _offered_step(
             q: round(float(np.percentile(latencies, p)), 1) if len(latencies) else None
             for q, p in (("p50", 50), ("p95", 95), ("p99", 99))
         },
+        "processes": processes,
+        "all_processes_cores": round(sum(figures["cpu_cores"] for figures in processes.values()), 2),
     }
 
 
@@ -1092,6 +1109,18 @@ class _Pipeline:
     children: list[subprocess.Popen[bytes]]
 
 
+def _pipeline_pids(pipeline: _Pipeline) -> dict[str, int]:
+    """The processes a reading passes through, by name, for ``_ProcessSampler``."""
+    servers = pipeline.servers
+    return {
+        "bridge": pipeline.children[1].pid,
+        "processor": pipeline.children[0].pid,
+        "mosquitto": servers["mosquitto"].pid,
+        "kafka": servers["kafka"].pid,
+        "postgres": servers["postgres"].pid,
+    }
+
+
 def _spawn_bridge(settings: Settings, config: Path, run_dir: Path, name: str) -> tuple[subprocess.Popen[bytes], float]:
     """A bridge process and the moment (``time.perf_counter()``) its metrics port answered: it
     has imported its modules and is about to connect. A drain is timed, and the bridge's CPU
@@ -1125,7 +1154,7 @@ def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, 
     session and wait until ``readings`` more readings are in the database: seconds from the
     bridge's start, and each process's CPU and memory meanwhile. The rollups are brought up to
     date first (``_rollups_caught_up``)."""
-    settings, children, servers = pipeline.settings, pipeline.children, pipeline.servers
+    settings, children = pipeline.settings, pipeline.children
     _rollups_caught_up(settings)
     before = _progress(settings.database.conninfo(), settings.metrics.processor_port)
     bridge, started = _spawn_bridge(settings, pipeline.config, pipeline.run_dir, name)
@@ -1133,15 +1162,7 @@ def _timed_drain(pipeline: _Pipeline, readings: int, name: str) -> tuple[float, 
         children[1] = bridge
     else:
         children.append(bridge)
-    sampler = _ProcessSampler(
-        {
-            "bridge": bridge.pid,
-            "processor": children[0].pid,
-            "mosquitto": servers["mosquitto"].pid,
-            "kafka": servers["kafka"].pid,
-            "postgres": servers["postgres"].pid,
-        }
-    )
+    sampler = _ProcessSampler(_pipeline_pids(pipeline))
     sampler.start()
     return _wait_sampled(settings, sampler, readings, before, started)
 
@@ -1426,11 +1447,10 @@ def bench_e2e(
         drain_rate = len(drain_backlog) / seconds
         result["offered_load"] = [
             _offered_step(
-                settings,
+                pipeline,
                 fraction * drain_rate,
                 step_seconds,
                 20 + position,
-                access,
                 clock.take(_offered_messages(fraction * drain_rate, step_seconds)),
             )
             for position, fraction in enumerate(steps)
@@ -1706,6 +1726,8 @@ def main_e2e(
             f" (in Kafka p50 ≤{kafka['p50']} p99 ≤{kafka['p99']},"
             f" in the processor p50 ≤{processor['p50']} p99 ≤{processor['p99']})"
         )
+        cpu = " ".join(f"{name} {figures['cpu_cores']}" for name, figures in step["processes"].items())
+        print(f"      cores: {cpu}; all {step['all_processes_cores']}")
     for drain in result["packed"]:
         cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in drain["processes"].items())
         print(

@@ -118,6 +118,13 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     [step] = result["offered_load"]
     assert step["probes"] > 0
     assert step["latency_ms"]["p50"] <= step["latency_ms"]["p99"]
+    # Every process's CPU in the step, the load generator's too (it shares the cores).
+    assert set(step["processes"]) == {*qos1["processes"], "load_generator"}
+    for name, figures in step["processes"].items():
+        assert figures["cpu_us_per_message"] > 0, name
+    assert step["all_processes_cores"] == pytest.approx(
+        sum(figures["cpu_cores"] for figures in step["processes"].values()), abs=0.011
+    )
     receipt = step["receipt_to_row_ms_at_most"]
     assert receipt["p50"] is not None
     assert receipt["p50"] <= receipt["p99"]
