@@ -17,8 +17,9 @@ citytel
     * rising offered load (QoS 1): steps at fractions of the drain rate; per step the achieved
       rate and the latency from publish to row visible, measured on a probe device whose
       readings carry their publish time (the database announces each of its rows as it
-      commits, so the figure is the pipeline's). Each step starts once the pipeline is idle,
-      so it measures that load, not the previous step's backlog;
+      commits, so the figure is the pipeline's), and each process's CPU, the load generator's
+      too. Each step starts once the pipeline is idle, so it measures that load, not the
+      previous step's backlog;
     * packed readings: a backlog of gateway packs (N readings per message) drained end to end,
       Telegraf draining the same packs first;
     * the processor alone: the records of the largest packs queued in Kafka while it is paused,
