@@ -898,6 +898,7 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
         "cpu_cores": round(generator_cpu / drained, 2),
     }
     for figures in processes.values():
+        # A message published, probes included: each is a message the pipeline carries.
         figures["cpu_us_per_message"] = round(figures["cpu_seconds"] * 1e6 / max(published, 1), 1)
     waits_after = _wait_buckets(settings.metrics.processor_port)
     latencies = np.array(probe.latencies_ms)
