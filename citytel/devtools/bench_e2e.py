@@ -851,7 +851,8 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
 
     Each process's CPU is sampled from the first publish until the step's last reading is
     written, the load generator's too (this process: it shares the two cores with what it
-    measures), so a step's CPU a message can be set beside the drain's."""
+    measures), so a step's CPU a message can be set beside the drain's; PostgreSQL's also by
+    kind of process (``stack.postgres_cpu_by_kind``)."""
     settings, access = pipeline.settings, pipeline.access
     prefix = settings.mqtt.topic_prefix
     conninfo = settings.database.conninfo()
@@ -882,6 +883,7 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
     try:
         with _Probe(conninfo) as probe:
             sampler.start()
+            database_before = stack.postgres_cpu(pipeline.servers["postgres"].pid)
             generator_cpu = time.process_time()
             started = time.perf_counter()
             published = publisher.run(stream(), rate, seconds)
@@ -890,6 +892,7 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
             drained = time.perf_counter() - started
             # The probe's listener and the sampler are threads of this process: counted in too.
             generator_cpu = time.process_time() - generator_cpu
+            database = stack.postgres_cpu_by_kind(database_before, stack.postgres_cpu(pipeline.servers["postgres"].pid))
             processes = sampler.stop()
     finally:
         publisher.close()
@@ -924,6 +927,9 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
         },
         "processes": processes,
         "all_processes_cores": round(sum(figures["cpu_cores"] for figures in processes.values()), 2),
+        # PostgreSQL's share by kind of process: a step whose database costs more than the
+        # load explains (an autovacuum, a checkpoint) shows which.
+        "postgres_cores_by_kind": {kind: round(seconds / drained, 3) for kind, seconds in sorted(database.items())},
     }
 
 
@@ -1730,6 +1736,8 @@ def main_e2e(
         )
         cpu = " ".join(f"{name} {figures['cpu_cores']}" for name, figures in step["processes"].items())
         print(f"      cores: {cpu}; all {step['all_processes_cores']}")
+        database = " ".join(f"{kind} {cores}" for kind, cores in step["postgres_cores_by_kind"].items() if cores)
+        print(f"      PostgreSQL's cores by process: {database}")
     for drain in result["packed"]:
         cpu = " ".join(f"{name} {figures['cpu_us_per_reading']}" for name, figures in drain["processes"].items())
         print(

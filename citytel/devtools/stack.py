@@ -16,6 +16,7 @@ import contextlib
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -157,6 +158,58 @@ def family_cpu_seconds(pid: int) -> float:
         except OSError:  # a child ended between the listing and the read
             continue
     return total
+
+
+# The server's own processes, by the start of the title each gives itself.
+_POSTGRES_WORKERS = ("autovacuum", "checkpointer", "background writer", "walwriter", "TimescaleDB")
+# A client's backend names its client: host(port), or [local] over a Unix socket.
+_POSTGRES_CLIENT = re.compile(r"\(\d+\)|\[local\]")
+
+
+def postgres_kind(title: str) -> str:
+    """What a PostgreSQL process is, from the title it sets (``/proc/PID/cmdline``):
+    "postgres: walwriter" is the server's WAL writer, "postgres: citytel citytel
+    127.0.0.1(51234) idle" a client's backend; the postmaster keeps its command line."""
+    if not title.startswith("postgres: "):
+        return "postmaster"
+    role = title.removeprefix("postgres: ")
+    if _POSTGRES_CLIENT.search(role):
+        return "client backends"
+    return next((worker for worker in _POSTGRES_WORKERS if role.startswith(worker)), "other server processes")
+
+
+@dataclass(frozen=True)
+class PostgresCpu:
+    """A PostgreSQL server's CPU seconds at one moment: each living process's (kind, seconds),
+    and those of the processes the postmaster has reaped (ended connections and workers)."""
+
+    by_pid: dict[int, tuple[str, float]]
+    reaped: float
+
+
+def postgres_cpu(postmaster: int) -> PostgresCpu:
+    by_pid: dict[int, tuple[str, float]] = {}
+    for member in process_family(postmaster):
+        try:
+            title = Path(f"/proc/{member}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            by_pid[member] = (postgres_kind(title.strip()), cpu_seconds(member))
+        except OSError:  # ended between the listing and the read: counted as reaped
+            continue
+    fields = _stat_fields(postmaster)
+    return PostgresCpu(by_pid, (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK"))
+
+
+def postgres_cpu_by_kind(before: PostgresCpu, after: PostgresCpu) -> dict[str, float]:
+    """CPU seconds each kind of process used between two moments. A process that ended in
+    between leaves its time with the postmaster, kind unknown: "ended" is that time, less what
+    such processes had used before the first moment."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.by_pid.items():
+        earlier = before.by_pid.get(pid)
+        used[kind] = used.get(kind, 0.0) + seconds - (earlier[1] if earlier else 0.0)
+    gone = sum(seconds for pid, (_kind, seconds) in before.by_pid.items() if pid not in after.by_pid)
+    used["ended"] = after.reaped - before.reaped - gone
+    return used
 
 
 # Ports free_port has handed out in this process: never the same one twice.

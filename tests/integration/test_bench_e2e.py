@@ -125,6 +125,10 @@ def test_the_end_to_end_benchmark_measures_citytel_and_every_reference(tmp_path:
     assert step["all_processes_cores"] == pytest.approx(
         sum(figures["cpu_cores"] for figures in step["processes"].values()), abs=0.011
     )
+    # PostgreSQL's share by kind of process adds up to the server's (read a moment apart).
+    database = step["postgres_cores_by_kind"]
+    assert database["client backends"] > 0, "the sink's writes are a client's"
+    assert sum(database.values()) == pytest.approx(step["processes"]["postgres"]["cpu_cores"], abs=0.05)
     receipt = step["receipt_to_row_ms_at_most"]
     assert receipt["p50"] is not None
     assert receipt["p50"] <= receipt["p99"]

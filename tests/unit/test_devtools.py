@@ -16,7 +16,7 @@ import pytest
 from citytel.config import default_config_path as config_path
 from citytel.devtools.bench_e2e import _bucket_quantile_ms, _median_run, _wait_cpu_quiet, targets
 from citytel.devtools.commands import _reporting_stack_errors
-from citytel.devtools.stack import StackError
+from citytel.devtools.stack import PostgresCpu, StackError, postgres_cpu_by_kind, postgres_kind
 
 
 def test_sigterm_unwinds_a_tool_so_that_its_finally_stops_its_servers() -> None:
@@ -238,3 +238,24 @@ def test_a_bench_given_config_reads_its_settings_from_that_file(
     assert _bench(arguments) == 0
     assert seen == [1]
     assert shipped.processor.writes_in_flight == 2
+
+
+def test_postgres_processes_are_told_apart_by_the_titles_they_set() -> None:
+    assert postgres_kind("/usr/lib/postgresql/15/bin/postgres -D /tmp/x/data -p 25419") == "postmaster"
+    assert postgres_kind("postgres: walwriter") == "walwriter"
+    assert postgres_kind("postgres: autovacuum worker citytel") == "autovacuum"
+    assert postgres_kind("postgres: autovacuum launcher") == "autovacuum"
+    assert postgres_kind("postgres: TimescaleDB Background Worker Scheduler") == "TimescaleDB"
+    assert postgres_kind("postgres: citytel citytel 127.0.0.1(51234) idle") == "client backends"
+    assert postgres_kind("postgres: citytel citytel [local] COPY") == "client backends"
+    # A client whose login is named like a worker is still a client.
+    assert postgres_kind("postgres: walwriter citytel 127.0.0.1(5) COPY") == "client backends"
+    assert postgres_kind("postgres: logical replication launcher") == "other server processes"
+
+
+def test_postgres_cpu_by_kind_counts_what_each_kind_used_between_two_moments() -> None:
+    before = PostgresCpu({1: ("postmaster", 1.0), 10: ("client backends", 5.0), 11: ("autovacuum", 2.0)}, 3.0)
+    # Backend 10 used 1.5 s more; the autovacuum worker 11 ended (its 2.0 s, plus 0.5 s since,
+    # went to the postmaster's reaped time); a new backend 12 used 0.25 s.
+    after = PostgresCpu({1: ("postmaster", 1.0), 10: ("client backends", 6.5), 12: ("client backends", 0.25)}, 5.5)
+    assert postgres_cpu_by_kind(before, after) == {"postmaster": 0.0, "client backends": 1.75, "ended": 0.5}
