@@ -880,10 +880,11 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
     waits_before = _wait_buckets(settings.metrics.processor_port)
     publisher = BulkPublisher(settings.mqtt.port, access.publisher)
     sampler = _ProcessSampler(_pipeline_pids(pipeline))
+    postmaster = pipeline.servers["postgres"].pid
     try:
         with _Probe(conninfo) as probe:
             sampler.start()
-            database_before = stack.postgres_cpu(pipeline.servers["postgres"].pid)
+            database_before = stack.postgres_cpu(postmaster)
             generator_cpu = time.process_time()
             started = time.perf_counter()
             published = publisher.run(stream(), rate, seconds)
@@ -892,7 +893,7 @@ def _offered_step(pipeline: _Pipeline, rate: float, seconds: float, seed: int, s
             drained = time.perf_counter() - started
             # The probe's listener and the sampler are threads of this process: counted in too.
             generator_cpu = time.process_time() - generator_cpu
-            database = stack.postgres_cpu_by_kind(database_before, stack.postgres_cpu(pipeline.servers["postgres"].pid))
+            database = stack.postgres_cpu_by_kind(database_before, stack.postgres_cpu(postmaster))
             processes = sampler.stop()
     finally:
         publisher.close()

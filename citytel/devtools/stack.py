@@ -147,11 +147,17 @@ def process_family(pid: int) -> list[int]:
     return family
 
 
+def reaped_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the children a process has reaped (a PostgreSQL backend ends with its
+    connection; its time stays with the postmaster)."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def family_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and all its children so far: the living ones, and those it has
-    reaped (a PostgreSQL backend ends with its connection; its time stays with the postmaster)."""
-    fields = _stat_fields(pid)
-    total = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    reaped (``reaped_cpu_seconds``)."""
+    total = reaped_cpu_seconds(pid)
     for member in process_family(pid):
         try:
             total += cpu_seconds(member)
@@ -195,8 +201,7 @@ def postgres_cpu(postmaster: int) -> PostgresCpu:
             by_pid[member] = (postgres_kind(title.strip()), cpu_seconds(member))
         except OSError:  # ended between the listing and the read: counted as reaped
             continue
-    fields = _stat_fields(postmaster)
-    return PostgresCpu(by_pid, (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK"))
+    return PostgresCpu(by_pid, reaped_cpu_seconds(postmaster))
 
 
 def postgres_cpu_by_kind(before: PostgresCpu, after: PostgresCpu) -> dict[str, float]:
