@@ -173,6 +173,56 @@ def test_rollups_equal_a_direct_group_by_also_after_late_readings(
         assert late_flags == (4,), "readings received 10 minutes after their time are flagged late"
 
 
+def test_a_rollup_pass_aggregates_a_busy_minute_without_spilling_to_disk(
+    settings: Settings, database: ScratchDatabase
+) -> None:
+    # 4,000 series with 50 readings each in one minute: the planner expects a few dozen rows
+    # there, and with PostgreSQL's default work_mem the aggregation wrote temporary files.
+    with database.connect() as connection:
+        prepare_database(connection, settings.storage)
+        connection.execute(
+            "INSERT INTO series (device_id, kind, district, metric)"
+            " SELECT 'air-' || n, 'air', 'erqi', 'pm2_5' FROM generate_series(1, 4000) n"
+        )
+        connection.execute(
+            "INSERT INTO readings (time, series_id, value)"
+            " SELECT '2026-11-20 08:00:00+00'::timestamptz + step * INTERVAL '1 second', series_id, step"
+            " FROM series, generate_series(0, 49) step"
+        )
+        connection.execute("INSERT INTO rollup_dirty (bucket) VALUES ('2026-11-20 08:00:00+00')")
+        connection.commit()
+
+        def temp_files() -> int:
+            connection.execute("SELECT pg_stat_force_next_flush()")
+            connection.commit()
+            connection.execute("SELECT pg_stat_clear_snapshot()")
+            row = connection.execute(
+                "SELECT temp_files FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            connection.commit()
+            assert row is not None
+            return int(row[0])
+
+        before = temp_files()
+        assert ManualRollups().refresh(connection) == 1
+        assert temp_files() == before
+        rollup_matches_group_by(connection)
+        # What the pass's INSERT gets: PostgreSQL runs no INSERT ... SELECT in parallel.
+        connection.execute("SET max_parallel_workers_per_gather = 0")
+        connection.execute("SET work_mem = '4MB'")
+        spilled = connection.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) SELECT time_bucket(INTERVAL '1 minute', time), series_id, count(*),"
+            " sum(value), min(value), max(value), max(time), last(value, time) FROM readings"
+            " WHERE time >= '2026-11-20 08:00:00+00' AND time < '2026-11-20 08:01:00+00'"
+            " AND time_bucket(INTERVAL '1 minute', time) = ANY(ARRAY['2026-11-20 08:00:00+00'::timestamptz])"
+            " GROUP BY 1, 2"
+        ).fetchall()
+        connection.rollback()
+        # The control: with the default, this minute's aggregation does spill (a sort's
+        # "external merge  Disk", or a hash aggregate's "Disk Usage").
+        assert any("Disk" in line for (line,) in spilled), "the data no longer makes the default spill"
+
+
 def test_concurrent_writes_store_each_reading_once_and_keep_rollups_whole(
     settings: Settings, database: ScratchDatabase
 ) -> None:
