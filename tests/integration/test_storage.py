@@ -176,8 +176,8 @@ def test_rollups_equal_a_direct_group_by_also_after_late_readings(
 def test_a_rollup_pass_aggregates_a_busy_minute_without_spilling_to_disk(
     settings: Settings, database: ScratchDatabase
 ) -> None:
-    # 4,000 series with 50 readings each in one minute: the planner expects a few dozen rows
-    # there, and with PostgreSQL's default work_mem the aggregation wrote temporary files.
+    # 4,000 series with 50 readings each in one minute: with PostgreSQL's default work_mem of
+    # 4 MB, aggregating them writes temporary files (the control at the end checks that).
     with database.connect() as connection:
         prepare_database(connection, settings.storage)
         connection.execute(
